@@ -1,0 +1,33 @@
+# `make demo` and `make test` bootstrap .venv idempotently (re-installed only when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Local wheels of this CUDA build run on the CPU; a user with another torch keeps theirs (pyproject has ranges).
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/roadwork demo --run runs/demo
+
+test: $(STAMP)
+	$(BIN)/ruff check roadwork_cli tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check roadwork_cli tests benchmarks
+	$(BIN)/ruff format --check roadwork_cli tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from roadwork_cli.cli.app import main
+
+main()

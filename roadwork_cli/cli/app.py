@@ -1,0 +1,49 @@
+"""The ``roadwork`` console command: one thin subcommand per pipeline stage.
+
+Nothing here imports torch, timm or transformers at module level, so ``roadwork --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from roadwork_cli import __version__
+from roadwork_cli.cli import cache_features, calibrate, demo, evaluate, export, predict, split, train
+
+app = typer.Typer(
+    name="roadwork",
+    help="Stage 1 of a two-stage roadwork detector: split, cache features, train, calibrate (SCRC-I), evaluate, "
+    "export, predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"roadwork {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Stage 1 of a two-stage roadwork detector."""
+
+
+app.command("split")(split.command)
+app.command("cache-features")(cache_features.command)
+app.command("train")(train.command)
+app.command("calibrate")(calibrate.command)
+app.command("evaluate")(evaluate.command)
+app.command("export")(export.command)
+app.command("predict")(predict.command)
+app.command("demo")(demo.command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

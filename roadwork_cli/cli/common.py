@@ -1,0 +1,77 @@
+"""What every subcommand shares: option types, settings resolution, error rendering. No tensor code here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from roadwork_cli.errors import RoadworkError
+
+console = Console(stderr=True, highlight=False)
+"""Progress, tables and messages go to stderr so that stdout stays machine-readable (predict --format jsonl)."""
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="YAML settings file (defaults < YAML < ROADWORK_* env < flags).")
+]
+RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory holding every stage's artifacts.")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, exit_code: int, debug: bool = False) -> typer.Exit:
+    """Print one paragraph (and the traceback when debugging) and return the Exit to raise."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(exit_code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into the contract's exit codes: RoadworkError -> its code, anything else -> 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug"))
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except RoadworkError as exc:
+            raise fail(str(exc), exc.exit_code, debug) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted; re-run the same command to resume.", 130, debug) from None
+        except Exception as exc:  # noqa: BLE001 - the CLI boundary: one paragraph, no traceback unless --debug
+            name = type(exc).__name__
+            raise fail(f"{name}: {exc} (re-run with --debug for the traceback)", 1, debug) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_settings(config: Path | None, overrides: dict[str, Any], write_to_run: bool = True):
+    """Load settings (defaults < YAML < env < flags) and write the resolved copy to ``<run>/config.yaml``."""
+    from roadwork_cli.config import load_settings
+    from roadwork_cli.io.atomic import atomic_write_text
+    from roadwork_cli.io.run import RunDir
+
+    settings = load_settings(config, overrides)
+    if write_to_run and settings.runtime.run is not None:
+        run = RunDir(settings.runtime.run).ensure()
+        atomic_write_text(run.config, settings.to_yaml())
+    return settings
+
+
+def require_run(settings) -> Path:
+    """The run directory from settings, or a usage error."""
+    from roadwork_cli.errors import UsageError
+
+    if settings.runtime.run is None:
+        raise UsageError("No run directory: pass --run DIR (or set runtime.run in the settings file).")
+    return Path(settings.runtime.run)

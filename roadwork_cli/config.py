@@ -1,0 +1,308 @@
+"""One settings object for every stage: defaults < YAML (``--config``) < ``ROADWORK_*`` environment < flags.
+
+The model is nested per layer and ``extra="forbid"`` everywhere, so a typo in a YAML key or an environment
+variable is an error that names the key rather than a silently ignored setting.
+
+Example:
+    >>> settings = load_settings(None, {"train": {"epochs": 3}})
+    >>> settings.train.epochs
+    3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from roadwork_cli.errors import UsageError
+
+ENV_PREFIX = "ROADWORK_"
+ENV_NESTING = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    """Where images come from and how they are split."""
+
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Data sources: class-subfolder trees, .csv/.jsonl manifests, .parquet files or folders, COCO .json, "
+        "or 'synthetic:N'.",
+    )
+    seed: int = Field(0, description="Seed of the hash-based split assignment and of the synthetic generator.")
+    fractions: tuple[float, float, float, float] = Field(
+        (0.7, 0.1, 0.1, 0.1), description="Fractions of train / val_select / val_calib / test; must sum to 1."
+    )
+    group_by: Literal["auto", "none", "column", "filename"] = Field(
+        "auto",
+        description="Grouping that keeps related images in one split: 'column' uses a manifest/parquet 'group' field, "
+        "'filename' strips a trailing frame number (clip_0001.jpg -> clip), 'auto' uses a group field when present.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000, gt=0, description="Decompression-bomb limit: images with more pixels are rejected unread."
+    )
+    max_file_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Files larger than this many bytes are rejected.")
+    coco_positive_categories: list[str] = Field(
+        default_factory=list,
+        description="COCO category names that make an image 'roadwork'; empty means any annotation makes it roadwork.",
+    )
+    parquet_image_column: str | None = Field(
+        None, description="Parquet column holding image bytes; auto-detected ('image', 'img', 'bytes') when unset."
+    )
+    synthetic_size: tuple[int, int] = Field((320, 240), description="Width and height of generated synthetic scenes.")
+    synthetic_jpeg: bool = Field(True, description="Re-compress synthetic scenes as JPEG at a random quality.")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if any(f < 0 for f in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be four non-negative numbers summing to 1, got {value}")
+        if value[0] <= 0 or value[2] <= 0:
+            raise ValueError("the train and val_calib fractions must be positive")
+        return value
+
+
+class PeftSettings(_Section):
+    """Parameter-efficient tuning of the backbone (used by ``train --mode train|train_crc``)."""
+
+    method: Literal["none", "dora", "doran"] = Field("none", description="Adapter kind: none, DoRA, or DoRAN.")
+    rank: int = Field(16, gt=0, description="Rank r of the low-rank update BA.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["qkv", "proj"], description="Names (suffixes) of the linear layers that get adapters."
+    )
+
+
+class ModelSettings(_Section):
+    """Backbone and head."""
+
+    backbone: str = Field(
+        "efficientnet_lite0",
+        description="Registered backbone name (see `list_backbones()`), 'timm:<name>' or 'hf:<repo id or local dir>'.",
+    )
+    weights: Path | None = Field(None, description="Local weights file (safetensors or state dict) for the backbone.")
+    image_size: int | None = Field(None, gt=0, description="Override of the backbone's input size (square).")
+    head_hidden: int = Field(256, ge=0, description="Hidden width of the head's shared MLP; 0 means linear heads.")
+    head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the head's outputs.")
+    compile: bool = Field(False, description="Wrap the head with torch.compile (falls back cleanly when unavailable).")
+    peft: PeftSettings = Field(default_factory=PeftSettings, description="Backbone adapters.")
+
+
+class FeatureSettings(_Section):
+    """Backbone forward pass over every image, cached once."""
+
+    batch_size: int = Field(64, gt=0, description="Images per backbone forward.")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes for decoding.")
+    views: int = Field(0, ge=0, description="Extra augmented views cached per training image (0 = only the clean one).")
+    shard_size: int = Field(2048, gt=0, description="Feature rows per safetensors shard (also the resume granularity).")
+    channels_last: bool = Field(True, description="Use channels-last memory format for the backbone forward.")
+
+
+class LossWeights(_Section):
+    """Weights of the train_cached objective's parts."""
+
+    cls: float = Field(1.0, ge=0, description="Cross-entropy of the cls output on all samples.")
+    selective: float = Field(1.0, ge=0, description="SelectiveNet selective risk of cls weighted by the gate.")
+    coverage_penalty: float = Field(16.0, ge=0, description="Lambda of SelectiveNet's quadratic coverage penalty.")
+    aux: float = Field(0.5, ge=0, description="Cross-entropy of the auxiliary output on all samples.")
+    fn_weight: float = Field(2.0, ge=0, description="Extra weight on missed roadwork (false negatives) in the risk terms.")
+
+
+class TrainSettings(_Section):
+    """Optimisation of the head (and adapters)."""
+
+    mode: Literal["train_cached", "train", "train_crc"] = Field("train_cached", description="Training mode.")
+    epochs: int = Field(30, gt=0, description="Passes over the training set.")
+    batch_size: int = Field(256, gt=0, description="Samples per optimiser step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up length before the cosine decay.")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="Decay of the weight EMA; 0 disables EMA.")
+    target_coverage: float = Field(0.8, gt=0, le=1, description="Coverage the SelectiveNet gate is trained towards.")
+    loss: LossWeights = Field(default_factory=LossWeights, description="Weights of the objective's parts.")
+    select_metric: Literal["mcc", "accuracy", "auroc", "aurc"] = Field(
+        "mcc", description="Model-selection metric on val_select (AURC breaks ties)."
+    )
+    seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
+
+
+class CalibrationSettings(_Section):
+    """Probability scaling and SCRC-I thresholds (the guarantee)."""
+
+    fnr: float = Field(0.02, gt=0, lt=1, description="alpha: the false-negative rate among exits must stay at or below.")
+    coverage: float = Field(0.8, ge=0, le=1, description="xi: the fraction of images that must exit stage 1.")
+    delta: float = Field(0.1, gt=0, lt=1, description="delta: allowed probability that the guarantee fails.")
+    delta_coverage_share: float = Field(
+        0.5, gt=0, lt=1, description="Share of delta spent on the coverage bound (delta1 = share * delta)."
+    )
+    method: Literal["scrc", "crc", "sets"] = Field(
+        "scrc", description="scrc: high-probability SCRC-I; crc: CRC in expectation; sets: prediction sets."
+    )
+    scaling: Literal["none", "temperature", "platt", "dirichlet"] = Field(
+        "temperature", description="Probability scaling of p(roadwork), fit on val_select."
+    )
+    gate_scaling: Literal["none", "platt"] = Field("platt", description="Scaling of the gate score, fit on val_select.")
+    gate_score: Literal["gate", "softmax_response"] = Field(
+        "gate", description="Selection score: the gate head, or max(p, 1-p) (softmax response)."
+    )
+    grid_size: int = Field(10, gt=0, description="Number of gate thresholds lambda, fixed before seeing val_calib.")
+    objective: Literal["accuracy", "coverage", "mcc"] = Field(
+        "accuracy", description="Pick among certified pairs by this on exits (ties broken by coverage)."
+    )
+    allow_infeasible: bool = Field(False, description="Write parameters and exit 0 even if the targets are unattainable.")
+
+
+class ExportSettings(_Section):
+    """Deployment bundle."""
+
+    out: Path | None = Field(None, description="Bundle path; default <run>/bundle.tar.")
+    include_backbone_weights: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: embed backbone weights unless it is a named offline/hub model with a fingerprint."
+    )
+
+
+class PredictSettings(_Section):
+    """Inference on new images."""
+
+    batch_size: int = Field(32, gt=0, description="Images per forward pass.")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes for decoding.")
+    format: Literal["auto", "table", "jsonl", "csv"] = Field(
+        "auto", description="Output format; auto = table on a terminal, jsonl otherwise."
+    )
+
+
+class RuntimeSettings(_Section):
+    """Where and how work runs."""
+
+    run: Path | None = Field(None, description="Run directory holding every stage's artifacts.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision; auto = bf16 on CUDA with bf16 support, fp32 on CPU."
+    )
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's own choice.")
+    debug: bool = Field(False, description="Show tracebacks on errors.")
+
+
+class Settings(_Section):
+    """Every setting of every stage, resolved from defaults, YAML, environment and flags."""
+
+    data: DataSettings = Field(default_factory=DataSettings, description="Sources and splits.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Backbone, head and adapters.")
+    features: FeatureSettings = Field(default_factory=FeatureSettings, description="Feature cache.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="Training.")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings, description="Calibration.")
+    export: ExportSettings = Field(default_factory=ExportSettings, description="Bundle.")
+    predict: PredictSettings = Field(default_factory=PredictSettings, description="Inference.")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Run directory and device.")
+
+    def to_yaml(self) -> str:
+        """The resolved settings as YAML (paths as strings, tuples as lists)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base``; ``None`` values in ``update`` are skipped."""
+    merged = dict(base)
+    for key, value in update.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_env_value(raw: str) -> Any:
+    # JSON first so that lists ('["a", "b"]') and numbers work; anything else stays a string for pydantic to coerce.
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        if "," in raw and not raw.strip().startswith(("{", "[")):
+            return [part.strip() for part in raw.split(",")]
+        return raw
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Nested settings from ``ROADWORK_SECTION__KEY=value`` variables (``__`` nests, case-insensitive)."""
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING) if part]
+        if not path:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"Environment variable {name} nests under a key that is not a section.")
+        node[path[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def settings_from_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML settings file; an unreadable or non-mapping file is a usage error."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"Settings file {path} does not exist.") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"Settings file {path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"Settings file {path} must hold a mapping of sections (data, model, train, ...).")
+    return loaded
+
+
+def describe_validation_error(exc: ValidationError, origin: str = "settings") -> str:
+    """One paragraph naming every bad key, e.g. ``train.epochs: Input should be greater than 0 (got -1)``."""
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(root)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        given = error.get("input")
+        shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+        parts.append(f"{key}: {message}{shown}")
+    return f"Invalid {origin}: " + "; ".join(parts) + "."
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve settings: defaults < YAML file < ``ROADWORK_*`` environment < ``overrides`` (flags).
+
+    Args:
+        config_file: Optional YAML file of nested sections.
+        overrides: Nested mapping from command-line flags; ``None`` leaves are ignored (flag not given).
+        environ: Environment to read (default ``os.environ``).
+
+    Raises:
+        UsageError: A key is unknown or a value invalid; the message names the key.
+    """
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged = deep_merge(merged, settings_from_yaml(config_file))
+    merged = deep_merge(merged, settings_from_env(environ))
+    if overrides:
+        merged = deep_merge(merged, overrides)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise UsageError(describe_validation_error(exc)) from None

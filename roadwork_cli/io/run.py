@@ -1,0 +1,93 @@
+"""The run directory: one folder per experiment, one well-known path per artifact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from roadwork_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of every artifact in ``runs/<run_id>/`` (see DESIGN.md, "Artifacts").
+
+    Example:
+        >>> run = RunDir("runs/demo")
+        >>> run.splits.name
+        'splits.json'
+    """
+
+    root: Path
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected.jsonl"
+
+    @property
+    def synthetic(self) -> Path:
+        """Where ``synthetic:N`` sources render their images."""
+        return self.root / "synthetic"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def scores(self) -> Path:
+        """Per-split raw score CSVs written by training (``scores/<split>.csv``)."""
+        return self.root / "scores"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
+
+    @property
+    def scaling(self) -> Path:
+        return self.calibration / "scaling.json"
+
+    @property
+    def scrc_params(self) -> Path:
+        return self.calibration / "scrc_params.json"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> Path:
+        return self.eval / "report.json"
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle.tar"
+
+    def ensure(self) -> RunDir:
+        """Create the run folder if needed and return self."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def require(self, path: Path, made_by: str) -> Path:
+        """Return ``path`` or raise a usage error saying which command makes it."""
+        if not path.exists():
+            raise UsageError(f"{path} does not exist; run `roadwork {made_by} --run {self.root}` first.")
+        return path
