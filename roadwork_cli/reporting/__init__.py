@@ -1,0 +1,1 @@
+"""Rendering for people: rich progress and tables, plots, the HTML report."""
