@@ -35,7 +35,8 @@ class DataSettings(_Section):
 
     sources: list[str] = Field(
         default_factory=list,
-        description="Data sources: class-subfolder trees, .csv/.jsonl manifests, .parquet files or folders, COCO .json, "
+        description="Data sources: class-subfolder trees, .csv/.jsonl manifests, .parquet files or folders, "
+        "COCO .json, "
         "or 'synthetic:N'.",
     )
     seed: int = Field(0, description="Seed of the hash-based split assignment and of the synthetic generator.")
@@ -115,7 +116,7 @@ class LossWeights(_Section):
     selective: float = Field(1.0, ge=0, description="SelectiveNet selective risk of cls weighted by the gate.")
     coverage_penalty: float = Field(16.0, ge=0, description="Lambda of SelectiveNet's quadratic coverage penalty.")
     aux: float = Field(0.5, ge=0, description="Cross-entropy of the auxiliary output on all samples.")
-    fn_weight: float = Field(2.0, ge=0, description="Extra weight on missed roadwork (false negatives) in the risk terms.")
+    fn_weight: float = Field(2.0, ge=0, description="Extra weight on missed roadwork (false negatives).")
 
 
 class TrainSettings(_Section):
@@ -139,7 +140,7 @@ class TrainSettings(_Section):
 class CalibrationSettings(_Section):
     """Probability scaling and SCRC-I thresholds (the guarantee)."""
 
-    fnr: float = Field(0.02, gt=0, lt=1, description="alpha: the false-negative rate among exits must stay at or below.")
+    fnr: float = Field(0.02, gt=0, lt=1, description="alpha: maximum false-negative rate among exits.")
     coverage: float = Field(0.8, ge=0, le=1, description="xi: the fraction of images that must exit stage 1.")
     delta: float = Field(0.1, gt=0, lt=1, description="delta: allowed probability that the guarantee fails.")
     delta_coverage_share: float = Field(
@@ -159,7 +160,7 @@ class CalibrationSettings(_Section):
     objective: Literal["accuracy", "coverage", "mcc"] = Field(
         "accuracy", description="Pick among certified pairs by this on exits (ties broken by coverage)."
     )
-    allow_infeasible: bool = Field(False, description="Write parameters and exit 0 even if the targets are unattainable.")
+    allow_infeasible: bool = Field(False, description="Exit 0 even if the targets are unattainable.")
 
 
 class ExportSettings(_Section):
