@@ -1,0 +1,182 @@
+"""Bundle writing and verification: checksums, unsafe members, format versions."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+
+from roadwork_cli.errors import BundleError
+from roadwork_cli.io.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST_NAME,
+    extract_bundle,
+    read_bundle,
+    verify_bundle,
+    write_bundle,
+)
+
+MEMBERS = {"model.json": b'{"backbone": "tiny_vit"}', "weights.safetensors": bytes(range(256)) * 8}
+
+
+def _manifest_for(members: dict[str, bytes], version: int = BUNDLE_FORMAT_VERSION) -> bytes:
+    manifest = {
+        "format_version": version,
+        "roadwork_version": "0.1.0",
+        "versions": {},
+        "created": "2026-01-01T00:00:00+00:00",
+        "members": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in members.items()},
+    }
+    return json.dumps(manifest).encode()
+
+
+def _hand_tar(path, entries: list[tarfile.TarInfo | tuple[str, bytes]]) -> None:
+    """Write a tar with exactly these entries (name/bytes pairs or raw TarInfo for links)."""
+    with tarfile.open(path, "w") as tar:
+        for entry in entries:
+            if isinstance(entry, tarfile.TarInfo):
+                tar.addfile(entry)
+            else:
+                name, data = entry
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_round_trip_records_versions_and_checksums(tmp_path):
+    path = write_bundle(tmp_path / "b.tar", MEMBERS, versions={"python": "3.11", "torch": "2.x"})
+    contents = read_bundle(path)
+    assert contents.members == MEMBERS
+    manifest = contents.manifest
+    assert manifest.format_version == BUNDLE_FORMAT_VERSION
+    assert manifest.versions == {"python": "3.11", "torch": "2.x"}
+    assert manifest.members["weights.safetensors"].size == len(MEMBERS["weights.safetensors"])
+    assert manifest.members["model.json"].sha256 == hashlib.sha256(MEMBERS["model.json"]).hexdigest()
+    assert verify_bundle(path) == manifest
+    out = tmp_path / "out"
+    extract_bundle(path, out)
+    assert {p.name for p in out.iterdir()} == set(MEMBERS)
+    assert (out / "weights.safetensors").read_bytes() == MEMBERS["weights.safetensors"]
+
+
+def test_members_can_come_from_files(tmp_path):
+    src = tmp_path / "metrics.csv"
+    src.write_bytes(b"epoch,loss\n1,0.5\n")
+    path = write_bundle(tmp_path / "b.tar", {"metrics.csv": src})
+    assert read_bundle(path).members["metrics.csv"] == src.read_bytes()
+
+
+def test_one_flipped_byte_is_refused_naming_the_member(tmp_path):
+    path = write_bundle(tmp_path / "b.tar", MEMBERS)
+    raw = bytearray(path.read_bytes())
+    payload = MEMBERS["weights.safetensors"]
+    offset = bytes(raw).index(payload) + 100
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+    for check in (read_bundle, verify_bundle):
+        with pytest.raises(BundleError, match="weights.safetensors"):
+            check(path)
+    out = tmp_path / "out"
+    with pytest.raises(BundleError, match="weights.safetensors"):
+        extract_bundle(path, out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_dotdot_member_is_refused_and_nothing_written_outside(tmp_path):
+    members = {"model.json": b"{}", "../evil": b"pwned"}
+    path = tmp_path / "bad.tar"
+    _hand_tar(path, [(MANIFEST_NAME, _manifest_for({"model.json": b"{}"})), *members.items()])
+    out = tmp_path / "sub" / "out"
+    with pytest.raises(BundleError, match=r"\.\./evil"):
+        extract_bundle(path, out)
+    with pytest.raises(BundleError, match=r"\.\./evil"):
+        read_bundle(path)
+    assert not (tmp_path / "sub" / "evil").exists()
+    assert not (tmp_path / "evil").exists()
+
+
+def test_dotdot_listed_in_manifest_is_refused_too(tmp_path):
+    members = {"a/../../evil": b"pwned"}
+    path = tmp_path / "bad.tar"
+    _hand_tar(path, [(MANIFEST_NAME, _manifest_for(members)), *members.items()])
+    with pytest.raises(BundleError, match="evil"):
+        extract_bundle(path, tmp_path / "out")
+    assert not (tmp_path / "evil").exists()
+
+
+def test_absolute_member_is_refused(tmp_path):
+    target = tmp_path / "abs_evil"
+    members = {str(target): b"pwned"}
+    path = tmp_path / "bad.tar"
+    _hand_tar(path, [(MANIFEST_NAME, _manifest_for({})), *members.items()])
+    with pytest.raises(BundleError, match="absolute"):
+        extract_bundle(path, tmp_path / "out")
+    assert not target.exists()
+
+
+def test_symlink_member_is_refused(tmp_path):
+    link = tarfile.TarInfo("model.json")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    path = tmp_path / "bad.tar"
+    _hand_tar(path, [(MANIFEST_NAME, _manifest_for({})), link])
+    with pytest.raises(BundleError, match="model.json.*link"):
+        read_bundle(path)
+    with pytest.raises(BundleError, match="link"):
+        extract_bundle(path, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_hardlink_and_fifo_members_are_refused(tmp_path):
+    for kind, label in ((tarfile.LNKTYPE, "link"), (tarfile.FIFOTYPE, "regular file")):
+        info = tarfile.TarInfo("x")
+        info.type = kind
+        info.linkname = "model.json" if kind == tarfile.LNKTYPE else ""
+        path = tmp_path / f"bad{kind!r}.tar"
+        _hand_tar(path, [(MANIFEST_NAME, _manifest_for({})), info])
+        with pytest.raises(BundleError, match=label):
+            verify_bundle(path)
+
+
+def test_unlisted_and_missing_members_are_refused(tmp_path):
+    path = tmp_path / "extra.tar"
+    _hand_tar(path, [(MANIFEST_NAME, _manifest_for({"model.json": b"{}"})), ("model.json", b"{}"), ("x.py", b"1")])
+    with pytest.raises(BundleError, match="'x.py' is not listed"):
+        read_bundle(path)
+    path = tmp_path / "missing.tar"
+    _hand_tar(
+        path, [(MANIFEST_NAME, _manifest_for({"model.json": b"{}", "scaling.json": b"{}"})), ("model.json", b"{}")]
+    )
+    with pytest.raises(BundleError, match="'scaling.json' is listed .* missing"):
+        read_bundle(path)
+
+
+def test_newer_format_version_is_refused_naming_both_versions(tmp_path):
+    newer = BUNDLE_FORMAT_VERSION + 1
+    path = tmp_path / "new.tar"
+    _hand_tar(path, [(MANIFEST_NAME, _manifest_for({"model.json": b"{}"}, version=newer)), ("model.json", b"{}")])
+    with pytest.raises(BundleError) as info:
+        read_bundle(path)
+    assert str(newer) in str(info.value) and str(BUNDLE_FORMAT_VERSION) in str(info.value)
+
+
+def test_not_a_tar_and_no_manifest(tmp_path):
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar file at all" * 10)
+    with pytest.raises(BundleError):
+        read_bundle(junk)
+    path = tmp_path / "nomanifest.tar"
+    _hand_tar(path, [("model.json", b"{}")])
+    with pytest.raises(BundleError, match="manifest"):
+        read_bundle(path)
+
+
+def test_writer_refuses_unsafe_names(tmp_path):
+    with pytest.raises(BundleError):
+        write_bundle(tmp_path / "b.tar", {"../x": b""})
+    with pytest.raises(BundleError):
+        write_bundle(tmp_path / "b.tar", {MANIFEST_NAME: b"{}"})
+    assert not (tmp_path / "b.tar").exists()
