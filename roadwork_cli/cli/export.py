@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, handle_errors
-from roadwork_cli.errors import NotBuiltError
+from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, console, handle_errors, require_run
 
 
 @handle_errors
@@ -19,4 +18,31 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Pack model, calibration and provenance into bundle.tar."""
-    raise NotBuiltError("`roadwork export` is not built yet.")
+    from roadwork_cli.cli.common import resolve_settings
+    from roadwork_cli.io.run import RunDir
+
+    overrides: dict = {"runtime": {"run": run}}
+    if out is not None:  # a nested None would be validated as a value rather than skipped
+        overrides["export"] = {"out": out}
+    settings = resolve_settings(config, overrides)
+    run_dir = RunDir(require_run(settings))
+
+    from roadwork_cli.io.bundle import verify_bundle
+    from roadwork_cli.stage1 import export_bundle  # heavy (torch) import inside the command
+
+    path = export_bundle(run_dir, settings.export.out, settings)
+    console.print(bundle_table(path, verify_bundle(path)))
+    console.print(f"bundle: {path}  (try: roadwork predict IMAGE --bundle {path})")
+
+
+def bundle_table(path: Path, manifest):
+    """A rich table of a bundle's members with sizes and checksums."""
+    from rich.table import Table
+
+    table = Table(title=f"bundle {path} (format {manifest.format_version}, roadwork {manifest.roadwork_version})")
+    table.add_column("member")
+    table.add_column("bytes", justify="right")
+    table.add_column("sha256")
+    for name, entry in sorted(manifest.members.items()):
+        table.add_row(name, f"{entry.size:,}", entry.sha256[:16] + "…")
+    return table

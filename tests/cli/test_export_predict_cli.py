@@ -1,0 +1,220 @@
+"""export + predict end to end on a tiny run built by hand (tiny_vit backbone, random head, fixed thresholds)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from roadwork_cli.cli.app import app
+from roadwork_cli.errors import BundleError
+from roadwork_cli.io.run import RunDir
+
+runner = CliRunner()
+
+
+def make_tiny_run(root, lam: float = 0.3, tau: float = 0.5, weights_file=None) -> RunDir:
+    """A run with everything export needs: head checkpoint + record, calibration, splits and metrics."""
+    import torch
+    from safetensors.torch import save_file
+
+    from roadwork_cli.io.atomic import atomic_write_json
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import SelectiveHead
+
+    run = RunDir(root).ensure()
+    backbone = create_backbone("tiny_vit", weights=weights_file)
+    torch.manual_seed(1)
+    head = SelectiveHead(backbone.feature_dim, hidden=8, dropout=0.0)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
+    atomic_write_json(run.checkpoints / "best.json", {"head": head.config, "backbone": backbone.spec, "epoch": 3})
+    scaling = {
+        "cls": {"method": "temperature", "params": {"temperature": 1.5}},
+        "gate": {"method": "none", "params": {}},
+        "gate_score": "gate",
+    }
+    atomic_write_json(run.scaling, scaling)
+    atomic_write_json(
+        run.scrc_params, {"method": "scrc", "thresholds": {"lambda": lam, "tau": tau}, "scaling": scaling}
+    )
+    atomic_write_json(run.splits, {"version": 1, "seed": 0, "splits": {}, "samples": {}})
+    run.metrics.write_text("epoch,loss\n1,0.7\n")
+    return run
+
+
+def write_images(folder, n: int = 3, size=(96, 72)) -> list:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i}.jpg"
+        Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    run = make_tiny_run(root / "run")
+    result = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert result.exit_code == 0, result.output
+    assert run.bundle.is_file()
+    return run.bundle
+
+
+def _jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_export_writes_contract_members(bundle):
+    from roadwork_cli.io.bundle import read_bundle
+
+    contents = read_bundle(bundle)
+    assert {"model.json", "model_best.safetensors", "scrc_params.json", "scaling.json", "splits.json"} <= set(
+        contents.members
+    )
+    assert "metrics.csv" in contents.members
+    model = contents.json("model.json")
+    assert model["backbone"]["spec"]["name"] == "tiny_vit"
+    assert model["backbone"]["fingerprint"]
+    assert model["backbone"]["weights_member"] is None  # tiny_vit is recreated from its name
+    assert "torch" in contents.manifest.versions and "python" in contents.manifest.versions
+
+
+def test_good_inputs_exit_0_with_one_record_each(bundle, tmp_path):
+    paths = write_images(tmp_path / "imgs")
+    result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(bundle), "--format", "jsonl"])
+    assert result.exit_code == 0, result.output
+    records = _jsonl(result.stdout)
+    assert [r["path"] for r in records] == [str(p) for p in paths]
+    for r in records:
+        assert set(r) == {"path", "p_roadwork", "gate", "decision", "error"}
+        assert r["error"] is None
+        assert 0.0 <= r["p_roadwork"] <= 1.0 and 0.0 <= r["gate"] <= 1.0
+        assert r["decision"] in {"roadwork", "no_roadwork", "defer"}
+
+
+def test_decisions_follow_the_thresholds(tmp_path):
+    """lambda above every gate -> all defer; lambda None-like low and tau 0 -> all roadwork."""
+    paths = write_images(tmp_path / "imgs")
+    for lam, tau, expected in ((1.1, 0.5, "defer"), (-1.0, 0.0, "roadwork"), (-1.0, 1.1, "no_roadwork")):
+        run = make_tiny_run(tmp_path / f"run_{lam}_{tau}", lam=lam, tau=tau)
+        assert runner.invoke(app, ["export", "--run", str(run.root)]).exit_code == 0
+        result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(run.bundle), "--format", "jsonl"])
+        assert result.exit_code == 0, result.output
+        assert {r["decision"] for r in _jsonl(result.stdout)} == {expected}
+
+
+def test_broken_and_missing_files_get_error_records_and_exit_1(bundle, tmp_path):
+    good = write_images(tmp_path / "imgs", n=2)
+    broken = tmp_path / "imgs" / "broken.jpg"
+    broken.write_bytes(good[0].read_bytes()[:200])
+    missing = tmp_path / "nope.jpg"
+    args = [str(good[0]), str(broken), str(missing), str(good[1])]
+    result = runner.invoke(app, ["predict", *args, "--bundle", str(bundle), "--format", "jsonl"])
+    assert result.exit_code == 1
+    records = _jsonl(result.stdout)
+    assert [r["path"] for r in records] == args
+    assert records[0]["error"] is None and records[3]["error"] is None
+    for bad in records[1:3]:
+        assert bad["error"] and bad["decision"] is None and bad["p_roadwork"] is None
+    assert "not found" in records[2]["error"]
+
+
+def test_folder_glob_stdin_and_csv(bundle, tmp_path):
+    paths = write_images(tmp_path / "imgs" / "nested", n=2)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    result = runner.invoke(app, ["predict", str(tmp_path / "imgs"), "--bundle", str(bundle), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["path"] for r in rows] == [str(p) for p in paths]  # the .txt file is not an image input
+    assert set(rows[0]) == {"path", "p_roadwork", "gate", "decision", "error"}
+
+    pattern = str(tmp_path / "imgs" / "**" / "*.jpg")
+    result = runner.invoke(app, ["predict", pattern, "--bundle", str(bundle), "--format", "jsonl"])
+    assert [r["path"] for r in _jsonl(result.stdout)] == [str(p) for p in paths]
+
+    stdin = "\n".join(str(p) for p in paths) + "\n"
+    result = runner.invoke(app, ["predict", "-", "--bundle", str(bundle), "--format", "jsonl"], input=stdin)
+    assert result.exit_code == 0, result.output
+    assert [r["path"] for r in _jsonl(result.stdout)] == [str(p) for p in paths]
+
+    result = runner.invoke(app, ["predict", str(tmp_path / "none_*.jpg"), "--bundle", str(bundle)])
+    assert result.exit_code == 1
+
+
+def test_out_file_and_probability_only(bundle, tmp_path):
+    paths = write_images(tmp_path / "imgs", n=2)
+    out = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = _jsonl(out.read_text())
+    assert len(records) == 2
+    result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(bundle), "--probability-only"])
+    assert result.exit_code == 0
+    values = [float(line) for line in result.stdout.split()]
+    assert values == pytest.approx([r["p_roadwork"] for r in records], abs=1e-6)
+
+
+def test_tampered_bundle_exits_2_naming_the_member(bundle, tmp_path):
+    raw = bytearray(bundle.read_bytes())
+    offset = bytes(raw).index(b'"thresholds"')
+    raw[offset + 2] ^= 0x20
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(raw))
+    image = write_images(tmp_path / "imgs", n=1)[0]
+    result = runner.invoke(app, ["predict", str(image), "--bundle", str(bad)])
+    assert result.exit_code == 2
+    assert "scrc_params.json" in result.output
+
+
+def test_library_five_liner(bundle, tmp_path):
+    image = write_images(tmp_path / "imgs", n=1)[0]
+    from roadwork_cli import load_bundle
+
+    m = load_bundle(str(bundle))
+    preds = m.predict([str(image)])
+    assert preds[0].decision in {"roadwork", "no_roadwork", "defer"} and preds[0].error is None
+    from PIL import Image
+
+    same = m.predict([Image.open(image)])[0]
+    assert same.p_roadwork == pytest.approx(preds[0].p_roadwork, abs=1e-6)
+    proba = m.predict_proba([str(image), str(tmp_path / "missing.jpg")])
+    assert proba[0] == pytest.approx(preds[0].p_roadwork) and proba[1] != proba[1]  # NaN for the missing file
+
+
+def test_embedded_backbone_weights_and_fingerprint_check(tmp_path):
+    """A backbone from a local weights file is embedded; a bundle whose weights differ is refused on load."""
+    import torch
+    from safetensors.torch import save_file
+
+    from roadwork_cli import load_bundle
+    from roadwork_cli.model.backbones import create_backbone
+
+    state = {k: v.clone() + 0.01 for k, v in create_backbone("tiny_vit").model.state_dict().items()}
+    weights = tmp_path / "tiny.safetensors"
+    save_file(state, str(weights))
+    run = make_tiny_run(tmp_path / "run", weights_file=weights)
+    result = runner.invoke(app, ["export", "--run", str(run.root), "--out", str(tmp_path / "b.tar")])
+    assert result.exit_code == 0, result.output
+    # Exported without the weights: rebuilding tiny_vit from its name gives other weights -> refused on load.
+    result = runner.invoke(
+        app,
+        ["export", "--run", str(run.root), "--out", str(tmp_path / "c.tar")],
+        env={"ROADWORK_EXPORT__INCLUDE_BACKBONE_WEIGHTS": "never"},
+    )
+    assert result.exit_code == 0, result.output
+    with pytest.raises(BundleError, match="fingerprint"):
+        load_bundle(tmp_path / "c.tar")
+    assert load_bundle(tmp_path / "c.tar", backbone_weights=weights).info["backbone"]["weights_member"] is None
+
+    weights.unlink()  # the bundle with embedded weights must not need the original file
+    model = load_bundle(tmp_path / "b.tar")
+    assert model.info["backbone"]["weights_member"] == "backbone.safetensors"
+    assert torch.equal(model.backbone.model.state_dict()["cls_token"], state["cls_token"])
