@@ -1,0 +1,160 @@
+"""Stage1Model: batch robustness, input kinds, workers, fast JPEG path, run vs bundle, scoring a source."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from roadwork_cli.io.run import RunDir
+
+
+def make_run(root, lam: float = 0.2, tau: float = 0.5) -> RunDir:
+    import torch
+    from safetensors.torch import save_file
+
+    from roadwork_cli.io.atomic import atomic_write_json
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import SelectiveHead
+
+    run = RunDir(root).ensure()
+    backbone = create_backbone("tiny_vit")
+    torch.manual_seed(2)
+    head = SelectiveHead(backbone.feature_dim, hidden=0, dropout=0.0)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
+    atomic_write_json(run.checkpoints / "best.json", {"head": head.config, "backbone": backbone.spec})
+    params = {"method": "scrc", "thresholds": {"lambda": lam, "tau": tau}}
+    atomic_write_json(run.scrc_params, params)
+    return run
+
+
+def jpeg(path, size=(80, 60), colour=(200, 120, 30)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, quality=92)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from roadwork_cli.stage1 import Stage1Model
+
+    return Stage1Model.from_run(make_run(tmp_path_factory.mktemp("run")), device="cpu")
+
+
+def test_bad_inputs_never_crash_the_batch(model, tmp_path):
+    good = jpeg(tmp_path / "good.jpg")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "page.jpg"
+    text.write_text("<html>not an image</html>")
+    items = [good, empty, tmp_path / "missing.png", text, good]
+    preds = model.predict(items, batch_size=2)
+    assert [p.path for p in preds] == [str(i) for i in items]
+    assert preds[0].error is None and preds[4].error is None
+    assert preds[0].p_roadwork == pytest.approx(preds[4].p_roadwork)
+    for bad in preds[1:4]:
+        assert bad.error and bad.decision is None and bad.p_roadwork is None and bad.gate is None
+    assert "zero bytes" in preds[1].error and "not found" in preds[2].error
+
+
+def test_all_bad_batch_and_empty_list(model, tmp_path):
+    assert model.predict([]) == []
+    preds = model.predict([tmp_path / "a.jpg", tmp_path / "b.jpg"], batch_size=1)
+    assert all(p.error for p in preds)
+
+
+def test_pil_images_and_paths_agree_and_workers_agree(model, tmp_path):
+    from PIL import Image
+
+    paths = [jpeg(tmp_path / f"{i}.jpg", colour=(30 * i, 90, 250 - 40 * i)) for i in range(5)]
+    by_path = model.predict(paths, batch_size=2)
+    by_image = model.predict([Image.open(p) for p in paths], batch_size=3)
+    with_workers = model.predict(paths, batch_size=2, workers=2)
+    for a, b, c in zip(by_path, by_image, with_workers, strict=True):
+        assert a.p_roadwork == pytest.approx(b.p_roadwork, abs=1e-6) == pytest.approx(c.p_roadwork, abs=1e-6)
+        assert a.decision == b.decision == c.decision
+    assert by_image[0].path == "<image 0>"
+
+
+def test_decision_matches_the_rule_on_calibrated_scores(model, tmp_path):
+    paths = [jpeg(tmp_path / f"{i}.jpg", colour=(60 * i, 20 * i, 100)) for i in range(4)]
+    p_raw, g_raw, errors = model.raw_scores(paths)
+    assert errors == [None] * 4
+    expected = model.rule.decide(p_raw, g_raw)
+    assert [p.decision for p in model.predict(paths)] == list(expected)
+
+
+def test_jpeg_draft_decode_is_used_for_large_jpegs_and_close_to_full_decode(model, tmp_path):
+    from PIL import Image
+
+    from roadwork_cli.data.images import decode_image
+    from roadwork_cli.stage1 import _decode_jpeg_draft, jpeg_draft_size
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    big = Image.fromarray(base).resize((640, 480), Image.BICUBIC)
+    path = tmp_path / "big.jpg"
+    big.save(path, quality=95)
+    side = jpeg_draft_size(model.preprocessing)
+    data = path.read_bytes()
+    drafted = _decode_jpeg_draft(data, 50_000_000, side)
+    assert drafted is not None and min(drafted.size) >= side and drafted.size[0] < 640
+    full = model.transform(decode_image(data))
+    fast = model.transform(drafted)
+    assert float((full - fast).abs().mean()) < 0.05  # same picture at the network's resolution
+    assert _decode_jpeg_draft(b"\x89PNG....", 50_000_000, side) is None  # not a JPEG: validating path
+
+
+def test_bundle_reproduces_the_run(model, tmp_path):
+    from roadwork_cli import load_bundle
+    from roadwork_cli.stage1 import Stage1Model, export_bundle
+
+    run = make_run(tmp_path / "run")
+    path = export_bundle(run)
+    assert path == run.bundle
+    paths = [jpeg(tmp_path / f"{i}.jpg", colour=(10 + 50 * i, 200, 30)) for i in range(3)]
+    from_run = Stage1Model.from_run(run, device="cpu").predict(paths)
+    from_bundle = load_bundle(path, device="cpu").predict(paths)
+    assert [p.to_dict() for p in from_run] == [p.to_dict() for p in from_bundle]
+
+
+def test_run_without_calibration(tmp_path):
+    from roadwork_cli.errors import UsageError
+    from roadwork_cli.stage1 import Stage1Model
+
+    run = make_run(tmp_path / "run")
+    run.scrc_params.unlink()
+    with pytest.raises(UsageError, match="calibrate"):
+        Stage1Model.from_run(run)
+    raw_only = Stage1Model.from_run(run, calibrated=False)
+    with pytest.raises(UsageError, match="calibrat"):
+        raw_only.predict([tmp_path / "x.jpg"])
+
+
+def test_score_source_writes_raw_scores_and_rejections(tmp_path):
+    from roadwork_cli.config import Settings
+    from roadwork_cli.stage1 import Stage1Model, score_source
+
+    run = make_run(tmp_path / "run")
+    src = tmp_path / "src"
+    for i in range(3):
+        jpeg(src / "roadwork" / f"r{i}.jpg", colour=(250, 100 + 40 * i, 0))
+        jpeg(src / "no_roadwork" / f"n{i}.jpg", colour=(0, 100 + 40 * i, 250))
+    (src / "roadwork" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    settings = Settings()
+    settings.predict.workers = 0
+    out = score_source(run, str(src), settings, tmp_path / "scores.csv")
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6
+    assert {"id", "label", "p_roadwork", "gate"} <= set(rows[0])
+    assert sorted(int(r["label"]) for r in rows) == [0, 0, 0, 1, 1, 1]
+    model = Stage1Model.from_run(run, calibrated=False)
+    p_raw, g_raw, _ = model.raw_scores([r["path"] for r in rows])
+    assert np.allclose([float(r["p_roadwork"]) for r in rows], p_raw, atol=1e-6)  # raw, not calibrated
+    assert np.allclose([float(r["gate"]) for r in rows], g_raw, atol=1e-6)
+    rejected = (tmp_path / "scores.rejected.jsonl").read_text()
+    assert "broken.jpg" in rejected
