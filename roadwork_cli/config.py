@@ -161,6 +161,13 @@ class CalibrationSettings(_Section):
         "accuracy", description="Pick among certified pairs by this on exits (ties broken by coverage)."
     )
     allow_infeasible: bool = Field(False, description="Exit 0 even if the targets are unattainable.")
+    scores_select_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="calibrate --scores only: fraction of rows (seeded random) held out to fit scaling and the lambda "
+        "grid; 0 = no scaling and a data-free lambda grid on the score scale, every row calibrates thresholds.",
+    )
 
 
 class ExportSettings(_Section):

@@ -7,8 +7,15 @@ from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, handle_errors
-from roadwork_cli.errors import NotBuiltError
+from roadwork_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    RunOption,
+    console,
+    handle_errors,
+    require_run,
+    resolve_settings,
+)
 
 
 @handle_errors
@@ -26,4 +33,34 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Fit scaling and certified thresholds; exit 3 when the targets cannot be certified."""
-    raise NotBuiltError("`roadwork calibrate` is not built yet.")
+    from roadwork_cli.errors import InfeasibleError, UsageError
+
+    if scores is not None and run is not None:
+        raise UsageError("Pass either --run DIR or --scores FILE.csv --out PARAMS.json, not both.")
+    if scores is not None and out is None:
+        raise UsageError("--scores needs --out PARAMS.json (where to write the thresholds).")
+    if scores is None and out is not None:
+        raise UsageError("--out only goes with --scores; with --run the params go to DIR/calibration/.")
+    # None = flag not given; dropped here because deep_merge keeps a whole new section as it is, Nones included.
+    flags = {"fnr": fnr, "coverage": coverage, "delta": delta, "allow_infeasible": allow_infeasible}
+    overrides = {"runtime": {"run": run}, "calibration": {k: v for k, v in flags.items() if v is not None}}
+    settings = resolve_settings(config, overrides, write_to_run=scores is None)
+    from roadwork_cli.calibration.api import calibrate_run, calibrate_scores
+    from roadwork_cli.reporting.tables import calibration_table
+
+    try:
+        if scores is not None:
+            result = calibrate_scores(scores, out, settings.calibration)
+        else:
+            from roadwork_cli.io.run import RunDir
+
+            result = calibrate_run(RunDir(require_run(settings)), settings.calibration)
+    except InfeasibleError as exc:
+        result = getattr(exc, "result", None)
+        if result is not None:
+            console.print(calibration_table(result.params, title="calibration: targets NOT attainable"))
+        raise
+    console.print(calibration_table(result.params))
+    if not result.feasible:
+        console.print(f"[yellow]warning:[/] {result.outcome.note} (written anyway: --allow-infeasible)")
+    console.print(f"wrote {result.params_path}")

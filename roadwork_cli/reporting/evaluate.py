@@ -1,0 +1,227 @@
+"""Evaluation of calibrated stage 1 on a split (or any scores CSV): metrics, the guarantee check, plots, HTML.
+
+Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training, or ``score_source`` output) plus the
+calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.stage1.score_source``) for scores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadwork_cli.calibration.api import ScoreTable, read_scores_csv
+from roadwork_cli.calibration.rule import StageRule
+from roadwork_cli.calibration.scaling import softmax_response
+from roadwork_cli.calibration.scrc import clopper_pearson_lower, clopper_pearson_upper
+from roadwork_cli.errors import NotBuiltError, UsageError
+from roadwork_cli.io.atomic import atomic_write_json
+from roadwork_cli.io.run import RunDir
+from roadwork_cli.metrics import classification as cm
+from roadwork_cli.metrics import selective as sm
+
+ECE_BINS = 15
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
+    """Every metric of report.json for raw scores ``table`` under ``rule`` (no files written).
+
+    Single-stage metrics (accuracy, mcc, auroc, ece, brier) use the calibrated p on every image with p >= 0.5.
+    Selective metrics use the rule's decisions; the risk of the risk-coverage curve is the error of the decision
+    p >= tau, with the rule's selection score (``aurc``), the calibrated gate (``aurc_gate``) or max(p, 1 - p)
+    (``aurc_softmax_response``) ranking the images.
+    """
+    labels = table.label.astype(int)
+    p, g = rule.calibrate(table.p, table.gate)
+    decisions = rule.decide(table.p, table.gate)
+    exits = decisions != "defer"
+    predictions = (decisions == "roadwork").astype(int)
+    single = (p >= 0.5).astype(int)
+    params = rule.params
+    targets = params.get("targets", {})
+    alpha = float(targets.get("alpha", float("nan")))
+    delta = float(targets.get("delta", float("nan")))
+    xi = float(targets.get("xi", float("nan")))
+
+    tau = rule.tau if rule.tau is not None else 0.5
+    losses = ((p >= tau).astype(int) != labels).astype(float)  # error of the exit decision, for every image
+    gate_calibrated = rule.gate_scaler.transform(table.gate)
+    if params.get("method") == "sets":
+        thresholds = params["thresholds"]["sets"]
+        set_sizes = (p >= thresholds["roadwork"]).astype(int) + ((1 - p) >= thresholds["no_roadwork"]).astype(int)
+        avg_set = float(set_sizes.mean())
+    else:
+        avg_set = float(np.where(exits, 1, 2).mean())  # an exit is a singleton; a deferral is the full set {0, 1}
+
+    k, m = int(np.sum(exits & (labels == 1) & (predictions == 0))), int(np.sum(exits & (labels == 1)))
+    n, n_exit = int(labels.size), int(exits.sum())
+    fnr = sm.fnr_on_exits(labels, predictions, exits)
+    cov = sm.coverage(exits)
+    fnr_ok = (m == 0) or fnr <= alpha
+    report: dict[str, Any] = {
+        "n": n,
+        "n_pos": int(labels.sum()),
+        "accuracy": cm.accuracy(labels, single),
+        "mcc": cm.mcc(labels, single),
+        "auroc": _finite(cm.auroc(labels, p)),
+        "ece": cm.ece(labels, p, ECE_BINS),
+        "brier": cm.brier(labels, p),
+        "nll": cm.nll(labels, p),
+        "coverage": cov,
+        "accuracy_on_exits": _finite(sm.accuracy_on_exits(labels, predictions, exits)),
+        "fnr_on_exits": _finite(fnr),
+        "fpr_on_exits": _finite(sm.fpr_on_exits(labels, predictions, exits)),
+        "mcc_on_exits": cm.mcc(labels[exits], predictions[exits]) if n_exit else None,
+        "risk_at_coverage": sm.risk_at_coverage(g, losses, xi) if math.isfinite(xi) else None,
+        "coverage_at_risk": sm.coverage_at_risk(g, losses, alpha) if math.isfinite(alpha) else None,
+        "selective_targets": {"coverage": _finite(xi), "risk": _finite(alpha)},
+        "avg_set_size": avg_set,
+        "aurc": sm.aurc(g, losses),
+        "e_aurc": sm.e_aurc(g, losses),
+        "aurc_gate": sm.aurc(gate_calibrated, losses),
+        "aurc_softmax_response": sm.aurc(softmax_response(p), losses),
+        "decisions": {d: int(np.sum(decisions == d)) for d in ("roadwork", "no_roadwork", "defer")},
+        "thresholds": dict(params.get("thresholds", {})),
+        "calibration": {
+            "method": params.get("method"),
+            "gate_score": rule.gate_score,
+            "feasible": params.get("feasible"),
+            "certified_fnr_upper": params.get("certified", {}).get("fnr_upper"),
+            "certified_coverage_lower": params.get("certified", {}).get("coverage_lower"),
+        },
+        "guarantee": {
+            "alpha": _finite(alpha),
+            "delta": _finite(delta),
+            "xi": _finite(xi),
+            "satisfied": bool(fnr_ok and cov >= xi),
+            "fnr_satisfied": bool(fnr_ok),
+            "coverage_satisfied": bool(cov >= xi),
+            "fnr_upper": float(clopper_pearson_upper(k, m, delta)) if math.isfinite(delta) else None,
+            "coverage_lower": float(clopper_pearson_lower(n_exit, n, delta)) if math.isfinite(delta) else None,
+            "exited_positives": m,
+            "misses": k,
+        },
+    }
+    return report
+
+
+def _plots_and_html(
+    out_dir: Path, table: ScoreTable, rule: StageRule, report: dict[str, Any], examples: list[dict[str, Any]]
+) -> dict[str, Path]:
+    from roadwork_cli.reporting import html, plots
+
+    p, g = rule.calibrate(table.p, table.gate)
+    tau = rule.tau if rule.tau is not None else 0.5
+    losses = ((p >= tau).astype(int) != table.label).astype(float)
+    written = {
+        "risk_coverage": plots.plot_risk_coverage(
+            out_dir / "risk_coverage.png",
+            {"selection score": g, "softmax response": softmax_response(p)},
+            losses,
+            operating_point=(report["coverage"], 1.0 - (report["accuracy_on_exits"] or 0.0)),
+            xi=report["guarantee"]["xi"],
+        ),
+        "reliability": plots.plot_reliability(out_dir / "reliability.png", table.label, p),
+        "histograms": plots.plot_score_histograms(out_dir / "score_histograms.png", table.label, p, g, rule),
+    }
+    if examples:
+        grid = plots.plot_examples(out_dir / "examples.png", examples)
+        if grid is not None:
+            written["examples"] = grid
+    written["html"] = html.write_report_html(out_dir / "report.html", report, written)
+    return written
+
+
+def _example_records(run: RunDir, table: ScoreTable, rule: StageRule, per_kind: int = 6) -> list[dict[str, Any]]:
+    """Up to ``per_kind`` missed roadwork, false alarms and deferrals, with their image locators."""
+    if not table.ids:
+        return []
+    locators: dict[str, str] = {}
+    if run.splits.exists():
+        try:
+            from roadwork_cli.data.splits import Splits
+
+            splits = Splits.load(run.splits)
+            locators = {sid: sample.path for sid, sample in splits.samples.items()}
+        except Exception:  # noqa: BLE001 - examples are a nicety; the report must not fail over them
+            locators = {}
+    p, g = rule.calibrate(table.p, table.gate)
+    decisions = rule.decide(table.p, table.gate)
+    kinds = {
+        "missed roadwork": (decisions == "no_roadwork") & (table.label == 1),
+        "false alarm": (decisions == "roadwork") & (table.label == 0),
+        "deferred": decisions == "defer",
+    }
+    records = []
+    for kind, mask in kinds.items():
+        # The most confident mistakes first (largest |p - 0.5|), deferrals by the lowest selection score.
+        index = np.flatnonzero(mask)
+        order = index[np.argsort(g[index])] if kind == "deferred" else index[np.argsort(-np.abs(p[index] - 0.5))]
+        for i in order[:per_kind]:
+            locator = locators.get(table.ids[i]) or (table.paths[i] if table.paths else "")
+            if locator:
+                records.append({"kind": kind, "locator": locator, "label": int(table.label[i]),
+                                "p": float(p[i]), "g": float(g[i]), "id": table.ids[i]})  # fmt: skip
+    return records
+
+
+def _evaluate(table: ScoreTable, rule: StageRule, report_path: Path, examples_run: RunDir | None, extra: dict) -> dict:
+    report = compute_report(table, rule)
+    report.update(extra)
+    out_dir = report_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = _example_records(examples_run, table, rule) if examples_run is not None else []
+    try:
+        files = _plots_and_html(out_dir, table, rule, report, examples)
+        report["files"] = {name: path.name for name, path in files.items()}
+    except ImportError as exc:  # matplotlib missing: metrics still count
+        report["files"] = {"error": f"plots skipped: {exc}"}
+    atomic_write_json(report_path, report)
+    return report
+
+
+def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -> dict[str, Any]:
+    """Evaluate a calibrated run on ``scores/<split>.csv``; writes eval/report.json, PNGs and report.html.
+
+    Args:
+        run: Run directory with scores/ and calibration/.
+        settings: Resolved settings (unused beyond validation today; kept for a stable signature).
+        split: Split whose scores to evaluate (train, val_select, val_calib or test).
+    """
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    if split not in ("train", "val_select", "val_calib", "test"):
+        raise UsageError(f"Unknown split {split!r}; choose train, val_select, val_calib or test.")
+    scores = run.require(run.scores / f"{split}.csv", "train")
+    rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
+    table = read_scores_csv(scores)
+    return _evaluate(table, rule, run.report, run, {"split": split, "scores": str(scores)})
+
+
+def evaluate_source(run: RunDir | str | Path, source: str, settings) -> dict[str, Any]:
+    """Score any data source with the run's model (``stage1.score_source``) and evaluate those scores."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    try:
+        from roadwork_cli.stage1 import score_source
+    except ImportError:
+        raise NotBuiltError("Evaluating a --source needs roadwork_cli.stage1.score_source, not built yet.") from None
+    rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
+    scores = run.eval / "source_scores.csv"
+    score_source(run, source, settings, scores)
+    table = read_scores_csv(scores)
+    return _evaluate(table, rule, run.report, run, {"split": None, "source": source, "scores": str(scores)})
+
+
+def evaluate_scores(
+    scores_csv: str | Path, params_path: str | Path, out: str | Path, scaling_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Evaluate any scores CSV under a params JSON; writes ``out`` (report.json) and plots/HTML beside it."""
+    rule = StageRule.load(Path(scaling_path) if scaling_path else None, Path(params_path))
+    table = read_scores_csv(scores_csv)
+    return _evaluate(table, rule, Path(out), None, {"split": None, "scores": str(scores_csv)})
