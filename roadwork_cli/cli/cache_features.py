@@ -7,8 +7,15 @@ from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, handle_errors
-from roadwork_cli.errors import NotBuiltError
+from roadwork_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    RunOption,
+    console,
+    handle_errors,
+    require_run,
+    resolve_settings,
+)
 
 
 @handle_errors
@@ -22,4 +29,27 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Extract backbone features for every split image into DIR/features/<fingerprint>/ (resumable)."""
-    raise NotBuiltError("`roadwork cache-features` is not built yet.")
+    from rich.table import Table
+
+    settings = resolve_settings(
+        config,
+        {
+            "runtime": {"run": run, "debug": debug or None},
+            "model": {"backbone": backbone, "weights": weights},
+            "features": {"batch_size": batch_size, "workers": workers},
+        },
+    )
+    from roadwork_cli.features.cache import cache_features
+    from roadwork_cli.io.run import RunDir
+
+    summary = cache_features(RunDir(require_run(settings)), settings, progress=True)
+    table = Table(title="cache-features", show_header=False)
+    table.add_row("backbone", summary.backbone)
+    table.add_row("fingerprint", summary.fingerprint)
+    table.add_row("feature dim", str(summary.feature_dim))
+    table.add_row("rows (images x views)", str(summary.total))
+    table.add_row("computed / reused", f"{summary.computed} / {summary.reused}")
+    table.add_row("unreadable (skipped)", f"{summary.failed}" + (" -> failed.json" if summary.failed else ""))
+    table.add_row("throughput", f"{summary.images_per_second:,.1f} img/s ({summary.seconds:.1f} s)")
+    table.add_row("folder", str(summary.folder))
+    console.print(table)

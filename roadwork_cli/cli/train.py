@@ -6,8 +6,15 @@ from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, handle_errors
-from roadwork_cli.errors import NotBuiltError
+from roadwork_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    RunOption,
+    console,
+    handle_errors,
+    require_run,
+    resolve_settings,
+)
 
 
 @handle_errors
@@ -19,4 +26,24 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Train stage 1 and write checkpoints/, metrics.csv and per-split scores."""
-    raise NotBuiltError("`roadwork train` is not built yet.")
+    from rich.table import Table
+
+    settings = resolve_settings(
+        config, {"runtime": {"run": run, "debug": debug or None}, "train": {"mode": mode, "epochs": epochs}}
+    )
+    from roadwork_cli.io.run import RunDir
+    from roadwork_cli.training.trainer import train
+
+    summary = train(RunDir(require_run(settings)), settings, progress=True)
+    table = Table(title=f"train ({summary.mode})", show_header=False)
+    table.add_row("training images", str(summary.n_train))
+    resumed = f" (resumed after epoch {summary.resumed_from})" if summary.resumed_from else ""
+    table.add_row("epochs", f"{summary.epochs}{resumed}")
+    table.add_row("best epoch", f"{summary.best_epoch} by val_select {summary.select_metric}")
+    for name in ("accuracy", "mcc", "auroc", "aurc", "coverage"):
+        value = summary.best_metrics.get(name, float("nan"))
+        table.add_row(f"val_select {name}", f"{value:.4f}")
+    table.add_row("features", summary.fingerprint)
+    table.add_row("scores", ", ".join(str(p) for p in summary.scores.values()))
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    console.print(table)

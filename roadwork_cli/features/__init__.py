@@ -1,0 +1,1 @@
+"""Backbone features computed once per image and view, cached on disk and resumable."""

@@ -1,0 +1,1 @@
+"""Backbones (registry) and the three-output selective head."""

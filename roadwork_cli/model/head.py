@@ -1,0 +1,97 @@
+"""The stage-1 head: a shared MLP trunk with three one-logit outputs (SelectiveNet shape).
+
+* ``cls``: roadwork logit, ``p_roadwork = sigmoid(cls)``.
+* ``gate``: selection logit, ``sigmoid(gate)`` scores "the cls decision on this image will be right".
+* ``aux``: auxiliary roadwork logit trained on every sample so the shared trunk stays a good classifier even where
+  the gate rejects.
+
+Example:
+    >>> head = SelectiveHead(in_dim=32, hidden=16)
+    >>> out = head(torch.zeros(4, 32))
+    >>> tuple(out.cls.shape)
+    (4,)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["HeadOutput", "SelectiveHead", "create_head"]
+
+
+class HeadOutput(NamedTuple):
+    """Three ``(B,)`` logits."""
+
+    cls: torch.Tensor
+    gate: torch.Tensor
+    aux: torch.Tensor
+
+
+class SelectiveHead(nn.Module):
+    """LayerNorm -> [Linear -> GELU -> Dropout] -> Linear(3): one matmul for all three outputs.
+
+    Args:
+        in_dim: Feature dimension D of the backbone.
+        hidden: Width of the shared hidden layer; 0 gives three linear heads on the normalised features.
+        dropout: Dropout before the output layer.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.in_dim, self.hidden, self.dropout = int(in_dim), int(hidden), float(dropout)
+        # Features of different backbones live on very different scales; normalising keeps one learning rate usable.
+        layers: list[nn.Module] = [nn.LayerNorm(self.in_dim)]
+        width = self.in_dim
+        if self.hidden > 0:
+            layers += [nn.Linear(self.in_dim, self.hidden), nn.GELU()]
+            width = self.hidden
+        layers.append(nn.Dropout(self.dropout))
+        self.trunk = nn.Sequential(*layers)
+        self.out = nn.Linear(width, 3)
+        self._compiled: Any = None
+
+    def forward(self, features: torch.Tensor) -> HeadOutput:
+        """``(B, D)`` features -> :class:`HeadOutput` of ``(B,)`` logits."""
+        if self._compiled is not None:
+            try:
+                return self._compiled(features)
+            except Exception as exc:  # noqa: BLE001 - compile failures surface lazily, on the first call
+                message = f"torch.compile of the head failed ({type(exc).__name__}); running eagerly."
+                warnings.warn(message, stacklevel=2)
+                self._compiled = None
+        return self._forward_eager(features)
+
+    def _forward_eager(self, features: torch.Tensor) -> HeadOutput:
+        logits = self.out(self.trunk(features))  # (B, 3)
+        return HeadOutput(logits[:, 0], logits[:, 1], logits[:, 2])
+
+    def enable_compile(self) -> bool:
+        """Route forward through ``torch.compile``; returns False (with a warning) when it is unavailable."""
+        try:
+            self._compiled = torch.compile(self._forward_eager, dynamic=True)
+        except Exception as exc:  # noqa: BLE001 - e.g. unsupported platform or Python version
+            warnings.warn(f"torch.compile is unavailable ({exc}); the head runs eagerly.", stacklevel=2)
+            self._compiled = None
+        return self._compiled is not None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able constructor arguments (stored in ``best.json`` and bundles)."""
+        return {"type": "SelectiveHead", "in_dim": self.in_dim, "hidden": self.hidden, "dropout": self.dropout}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SelectiveHead:
+        """Inverse of :attr:`config`."""
+        return cls(in_dim=int(config["in_dim"]), hidden=int(config["hidden"]), dropout=float(config["dropout"]))
+
+
+def create_head(model_settings: Any, in_dim: int) -> SelectiveHead:
+    """Head from ``ModelSettings`` (``head_hidden``, ``head_dropout``, ``compile``) for ``in_dim`` features."""
+    head = SelectiveHead(in_dim, hidden=model_settings.head_hidden, dropout=model_settings.head_dropout)
+    if getattr(model_settings, "compile", False):
+        head.enable_compile()
+    return head

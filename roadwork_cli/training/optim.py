@@ -1,0 +1,52 @@
+"""AdamW with linear warm-up + cosine decay (per optimiser step) and a weight EMA.
+
+Everything here is a thin configuration of torch / timm building blocks, so their state dicts make a run resumable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["create_ema", "create_optimizer", "create_scheduler"]
+
+
+def create_optimizer(model: nn.Module, train_settings: Any) -> torch.optim.AdamW:
+    """AdamW; biases and normalisation weights (1-D tensors) get no weight decay."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": train_settings.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999))
+
+
+def create_scheduler(
+    optimizer: torch.optim.Optimizer, train_settings: Any, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to 1 % of the peak, stepped once per batch."""
+    total = max(1, train_settings.epochs * steps_per_epoch)
+    warmup = min(int(round(train_settings.warmup_epochs * steps_per_epoch)), total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total - warmup), eta_min=train_settings.lr * 0.01
+    )
+    if warmup <= 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def create_ema(model: nn.Module, decay: float) -> nn.Module | None:
+    """timm's ModelEmaV3 (an exponential moving average copy of the weights), or None when ``decay`` is 0.
+
+    Warm-up (effective decay ``1 - (1 + step / 10) ** -1`` capped at ``decay``) lets the average follow the model in
+    short runs instead of staying near the random initialisation; pass the global step to ``update``.
+    """
+    if decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_gamma=10.0, warmup_power=1.0)

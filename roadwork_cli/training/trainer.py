@@ -1,0 +1,397 @@
+"""``train --mode train_cached``: fit the selective head on cached backbone features.
+
+Per epoch every training image contributes one of its cached views (view 0 = clean, 1..K = augmented), chosen with
+a generator seeded by ``(train.seed, epoch)``; the order is a seeded permutation too. Features stay in one in-memory
+tensor, so an epoch is a gather plus a few hundred small matmuls.
+
+After each epoch the EMA weights (or the raw weights when ``ema_decay`` is 0) are scored on ``val_select``; the best
+epoch by ``train.select_metric`` (AURC breaks ties) is written to ``checkpoints/best.safetensors`` +
+``checkpoints/best.json``, and everything needed to continue (model, EMA, optimiser, scheduler, RNG states, history)
+to ``checkpoints/last.pt``. A re-run after SIGKILL resumes from ``last.pt`` and ends with the same weights as an
+uninterrupted run. Finally the best head scores val_select, val_calib and test into ``scores/<split>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from roadwork_cli.errors import NotBuiltError, UsageError
+from roadwork_cli.features.cache import CachedFeatures, load_cached, read_split_table, resolve_device
+from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text
+from roadwork_cli.io.run import RunDir
+from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
+from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
+from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler
+
+__all__ = ["SCORE_COLUMNS", "SCORE_SPLITS", "TrainSummary", "evaluate_head", "load_best_head", "train"]
+
+SCORE_SPLITS = ("val_select", "val_calib", "test")
+SCORE_COLUMNS = ("id", "label", "p_roadwork", "gate", "logit_cls", "logit_gate", "logit_aux")
+METRIC_COLUMNS = (
+    "epoch",
+    *(f"loss_{part}" if part != "total" else "loss" for part in LOSS_PARTS),
+    "val_accuracy",
+    "val_mcc",
+    "val_auroc",
+    "val_aurc",
+    "val_coverage",
+    "lr",
+)
+_LOWER_IS_BETTER = {"aurc"}
+
+
+@dataclass
+class TrainSummary:
+    """What ``train`` did (the CLI renders it as a table)."""
+
+    mode: str
+    epochs: int
+    epochs_run: int
+    resumed_from: int
+    best_epoch: int
+    select_metric: str
+    best_value: float
+    best_metrics: dict[str, float]
+    fingerprint: str
+    n_train: int
+    n_val_select: int
+    seconds: float
+    scores: dict[str, Path] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+
+
+def _aurc(gate: np.ndarray, errors: np.ndarray) -> float:
+    """Area under the risk-coverage curve: mean selective risk over coverages 1/n .. 1 (highest gate first)."""
+    if errors.size == 0:
+        return float("nan")
+    order = np.argsort(-gate, kind="stable")
+    risks = np.cumsum(errors[order]) / np.arange(1, errors.size + 1)
+    return float(risks.mean())
+
+
+def evaluate_head(output: HeadOutput, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, MCC, AUROC (sklearn), AURC (gate as selection score) and coverage at gate 0.5 of one split."""
+    from sklearn.metrics import matthews_corrcoef, roc_auc_score
+
+    y = labels.cpu().numpy().astype(int)
+    if y.size == 0:
+        nan = float("nan")
+        return {"accuracy": nan, "mcc": nan, "auroc": nan, "aurc": nan, "coverage": nan}
+    p = torch.sigmoid(output.cls.float()).cpu().numpy()
+    gate = torch.sigmoid(output.gate.float()).cpu().numpy()
+    pred = (p >= 0.5).astype(int)
+    return {
+        "accuracy": float((pred == y).mean()),
+        "mcc": float(matthews_corrcoef(y, pred)),
+        "auroc": float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else float("nan"),
+        "aurc": _aurc(gate, (pred != y).astype(float)),
+        "coverage": float((gate >= 0.5).mean()),
+    }
+
+
+def _score_key(metrics: dict[str, float], select: str) -> tuple[float, float]:
+    """Sort key, larger is better: (selection metric, -AURC); NaN ranks lowest."""
+
+    def finite(value: float) -> float:
+        return -math.inf if value is None or math.isnan(value) else value
+
+    main = metrics[select]
+    main = -main if select in _LOWER_IS_BETTER and not math.isnan(main) else main
+    return finite(main), finite(-metrics["aurc"] if not math.isnan(metrics["aurc"]) else float("nan"))
+
+
+def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class _Data:
+    features: torch.Tensor  # (R, D) every cached row
+    train_rows: torch.Tensor  # (N, V) row numbers, valid views packed first
+    train_counts: torch.Tensor  # (N,) number of valid views
+    train_labels: torch.Tensor  # (N,)
+    split_ids: dict[str, list[str]]
+    split_rows: dict[str, torch.Tensor]
+    split_labels: dict[str, torch.Tensor]
+
+
+def _prepare(cached: CachedFeatures, table, device: torch.device) -> _Data:
+    views = max([v for entry in cached.rows.values() for v in entry] or [0])
+    train_ids = [i for i in table.ids("train") if 0 in cached.rows.get(i, {})]
+    if not train_ids:
+        raise UsageError("No training image has cached features; run `roadwork cache-features` on this run first.")
+    rows = cached.row_table(train_ids, views)  # (N, V), -1 = missing view
+    # Pack the valid rows first so that "view number j < count" indexes only cached views.
+    packed = np.sort(np.where(rows < 0, np.iinfo(np.int64).max, rows), axis=1)
+    counts = (rows >= 0).sum(axis=1)
+    packed = np.where(packed == np.iinfo(np.int64).max, 0, packed)
+    split_ids, split_rows, split_labels = {}, {}, {}
+    for split in ("val_select", *SCORE_SPLITS[1:]):
+        ids = [i for i in table.ids(split) if 0 in cached.rows.get(i, {})]
+        split_ids[split] = ids
+        split_rows[split] = torch.tensor([cached.rows[i][0] for i in ids], dtype=torch.long, device=device)
+        split_labels[split] = torch.tensor([table.labels[i] for i in ids], dtype=torch.float32, device=device)
+    return _Data(
+        features=cached.features.to(device),
+        train_rows=torch.from_numpy(packed).to(device),
+        train_counts=torch.from_numpy(counts).to(device),
+        train_labels=torch.tensor([table.labels[i] for i in train_ids], dtype=torch.float32, device=device),
+        split_ids=split_ids,
+        split_rows=split_rows,
+        split_labels=split_labels,
+    )
+
+
+def _epoch_batches(data: _Data, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This epoch's features and labels in shuffled order: one view per image, both chosen from (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    n = data.train_labels.shape[0]
+    order = torch.randperm(n, generator=generator)
+    pick = (torch.rand(n, generator=generator) * data.train_counts.cpu()).long()  # (N,) in [0, count)
+    device = data.features.device
+    order, pick = order.to(device), pick.to(device)
+    rows = data.train_rows[order, pick[order]]  # (N,)
+    return data.features[rows], data.train_labels[order]  # (N, D), (N,)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _signature(settings: Any, fingerprint: str, n_train: int) -> str:
+    """Identifies the training problem; last.pt is only resumed when it matches."""
+    payload = {
+        "fingerprint": fingerprint,
+        "train": settings.train.model_dump(mode="json"),
+        "head": [settings.model.head_hidden, settings.model.head_dropout],
+        "n_train": n_train,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = state["numpy"]["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy"]["pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _save_last(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _write_best(run: RunDir, head: torch.nn.Module, info: dict[str, Any]) -> None:
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
+    with atomic_path(run.checkpoints / "best.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt", "head": json.dumps(info["head"], sort_keys=True)})
+    atomic_write_json(run.checkpoints / "best.json", info)
+
+
+def load_best_head(run: RunDir) -> tuple[SelectiveHead, dict[str, Any]]:
+    """The selected head (eval mode) and its ``best.json`` (head config, backbone spec + fingerprint, epoch, metric)."""
+    from roadwork_cli.io.atomic import read_json
+
+    info = read_json(run.require(run.checkpoints / "best.json", "train"))
+    head = SelectiveHead.from_config(info["head"])
+    head.load_state_dict(load_file(str(run.checkpoints / "best.safetensors")))
+    return head.eval(), info
+
+
+def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _write_scores(path: Path, ids: list[str], labels: torch.Tensor, output: HeadOutput) -> None:
+    columns = [
+        torch.sigmoid(output.cls).tolist(),
+        torch.sigmoid(output.gate).tolist(),
+        output.cls.tolist(),
+        output.gate.tolist(),
+        output.aux.tolist(),
+    ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SCORE_COLUMNS)
+    for i, image_id in enumerate(ids):
+        writer.writerow([image_id, int(labels[i].item()), *(f"{c[i]:.9g}" for c in columns)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+
+
+def train(
+    run: RunDir,
+    settings: Any,
+    progress: bool = False,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainSummary:
+    """Train the head per ``settings.train`` (only ``mode="train_cached"`` is built) and write its artifacts.
+
+    Args:
+        run: Run directory with ``splits.json`` and cached features.
+        settings: Resolved :class:`~roadwork_cli.config.Settings`.
+        progress: Show a rich progress bar on stderr.
+        on_epoch_end: Called as ``fn(epoch, metrics)`` after each epoch's checkpoints are on disk.
+
+    Raises:
+        NotBuiltError: ``train`` / ``train_crc`` modes.
+        UsageError: No splits or no cached features for the configured backbone.
+    """
+    from roadwork_cli.reporting.progress import progress_bar
+
+    mode = settings.train.mode
+    if mode != "train_cached":
+        raise NotBuiltError(f"`--mode {mode}` (PEFT fine-tuning) is not built yet; use --mode train_cached")
+    started = time.perf_counter()
+    if settings.runtime.threads:
+        torch.set_num_threads(settings.runtime.threads)
+    table = read_split_table(run)
+    cached = load_cached(run)
+    cached_name = cached.meta.get("backbone", {}).get("name")
+    if cached_name != settings.model.backbone:
+        raise UsageError(
+            f"The cached features in {run.features} are for backbone {cached_name!r}, but the settings select "
+            f"{settings.model.backbone!r}; run `roadwork cache-features --run {run.root}` with that backbone first."
+        )
+    device = resolve_device(settings.runtime.device)
+    data = _prepare(cached, table, device)
+    ts = settings.train
+    n_train = int(data.train_labels.shape[0])
+    steps_per_epoch = math.ceil(n_train / ts.batch_size)
+
+    torch.manual_seed(ts.seed)
+    head = create_head(settings.model, cached.feature_dim).to(device)
+    optimizer = create_optimizer(head, ts)
+    scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
+    ema = create_ema(head, ts.ema_decay)
+    signature = _signature(settings, cached.fingerprint, n_train)
+    head_info = {"head": head.config, "backbone": cached.meta.get("backbone", {}), "fingerprint": cached.fingerprint}
+
+    last_path = run.checkpoints / "last.pt"
+    start_epoch, history = 0, []
+    best: dict[str, Any] = {"epoch": -1, "key": [-math.inf, -math.inf], "metrics": {}}
+    if last_path.exists():
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        if state.get("signature") == signature:
+            head.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
+            _set_rng_state(state["rng"])
+    resumed_from = start_epoch
+
+    with progress_bar(f"train ({mode})", total=ts.epochs, unit="epoch", enabled=progress) as advance:
+        advance(start_epoch)
+        for epoch in range(start_epoch, ts.epochs):
+            head.train()
+            features, labels = _epoch_batches(data, ts.seed, epoch)
+            sums = torch.zeros(len(LOSS_PARTS), device=device)
+            for step, start in enumerate(range(0, n_train, ts.batch_size), start=epoch * steps_per_epoch):
+                xb, yb = features[start : start + ts.batch_size], labels[start : start + ts.batch_size]
+                loss, parts = selective_loss(head(xb), yb, ts.loss, ts.target_coverage)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update(head, step=step)
+                sums += torch.stack([parts[p] for p in LOSS_PARTS]) * yb.shape[0]
+            evaluated = ema.module if ema is not None else head
+            evaluated.eval()
+            with torch.inference_mode():
+                val_rows = data.split_rows["val_select"]
+                metrics = evaluate_head(evaluated(data.features[val_rows]), data.split_labels["val_select"])
+            losses = (sums / n_train).tolist()
+            row = {"epoch": epoch + 1}
+            row.update({("loss" if p == "total" else f"loss_{p}"): v for p, v in zip(LOSS_PARTS, losses, strict=True)})
+            row.update({f"val_{k}": v for k, v in metrics.items()})
+            row["lr"] = float(optimizer.param_groups[0]["lr"])
+            history.append(row)
+            key = list(_score_key(metrics, ts.select_metric))
+            if best["epoch"] < 0 or key > best["key"]:
+                best = {"epoch": epoch + 1, "key": key, "metrics": metrics}
+                info = dict(head_info, epoch=epoch + 1, select_metric=ts.select_metric)
+                info["metric"] = _json_safe(metrics).get(ts.select_metric)
+                info["val_select"] = _json_safe(metrics)
+                info["ema"] = ema is not None
+                _write_best(run, evaluated, info)
+            _write_metrics_csv(run.metrics, history)
+            _save_last(
+                last_path,
+                {
+                    "signature": signature,
+                    "epoch": epoch + 1,
+                    "model": head.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else {},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "best": best,
+                },
+            )
+            advance(1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, metrics)
+
+    best_head, _ = load_best_head(run)
+    best_head = best_head.to(device)
+    scores = {}
+    run.scores.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for split in SCORE_SPLITS:
+            output = best_head(data.features[data.split_rows[split]])
+            scores[split] = run.scores / f"{split}.csv"
+            _write_scores(scores[split], data.split_ids[split], data.split_labels[split], output)
+    return TrainSummary(
+        mode=mode,
+        epochs=ts.epochs,
+        epochs_run=ts.epochs - resumed_from,
+        resumed_from=resumed_from,
+        best_epoch=int(best["epoch"]),
+        select_metric=ts.select_metric,
+        best_value=float(best["metrics"].get(ts.select_metric, float("nan"))),
+        best_metrics=dict(best["metrics"]),
+        fingerprint=cached.fingerprint,
+        n_train=n_train,
+        n_val_select=len(data.split_ids["val_select"]),
+        seconds=time.perf_counter() - started,
+        scores=scores,
+    )
