@@ -6,8 +6,26 @@ from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, handle_errors
-from roadwork_cli.errors import NotBuiltError
+from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, console, handle_errors, require_run
+from roadwork_cli.errors import UsageError
+
+
+def parse_fractions(text: str | None) -> tuple[float, float, float, float] | None:
+    """``"0.7,0.1,0.1,0.1"`` -> a 4-tuple of floats (settings validation checks the sum)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--fractions expects four comma-separated numbers, got {text!r}") from None
+    if len(values) != 4:
+        raise UsageError(f"--fractions expects four numbers (train,val_select,val_calib,test), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _drop_none(tree: dict) -> dict:
+    """Nested overrides without the flags that were not given (config.deep_merge copies new sections whole)."""
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
 
 
 @handle_errors
@@ -22,4 +40,43 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Read sources, reject unusable images with a reason, and write DIR/splits.json."""
-    raise NotBuiltError("`roadwork split` is not built yet.")
+    from rich.table import Table
+
+    from roadwork_cli.cli.common import resolve_settings
+    from roadwork_cli.data.splits import SPLIT_NAMES, build_splits
+    from roadwork_cli.io.run import RunDir
+
+    overrides = {
+        "runtime": {"run": run, "debug": debug or None},
+        "data": {"sources": list(source) if source else None, "seed": seed, "fractions": parse_fractions(fractions)},
+    }
+    settings = resolve_settings(config, _drop_none(overrides))
+    if not settings.data.sources:
+        raise UsageError("no data source: pass --source SRC (folder, .csv/.jsonl, .parquet, COCO .json, synthetic:N).")
+    run_dir = RunDir(require_run(settings))
+    summary = build_splits(settings.data.sources, settings.data, run_dir, progress=True)
+
+    table = Table(title=f"splits (seed {settings.data.seed})", title_justify="left")
+    table.add_column("split")
+    table.add_column("label")
+    table.add_column("source", overflow="fold")
+    table.add_column("images", justify="right")
+    for split, label, src, count in summary.rows():
+        table.add_row(split, "roadwork" if label == 1 else "no_roadwork", src, str(count))
+    totals = summary.split_totals()
+    table.add_section()
+    table.add_row("total", "", "", str(summary.n_samples))
+    console.print(table)
+    console.print(
+        " · ".join(f"{name} {totals[name]}" for name in SPLIT_NAMES)
+        + f"  |  {summary.n_duplicates} duplicates folded, {summary.n_rejected} rejected"
+        + (
+            f" ({', '.join(f'{k}: {v}' for k, v in sorted(summary.rejected_reasons.items()))})"
+            if summary.n_rejected
+            else ""
+        )
+    )
+    console.print(
+        f"wrote {summary.splits_path} and {summary.rejected_path} "
+        f"({summary.n_inputs} inputs in {summary.seconds:.1f} s, {summary.images_per_second:.0f} img/s)"
+    )

@@ -1,0 +1,395 @@
+"""Data-source readers: turn a source spec string into labelled image records, without decoding any image.
+
+A spec is auto-detected (see :func:`detect_kind`):
+
+* a folder of class subfolders (``roadwork``/``no_roadwork`` or aliases such as ``1``/``0``, ``positive``/``negative``,
+  ``none``; nested folders below a class folder are fine),
+* a ``.csv`` or ``.jsonl`` manifest with ``path,label`` and an optional ``group`` (paths relative to the manifest),
+* a ``.parquet`` file or a folder of them (an image column holding bytes or ``{"bytes", "path"}`` structs, ``label``
+  and optional ``group``), streamed batch by batch,
+* a COCO ``.json`` (image-level label from its annotations),
+* ``synthetic:N`` (the built-in generator renders N images into ``<run>/synthetic/<class>/``).
+
+Readers are registered timm-style (:func:`register_source`, :func:`list_sources`, :func:`create_source`). Each
+yields :class:`SourceRecord` objects; inputs that can't become a record (unknown class folder, bad label) come out as
+:class:`SourceRejection` so that the caller can list them in ``rejected.jsonl``. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from roadwork_cli.config import DataSettings
+from roadwork_cli.data.images import detect_image_column, image_cell_bytes, make_locator
+from roadwork_cli.errors import UsageError
+
+POSITIVE_ALIASES = frozenset({"roadwork", "1", "positive", "pos", "yes", "true"})
+NEGATIVE_ALIASES = frozenset({"noroadwork", "0", "negative", "neg", "none", "no", "false", "background"})
+GROUP_COLUMNS = ("group", "group_id", "sequence", "sequence_id", "clip", "clip_id", "scene_id")
+PARQUET_BATCH_ROWS = 64
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One labelled image found in a source.
+
+    Attributes:
+        locator: File path or ``<file.parquet>#row=<i>``.
+        label: 1 roadwork, 0 no roadwork.
+        source: The spec string as given.
+        group: Grouping key from the source (manifest/parquet ``group`` column), or None.
+        data: The encoded bytes when the reader already holds them (parquet), so they are not read twice.
+    """
+
+    locator: str
+    label: int
+    source: str
+    group: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SourceRejection:
+    """An input of a source that cannot become a record, e.g. a file in an unknown class folder."""
+
+    locator: str
+    reason: str
+    source: str
+
+
+SourceItem = SourceRecord | SourceRejection
+
+
+@dataclass
+class Source:
+    """A resolved spec: its kind, a record iterator factory and, when cheap to know, the number of items."""
+
+    spec: str
+    kind: str
+    records: Callable[[], Iterator[SourceItem]]
+    size_hint: int | None = None
+    prepare: Callable[[bool], None] | None = None
+    """Optional slow set-up (rendering synthetic scenes) run before iteration; its argument enables a progress bar."""
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        return self.records()
+
+
+_REGISTRY: dict[str, Callable[..., Source]] = {}
+
+
+def register_source(kind: str) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
+    """Decorator registering a reader ``fn(spec, settings, synthetic_dir) -> Source`` under ``kind``."""
+
+    def decorate(fn: Callable[..., Source]) -> Callable[..., Source]:
+        _REGISTRY[kind] = fn
+        return fn
+
+    return decorate
+
+
+def list_sources() -> list[str]:
+    """Names of the registered source kinds."""
+    return sorted(_REGISTRY)
+
+
+def parse_label(value) -> int | None:
+    """0/1 from a label value (ints, bools, floats 0.0/1.0, or the aliases, case-insensitive); None if unknown.
+
+    Example:
+        >>> parse_label("No_Roadwork"), parse_label(1), parse_label("positive"), parse_label("maybe")
+        (0, 1, 1, None)
+    """
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float):
+        return int(value) if value in (0, 1) else None
+    if value is None:
+        return None
+    key = str(value).strip().lower().replace("_", "").replace("-", "").replace(" ", "")
+    if key in ("1.0",):
+        return 1
+    if key in ("0.0",):
+        return 0
+    if key in POSITIVE_ALIASES:
+        return 1
+    if key in NEGATIVE_ALIASES:
+        return 0
+    return None
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _walk_files(root: Path) -> list[Path]:
+    """Every non-hidden file below ``root``, sorted, so that reading order is deterministic."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        found.extend(Path(folder) / f for f in files if not _is_hidden(f))
+    return sorted(found)
+
+
+def _parquet_files(root: Path) -> list[Path]:
+    return [p for p in _walk_files(root) if p.suffix.lower() == ".parquet"]
+
+
+def detect_kind(spec: str) -> str:
+    """The kind of a source spec: folder, csv, jsonl, parquet, coco or synthetic.
+
+    Raises:
+        UsageError: The spec names nothing readable.
+    """
+    if spec.lower().startswith("synthetic:"):
+        return "synthetic"
+    path = Path(spec)
+    if path.is_dir():
+        subdirs = [p for p in path.iterdir() if p.is_dir() and not _is_hidden(p.name)]
+        if any(parse_label(p.name) is not None for p in subdirs):
+            return "folder"
+        if _parquet_files(path):
+            return "parquet"
+        if subdirs:
+            return "folder"  # class folders with unknown names: every file is reported as rejected
+        raise UsageError(f"source {spec!r} is a folder without class subfolders or parquet files")
+    if not path.exists():
+        raise UsageError(
+            f"source {spec!r} does not exist (expected a folder, .csv/.jsonl/.parquet/.json or synthetic:N)"
+        )
+    suffix = path.suffix.lower()
+    kinds = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".json": "coco"}
+    if suffix not in kinds:
+        raise UsageError(
+            f"source {spec!r}: unknown kind (expected a folder, .csv/.jsonl/.parquet/.json or synthetic:N)"
+        )
+    return kinds[suffix]
+
+
+def create_source(spec: str, settings: DataSettings | None = None, synthetic_dir: str | Path | None = None) -> Source:
+    """Resolve a spec string into a :class:`Source`.
+
+    Args:
+        spec: The source spec as the user gave it.
+        settings: Data settings (parquet image column, COCO categories, synthetic options); defaults if None.
+        synthetic_dir: Folder where ``synthetic:N`` renders its images (``RunDir.synthetic``).
+
+    Raises:
+        UsageError: Unknown or unreadable spec.
+    """
+    settings = settings or DataSettings()
+    kind = detect_kind(spec)
+    return _REGISTRY[kind](spec, settings, synthetic_dir)
+
+
+def iter_records(spec: str, settings: DataSettings | None = None, synthetic_dir: str | Path | None = None):
+    """Shortcut for ``iter(create_source(spec, settings, synthetic_dir))``."""
+    return iter(create_source(spec, settings, synthetic_dir))
+
+
+@register_source("folder")
+def folder_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
+    """A folder of class subfolders; files directly in the root or in unknown folders are rejections."""
+    root = Path(spec)
+    files = _walk_files(root)
+
+    def records() -> Iterator[SourceItem]:
+        for file in files:
+            parts = file.relative_to(root).parts
+            if len(parts) == 1:
+                yield SourceRejection(str(file), "not inside a class folder", spec)
+                continue
+            label = parse_label(parts[0])
+            if label is None:
+                yield SourceRejection(str(file), f"unknown class folder {parts[0]!r}", spec)
+                continue
+            yield SourceRecord(str(file), label, spec)
+
+    return Source(spec, "folder", records, len(files))
+
+
+def _manifest_record(row: dict, base: Path, spec: str, where: str) -> SourceItem:
+    keys = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+    raw_path = keys.get("path") or keys.get("file") or keys.get("filename") or keys.get("image")
+    if raw_path is None or str(raw_path).strip() == "":
+        return SourceRejection(where, "manifest row without a path", spec)
+    raw_path = str(raw_path).strip()
+    locator = raw_path if os.path.isabs(raw_path) else str(base / raw_path)
+    label = parse_label(keys.get("label"))
+    if label is None:
+        return SourceRejection(locator, f"bad label {keys.get('label')!r} (expected 0/1 or roadwork/no_roadwork)", spec)
+    group = keys.get("group")
+    group = None if group is None or str(group).strip() == "" else str(group).strip()
+    return SourceRecord(locator, label, spec, group)
+
+
+@register_source("csv")
+def csv_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
+    """A ``path,label[,group]`` CSV manifest; paths are relative to the manifest's folder."""
+    path = Path(spec)
+
+    def records() -> Iterator[SourceItem]:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "label" not in fields or not {"path", "file", "filename", "image"} & set(fields):
+                raise UsageError(f"manifest {spec} needs 'path' and 'label' columns, has {reader.fieldnames}")
+            for number, row in enumerate(reader, start=2):
+                yield _manifest_record(row, path.parent, spec, f"{spec}:{number}")
+
+    return Source(spec, "csv", records)
+
+
+@register_source("jsonl")
+def jsonl_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
+    """A JSON-lines manifest, one ``{"path", "label", "group"?}`` object per line."""
+    path = Path(spec)
+
+    def records() -> Iterator[SourceItem]:
+        with open(path, encoding="utf-8-sig") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{spec}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield SourceRejection(where, f"bad manifest line: {exc.msg}", spec)
+                    continue
+                if not isinstance(row, dict):
+                    yield SourceRejection(where, "bad manifest line: not a JSON object", spec)
+                    continue
+                yield _manifest_record(row, path.parent, spec, where)
+
+    return Source(spec, "jsonl", records)
+
+
+@register_source("parquet")
+def parquet_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
+    """A parquet file or a folder of them, streamed in small batches (never the whole data set in memory)."""
+    import pyarrow.parquet as pq
+
+    root = Path(spec)
+    files = _parquet_files(root) if root.is_dir() else [root]
+    total = 0
+    plans = []
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except Exception as exc:  # noqa: BLE001 - a corrupt file of a folder is reported, the others still read
+            plans.append((file, None, f"unreadable parquet file: {type(exc).__name__}: {exc}"))
+            continue
+        schema = parquet.schema_arrow
+        image_column = detect_image_column(schema, settings.parquet_image_column)
+        if "label" not in schema.names:
+            raise UsageError(f"parquet file {file} has no 'label' column; columns are {schema.names}")
+        group_column = next((c for c in GROUP_COLUMNS if c in schema.names), None)
+        # Name the column in the locator only when auto-detection would not find it again.
+        named = None if detect_image_column(schema) == image_column else image_column
+        plans.append((file, (image_column, group_column, named), None))
+        total += parquet.metadata.num_rows
+
+    def records() -> Iterator[SourceItem]:
+        for file, plan, error in plans:
+            if plan is None:
+                yield SourceRejection(str(file), error, spec)
+                continue
+            image_column, group_column, named = plan
+            columns = [image_column, "label"] + ([group_column] if group_column else [])
+            row = 0
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                images = batch.column(image_column).to_pylist()
+                labels = batch.column("label").to_pylist()
+                groups = batch.column(group_column).to_pylist() if group_column else [None] * len(labels)
+                for cell, raw_label, group in zip(images, labels, groups, strict=True):
+                    locator = make_locator(file, row, named)
+                    row += 1
+                    label = parse_label(raw_label)
+                    if label is None:
+                        yield SourceRejection(locator, f"bad label {raw_label!r}", spec)
+                        continue
+                    try:
+                        data = image_cell_bytes(cell, base_dir=file.parent)
+                    except UsageError as exc:
+                        yield SourceRejection(locator, getattr(exc, "reason", str(exc)), spec)
+                        continue
+                    yield SourceRecord(locator, label, spec, None if group is None else str(group), data)
+
+    return Source(spec, "parquet", records, total)
+
+
+@register_source("coco")
+def coco_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
+    """A COCO json: label 1 if an image has an annotation of a positive category (any, when none configured)."""
+    path = Path(spec)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"COCO file {spec} is not readable JSON: {exc}") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+        raise UsageError(f"COCO file {spec} has no 'images' list")
+    wanted = {name.strip().lower() for name in settings.coco_positive_categories}
+    categories = {c.get("id"): str(c.get("name", "")).strip().lower() for c in coco.get("categories") or []}
+    annotated: set = set()
+    positive: set = set()
+    for annotation in coco.get("annotations") or []:
+        image_id = annotation.get("image_id")
+        annotated.add(image_id)
+        if not wanted or categories.get(annotation.get("category_id")) in wanted:
+            positive.add(image_id)
+    images = sorted(coco["images"], key=lambda im: str(im.get("file_name", "")))
+
+    def locate(file_name: str) -> str:
+        candidate = Path(file_name)
+        if candidate.is_absolute():
+            return str(candidate)
+        for base in (path.parent, path.parent / "images"):
+            if (base / candidate).exists():
+                return str(base / candidate)
+        return str(path.parent / candidate)  # missing: the split reports "file not found"
+
+    def records() -> Iterator[SourceItem]:
+        for image in images:
+            file_name = image.get("file_name")
+            if not file_name:
+                yield SourceRejection(f"{spec}#image_id={image.get('id')}", "COCO image without file_name", spec)
+                continue
+            yield SourceRecord(locate(str(file_name)), int(image.get("id") in positive), spec)
+
+    return Source(spec, "coco", records, len(images))
+
+
+def parse_synthetic_spec(spec: str) -> int:
+    """N from ``synthetic:N``.
+
+    Raises:
+        UsageError: N is not a positive integer.
+    """
+    count = spec.split(":", 1)[1].strip()
+    if not count.isdigit() or int(count) <= 0:
+        raise UsageError(f"source {spec!r}: expected synthetic:N with a positive integer N")
+    return int(count)
+
+
+@register_source("synthetic")
+def synthetic_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
+    """``synthetic:N``: N rendered scenes (half per class) written as files, re-used on re-runs."""
+    count = parse_synthetic_spec(spec)
+    if synthetic_dir is None:
+        raise UsageError(f"source {spec!r} needs a run directory to render into (pass --run)")
+
+    def prepare(progress: bool = False) -> list[tuple[str, int]]:
+        from roadwork_cli.data.synthetic import render_dataset
+
+        return render_dataset(Path(synthetic_dir), count, settings, progress=progress)
+
+    def records() -> Iterator[SourceItem]:
+        for locator, label in prepare(False):  # cheap after prepare(): existing files are re-used
+            yield SourceRecord(locator, label, spec)
+
+    return Source(spec, "synthetic", records, count, prepare)
