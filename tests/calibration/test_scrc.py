@@ -1,0 +1,176 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import beta, binom
+
+from roadwork_cli.calibration.scrc import (
+    Coverage,
+    FNROnExits,
+    SelectiveConformal,
+    binomial_pvalue,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    conformal_sets,
+    crc_threshold,
+    decide,
+    dkw_slack,
+    fixed_gate_grid,
+    gate_grid_from_scores,
+    prediction_sets,
+    scrc_i,
+    tau_candidates,
+)
+
+
+def synthetic(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    g = rng.random(n)
+    z = (2 * y - 1) * (1 + 5 * g) + rng.normal(size=n)
+    return 1 / (1 + np.exp(-z)), g, y
+
+
+def test_pvalues_and_clopper_pearson_agree_with_scipy() -> None:
+    k = np.array([0, 1, 3, 10, 50])
+    m = np.array([10, 50, 100, 200, 60])
+    np.testing.assert_allclose(binomial_pvalue(k, m, 0.05), binom.cdf(k, m, 0.05))
+    np.testing.assert_allclose(clopper_pearson_upper(k, m, 0.01), beta.ppf(0.99, k + 1, m - k))
+    np.testing.assert_allclose(clopper_pearson_lower(k[1:], m[1:], 0.01), beta.ppf(0.01, k[1:], m[1:] - k[1:] + 1))
+    assert clopper_pearson_upper(5, 5, 0.1) == 1.0
+    assert clopper_pearson_lower(0, 5, 0.1) == 0.0
+    assert binomial_pvalue(0, 0, 0.05) == 1.0  # no exited positives: nothing can be certified
+
+
+def test_clopper_pearson_upper_is_where_the_pvalue_equals_the_level() -> None:
+    k, m, level = 3, 400, 0.05
+    bound = float(clopper_pearson_upper(k, m, level))
+    assert binom.cdf(k, m, bound) == pytest.approx(level, rel=1e-6)
+
+
+def test_dkw_slack_formula() -> None:
+    assert dkw_slack(1000, 0.05) == pytest.approx(math.sqrt(math.log(20) / 2000))
+    assert dkw_slack(0, 0.05) == math.inf
+
+
+def test_crc_worked_example_matches_the_reference_formula() -> None:
+    # Nine positives; alpha = 0.2. CRC: (m Rhat + 1) / (m + 1) <= alpha  <=>  misses <= 0.2 * 10 - 1 = 1.
+    p_pos = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    tau = crc_threshold(p_pos, 0.2)
+    assert tau == pytest.approx(0.15)  # midpoint between 0.1 and 0.2: exactly one miss
+    for candidate in tau_candidates(p_pos):
+        misses = np.sum(p_pos < candidate)
+        assert ((misses + 1) / 10 <= 0.2) == (candidate <= tau)
+    assert crc_threshold(p_pos, 0.05) == 0.0  # (0 + 1) / 10 > 0.05: only "all roadwork" is allowed
+
+
+def test_scrc_i_certifies_with_the_documented_bounds() -> None:
+    p, g, y = synthetic(3000)
+    grid = gate_grid_from_scores(np.random.default_rng(9).random(1000), 10, 0.0, 0.2)
+    alpha, delta, xi = 0.05, 0.1, 0.7
+    outcome = scrc_i(p, g, y, grid, alpha, delta, xi)
+    assert outcome.feasible
+    level = outcome.delta2 / len(outcome.grid)
+    exits = g >= outcome.lam
+    predictions = (p >= outcome.tau).astype(int)
+    k, m = FNROnExits.counts(y, predictions, exits)
+    assert (k, m) == (outcome.misses, outcome.exited_positives)
+    assert binom.cdf(k, m, alpha) <= level  # the chosen pair's hypothesis was rejected
+    assert outcome.fnr_upper == pytest.approx(beta.ppf(1 - level, k + 1, m - k))
+    assert outcome.fnr_upper <= alpha
+    assert Coverage.empirical(exits) == pytest.approx(outcome.coverage)
+    assert outcome.coverage >= xi + dkw_slack(3000, outcome.delta1)
+    assert outcome.coverage_lower == pytest.approx(outcome.coverage - dkw_slack(3000, outcome.delta1))
+    assert outcome.delta1 + outcome.delta2 == pytest.approx(delta)
+
+
+def test_fixed_sequence_stops_at_the_first_non_rejection() -> None:
+    p, g, y = synthetic(2000, seed=1)
+    alpha, delta = 0.05, 0.1
+    outcome = scrc_i(p, g, y, np.array([-np.inf]), alpha, delta, 0.0)
+    taus = tau_candidates(p)
+    pos = np.sort(p[y == 1])
+    pvalues = binom.cdf(np.searchsorted(pos, taus, side="left"), pos.size, alpha)
+    first_fail = int(np.argmax(pvalues > delta / 2))
+    record = outcome.per_lambda[0]
+    assert record["certified_taus"] == first_fail
+    assert outcome.tau <= taus[first_fail - 1]
+
+
+def test_objective_prefers_accuracy_then_coverage() -> None:
+    p, g, y = synthetic(3000, seed=2)
+    grid = np.array([-np.inf, 0.1, 0.2])
+    accuracy = scrc_i(p, g, y, grid, 0.05, 0.1, 0.5, objective="accuracy")
+    coverage = scrc_i(p, g, y, grid, 0.05, 0.1, 0.5, objective="coverage")
+    assert coverage.coverage >= accuracy.coverage
+    assert accuracy.accuracy_on_exits >= coverage.accuracy_on_exits
+    assert scrc_i(p, g, y, grid, 0.05, 0.1, 0.5, objective="mcc").feasible
+
+
+def test_infeasible_reports_what_is_attainable() -> None:
+    p, g, y = synthetic(500, seed=3)
+    grid = fixed_gate_grid(10)
+    outcome = scrc_i(p, g, y, grid, 0.001, 0.1, 0.9)
+    assert not outcome.feasible
+    attainable = outcome.attainable
+    assert attainable["best_fnr_upper_at_coverage"] is not None and attainable["best_fnr_upper_at_coverage"] > 0.001
+    assert "No threshold pair certifies" in outcome.note
+    # Achievable targets taken from the report are then feasible.
+    relaxed = scrc_i(p, g, y, grid, 0.1, 0.1, 0.5)
+    assert relaxed.feasible
+    data = outcome.to_dict()
+    assert data["grid"][0] is None  # -inf is written as null (everything exits)
+
+
+def test_coverage_bound_excludes_lambda_near_the_target() -> None:
+    p, g, y = synthetic(400, seed=4)
+    # The only lambda has an exit rate of about 0.8; with n = 400 the DKW slack (~0.06) rules it out for xi = 0.78.
+    outcome = scrc_i(p, g, y, np.array([0.2]), 0.2, 0.1, 0.78)
+    assert not outcome.feasible
+    assert outcome.per_lambda[0]["coverage_ok"] is False
+
+
+def test_grid_from_val_select_and_fixed_grid() -> None:
+    grid = gate_grid_from_scores(np.linspace(0, 1, 101), 5, 0.0, 0.2)
+    assert grid[0] == -np.inf
+    np.testing.assert_allclose(grid[1:], [0.05, 0.1, 0.15, 0.2])
+    fixed = fixed_gate_grid(4, 0.5, 1.0)
+    assert fixed[0] == -np.inf
+    np.testing.assert_allclose(fixed[1:], [0.625, 0.75, 0.875])
+
+
+def test_decide_rule_semantics() -> None:
+    params = {"lam": 0.5, "tau": 0.3}
+    p = np.array([0.2, 0.3, 0.9, 0.9])
+    g = np.array([0.6, 0.5, 0.7, 0.4])
+    assert decide(params, p, g).tolist() == ["no_roadwork", "roadwork", "roadwork", "defer"]
+    assert decide({"lam": None, "tau": 0.5}, p, g).tolist() == ["no_roadwork", "no_roadwork", "roadwork", "roadwork"]
+
+
+def test_prediction_sets_mode() -> None:
+    p, g, y = synthetic(2000, seed=5)
+    outcome = conformal_sets(p, y, 0.05, 0.5)
+    t = outcome.set_thresholds
+    decisions = decide({"method": "sets", "set_thresholds": t}, p, g)
+    exits = decisions != "defer"
+    assert outcome.coverage == pytest.approx(exits.mean())
+    sets = prediction_sets(p, t["roadwork"], t["no_roadwork"])
+    assert outcome.attainable["avg_set_size"] == pytest.approx(sets.sum(axis=1).mean())
+    assert ((sets.sum(axis=1) == 1) == exits).all()  # singletons exit; empty or full sets defer
+    # Positives whose set leaves out roadwork are at most alpha (conformal, in expectation; here on the calib data).
+    assert np.mean(p[y == 1] < t["roadwork"]) <= 0.05
+
+
+def test_selective_conformal_flow() -> None:
+    p, g, y = synthetic(3000, seed=6)
+    sc = SelectiveConformal(alpha=0.05, delta=0.1, xi=0.7).fit(np.random.default_rng(0).random(500))
+    assert sc.grid_.size == 10
+    outcome = sc.conformalize(p, g, y)
+    decisions = sc.predict(p, g)
+    assert np.mean(decisions != "defer") == pytest.approx(outcome.coverage)
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        SelectiveConformal(0.05, 0.1, 0.7, method="bogus").conformalize(p, g, y)
+    with pytest.raises(RuntimeError):
+        SelectiveConformal(0.05, 0.1, 0.7).predict(p, g)
