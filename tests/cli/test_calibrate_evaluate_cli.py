@@ -1,0 +1,130 @@
+"""`roadwork calibrate` and `roadwork evaluate`: both modes, exit codes, rendering, and no heavy imports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from roadwork_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def write_scores(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    g = rng.random(n)
+    p = 1 / (1 + np.exp(-((2 * y - 1) * (1 + 5 * g) + rng.normal(size=n))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "p_roadwork", "gate", "label", "note"])
+        for i in range(n):
+            writer.writerow([f"{seed}-{i}", f"{p[i]:.8f}", f"{g[i]:.8f}", y[i], "extra columns are ignored"])
+    return path
+
+
+@pytest.fixture
+def scores(tmp_path: Path) -> dict[str, Path]:
+    return {"calib": write_scores(tmp_path / "calib.csv", 2000, 1), "test": write_scores(tmp_path / "test.csv", 800, 2)}
+
+
+def test_calibrate_then_evaluate_scores(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.05", "--coverage", "0.7"]
+    result = runner.invoke(app, [*args, "--delta", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "lambda" in result.output and "certified FNR upper bound" in result.output
+    written = json.loads(params.read_text())
+    assert written["targets"]["alpha"] == 0.05 and written["targets"]["delta"] == 0.2 and written["feasible"]
+    report_path = tmp_path / "eval" / "report.json"
+    result = runner.invoke(
+        app, ["evaluate", "--scores", str(scores["test"]), "--params", str(params), "--out", str(report_path)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 800 and report["guarantee"]["alpha"] == 0.05
+    assert "guarantee satisfied" in result.output
+
+
+def test_infeasible_targets_exit_3_and_show_what_is_attainable(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params)]
+    args += ["--fnr", "0.0005", "--coverage", "0.95"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "best certifiable FNR bound" in result.output
+    assert "best fnr upper at coverage" in result.output  # the table of attainable values
+    assert json.loads(params.read_text())["feasible"] is False
+    result = runner.invoke(app, [*args, "--allow-infeasible"])
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["calibrate", "--scores", "{calib}"],  # no --out
+        ["calibrate", "--out", "{tmp}/p.json"],  # --out without --scores
+        ["calibrate", "--scores", "{tmp}/missing.csv", "--out", "{tmp}/p.json"],
+        ["calibrate", "--scores", "{calib}", "--out", "{tmp}/p.json", "--fnr", "1.5"],
+        ["evaluate", "--scores", "{calib}", "--out", "{tmp}/r.json"],  # no --params
+        ["evaluate", "--scores", "{calib}", "--params", "{tmp}/missing.json", "--out", "{tmp}/r.json"],
+        ["evaluate", "--run", "{tmp}/run", "--split", "test", "--source", "synthetic:4"],
+    ],
+)
+def test_bad_usage_exits_2(scores: dict[str, Path], tmp_path: Path, args: list[str]) -> None:
+    args = [a.format(calib=scores["calib"], tmp=tmp_path) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_row_exits_2_naming_the_row(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("p_roadwork,gate,label\n0.3,0.9,1\n0.2,0.4,yes\n")
+    result = runner.invoke(app, ["calibrate", "--scores", str(bad), "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2
+    assert "row 3" in result.output
+
+
+def test_run_mode_calibrate_and_evaluate(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for split, n, seed in (("val_select", 600, 3), ("val_calib", 2000, 4), ("test", 500, 5)):
+        write_scores(run / "scores" / f"{split}.csv", n, seed)
+    result = runner.invoke(app, ["calibrate", "--run", str(run), "--fnr", "0.05", "--coverage", "0.7"])
+    assert result.exit_code == 0, result.output
+    assert (run / "calibration" / "scaling.json").exists() and (run / "calibration" / "scrc_params.json").exists()
+    assert (run / "config.yaml").exists()
+    result = runner.invoke(app, ["evaluate", "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "eval" / "report.json").read_text())["split"] == "test"
+    result = runner.invoke(app, ["evaluate", "--run", str(run), "--split", "val_calib"])
+    assert result.exit_code == 0 and json.loads((run / "eval" / "report.json").read_text())["n"] == 2000
+
+
+def test_scores_mode_never_imports_torch(scores: dict[str, Path], tmp_path: Path) -> None:
+    params, report = tmp_path / "params.json", tmp_path / "report.json"
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from roadwork_cli.cli.app import app\n"
+        "runner = CliRunner()\n"
+        f"r = runner.invoke(app, ['calibrate', '--scores', {str(scores['calib'])!r}, '--out', {str(params)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        f"r = runner.invoke(app, ['evaluate', '--scores', {str(scores['test'])!r}, '--params', {str(params)!r},"
+        f" '--out', {str(report)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(','.join(m for m in ('torch', 'timm', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+    assert report.exists()

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from roadwork_cli.calibration.api import calibrate_run, calibrate_scores
+from roadwork_cli.config import CalibrationSettings
+from roadwork_cli.errors import UsageError
+from roadwork_cli.io.run import RunDir
+from roadwork_cli.reporting.evaluate import compute_report, evaluate_run, evaluate_scores
+from roadwork_cli.reporting.tables import calibration_table, report_table
+
+REQUIRED_KEYS = {
+    "n", "accuracy", "mcc", "auroc", "ece", "coverage", "accuracy_on_exits", "fnr_on_exits", "fpr_on_exits",
+    "risk_at_coverage", "coverage_at_risk", "avg_set_size", "aurc", "guarantee", "aurc_gate", "aurc_softmax_response",
+}  # fmt: skip
+SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1)
+
+
+def synthetic_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    g = rng.random(n)
+    z = (2 * y - 1) * (1 + 5 * g) + rng.normal(size=n)
+    return 1 / (1 + np.exp(-z)), g, y
+
+
+def write_csv(path: Path, ids: list[str], p, g, y) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "p_roadwork", "gate"])
+        for row in zip(ids, y, p, g, strict=True):
+            writer.writerow([row[0], int(row[1]), f"{row[2]:.8f}", f"{row[3]:.8f}"])
+    return path
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunDir:
+    """A calibrated run with scores for every split and a splits.json whose test images exist (a few are broken)."""
+    run = RunDir(tmp_path / "run").ensure()
+    samples, splits = {}, {"train": [], "val_select": [], "val_calib": [], "test": []}
+    images = tmp_path / "images"
+    images.mkdir()
+    for split, n, seed in (("val_select", 800, 1), ("val_calib", 1500, 2), ("test", 600, 3)):
+        p, g, y = synthetic_scores(n, seed)
+        ids = []
+        for i in range(n):
+            if split == "test":
+                path = images / f"{i}.png"
+                if i % 7 == 0:
+                    path.write_bytes(b"not an image")  # unreadable: its tile is skipped, the report still works
+                else:
+                    Image.new("RGB", (24, 16), (i % 255, 80, 160)).save(path)
+                sid = hashlib.sha256(path.read_bytes() + str(i).encode()).hexdigest()
+            else:
+                path, sid = images / f"{split}-{i}.png", f"{split}-{i}"
+            ids.append(sid)
+            samples[sid] = {"path": str(path), "label": int(y[i]), "source": str(images), "group": None}
+        splits[split] = ids
+        write_csv(run.scores / f"{split}.csv", ids, p, g, y)
+    run.splits.write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+    calibrate_run(run, SETTINGS)
+    return run
+
+
+def test_evaluate_run_writes_report_plots_and_self_contained_html(run: RunDir) -> None:
+    report = evaluate_run(run, None, split="test")
+    on_disk = json.loads(run.report.read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert REQUIRED_KEYS <= set(on_disk)
+    guarantee = on_disk["guarantee"]
+    assert set(guarantee) >= {"alpha", "delta", "xi", "satisfied", "fnr_upper", "coverage_lower"}
+    assert (guarantee["alpha"], guarantee["xi"], guarantee["delta"]) == (0.05, 0.7, 0.1)
+    expected = (on_disk["fnr_on_exits"] is None or on_disk["fnr_on_exits"] <= 0.05) and on_disk["coverage"] >= 0.7
+    assert guarantee["satisfied"] == expected
+    assert guarantee["coverage_lower"] <= on_disk["coverage"]
+    for name in ("risk_coverage.png", "reliability.png", "score_histograms.png", "examples.png", "report.html"):
+        assert (run.eval / name).stat().st_size > 0, name
+    html = (run.eval / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing external
+    embedded = html.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert base64.b64decode(embedded).startswith(b"\x89PNG")
+    assert html.count("data:image/png;base64,") == 4
+
+
+def test_report_metrics_match_a_direct_computation(run: RunDir) -> None:
+    from roadwork_cli.calibration.api import read_scores_csv
+    from roadwork_cli.calibration.rule import StageRule
+
+    rule = StageRule.load(run.scaling, run.scrc_params)
+    table = read_scores_csv(run.scores / "test.csv")
+    report = compute_report(table, rule)
+    p, g = rule.calibrate(table.p, table.gate)
+    exits = g >= rule.lam
+    y = table.label
+    roadwork = p >= rule.tau
+    assert report["coverage"] == pytest.approx(exits.mean())
+    assert report["fnr_on_exits"] == pytest.approx(np.mean(~roadwork[exits & (y == 1)]))
+    assert report["fpr_on_exits"] == pytest.approx(np.mean(roadwork[exits & (y == 0)]))
+    assert report["accuracy"] == pytest.approx(np.mean((p >= 0.5) == (y == 1)))
+    assert report["avg_set_size"] == pytest.approx(2 - exits.mean())
+    assert report["decisions"]["defer"] == int((~exits).sum())
+
+
+def test_evaluate_scores_with_embedded_scaling(tmp_path: Path) -> None:
+    p, g, y = synthetic_scores(2000, 5)
+    calib = write_csv(tmp_path / "calib.csv", [str(i) for i in range(2000)], p, g, y)
+    calibrate_scores(calib, tmp_path / "params.json", SETTINGS)
+    p, g, y = synthetic_scores(1000, 6)
+    test = write_csv(tmp_path / "test.csv", [str(i) for i in range(1000)], p, g, y)
+    report = evaluate_scores(test, tmp_path / "params.json", tmp_path / "out" / "report.json")
+    assert REQUIRED_KEYS <= set(report)
+    assert (tmp_path / "out" / "report.json").exists() and (tmp_path / "out" / "report.html").exists()
+    assert not (tmp_path / "out" / "examples.png").exists()  # no run, no images
+
+
+def test_evaluate_run_errors(run: RunDir, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="Unknown split"):
+        evaluate_run(run, None, split="bogus")
+    uncalibrated = RunDir(tmp_path / "uncalibrated")
+    write_csv(uncalibrated.scores / "test.csv", ["a"], [0.5], [0.5], [1])
+    with pytest.raises(UsageError, match="roadwork calibrate"):
+        evaluate_run(uncalibrated, None, split="test")
+    with pytest.raises(UsageError, match="roadwork train"):
+        evaluate_run(uncalibrated, None, split="val_calib")
+
+
+def test_tables_render(run: RunDir) -> None:
+    from rich.console import Console
+
+    report = evaluate_run(run, None)
+    console = Console(record=True, width=120)
+    console.print(report_table(report))
+    console.print(calibration_table(json.loads(run.scrc_params.read_text())))
+    text = console.export_text()
+    assert "FNR on exits" in text and "<= 0.0500" in text and "tau (roadwork iff p >= tau)" in text
+
+
+def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypatch) -> None:
+    import sys
+    import types
+
+    from roadwork_cli.reporting.evaluate import evaluate_source
+
+    calls = []
+
+    def fake_score_source(run_dir, source, settings, out_csv, progress=False):
+        calls.append(source)
+        p, g, y = synthetic_scores(300, 11)
+        return write_csv(Path(out_csv), [f"s{i}" for i in range(300)], p, g, y)
+
+    monkeypatch.setitem(sys.modules, "roadwork_cli.stage1", types.SimpleNamespace(score_source=fake_score_source))
+    report = evaluate_source(run, "synthetic:300", None)
+    assert calls == ["synthetic:300"]
+    assert report["n"] == 300 and report["source"] == "synthetic:300"
+    assert json.loads(run.report.read_text())["source"] == "synthetic:300"
+
+
+def test_evaluate_source_without_the_model_layer_is_not_built(run: RunDir, monkeypatch) -> None:
+    import sys
+
+    from roadwork_cli.errors import NotBuiltError
+    from roadwork_cli.reporting.evaluate import evaluate_source
+
+    monkeypatch.setitem(sys.modules, "roadwork_cli.stage1", None)  # import fails as if the module were missing
+    with pytest.raises(NotBuiltError):
+        evaluate_source(run, "synthetic:4", None)
