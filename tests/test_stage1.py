@@ -158,3 +158,23 @@ def test_score_source_writes_raw_scores_and_rejections(tmp_path):
     assert np.allclose([float(r["gate"]) for r in rows], g_raw, atol=1e-6)
     rejected = (tmp_path / "scores.rejected.jsonl").read_text()
     assert "broken.jpg" in rejected
+
+
+def test_fast_eval_transform_matches_the_data_layer_transform(model):
+    from PIL import Image
+
+    from roadwork_cli.data.transforms import eval_transform
+    from roadwork_cli.model.backbones import Preprocessing
+    from roadwork_cli.stage1 import FastEvalTransform
+
+    rng = np.random.default_rng(1)
+    for prep in (model.preprocessing, Preprocessing(size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))):
+        reference = eval_transform(prep)
+        fast = FastEvalTransform(reference)
+        assert fast.pil_steps is not None  # the numpy tail is really in use
+        for size in ((97, 61), (40, 130)):
+            image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+            expected = reference(image)
+            got = fast(image)
+            assert got.shape == expected.shape and got.dtype == expected.dtype
+            assert float((got - expected).abs().max()) < 1e-5

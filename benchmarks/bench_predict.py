@@ -1,0 +1,162 @@
+"""How close does ``roadwork predict`` come to the bare backbone forward, and how fast does it start?
+
+Measured in one process, on the same backbone and batch size:
+
+1. bare forward: the backbone (+ head) on preprocessed tensors already in memory (img/s) -- the ceiling;
+2. predict path: ``Stage1Model.predict`` over a folder of 640x480 JPEGs with DataLoader workers (decode, resize,
+   forward, head, calibration, decision) -- with and without the JPEG draft (DCT-scaled) decode;
+3. start-up: wall time of a ``roadwork predict`` subprocess on one image with an exported bundle.
+
+The goal is predict / bare >= 0.85.
+
+Usage:
+    python benchmarks/bench_predict.py [--images 256] [--batch-size 32] [--workers 2] [--backbone efficientnet_lite0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_jpegs(folder: Path, n: int, size=(640, 480), seed: int = 0) -> list[Path]:
+    """Photo-like JPEGs: smooth colour fields + texture noise (so they compress like real frames, ~50-90 KB)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    width, height = size
+    for i in range(n):
+        coarse = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+        noise = rng.normal(0, 12, (height, width, 3))
+        pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+        path = folder / f"frame_{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_run(root: Path, backbone_name: str):
+    """A run with a random head and fixed thresholds: enough for export and predict."""
+    import torch
+    from safetensors.torch import save_file
+
+    from roadwork_cli.io.atomic import atomic_write_json
+    from roadwork_cli.io.run import RunDir
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import SelectiveHead
+
+    run = RunDir(root).ensure()
+    backbone = create_backbone(backbone_name)
+    torch.manual_seed(0)
+    head = SelectiveHead(backbone.feature_dim, hidden=256, dropout=0.0)
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
+    atomic_write_json(run.checkpoints / "best.json", {"head": head.config, "backbone": backbone.spec})
+    atomic_write_json(run.scrc_params, {"method": "scrc", "thresholds": {"lambda": 0.3, "tau": 0.5}})
+    return run
+
+
+def bare_forward(model, batch_size: int, batches: int) -> float:
+    """img/s of backbone + head on in-memory, preprocessed tensors (channels-last, inference mode)."""
+    import torch
+
+    size = model.preprocessing.size
+    data = torch.randn(batch_size, 3, size, size)
+    model.forward_raw(data)  # warm-up: allocator, kernels
+    started = time.perf_counter()
+    for _ in range(batches):
+        model.forward_raw(data)
+    return batch_size * batches / (time.perf_counter() - started)
+
+
+def predict_path(model, paths: list[Path], batch_size: int, workers: int, fast_jpeg: bool) -> float:
+    model.fast_jpeg = fast_jpeg
+    model.predict(paths[: batch_size * 2], batch_size=batch_size, workers=workers)  # warm-up (worker start, caches)
+    started = time.perf_counter()
+    predictions = model.predict(paths, batch_size=batch_size, workers=workers)
+    seconds = time.perf_counter() - started
+    assert all(p.error is None for p in predictions)
+    return len(paths) / seconds
+
+
+def startup_seconds(bundle: Path, image: Path, repeats: int = 3) -> float:
+    """Best wall time of ``roadwork predict IMAGE --bundle B`` as a fresh process (imports + load + one image)."""
+    command = [sys.executable, "-m", "roadwork_cli", "predict", str(image), "--bundle", str(bundle)]
+    command += ["--format", "jsonl"]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True, env={**os.environ, "ROADWORK_PREDICT__WORKERS": "0"})
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved measurement rounds (medians reported).")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads in the main process.")
+    parser.add_argument("--out", type=Path, default=None, help="Also write the results JSON here.")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from roadwork_cli.stage1 import Stage1Model, export_bundle
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
+        tmp = Path(tmp)
+        paths = make_jpegs(tmp / "images", args.images)
+        run = make_run(tmp / "run", args.backbone)
+        model = Stage1Model.from_run(run, device="cpu")
+        batches = max(2, args.images // args.batch_size)
+        # Interleaved rounds, medians: on a shared machine the load drifts; alternating keeps the ratio fair.
+        bares, fasts, fulls = [], [], []
+        for _ in range(args.rounds):
+            bares.append(bare_forward(model, args.batch_size, batches))
+            fasts.append(predict_path(model, paths, args.batch_size, args.workers, fast_jpeg=True))
+            fulls.append(predict_path(model, paths, args.batch_size, args.workers, fast_jpeg=False))
+        bare, fast, full = (float(np.median(v)) for v in (bares, fasts, fulls))
+        ratios = [f / b for f, b in zip(fasts, bares, strict=True)]
+        bundle = export_bundle(run)
+        startup = startup_seconds(bundle, paths[0])
+        results = {
+            "backbone": args.backbone,
+            "images": args.images,
+            "image_size": "640x480 JPEG q90",
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "bare_forward_img_s": round(bare, 1),
+            "predict_img_s": round(fast, 1),
+            "predict_img_s_without_jpeg_draft": round(full, 1),
+            "ratio_predict_to_bare": round(fast / bare, 3),
+            "ratio_per_round": [round(r, 3) for r in ratios],
+            "ratio_without_jpeg_draft": round(full / bare, 3),
+            "predict_startup_one_image_s": round(startup, 2),
+        }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
