@@ -224,8 +224,10 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     for key, value in update.items():
         if value is None:
             continue
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(dict(merged[key]), value)
+        if isinstance(value, Mapping):
+            # Merge into a fresh mapping too, so that None leaves (flags not given) never reach validation.
+            current = merged.get(key)
+            merged[key] = deep_merge(dict(current) if isinstance(current, Mapping) else {}, value)
         else:
             merged[key] = value
     return merged

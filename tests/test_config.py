@@ -86,3 +86,9 @@ def test_every_field_is_described():
                 walk(annotation, f"{prefix}{name}.")
 
     walk(Settings)
+
+
+def test_flags_not_given_never_reach_validation():
+    # A section that only flags mention, all of them absent (None), must leave the defaults intact.
+    settings = load_settings(None, {"features": {"batch_size": None, "workers": None}}, environ={})
+    assert settings.features.batch_size == Settings().features.batch_size
