@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, handle_errors
-from roadwork_cli.errors import NotBuiltError
+from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, console, handle_errors
 
 
 @handle_errors
@@ -18,4 +17,77 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Generate scenes, then split, cache, train, calibrate, evaluate, export and predict."""
-    raise NotBuiltError("`roadwork demo` is not built yet.")
+    from roadwork_cli.pipeline import demo_settings, run_demo
+
+    settings = demo_settings(config, per_class=per_class, run=run)
+    console.print(
+        f"[bold]roadwork demo[/] in {settings.runtime.run}: {settings.data.sources[0]}, backbone "
+        f"{settings.model.backbone}, targets FNR <= {settings.calibration.fnr:g} on exits, coverage >= "
+        f"{settings.calibration.coverage:g}, delta {settings.calibration.delta:g}"
+    )
+    summary = run_demo(settings, progress=console.is_terminal, on_stage=_render_stage)
+    console.print(
+        f"[bold green]demo finished[/] in {summary.seconds:.0f} s. Report: {summary.run.report} and "
+        f"{summary.run.eval / 'report.html'}; bundle: {summary.bundle}"
+    )
+    console.print(f"next: roadwork predict IMAGE... --bundle {summary.bundle}")
+
+
+def _render_stage(stage: Any) -> None:
+    from rich.table import Table
+
+    from roadwork_cli.reporting.tables import calibration_table, report_table
+
+    name, result = stage.name, stage.summary
+    title = f"{name} ({stage.seconds:.1f} s)"
+    if name == "split":
+        table = Table(title=title)
+        for column in ("split", "roadwork", "no_roadwork"):
+            table.add_column(column, justify="right" if column != "split" else "left")
+        per: dict[str, list[int]] = {}
+        for split, label, _source, count in result.rows():
+            per.setdefault(split, [0, 0])[1 - label] += count
+        for split, (pos, neg) in per.items():
+            table.add_row(split, str(pos), str(neg))
+        table.caption = f"{result.n_samples} images, {result.n_rejected} rejected"
+    elif name == "cache-features":
+        table = _pairs(
+            title,
+            [
+                ("backbone", f"{result.backbone} ({result.fingerprint})"),
+                ("rows computed / reused", f"{result.computed} / {result.reused}"),
+                ("throughput", f"{result.images_per_second:,.1f} img/s"),
+            ],
+        )
+    elif name == "train":
+        rows = [("epochs run", f"{result.epochs_run} of {result.epochs}"), ("best epoch", str(result.best_epoch))]
+        rows += [(f"val_select {k}", f"{v:.4f}") for k, v in result.best_metrics.items()]
+        table = _pairs(title, rows)
+    elif name == "calibrate":
+        table = calibration_table(result.params, title=title)
+    elif name == "evaluate":
+        table = report_table(result, title=f"evaluate on test ({stage.seconds:.1f} s)")
+    elif name == "export":
+        table = _pairs(title, [("bundle", str(result)), ("size", f"{result.stat().st_size:,} bytes")])
+    else:
+        table = Table(title=f"predict from the bundle on held-out test images ({stage.seconds:.1f} s)")
+        for column in ("image", "truth", "decision", "p_roadwork", "gate"):
+            table.add_column(column, overflow="fold")
+        for prediction, label in result:
+            table.add_row(
+                prediction.path.rsplit("/", 1)[-1],
+                "roadwork" if label == 1 else "no_roadwork",
+                prediction.decision or f"error: {prediction.error}",
+                "-" if prediction.p_roadwork is None else f"{prediction.p_roadwork:.3f}",
+                "-" if prediction.gate is None else f"{prediction.gate:.3f}",
+            )
+    console.print(table)
+
+
+def _pairs(title: str, rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
