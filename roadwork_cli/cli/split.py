@@ -66,6 +66,7 @@ def command(
     totals = summary.split_totals()
     table.add_section()
     table.add_row("total", "", "", str(summary.n_samples))
+    table.add_row("rejected", "", str(summary.rejected_path), str(summary.n_rejected))
     console.print(table)
     console.print(
         " · ".join(f"{name} {totals[name]}" for name in SPLIT_NAMES)

@@ -428,8 +428,23 @@ _CUES: dict[str, tuple[Callable, float, float]] = {
     "work_sign": (_work_sign, 0.5, 2.0),
     "arrow_board": (_arrow_board, 1.0, 2.6),
     "worker": (_worker, 0.25, 1.9),
-    "excavator": (_excavator, 3.3, 3.7),
+    "excavator": (_excavator, 3.5, 3.9),
 }
+_CUE_FUNCTIONS = frozenset(fn for fn, _, _ in _CUES.values())
+# Extents of the non-cue objects that can stand in front of a cue (half width, height in metres): one that would
+# hide a cue completely is left out, so a positive scene always shows its roadwork.
+_OCCLUDER_EXTENTS: dict[Callable, tuple[float, float]] = {
+    _car: (1.0, 1.6),
+    _orange_car: (1.0, 1.6),
+    _awning: (2.5, 2.9),
+    _pedestrian: (0.25, 1.9),
+    _tree: (0.2, 2.6),
+    _autumn_tree: (0.2, 2.6),
+}
+LONE_CUE_SHARE = 0.1
+"""Share of positive scenes with a single roadwork cue, the hardest ones: this sets the data's difficulty."""
+LONE_CUE_DEPTH = (1.8, 4.0)
+"""Depth range of a lone cue (z = 1 is the bottom row; a cone at z = 4 is about 10 pixels tall at 320x240)."""
 _CUE_WEIGHTS = np.array([0.3, 0.16, 0.16, 0.12, 0.06, 0.12, 0.08])
 _LOOKALIKES: dict[str, Callable] = {
     "orange_car": _orange_car,
@@ -495,29 +510,58 @@ def _in_cue_box(scene: _Scene, x: float, y: float, p: float, half_m: float, heig
     return x - half_m * p >= x0 and x + half_m * p <= x1 and y - height_m * p >= y0 and y <= y1
 
 
+def _box(scene: _Scene, x_m: float, z: float, half_m: float, height_m: float) -> tuple[float, float, float, float]:
+    x, y = scene.project(x_m, z)
+    p = scene.ppm(z)
+    return x - half_m * p, y - height_m * p, x + half_m * p, y
+
+
 def _place_cues(scene: _Scene, rng: np.random.Generator, objects: list) -> None:
-    """Add 1..n roadwork cues inside the cue box; a third of the scenes get a single, small, distant one."""
+    """Add roadwork cues inside the cue box: a lone cue (the hard positives), a few, or a work site whose cones and
+    drums taper across a lane."""
     mode = rng.random()
-    if mode < 0.33:
-        count, z_range = 1, (4.0, 12.0)  # a lone far cue: the hard positives
-    elif mode < 0.7:
-        count, z_range = int(rng.integers(2, 4)), (2.0, 9.0)
+    if mode < LONE_CUE_SHARE:
+        count, z_range = 1, LONE_CUE_DEPTH
+    elif mode < LONE_CUE_SHARE + 0.3:
+        count, z_range = int(rng.integers(2, 6)), (1.4, 4.0)
     else:
-        count, z_range = int(rng.integers(3, 8)), (1.3, 6.0)
-    kind = rng.choice(len(CUE_KINDS), p=_CUE_WEIGHTS / _CUE_WEIGHTS.sum())
+        count, z_range = int(rng.integers(5, 13)), (1.2, 3.5)
+    weights = _CUE_WEIGHTS / _CUE_WEIGHTS.sum()
+    kind = rng.choice(len(CUE_KINDS), p=weights)
     lane = rng.uniform(-3.0, 3.0)
+    drift = rng.uniform(-0.25, 0.25)  # metres of lateral shift per metre of depth: a taper
     for i in range(count):
         if i > 0 and rng.random() < 0.4:
-            kind = rng.choice(len(CUE_KINDS), p=_CUE_WEIGHTS / _CUE_WEIGHTS.sum())
-        name = CUE_KINDS[kind]
-        draw_fn, half_m, height_m = _CUES[name]
+            kind = rng.choice(len(CUE_KINDS), p=weights)
+        draw_fn, half_m, height_m = _CUES[CUE_KINDS[kind]]
         for _ in range(12):
             z = float(np.exp(rng.uniform(np.log(z_range[0]), np.log(z_range[1]))))
-            x_m = lane + rng.uniform(-1.2, 1.2) if rng.random() < 0.7 else rng.uniform(-5.5, 5.5)
+            if rng.random() < 0.7:
+                x_m = lane + drift * (z - z_range[0]) * 4 + rng.uniform(-0.6, 0.6)
+            else:
+                x_m = rng.uniform(-5.5, 5.5)
             x, y = scene.project(x_m, z)
             if _in_cue_box(scene, x, y, scene.ppm(z), half_m, height_m):
                 objects.append((z, x_m, draw_fn))
                 break
+    if not any(fn in _CUE_FUNCTIONS for _, _, fn in objects):
+        objects.append((2.5, 0.0, _cone))  # no placement fitted: a cone in the middle of the road, always inside
+
+
+_CUE_EXTENTS = {fn: (half, height) for fn, half, height in _CUES.values()}
+
+
+def _drop_full_occluders(scene: _Scene, objects: list) -> list:
+    """Leave out any object nearer than a cue whose box would cover that cue's box completely."""
+    cues = [_box(scene, x_m, z, *_CUE_EXTENTS[fn]) + (z,) for z, x_m, fn in objects if fn in _CUE_FUNCTIONS]
+    kept = []
+    for z, x_m, fn in objects:
+        if fn in _OCCLUDER_EXTENTS:
+            a0, b0, a1, b1 = _box(scene, x_m, z, *_OCCLUDER_EXTENTS[fn])
+            if any(z < cz and a0 <= c0 and b0 <= d0 and c1 <= a1 and d1 <= b1 for c0, d0, c1, d1, cz in cues):
+                continue
+        kept.append((z, x_m, fn))
+    return kept
 
 
 def render_scene(
@@ -534,6 +578,13 @@ def render_scene(
     Returns:
         An RGB image of ``size``.
     """
+    return _render(rng_seed, label, size, jpeg_quality)[0]
+
+
+def _render(
+    rng_seed: int, label: int, size: tuple[int, int], jpeg_quality: int | None
+) -> tuple[Image.Image, list[tuple[float, float, float, float]]]:
+    """The scene and the boxes ``(x0, y0, x1, y1)`` of its roadwork cues in output pixels."""
     if label not in (0, 1):
         raise ValueError(f"label must be 0 or 1, got {label!r}")
     rng = np.random.default_rng([int(rng_seed) & 0xFFFFFFFF, int(label)])
@@ -620,10 +671,13 @@ def render_scene(
         objects.append((float(np.exp(rng.uniform(np.log(1.5), np.log(14)))), lateral, _LOOKALIKES[name]))
     if label == 1:
         _place_cues(scene, rng, objects)
+        objects = _drop_full_occluders(scene, objects)
     objects.sort(key=lambda o: -o[0])
+    cue_boxes = [_box(scene, x_m, z, *_CUE_EXTENTS[fn]) for z, x_m, fn in objects if fn in _CUE_FUNCTIONS]
     for z, x_m, draw_fn in objects:
         x, y = scene.project(x_m, z)
-        draw_fn(draw, x, y, scene.ppm(z), rng, light)
+        lit = max(light, 0.65) if draw_fn in _CUE_FUNCTIONS else light  # headlights on retro-reflective sheeting
+        draw_fn(draw, x, y, scene.ppm(z), rng, lit)
 
     # Weather, optics and sensor.
     if rng.random() < 0.15:  # fog: fades with distance, i.e. towards the horizon
@@ -650,7 +704,7 @@ def render_scene(
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=int(jpeg_quality))
         image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-    return image
+    return image, [tuple(v / SUPERSAMPLE for v in box) for box in cue_boxes]
 
 
 def scene_seed(seed: int, index: int) -> int:

@@ -1,0 +1,160 @@
+"""Splits: deterministic, leakage-free, stable when images are added; duplicates and groups handled."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from roadwork_cli.config import DataSettings
+from roadwork_cli.data.splits import SPLIT_NAMES, Splits, assign_split, build_splits, group_from_filename
+from roadwork_cli.errors import UsageError
+from roadwork_cli.io.run import RunDir
+
+
+def png(seed: int) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_folder(root, positives, negatives, offset=0):
+    for label, count in (("roadwork", positives), ("no_roadwork", negatives)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            seed = offset + i + (0 if label == "roadwork" else 100_000)
+            (root / label / f"img{seed:06d}.png").write_bytes(png(seed))
+    return root
+
+
+def split_map(run: RunDir) -> dict[str, str]:
+    splits = Splits.load(run.splits)
+    return {sid: name for name in SPLIT_NAMES for sid in splits.ids(name)}
+
+
+def test_same_sources_and_seed_give_byte_identical_files(tmp_path):
+    data = make_folder(tmp_path / "data", 30, 30)
+    first, second = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
+    summary = build_splits([str(data)], DataSettings(seed=3), first)
+    build_splits([str(data)], DataSettings(seed=3), second)
+    assert first.splits.read_bytes() == second.splits.read_bytes()
+    assert summary.n_samples == 60 and summary.n_rejected == 0
+    assert sum(summary.split_totals().values()) == 60
+    raw = json.loads(first.splits.read_text())
+    assert raw["version"] == 1 and raw["seed"] == 3 and set(raw["splits"]) == set(SPLIT_NAMES)
+    sample = next(iter(raw["samples"].values()))
+    assert set(sample) == {"path", "label", "source", "group"} and sample["source"] == str(data)
+    other = RunDir(tmp_path / "c")
+    build_splits([str(data)], DataSettings(seed=4), other)
+    assert split_map(other) != split_map(first)  # the seed matters
+
+
+def test_adding_a_source_moves_no_earlier_image(tmp_path):
+    data = make_folder(tmp_path / "data", 40, 40)
+    more = make_folder(tmp_path / "more", 40, 40, offset=500)
+    run = RunDir(tmp_path / "run")
+    build_splits([str(data)], DataSettings(), run)
+    before = split_map(run)
+    build_splits([str(data), str(more)], DataSettings(), run)
+    after = split_map(run)
+    assert len(after) == 160
+    assert all(after[sid] == name for sid, name in before.items())
+
+
+def test_ids_are_sha256_of_bytes_and_exact_duplicates_fold(tmp_path):
+    data = make_folder(tmp_path / "data", 5, 5)
+    copy = tmp_path / "data" / "roadwork" / "zz_copy.png"
+    copy.write_bytes((tmp_path / "data" / "roadwork" / "img000000.png").read_bytes())
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\ndata/roadwork/img000001.png,1\n")  # the same file again, via a manifest
+    run = RunDir(tmp_path / "run")
+    summary = build_splits([str(data), str(manifest)], DataSettings(), run)
+    assert summary.n_samples == 10 and summary.n_duplicates == 2
+    import hashlib
+
+    splits = Splits.load(run.splits)
+    digest = hashlib.sha256(png(0)).hexdigest()
+    assert splits.samples[digest].path.endswith("roadwork/img000000.png")  # smallest locator wins
+    assert sum(digest in splits.ids(name) for name in SPLIT_NAMES) == 1
+
+
+def test_duplicates_with_conflicting_labels_are_all_rejected(tmp_path):
+    data = make_folder(tmp_path / "data", 4, 4)
+    clash = tmp_path / "data" / "no_roadwork" / "clash.png"
+    clash.write_bytes((tmp_path / "data" / "roadwork" / "img000002.png").read_bytes())
+    run = RunDir(tmp_path / "run")
+    summary = build_splits([str(data)], DataSettings(), run)
+    assert summary.n_samples == 7
+    rejected = [json.loads(line) for line in run.rejected.read_text().splitlines()]
+    assert {r["path"].rsplit("/", 1)[1] for r in rejected} == {"clash.png", "img000002.png"}
+    assert all(r["reason"].startswith("duplicate bytes with conflicting labels (") for r in rejected)
+
+
+def test_groups_stay_in_one_split(tmp_path):
+    folder = tmp_path / "clips"
+    rows = ["path,label,group"]
+    for clip in range(12):
+        for frame in range(4):
+            name = f"clip{clip:02d}_{frame:04d}.png"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(png(clip * 10 + frame))
+            rows.append(f"clips/{name},{clip % 2},{'' if clip == 11 else f'scene{clip}'}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    for group_by, expected_groups in (("column", 11), ("filename", 12)):
+        run = RunDir(tmp_path / group_by)
+        build_splits([str(manifest)], DataSettings(group_by=group_by, fractions=(0.4, 0.2, 0.2, 0.2)), run)
+        splits = Splits.load(run.splits)
+        where: dict[str, set[str]] = {}
+        for name in SPLIT_NAMES:
+            for sid in splits.ids(name):
+                group = splits.samples[sid].group
+                if group is not None:
+                    where.setdefault(group, set()).add(name)
+        assert len(where) == expected_groups
+        assert all(len(names) == 1 for names in where.values())
+        assert len({next(iter(n)) for n in where.values()}) > 1  # groups do spread over splits
+    run = RunDir(tmp_path / "none")
+    build_splits([str(manifest)], DataSettings(group_by="none"), run)
+    assert all(s.group is None for s in Splits.load(run.splits).samples.values())
+
+
+def test_group_from_filename():
+    assert group_from_filename("a/clip_0001.jpg") == "a/clip"
+    assert group_from_filename("a/clip-12.png") == "a/clip"
+    assert group_from_filename("a/cam01_frame0003.jpg") == "a/cam01"
+    assert group_from_filename("a/clip/0001.jpg") == "a/clip"
+    assert group_from_filename("x.parquet#row=3") is None
+
+
+def test_assignment_follows_fractions_and_is_label_blind():
+    fractions = (0.7, 0.1, 0.1, 0.1)
+    names = [assign_split(f"id{i}", 0, fractions) for i in range(20000)]
+    shares = [names.count(n) / len(names) for n in SPLIT_NAMES]
+    assert np.allclose(shares, fractions, atol=0.015)
+    assert assign_split("x", 0, (0.5, 0.0, 0.5, 0.0)) in ("train", "val_calib")
+
+
+def test_no_usable_image_is_a_usage_error_but_rejections_are_written(tmp_path):
+    data = tmp_path / "data" / "roadwork"
+    data.mkdir(parents=True)
+    (data / "empty.jpg").write_bytes(b"")
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(UsageError, match="no usable image"):
+        build_splits([str(tmp_path / "data")], DataSettings(), run)
+    assert json.loads(run.rejected.read_text())["reason"] == "zero bytes"
+    with pytest.raises(UsageError, match="no data source"):
+        build_splits([], DataSettings(), run)
+
+
+def test_splits_load_validates(tmp_path):
+    path = tmp_path / "splits.json"
+    with pytest.raises(UsageError, match="roadwork split"):
+        Splits.load(path)
+    path.write_text(json.dumps({"version": 1, "seed": 0, "splits": {"train": ["x"]}, "samples": {}}))
+    with pytest.raises(UsageError, match="without a sample"):
+        Splits.load(path)
+    with pytest.raises(UsageError, match="unknown split"):
+        Splits(0, {}, {}).ids("training")
