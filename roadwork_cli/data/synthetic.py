@@ -443,8 +443,8 @@ _OCCLUDER_EXTENTS: dict[Callable, tuple[float, float]] = {
 }
 LONE_CUE_SHARE = 0.1
 """Share of positive scenes with a single roadwork cue, the hardest ones: this sets the data's difficulty."""
-LONE_CUE_DEPTH = (1.8, 4.0)
-"""Depth range of a lone cue (z = 1 is the bottom row; a cone at z = 4 is about 10 pixels tall at 320x240)."""
+LONE_CUE_DEPTH = (1.5, 3.2)
+"""Depth range of a lone cue (z = 1 is the bottom row; a cone at z = 3 is about 12 pixels tall at 320x240)."""
 _CUE_WEIGHTS = np.array([0.3, 0.16, 0.16, 0.12, 0.06, 0.12, 0.08])
 _LOOKALIKES: dict[str, Callable] = {
     "orange_car": _orange_car,
@@ -523,7 +523,7 @@ def _place_cues(scene: _Scene, rng: np.random.Generator, objects: list) -> None:
     if mode < LONE_CUE_SHARE:
         count, z_range = 1, LONE_CUE_DEPTH
     elif mode < LONE_CUE_SHARE + 0.3:
-        count, z_range = int(rng.integers(2, 6)), (1.4, 4.0)
+        count, z_range = int(rng.integers(2, 6)), (1.3, 3.2)
     else:
         count, z_range = int(rng.integers(5, 13)), (1.2, 3.5)
     weights = _CUE_WEIGHTS / _CUE_WEIGHTS.sum()
@@ -665,7 +665,7 @@ def _render(
                 (_lamp_post, _sign, _traffic_light, _sign)[rng.integers(4)],
             )
         )
-    for _ in range(rng.integers(0, 3)):
+    for _ in range(rng.choice(3, p=[0.45, 0.4, 0.15])):  # hard look-alikes, in both classes alike
         name = list(_LOOKALIKES)[rng.integers(len(_LOOKALIKES))]
         lateral = rng.uniform(-2.5, 2.5) if name == "orange_car" else rng.choice([-1, 1]) * rng.uniform(4.0, 6.5)
         objects.append((float(np.exp(rng.uniform(np.log(1.5), np.log(14)))), lateral, _LOOKALIKES[name]))
