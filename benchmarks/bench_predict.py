@@ -90,6 +90,19 @@ def predict_path(model, paths: list[Path], batch_size: int, workers: int, fast_j
     return len(paths) / seconds
 
 
+def decode_ms(model, paths: list[Path]) -> dict[str, float]:
+    """Decode + resize + normalise cost per image in this process, with and without the JPEG draft decode."""
+    from roadwork_cli.stage1 import _load, jpeg_draft_size
+
+    result = {}
+    for label, draft in (("draft", jpeg_draft_size(model.preprocessing)), ("full", None)):
+        started = time.perf_counter()
+        for path in paths:
+            model.transform(_load(path, model.max_pixels, model.max_file_bytes, draft))
+        result[label] = round((time.perf_counter() - started) / len(paths) * 1000, 2)
+    return result
+
+
 def startup_seconds(bundle: Path, image: Path, repeats: int = 3) -> float:
     """Best wall time of ``roadwork predict IMAGE --bundle B`` as a fresh process (imports + load + one image)."""
     command = [sys.executable, "-m", "roadwork_cli", "predict", str(image), "--bundle", str(bundle)]
@@ -126,13 +139,17 @@ def main(argv: list[str] | None = None) -> dict:
         model = Stage1Model.from_run(run, device="cpu")
         batches = max(2, args.images // args.batch_size)
         # Interleaved rounds, medians: on a shared machine the load drifts; alternating keeps the ratio fair.
-        bares, fasts, fulls = [], [], []
+        bares, fasts = [], []
         for _ in range(args.rounds):
             bares.append(bare_forward(model, args.batch_size, batches))
             fasts.append(predict_path(model, paths, args.batch_size, args.workers, fast_jpeg=True))
-            fulls.append(predict_path(model, paths, args.batch_size, args.workers, fast_jpeg=False))
-        bare, fast, full = (float(np.median(v)) for v in (bares, fasts, fulls))
+        bare, fast = float(np.median(bares)), float(np.median(fasts))
         ratios = [f / b for f, b in zip(fasts, bares, strict=True)]
+        hd = make_jpegs(tmp / "hd", 16, size=(1280, 720), seed=1)
+        decode = {
+            "640x480": decode_ms(model, paths[:16]),
+            "1280x720": decode_ms(model, hd),
+        }
         bundle = export_bundle(run)
         startup = startup_seconds(bundle, paths[0])
         results = {
@@ -145,10 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_count": os.cpu_count(),
             "bare_forward_img_s": round(bare, 1),
             "predict_img_s": round(fast, 1),
-            "predict_img_s_without_jpeg_draft": round(full, 1),
             "ratio_predict_to_bare": round(fast / bare, 3),
             "ratio_per_round": [round(r, 3) for r in ratios],
-            "ratio_without_jpeg_draft": round(full / bare, 3),
+            "ratio_median_of_rounds": round(float(np.median(ratios)), 3),
+            "decode_transform_ms_per_image": decode,
             "predict_startup_one_image_s": round(startup, 2),
         }
     text = json.dumps(results, indent=2)

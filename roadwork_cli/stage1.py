@@ -323,7 +323,9 @@ class Stage1Model:
         """A DataLoader that decodes and transforms ``images`` (in ``workers`` processes when > 0)."""
         draft = jpeg_draft_size(self.preprocessing) if self.fast_jpeg else None
         dataset = _ImageDataset(images, self.transform, self.max_pixels, self.max_file_bytes, draft)
-        workers = max(0, min(workers, len(dataset) // max(batch_size, 1) + 1))
+        n_batches = math.ceil(len(dataset) / max(batch_size, 1))
+        # One batch has nothing to overlap with: a worker process would only add its start-up time.
+        workers = 0 if n_batches <= 1 else max(0, min(workers, n_batches))
         return DataLoader(
             dataset,
             batch_size=batch_size,
