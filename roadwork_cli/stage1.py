@@ -78,6 +78,8 @@ ImageInput = "str | os.PathLike[str] | Image.Image"
 def _describe(item: Any, index: int) -> str:
     if isinstance(item, str | os.PathLike):
         return os.fspath(item)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return f"<bytes {index}>"
     return f"<image {index}>"
 
 
@@ -164,7 +166,12 @@ def _load(item: Any, max_pixels: int, max_file_bytes: int, draft_side: int | Non
 
     if isinstance(item, Image.Image):
         return item if item.mode == "RGB" else item.convert("RGB")
-    data = read_bytes(os.fspath(item), max_file_bytes)
+    if isinstance(item, bytes | bytearray | memoryview):
+        data = bytes(item)  # an encoded image already in memory (e.g. piped to `roadwork predict -`)
+        if len(data) > max_file_bytes:
+            raise ValueError(f"too large: {len(data)} bytes > {max_file_bytes}")
+    else:
+        data = read_bytes(os.fspath(item), max_file_bytes)
     if draft_side is not None:
         fast = _decode_jpeg_draft(data, max_pixels, draft_side)
         if fast is not None:
@@ -382,7 +389,8 @@ class Stage1Model:
         """One ``Prediction`` per input, in input order; unreadable inputs get ``error`` set, never an exception.
 
         Args:
-            images: Paths (str / Path), parquet row locators (``file.parquet#row=3``) or PIL images.
+            images: Paths (str / Path), parquet row locators (``file.parquet#row=3``), PIL images or encoded image
+                bytes.
             batch_size: Images per forward pass.
             workers: DataLoader worker processes that decode and resize (0 = in this process).
             progress: Called with the number of inputs finished after each batch.

@@ -73,6 +73,9 @@ def test_pil_images_and_paths_agree_and_workers_agree(model, tmp_path):
     paths = [jpeg(tmp_path / f"{i}.jpg", colour=(30 * i, 90, 250 - 40 * i)) for i in range(5)]
     by_path = model.predict(paths, batch_size=2)
     by_image = model.predict([Image.open(p) for p in paths], batch_size=3)
+    by_bytes = model.predict([p.read_bytes() for p in paths], batch_size=2)
+    assert [b.p_roadwork for b in by_bytes] == pytest.approx([a.p_roadwork for a in by_path], abs=1e-6)
+    assert by_bytes[1].path == "<bytes 1>"
     with_workers = model.predict(paths, batch_size=2, workers=2)
     for a, b, c in zip(by_path, by_image, with_workers, strict=True):
         assert a.p_roadwork == pytest.approx(b.p_roadwork, abs=1e-6) == pytest.approx(c.p_roadwork, abs=1e-6)

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, BinaryIO
 
 import typer
 
@@ -28,38 +28,54 @@ FORMATS = ("table", "jsonl", "csv")
 _GLOB_CHARS = set("*?[")
 
 
-def expand_inputs(inputs: Iterable[str], stdin: TextIO | None = None) -> list[tuple[str, str | None]]:
-    """Turn INPUT arguments into ``(path, error)`` pairs, in the order given.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+STDIN_IMAGE = "<stdin>"
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether ``data`` starts like an encoded image (JPEG, PNG, GIF, BMP, WebP) rather than a list of paths."""
+    return data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def expand_inputs(
+    inputs: Iterable[str], stdin: BinaryIO | None = None
+) -> list[tuple[str, str | bytes | None, str | None]]:
+    """Turn INPUT arguments into ``(shown path, item, error)`` triples, in the order given.
 
     Folders expand to their image files (recursive, sorted, hidden entries skipped); globs expand to their matches
-    (sorted); ``-`` reads one path per line from ``stdin``. A glob or folder that yields nothing becomes one error
-    entry, so that it is reported rather than silently dropped. Plain paths pass through even when missing: the
-    loader reports them.
+    (sorted); ``-`` reads stdin: either one encoded image (its bytes become the item, shown as ``<stdin>``) or one
+    path per line. A glob or folder that yields nothing becomes one error entry, so that it is reported rather than
+    silently dropped. Plain paths pass through even when missing: the loader reports them.
     """
-    expanded: list[tuple[str, str | None]] = []
+    expanded: list[tuple[str, str | bytes | None, str | None]] = []
     for raw in inputs:
         if raw == "-":
-            stream = stdin if stdin is not None else sys.stdin
-            lines = [line.strip() for line in stream.read().splitlines()]
+            stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
+            data = stream.read()
+            data = data.encode("utf-8") if isinstance(data, str) else data
+            if looks_like_image(data):
+                expanded.append((STDIN_IMAGE, data, None))
+                continue
+            lines = [line.strip() for line in data.decode("utf-8", errors="replace").splitlines()]
             expanded.extend(expand_inputs([line for line in lines if line and line != "-"]))
             continue
         path = Path(raw)
         if path.is_dir():
             files = _image_files(path)
-            expanded.extend((str(f), None) for f in files)
+            expanded.extend((str(f), str(f), None) for f in files)
             if not files:
-                expanded.append((raw, "folder holds no image files"))
+                expanded.append((raw, None, "folder holds no image files"))
         elif not path.exists() and _GLOB_CHARS & set(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             for match in matches:
                 if Path(match).is_dir():
-                    expanded.extend((str(f), None) for f in _image_files(Path(match)))
+                    expanded.extend((str(f), str(f), None) for f in _image_files(Path(match)))
                 else:
-                    expanded.append((match, None))
+                    expanded.append((match, match, None))
             if not matches:
-                expanded.append((raw, "no file matches this pattern"))
+                expanded.append((raw, None, "no file matches this pattern"))
         else:
-            expanded.append((raw, None))
+            expanded.append((raw, raw, None))
     return expanded
 
 
@@ -158,7 +174,7 @@ def command(
     model.max_pixels = settings.data.max_image_pixels
     loaded = time.perf_counter()
 
-    good = [path for path, error in expanded if error is None]
+    good = [item for _, item, error in expanded if error is None]
     from roadwork_cli.reporting.progress import progress_bar
 
     show_bar = len(good) >= 64 and console.is_terminal
@@ -170,11 +186,12 @@ def command(
 
     by_path = iter(predictions)
     records: list[dict[str, Any]] = []
-    for path, error in expanded:
+    for shown, _, error in expanded:
         if error is not None:
-            records.append({"path": path, "p_roadwork": None, "gate": None, "decision": None, "error": error})
+            records.append({"path": shown, "p_roadwork": None, "gate": None, "decision": None, "error": error})
             continue
         record = next(by_path).to_dict()
+        record["path"] = shown
         record["p_roadwork"] = _number(record["p_roadwork"])
         record["gate"] = _number(record["gate"])
         records.append(record)

@@ -149,6 +149,19 @@ def test_folder_glob_stdin_and_csv(bundle, tmp_path):
     assert result.exit_code == 1
 
 
+def test_image_bytes_on_stdin(bundle, tmp_path):
+    """`cat img.jpg | roadwork predict - --probability-only`: the validator-style one-image call."""
+    image = write_images(tmp_path / "imgs", n=1)[0]
+    by_path = runner.invoke(app, ["predict", str(image), "--bundle", str(bundle), "--format", "jsonl"])
+    piped = runner.invoke(app, ["predict", "-", "--bundle", str(bundle), "--format", "jsonl"], input=image.read_bytes())
+    assert piped.exit_code == 0, piped.output
+    (record,) = _jsonl(piped.stdout)
+    assert record["path"] == "<stdin>"
+    assert record["p_roadwork"] == pytest.approx(_jsonl(by_path.stdout)[0]["p_roadwork"], abs=1e-6)
+    broken = runner.invoke(app, ["predict", "-", "--bundle", str(bundle)], input=image.read_bytes()[:100])
+    assert broken.exit_code == 1
+
+
 def test_out_file_and_probability_only(bundle, tmp_path):
     paths = write_images(tmp_path / "imgs", n=2)
     out = tmp_path / "preds.jsonl"
