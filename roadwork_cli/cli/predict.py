@@ -172,6 +172,7 @@ def command(
         torch.set_num_threads(settings.runtime.threads)
     model = load_bundle(bundle, device=settings.runtime.device)
     model.max_pixels = settings.data.max_image_pixels
+    model.max_file_bytes = settings.data.max_file_bytes
     loaded = time.perf_counter()
 
     good = [item for _, item, error in expanded if error is None]
