@@ -443,7 +443,7 @@ _OCCLUDER_EXTENTS: dict[Callable, tuple[float, float]] = {
 }
 LONE_CUE_SHARE = 0.1
 """Share of positive scenes with a single roadwork cue, the hardest ones: this sets the data's difficulty."""
-LONE_CUE_DEPTH = (1.5, 3.2)
+LONE_CUE_DEPTH = (1.4, 2.8)
 """Depth range of a lone cue (z = 1 is the bottom row; a cone at z = 3 is about 12 pixels tall at 320x240)."""
 _CUE_WEIGHTS = np.array([0.3, 0.16, 0.16, 0.12, 0.06, 0.12, 0.08])
 _LOOKALIKES: dict[str, Callable] = {
@@ -523,7 +523,7 @@ def _place_cues(scene: _Scene, rng: np.random.Generator, objects: list) -> None:
     if mode < LONE_CUE_SHARE:
         count, z_range = 1, LONE_CUE_DEPTH
     elif mode < LONE_CUE_SHARE + 0.3:
-        count, z_range = int(rng.integers(2, 6)), (1.3, 3.2)
+        count, z_range = int(rng.integers(2, 6)), (1.3, 2.8)
     else:
         count, z_range = int(rng.integers(5, 13)), (1.2, 3.5)
     weights = _CUE_WEIGHTS / _CUE_WEIGHTS.sum()
