@@ -43,7 +43,7 @@ def command(
     for name in ("accuracy", "mcc", "auroc", "aurc", "coverage"):
         value = summary.best_metrics.get(name, float("nan"))
         table.add_row(f"val_select {name}", f"{value:.4f}")
-    table.add_row("features", summary.fingerprint)
+    table.add_row("features", f"{summary.backbone} ({summary.fingerprint})")
     table.add_row("scores", ", ".join(str(p) for p in summary.scores.values()))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)

@@ -241,8 +241,9 @@ class _ViewDataset(torch.utils.data.Dataset):
         self.keys = list(keys)
         self.paths = paths
         self.max_pixels = max_pixels
-        self.eval_tf = eval_transform(preprocessing)
-        self.train_tf = train_transform(preprocessing)
+        # uint8 out of the workers; normalisation happens once per batch in the main process (normalize_batch).
+        self.eval_tf = eval_transform(preprocessing, output="uint8")
+        self.train_tf = train_transform(preprocessing, output="uint8")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -267,7 +268,7 @@ class _ViewDataset(torch.utils.data.Dataset):
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, reason) for i, x, reason in items if x is None]
-    batch = torch.stack([x for _, x in good]) if good else None  # (B, 3, H, W)
+    batch = torch.stack([x for _, x in good]) if good else None  # (B, H, W, 3) uint8
     return [i for i, _ in good], batch, bad
 
 
@@ -321,6 +322,7 @@ def cache_features(
         backbone: A ready :class:`~roadwork_cli.model.backbones.Backbone` (default: built from ``settings.model``).
         on_shard: Called with the shard number after each shard is safely on disk (tests simulate crashes here).
     """
+    from roadwork_cli.data.transforms import normalize_batch
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.reporting.progress import progress_bar
 
@@ -388,9 +390,9 @@ def cache_features(
                 for index, reason in bad:
                     shard_failed[todo[index][0]] = reason
                 if batch is not None:
-                    batch = batch.to(device, non_blocking=True)
-                    if settings.features.channels_last:
-                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    batch = normalize_batch(batch.to(device, non_blocking=True), backbone.preprocessing)
+                    if not settings.features.channels_last:
+                        batch = batch.contiguous()
                     with torch.inference_mode():
                         feats = model(batch).float().cpu()  # (B, D)
                     forward_passes += 1

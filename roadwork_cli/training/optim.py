@@ -14,14 +14,21 @@ __all__ = ["create_ema", "create_optimizer", "create_scheduler"]
 
 
 def create_optimizer(model: nn.Module, train_settings: Any) -> torch.optim.AdamW:
-    """AdamW; biases and normalisation weights (1-D tensors) get no weight decay."""
+    """AdamW; biases and normalisation weights (1-D tensors) get no weight decay.
+
+    The fused kernel (one op for all parameters) when the device supports it: on CPU it is several times faster than
+    the per-tensor loop for a small head, where the optimiser step costs as much as the forward pass.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": train_settings.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999))
+    try:
+        return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), foreach=True)
 
 
 def create_scheduler(

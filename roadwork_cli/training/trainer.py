@@ -67,6 +67,7 @@ class TrainSummary:
     best_value: float
     best_metrics: dict[str, float]
     fingerprint: str
+    backbone: str
     n_train: int
     n_val_select: int
     seconds: float
@@ -270,25 +271,40 @@ def train(
 
     Raises:
         NotBuiltError: ``train`` / ``train_crc`` modes.
-        UsageError: No splits or no cached features for the configured backbone.
+        UsageError: No splits or no cached features (trains on those of the last ``cache-features``).
     """
-    from roadwork_cli.reporting.progress import progress_bar
 
     mode = settings.train.mode
     if mode != "train_cached":
         raise NotBuiltError(f"`--mode {mode}` (PEFT fine-tuning) is not built yet; use --mode train_cached")
     started = time.perf_counter()
-    if settings.runtime.threads:
-        torch.set_num_threads(settings.runtime.threads)
+    device = resolve_device(settings.runtime.device)
+    previous_threads = torch.get_num_threads()
+    # The head's matmuls are too small to amortise OpenMP barriers: on CPU one thread is about as fast on an idle
+    # machine and many times faster on a busy one (threads spinning at barriers). runtime.threads overrides this.
+    threads = settings.runtime.threads or (1 if device.type == "cpu" else previous_threads)
+    torch.set_num_threads(threads)
+    try:
+        return _train(run, settings, device, progress, on_epoch_end, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(
+    run: RunDir,
+    settings: Any,
+    device: torch.device,
+    progress: bool,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None,
+    started: float,
+) -> TrainSummary:
+    from roadwork_cli.reporting.progress import progress_bar
+
+    mode = settings.train.mode
     table = read_split_table(run)
     cached = load_cached(run)
-    cached_name = cached.meta.get("backbone", {}).get("name")
-    if cached_name != settings.model.backbone:
-        raise UsageError(
-            f"The cached features in {run.features} are for backbone {cached_name!r}, but the settings select "
-            f"{settings.model.backbone!r}; run `roadwork cache-features --run {run.root}` with that backbone first."
-        )
-    device = resolve_device(settings.runtime.device)
+    # The features of the last `cache-features` define the backbone (its spec travels into best.json), so a run
+    # cached with `--backbone X` trains without repeating the flag; a second backbone needs its own cache-features.
     data = _prepare(cached, table, device)
     ts = settings.train
     n_train = int(data.train_labels.shape[0])
@@ -390,6 +406,7 @@ def train(
         best_value=float(best["metrics"].get(ts.select_metric, float("nan"))),
         best_metrics=dict(best["metrics"]),
         fingerprint=cached.fingerprint,
+        backbone=str(cached.meta.get("backbone", {}).get("name", "?")),
         n_train=n_train,
         n_val_select=len(data.split_ids["val_select"]),
         seconds=time.perf_counter() - started,
