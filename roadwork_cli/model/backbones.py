@@ -544,6 +544,12 @@ def _build_hf(source: str, weights: Path | None, image_size: int | None, **kwarg
     local_dir = Path(source).expanduser()
     local_only = local_dir.is_dir() or _hub_offline()
     location = str(local_dir) if local_dir.is_dir() else source
+    if not local_dir.is_dir() and _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        # Check the cache first: transformers' adapter lookup still retries the network for a missing repo.
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise _offline_error(f"hf:{source}", source, "HF_HUB_OFFLINE is set and the hub cache has no copy")
     try:
         model = AutoModel.from_pretrained(location, local_files_only=local_only, **kwargs)
     except Exception as exc:  # noqa: BLE001 - missing files, no network or an unknown architecture

@@ -1,0 +1,61 @@
+"""SelectiveHead: shapes, config round trip, compile fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from roadwork_cli.config import ModelSettings
+from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_three_one_logit_outputs(hidden):
+    head = SelectiveHead(in_dim=24, hidden=hidden, dropout=0.0)
+    out = head(torch.randn(5, 24))
+    assert isinstance(out, HeadOutput)
+    assert [tuple(t.shape) for t in out] == [(5,), (5,), (5,)]
+    # The outputs are distinct heads, not copies of one logit.
+    assert not torch.allclose(out.cls, out.gate) and not torch.allclose(out.cls, out.aux)
+    linear_layers = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear_layers) == (2 if hidden else 1)
+
+
+def test_config_round_trip_reproduces_the_head():
+    torch.manual_seed(0)
+    head = create_head(ModelSettings(head_hidden=8, head_dropout=0.2), in_dim=12).eval()
+    clone = SelectiveHead.from_config(head.config).eval()
+    clone.load_state_dict(head.state_dict())
+    x = torch.randn(3, 12)
+    for a, b in zip(head(x), clone(x), strict=True):
+        torch.testing.assert_close(a, b)
+    assert head.config == {"type": "SelectiveHead", "in_dim": 12, "hidden": 8, "dropout": 0.2}
+
+
+def test_dropout_only_in_training_mode():
+    head = SelectiveHead(in_dim=8, hidden=32, dropout=0.5)
+    x = torch.randn(64, 8)
+    head.eval()
+    torch.testing.assert_close(head(x).cls, head(x).cls)
+    head.train()
+    assert not torch.allclose(head(x).cls, head(x).cls)
+
+
+def test_failing_compiled_forward_falls_back_to_eager_with_a_warning():
+    head = SelectiveHead(in_dim=8, hidden=4).eval()
+    x = torch.randn(2, 8)
+    expected = head(x)
+
+    def broken(_features):
+        raise RuntimeError("no compiler here")
+
+    head._compiled = broken
+    with pytest.warns(UserWarning, match="running eagerly"):
+        got = head(x)
+    torch.testing.assert_close(got.cls, expected.cls)
+    assert head._compiled is None
+    assert "_compiled" not in "".join(head.state_dict())  # checkpoints stay plain
+
+
+def test_compile_is_off_by_default():
+    assert create_head(ModelSettings(), in_dim=4)._compiled is None
