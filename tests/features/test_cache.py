@@ -1,0 +1,143 @@
+"""Feature cache: contents, resume after a crash, zero-forward re-runs, fingerprint folders, bad images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_run, tiny_settings
+from PIL import Image
+from safetensors.torch import load_file
+
+from roadwork_cli.data.transforms import eval_transform
+from roadwork_cli.errors import UsageError
+from roadwork_cli.features.cache import cache_features, load_cached, read_split_table, view_seed
+from roadwork_cli.io.atomic import read_json
+from roadwork_cli.model.backbones import create_backbone
+
+
+class Crash(Exception):
+    pass
+
+
+def _counting(backbone):
+    calls = []
+    backbone.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    return backbone, calls
+
+
+def test_cache_holds_clean_features_of_every_image_and_views_of_train(tiny_run):
+    settings = tiny_settings(tiny_run, views=2)
+    summary = cache_features(tiny_run, settings)
+    table = read_split_table(tiny_run)
+    n_images, n_train = len(table.paths), len(table.ids("train"))
+    assert summary.total == summary.computed == n_images + 2 * n_train
+    assert summary.failed == 0 and summary.reused == 0
+    cached = load_cached(tiny_run)
+    assert cached.fingerprint == summary.fingerprint and cached.feature_dim == 32
+    assert cached.features.shape == (summary.total, 32)
+    for image_id in table.ids("train"):
+        assert set(cached.rows[image_id]) == {0, 1, 2}
+    for image_id in table.ids("test"):
+        assert set(cached.rows[image_id]) == {0}
+    meta = read_json(summary.folder / "meta.json")
+    assert meta["backbone"]["name"] == "tiny_vit" and meta["fingerprint"] == summary.fingerprint
+    assert meta["feature_dim"] == 32 and meta["preprocessing"]["size"] == 64
+    # Shards hold float16 and respect shard_size.
+    shards = sorted(summary.folder.glob("shard_*.safetensors"))
+    assert all(load_file(str(p))["features"].dtype == torch.float16 for p in shards)
+    assert max(load_file(str(p))["features"].shape[0] for p in shards) <= settings.features.shard_size
+
+    # Row of view 0 == the backbone on the clean eval transform (up to float16 storage).
+    backbone = create_backbone("tiny_vit")
+    image_id = table.ids("val_select")[0]
+    x = eval_transform(backbone.preprocessing)(Image.open(table.paths[image_id]).convert("RGB"))[None]
+    with torch.inference_mode():
+        expected = backbone(x)[0]
+    torch.testing.assert_close(cached.features[cached.rows[image_id][0]], expected, atol=2e-3, rtol=2e-3)
+    # Augmented views differ from the clean view.
+    train_id = table.ids("train")[0]
+    assert not torch.allclose(cached.features[cached.rows[train_id][0]], cached.features[cached.rows[train_id][1]])
+
+
+def test_rerun_with_everything_cached_does_no_forward_pass(tiny_run):
+    settings = tiny_settings(tiny_run, views=1)
+    first = cache_features(tiny_run, settings)
+    backbone, calls = _counting(create_backbone("tiny_vit"))
+    again = cache_features(tiny_run, settings, backbone=backbone)
+    assert calls == [] and again.forward_passes == 0 and again.computed == 0
+    assert again.reused == first.total and again.fingerprint == first.fingerprint
+    # Asking for more views computes only the new ones.
+    more = cache_features(tiny_run, tiny_settings(tiny_run, views=2), backbone=backbone)
+    assert more.computed == len(read_split_table(tiny_run).ids("train")) == sum(calls)
+
+
+def test_crash_after_a_shard_resumes_to_identical_features(tmp_path):
+    clean_run = make_run(tmp_path / "clean")
+    crash_run = make_run(tmp_path / "crash")
+    settings = tiny_settings(clean_run, views=1)
+    clean = cache_features(clean_run, settings)
+
+    def crash(shard):
+        raise Crash(shard)
+
+    with pytest.raises(Crash):
+        cache_features(crash_run, tiny_settings(crash_run, views=1), on_shard=crash)
+    folder = crash_run.features / clean.fingerprint
+    assert len(read_json(folder / "index.json")["shards"]) == 1  # exactly the first shard survived
+    backbone, calls = _counting(create_backbone("tiny_vit"))
+    resumed = cache_features(crash_run, tiny_settings(crash_run, views=1), backbone=backbone)
+    shard_size = settings.features.shard_size
+    assert resumed.reused == shard_size and resumed.computed == clean.total - shard_size == sum(calls)
+
+    a, b = load_cached(clean_run), load_cached(crash_run)
+    assert a.rows == b.rows
+    assert torch.equal(a.features, b.features)
+
+
+def test_different_backbone_or_preprocessing_gets_its_own_folder(tiny_run):
+    vit = cache_features(tiny_run, tiny_settings(tiny_run))
+    settings = tiny_settings(tiny_run)
+    settings.model.backbone = "tiny_dinov3"
+    dino = cache_features(tiny_run, settings)
+    settings.model.backbone, settings.model.image_size = "tiny_vit", 32
+    small = cache_features(tiny_run, settings)
+    assert len({vit.fingerprint, dino.fingerprint, small.fingerprint}) == 3
+    assert dino.reused == 0 and small.reused == 0  # nothing stale was reused
+    assert load_cached(tiny_run).fingerprint == small.fingerprint  # current.json follows the last run
+    assert load_cached(tiny_run, vit.fingerprint).meta["backbone"]["name"] == "tiny_vit"
+    with pytest.raises(UsageError, match="cache-features"):
+        load_cached(tiny_run, "0" * 16)
+
+
+def test_unreadable_images_are_reported_and_skipped(tmp_path):
+    run = make_run(tmp_path, bad=2)
+    summary = cache_features(run, tiny_settings(run, views=1))
+    failed = read_json(summary.folder / "failed.json")
+    assert summary.failed == len(failed) == 2
+    assert all(reason for reason in failed.values())
+    cached = load_cached(run)
+    assert not set(failed) & set(cached.rows)
+    assert set(cached.failed) == set(failed)
+    # A re-run neither crashes nor retries them.
+    assert cache_features(run, tiny_settings(run, views=1)).computed == 0
+
+
+def test_missing_splits_is_a_usage_error(tmp_path):
+    from roadwork_cli.io.run import RunDir
+
+    run = RunDir(tmp_path / "empty").ensure()
+    with pytest.raises(UsageError, match="roadwork split"):
+        cache_features(run, tiny_settings(run))
+
+
+def test_view_seeds_are_stable_and_distinct():
+    assert view_seed("abc", 1) == view_seed("abc", 1)
+    assert len({view_seed("abc", 1), view_seed("abc", 2), view_seed("abd", 1)}) == 3
+
+
+def test_worker_processes_give_the_same_features(tmp_path):
+    serial_run, parallel_run = make_run(tmp_path / "a"), make_run(tmp_path / "b")
+    cache_features(serial_run, tiny_settings(serial_run, views=1))
+    cache_features(parallel_run, tiny_settings(parallel_run, views=1, workers=2))
+    a, b = load_cached(serial_run), load_cached(parallel_run)
+    assert a.rows == b.rows and torch.equal(a.features, b.features)
