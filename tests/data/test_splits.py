@@ -158,3 +158,16 @@ def test_splits_load_validates(tmp_path):
         Splits.load(path)
     with pytest.raises(UsageError, match="unknown split"):
         Splits(0, {}, {}).ids("training")
+
+
+def test_data_layer_is_torch_free():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import roadwork_cli.data.images, roadwork_cli.data.sources, roadwork_cli.data.splits, "
+        "roadwork_cli.data.synthetic, roadwork_cli.cli.split; "
+        "print(','.join(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
