@@ -213,7 +213,8 @@ def _save_last(path: Path, state: dict[str, Any]) -> None:
 def _write_best(run: RunDir, head: torch.nn.Module, info: dict[str, Any]) -> None:
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
     with atomic_path(run.checkpoints / "best.safetensors") as tmp:
-        save_file(weights, str(tmp), metadata={"format": "pt", "head": json.dumps(info["head"], sort_keys=True)})
+        # One metadata key only: safetensors writes a multi-key map in hash order, which would break byte equality.
+        save_file(weights, str(tmp), metadata={"format": "pt"})
     atomic_write_json(run.checkpoints / "best.json", info)
 
 

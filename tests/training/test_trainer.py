@@ -1,0 +1,189 @@
+"""train --mode train_cached: artifacts, learning, determinism, resume (hook and real SIGKILL), modes."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cached_run, train_settings
+from safetensors.torch import load_file
+
+from roadwork_cli.errors import NotBuiltError, UsageError
+from roadwork_cli.features.cache import load_cached, read_split_table
+from roadwork_cli.io.atomic import read_json
+from roadwork_cli.io.run import RunDir
+from roadwork_cli.training import trainer
+from roadwork_cli.training.trainer import SCORE_COLUMNS, load_best_head, train
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_writes_every_artifact(cached_run):
+    summary = train(cached_run, train_settings(cached_run))
+    ckpt = cached_run.checkpoints
+    info = read_json(ckpt / "best.json")
+    assert info["epoch"] == summary.best_epoch and info["select_metric"] == "mcc"
+    assert info["head"] == {"type": "SelectiveHead", "in_dim": 16, "hidden": 16, "dropout": 0.1}
+    assert info["fingerprint"] == "testfingerprint0" and info["backbone"]["name"] == "tiny_vit"
+    head, _ = load_best_head(cached_run)
+    assert set(load_file(str(ckpt / "best.safetensors"))) == set(head.state_dict())
+
+    last = torch.load(ckpt / "last.pt", weights_only=True)
+    assert last["epoch"] == 4 and {"model", "ema", "optimizer", "scheduler", "rng"} <= set(last)
+
+    metrics = _rows(cached_run.metrics)
+    assert [int(r["epoch"]) for r in metrics] == [1, 2, 3, 4]
+    for column in (
+        "loss",
+        "loss_cls",
+        "loss_selective",
+        "loss_coverage",
+        "loss_aux",
+        "loss_fn",
+        "val_accuracy",
+        "val_mcc",
+        "val_auroc",
+        "val_aurc",
+        "val_coverage",
+        "lr",
+    ):
+        assert column in metrics[0]
+    lrs = [float(r["lr"]) for r in metrics]
+    assert lrs[-1] < max(lrs)  # cosine decay
+
+    table = read_split_table(cached_run)
+    for split in ("val_select", "val_calib", "test"):
+        rows = _rows(cached_run.scores / f"{split}.csv")
+        assert list(rows[0]) == list(SCORE_COLUMNS)
+        assert [r["id"] for r in rows] == table.ids(split)
+        assert [int(r["label"]) for r in rows] == [table.labels[i] for i in table.ids(split)]
+        for r in rows:
+            assert 0.0 <= float(r["p_roadwork"]) <= 1.0 and 0.0 <= float(r["gate"]) <= 1.0
+            assert float(r["p_roadwork"]) == pytest.approx(float(torch.sigmoid(torch.tensor(float(r["logit_cls"])))))
+
+
+def test_learns_separable_features(cached_run):
+    summary = train(cached_run, train_settings(cached_run, epochs=8))
+    assert summary.best_metrics["mcc"] > 0.7 and summary.best_metrics["auroc"] > 0.9
+    test_rows = _rows(cached_run.scores / "test.csv")
+    accuracy = sum((float(r["p_roadwork"]) >= 0.5) == (r["label"] == "1") for r in test_rows) / len(test_rows)
+    assert accuracy > 0.85
+
+
+def test_same_seed_gives_identical_weights_and_scores(tmp_path):
+    runs = [make_cached_run(tmp_path / name) for name in ("a", "b")]
+    for run in runs:
+        train(run, train_settings(run))
+    a, b = ((run.checkpoints / "best.safetensors").read_bytes() for run in runs)
+    assert a == b
+    assert (runs[0].scores / "test.csv").read_text() == (runs[1].scores / "test.csv").read_text()
+    other = make_cached_run(tmp_path / "c")
+    train(other, train_settings(other, seed=1))
+    assert (other.checkpoints / "best.safetensors").read_bytes() != a
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    clean, broken = make_cached_run(tmp_path / "clean"), make_cached_run(tmp_path / "broken")
+    train(clean, train_settings(clean, epochs=5))
+
+    def stop_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(broken, train_settings(broken, epochs=5), on_epoch_end=stop_after_two)
+    summary = train(broken, train_settings(broken, epochs=5))
+    assert summary.resumed_from == 2 and summary.epochs_run == 3
+    for name in ("best.safetensors", "best.json"):
+        assert (clean.checkpoints / name).read_bytes() == (broken.checkpoints / name).read_bytes()
+    assert clean.metrics.read_text() == broken.metrics.read_text()
+    a = torch.load(clean.checkpoints / "last.pt", weights_only=True)
+    b = torch.load(broken.checkpoints / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key])
+
+
+def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path):
+    clean, killed = make_cached_run(tmp_path / "clean"), make_cached_run(tmp_path / "killed")
+    train(clean, train_settings(clean, epochs=4))
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import train_settings
+        from roadwork_cli.io.run import RunDir
+        from roadwork_cli.training.trainer import train
+        run = RunDir({str(killed.root)!r})
+        def kill(epoch, metrics):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(run, train_settings(run, epochs=4), on_epoch_end=kill)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    assert torch.load(killed.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
+    summary = train(killed, train_settings(killed, epochs=4))
+    assert summary.resumed_from == 2
+    assert (clean.checkpoints / "best.safetensors").read_bytes() == (
+        killed.checkpoints / "best.safetensors"
+    ).read_bytes()
+    assert (clean.scores / "test.csv").read_text() == (killed.scores / "test.csv").read_text()
+
+
+def test_changed_settings_do_not_resume_a_stale_checkpoint(cached_run):
+    train(cached_run, train_settings(cached_run, epochs=2))
+    summary = train(cached_run, train_settings(cached_run, epochs=3, lr=1e-3))
+    assert summary.resumed_from == 0 and summary.epochs_run == 3
+    finished = train(cached_run, train_settings(cached_run, epochs=3, lr=1e-3))
+    assert finished.resumed_from == 3 and finished.epochs_run == 0  # nothing left: only the scores are rewritten
+
+
+def test_each_epoch_draws_one_cached_view_per_image(tmp_path):
+    run = make_cached_run(tmp_path / "run", views=3)
+    cached = load_cached(run)
+    data = trainer._prepare(cached, read_split_table(run), torch.device("cpu"))
+    assert data.train_counts.tolist() == [4] * 160
+    train_rows = {row for views in cached.rows.values() for view, row in views.items()}
+    seen = []
+    for epoch in range(3):
+        features, labels = trainer._epoch_batches(data, seed=0, epoch=epoch)
+        assert features.shape == (160, 16) and sorted(labels.tolist()) == sorted(data.train_labels.tolist())
+        seen.append(features)
+        again, _ = trainer._epoch_batches(data, seed=0, epoch=epoch)
+        assert torch.equal(features, again)  # deterministic from (seed, epoch)
+    assert not torch.equal(seen[0], seen[1])
+    assert train_rows  # every drawn row exists in the cache (indexing would have failed otherwise)
+
+
+def test_unbuilt_modes_and_missing_features(tmp_path, cached_run):
+    with pytest.raises(NotBuiltError, match="--mode train_cached"):
+        train(cached_run, train_settings(cached_run, mode="train"))
+    with pytest.raises(NotBuiltError):
+        train(cached_run, train_settings(cached_run, mode="train_crc"))
+    bare = RunDir(tmp_path / "bare").ensure()
+    bare.splits.write_text(cached_run.splits.read_text())
+    with pytest.raises(UsageError, match="cache-features"):
+        train(bare, train_settings(bare))
+
+
+def test_ema_off_and_linear_head_still_train(cached_run):
+    settings = train_settings(cached_run, ema_decay=0.0, select_metric="aurc", epochs=12, lr=1e-2)
+    settings.model.head_hidden = 0
+    summary = train(cached_run, settings)
+    assert read_json(cached_run.checkpoints / "best.json")["ema"] is False
+    assert summary.select_metric == "aurc" and summary.best_metrics["aurc"] < 0.2
+    assert os.path.exists(cached_run.scores / "val_calib.csv")
