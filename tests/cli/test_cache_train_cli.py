@@ -1,0 +1,98 @@
+"""`roadwork cache-features` and `roadwork train` through the real CLI (tiny_vit backbone, a few PNGs)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from roadwork_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _make_run(root: Path, per_split: int = 6) -> Path:
+    """splits.json (DESIGN.md format) over small PNGs whose red channel carries the label, plus one broken file."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    splits: dict[str, list[str]] = {}
+    samples = {}
+    k = 0
+    for name in ("train", "val_select", "val_calib", "test"):
+        splits[name] = []
+        for _ in range(per_split * (3 if name == "train" else 1)):
+            pixels = rng.integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+            pixels[..., 0] = 230 * (k % 2)
+            path = root / "images" / f"{k:03d}.png"
+            Image.fromarray(pixels).save(path)
+            image_id = hashlib.sha256(path.read_bytes()).hexdigest()
+            splits[name].append(image_id)
+            samples[image_id] = {"path": str(path), "label": k % 2, "source": "test", "group": image_id}
+            k += 1
+    broken = root / "images" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    broken_id = hashlib.sha256(broken.read_bytes()).hexdigest()
+    splits["train"].append(broken_id)
+    samples[broken_id] = {"path": str(broken), "label": 1, "source": "test", "group": broken_id}
+    run = root / "run"
+    run.mkdir()
+    (run / "splits.json").write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+    return run
+
+
+def test_cache_features_then_train_cached(tmp_path):
+    run = _make_run(tmp_path)
+    args = ["cache-features", "--run", str(run), "--backbone", "tiny_vit", "--batch-size", "8", "--workers", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "fingerprint" in result.output and "unreadable" in result.output
+    current = json.loads((run / "features" / "current.json").read_text())
+    folder = run / "features" / current["fingerprint"]
+    assert (folder / "index.json").exists() and (folder / "meta.json").exists()
+    assert len(json.loads((folder / "failed.json").read_text())) == 1
+    assert "tiny_vit" in (run / "config.yaml").read_text()
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 / " in again.output  # computed 0, everything reused
+
+    result = runner.invoke(app, ["train", "--run", str(run), "--mode", "train_cached", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "best epoch" in result.output
+    for name in ("best.safetensors", "best.json", "last.pt"):
+        assert (run / "checkpoints" / name).exists()
+    with open(run / "metrics.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 3
+    with open(run / "scores" / "test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {"id", "label", "p_roadwork", "gate"} <= set(rows[0])
+
+
+def test_train_modes_that_are_not_built_exit_2(tmp_path):
+    run = _make_run(tmp_path)
+    result = runner.invoke(app, ["train", "--run", str(run), "--mode", "train"])
+    assert result.exit_code == 2
+    assert "not built yet" in result.output and "train_cached" in result.output
+    assert "Traceback" not in result.output
+    assert runner.invoke(app, ["train", "--run", str(run), "--mode", "bogus"]).exit_code == 2
+
+
+def test_train_without_cached_features_exits_2_naming_the_command(tmp_path):
+    run = _make_run(tmp_path)
+    result = runner.invoke(app, ["train", "--run", str(run), "--epochs", "1"])
+    assert result.exit_code == 2 and "cache-features" in result.output
+
+
+def test_unknown_backbone_and_missing_weights_exit_2(tmp_path):
+    run = _make_run(tmp_path)
+    result = runner.invoke(app, ["cache-features", "--run", str(run), "--backbone", "nope"])
+    assert result.exit_code == 2 and "Unknown backbone" in result.output
+    missing = tmp_path / "missing.safetensors"
+    result = runner.invoke(
+        app, ["cache-features", "--run", str(run), "--backbone", "tiny_vit", "--weights", str(missing)]
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output
