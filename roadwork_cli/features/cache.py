@@ -46,7 +46,6 @@ __all__ = [
     "view_seed",
 ]
 
-SPLIT_ORDER = ("train", "val_select", "val_calib", "test")
 CURRENT_FILE = "current.json"
 
 
@@ -68,26 +67,14 @@ class SplitTable:
 
 def read_split_table(run: RunDir) -> SplitTable:
     """Read ``run.splits`` (written by ``roadwork split``; format in DESIGN.md)."""
-    path = run.require(run.splits, "split")
-    try:
-        from roadwork_cli.data.splits import Splits  # developer A's reader, when present
-    except ImportError:
-        Splits = None  # noqa: N806
-    if Splits is not None:
-        splits = Splits.load(path)
-        names = tuple(getattr(splits, "names", SPLIT_ORDER))
-        return SplitTable(
-            seed=int(splits.seed),
-            splits={name: list(splits.ids(name)) for name in names},
-            paths={i: str(s.path) for i, s in splits.samples.items()},
-            labels={i: int(s.label) for i, s in splits.samples.items()},
-        )
-    data = read_json(path)
+    from roadwork_cli.data.splits import SPLIT_NAMES, Splits
+
+    splits = Splits.load(run.require(run.splits, "split"))
     return SplitTable(
-        seed=int(data.get("seed", 0)),
-        splits={name: list(data["splits"].get(name, [])) for name in SPLIT_ORDER},
-        paths={i: str(s["path"]) for i, s in data["samples"].items()},
-        labels={i: int(s["label"]) for i, s in data["samples"].items()},
+        seed=int(splits.seed),
+        splits={name: list(splits.ids(name)) for name in SPLIT_NAMES},
+        paths={i: str(s.path) for i, s in splits.samples.items()},
+        labels={i: int(s.label) for i, s in splits.samples.items()},
     )
 
 
@@ -235,12 +222,15 @@ def load_cached(run: RunDir, fingerprint: str | None = None) -> CachedFeatures:
 class _ViewDataset(torch.utils.data.Dataset):
     """Decodes and transforms (id, view) items; a bad image becomes ``(index, None, reason)`` instead of an error."""
 
-    def __init__(self, keys: Sequence[tuple[str, int]], paths: dict[str, str], preprocessing, max_pixels: int):
+    def __init__(
+        self, keys: Sequence[tuple[str, int]], paths: dict[str, str], preprocessing, max_pixels: int, max_bytes: int
+    ):
         from roadwork_cli.data.transforms import eval_transform, train_transform
 
         self.keys = list(keys)
         self.paths = paths
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         # uint8 out of the workers; normalisation happens once per batch in the main process (normalize_batch).
         self.eval_tf = eval_transform(preprocessing, output="uint8")
         self.train_tf = train_transform(preprocessing, output="uint8")
@@ -253,7 +243,7 @@ class _ViewDataset(torch.utils.data.Dataset):
 
         image_id, view = self.keys[index]
         try:
-            image = load_image(self.paths[image_id], max_pixels=self.max_pixels)
+            image = load_image(self.paths[image_id], max_pixels=self.max_pixels, max_file_bytes=self.max_bytes)
         except ImageRejected as exc:
             return index, None, exc.reason
         except Exception as exc:  # noqa: BLE001 - a bad input must never abort the batch
@@ -350,7 +340,7 @@ def cache_features(
 
     ordered: list[tuple[str, int]] = []
     seen: set[str] = set()
-    for split in SPLIT_ORDER:
+    for split in table.splits:
         for image_id in table.ids(split):
             if image_id not in seen:
                 seen.add(image_id)
@@ -369,7 +359,9 @@ def cache_features(
     forward_passes = computed = 0
     failed_total = 0
     if todo:
-        dataset = _ViewDataset(todo, table.paths, backbone.preprocessing, settings.data.max_image_pixels)
+        dataset = _ViewDataset(
+            todo, table.paths, backbone.preprocessing, settings.data.max_image_pixels, settings.data.max_file_bytes
+        )
         workers = settings.features.workers
         loader = torch.utils.data.DataLoader(
             dataset,

@@ -112,6 +112,7 @@ class Backbone(nn.Module):
         preprocessing: Input preparation (see :func:`roadwork_cli.data.transforms.eval_transform`).
         pooling: How the (B, D) vector is obtained (``token``, ``avg``, ``pooler``, ...).
         weights_sha256: Hash of the loaded parameters and buffers.
+        frozen: While True (the default), ``train()`` keeps the network in eval mode.
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class Backbone(nn.Module):
         self.weights = weights
         self.extra = dict(built.extra)
         self._forward_fn = built.forward
+        self.frozen = True
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.weights_sha256 = _state_dict_sha256(self.model)
@@ -175,8 +177,9 @@ class Backbone(nn.Module):
         }
 
     def train(self, mode: bool = True) -> Backbone:
-        # Frozen: BatchNorm statistics and dropout must never change, whatever the caller asks.
-        return super().train(False)
+        # Frozen: BatchNorm statistics and dropout must never change, whatever the caller asks (a fine-tuning mode
+        # that wants training behaviour sets ``backbone.frozen = False`` first).
+        return super().train(mode and not self.frozen)
 
 
 # ----------------------------------------------------------------------------------------------------------- registry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_run, tiny_settings
+from cache_helpers import make_run, tiny_settings
 from PIL import Image
 from safetensors.torch import load_file
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_cached_run, train_settings
 from safetensors.torch import load_file
+from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.errors import NotBuiltError, UsageError
 from roadwork_cli.features.cache import load_cached, read_split_table
@@ -123,7 +123,7 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path):
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from conftest import train_settings
+        from train_helpers import train_settings
         from roadwork_cli.io.run import RunDir
         from roadwork_cli.training.trainer import train
         run = RunDir({str(killed.root)!r})
