@@ -361,7 +361,8 @@ def _train(
             row.update({f"val_{k}": v for k, v in metrics.items()})
             row["lr"] = float(optimizer.param_groups[0]["lr"])
             history.append(row)
-            key = list(_score_key(metrics, ts.select_metric))
+            # Without val_select images there is nothing to select on: the last epoch wins.
+            key = list(_score_key(metrics, ts.select_metric)) if val_rows.numel() else [float(epoch), 0.0]
             if best["epoch"] < 0 or key > best["key"]:
                 best = {"epoch": epoch + 1, "key": key, "metrics": metrics}
                 info = dict(head_info, epoch=epoch + 1, select_metric=ts.select_metric)

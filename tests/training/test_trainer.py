@@ -187,3 +187,11 @@ def test_ema_off_and_linear_head_still_train(cached_run):
     assert read_json(cached_run.checkpoints / "best.json")["ema"] is False
     assert summary.select_metric == "aurc" and summary.best_metrics["aurc"] < 0.2
     assert os.path.exists(cached_run.scores / "val_calib.csv")
+
+
+def test_without_val_select_the_last_epoch_is_kept(tmp_path):
+    run = make_cached_run(tmp_path / "run", counts=(100, 0, 20, 20))
+    summary = train(run, train_settings(run, epochs=3))
+    assert summary.best_epoch == 3 and summary.n_val_select == 0
+    assert read_json(run.checkpoints / "best.json")["metric"] is None
+    assert len(_rows(run.scores / "val_select.csv")) == 0 and len(_rows(run.scores / "test.csv")) == 20
