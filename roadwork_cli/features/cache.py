@@ -362,7 +362,8 @@ def cache_features(
         dataset = _ViewDataset(
             todo, table.paths, backbone.preprocessing, settings.data.max_image_pixels, settings.data.max_file_bytes
         )
-        workers = settings.features.workers
+        # Worker start-up costs more than it saves when everything fits in one batch.
+        workers = settings.features.workers if len(batches) > 1 else 0
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,

@@ -176,3 +176,19 @@ def test_hf_backbone_from_a_local_directory(tmp_path):
 def test_hf_missing_local_directory_contents_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="Cannot load"):
         create_backbone(f"hf:{tmp_path}")
+
+
+def test_dinov3_entry_loads_a_local_weights_file_with_cls_pooling(tmp_path):
+    """The pro path offline: timm's DINOv3 ViT-S/16 architecture + `--weights FILE` (here random weights)."""
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_small_patch16_dinov3", pretrained=False, num_classes=0, global_pool="token")
+    path = tmp_path / "dinov3_vits16.safetensors"
+    save_file({k: v.contiguous() for k, v in source.eval().state_dict().items()}, str(path))
+    backbone = create_backbone("dinov3_vits16", weights=path, image_size=64)
+    assert backbone.feature_dim == 384 and backbone.pooling == "token"
+    assert backbone.spec["weights"] == str(path) and backbone.preprocessing.size == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone(x), source(x))
