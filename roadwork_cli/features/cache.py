@@ -327,6 +327,8 @@ def cache_features(
     fingerprint = backbone.fingerprint
     folder = run.features / fingerprint
     store = FeatureStore(folder)
+    for stale in folder.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
+        stale.unlink(missing_ok=True)
     meta = {
         "version": 1,
         "fingerprint": fingerprint,

@@ -320,6 +320,8 @@ def _train(
     head_info = {"head": head.config, "backbone": cached.meta.get("backbone", {}), "fingerprint": cached.fingerprint}
 
     last_path = run.checkpoints / "last.pt"
+    for stale in run.checkpoints.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
+        stale.unlink(missing_ok=True)
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "key": [-math.inf, -math.inf], "metrics": {}}
     if last_path.exists():
