@@ -318,8 +318,6 @@ def _timm_preprocessing(model: nn.Module, image_size: int | None) -> Preprocessi
 def _create_timm_model(model_name: str, image_size: int | None, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
-    if not timm.is_model(model_name.split(".")[0]):
-        raise UsageError(f"timm has no model {model_name!r} (see timm.list_models()).")
     kwargs.setdefault("num_classes", 0)
     if image_size is not None:
         try:
@@ -338,19 +336,24 @@ def _build_timm(
     **kwargs: Any,
 ) -> _Built:
     """Any timm model with ``num_classes=0``; weights from ``weights``, else the hub (or its cache when offline)."""
+    import timm
+
     display_name = display_name or f"timm:{model_name}"
+    if not timm.is_model(model_name.split(".")[0]):
+        raise UsageError(f"timm has no model {model_name!r} (see timm.list_models()).")
     if weights is not None:
         model = _create_timm_model(model_name, image_size, pretrained=False, **kwargs)
         _load_into(model, load_state_dict_file(weights), str(weights))
     elif not pretrained:
         model = _create_timm_model(model_name, image_size, pretrained=False, **kwargs)
     else:
-        model = _create_timm_model(model_name, image_size, pretrained=False, **kwargs)
-        repo = getattr(getattr(model, "pretrained_cfg", None), "get", lambda *_: None)("hf_hub_id") or model_name
+        config = timm.models.get_pretrained_cfg(model_name)
+        repo = (config.hf_hub_id if config is not None else None) or model_name
         if _hub_offline():
             cached = _hub_cached_file(repo)
             if cached is None:
                 raise _offline_error(display_name, repo, "HF_HUB_OFFLINE is set and the hub cache has no copy")
+            model = _create_timm_model(model_name, image_size, pretrained=False, **kwargs)
             _load_into(model, load_state_dict_file(cached), cached)
         else:
             try:

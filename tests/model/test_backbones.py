@@ -192,3 +192,8 @@ def test_dinov3_entry_loads_a_local_weights_file_with_cls_pooling(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(backbone(x), source(x))
+
+
+def test_unknown_timm_model_is_a_usage_error():
+    with pytest.raises(UsageError, match="timm has no model"):
+        create_backbone("timm:not_a_model_at_all")
