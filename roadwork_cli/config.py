@@ -153,8 +153,10 @@ class CalibrationSettings(_Section):
         "temperature", description="Probability scaling of p(roadwork), fit on val_select."
     )
     gate_scaling: Literal["none", "platt"] = Field("platt", description="Scaling of the gate score, fit on val_select.")
-    gate_score: Literal["gate", "softmax_response"] = Field(
-        "gate", description="Selection score: the gate head, or max(p, 1-p) (softmax response)."
+    gate_score: Literal["auto", "gate", "softmax_response"] = Field(
+        "auto",
+        description="Selection score: the gate head, max(p, 1-p) (softmax response), or auto = the one with the "
+        "lower AURC on val_select (chosen before val_calib is seen).",
     )
     grid_size: int = Field(10, gt=0, description="Number of gate thresholds lambda, fixed before seeing val_calib.")
     objective: Literal["accuracy", "coverage", "mcc"] = Field(

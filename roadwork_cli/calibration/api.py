@@ -21,6 +21,7 @@ from roadwork_cli.calibration.scrc import CalibrationOutcome, SelectiveConformal
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.atomic import atomic_write_json
 from roadwork_cli.io.run import RunDir
+from roadwork_cli.metrics.selective import aurc
 
 PARAMS_VERSION = 1
 REQUIRED_COLUMNS = ("p_roadwork", "gate", "label")
@@ -132,12 +133,28 @@ def read_scores_csv(path: str | Path) -> ScoreTable:
 def fit_scaling(select: ScoreTable | None, settings) -> dict[str, Any]:
     """Fit the p and gate scalers on val_select (identity when there is none); returns the scaling.json dict."""
     if select is None or len(select) == 0:
+        gate_score = "gate" if settings.gate_score == "auto" else settings.gate_score
         return {"cls": {"method": "none", "params": {}}, "gate": {"method": "none", "params": {}},
-                "gate_score": settings.gate_score}  # fmt: skip
+                "gate_score": gate_score}  # fmt: skip
     cls_scaler = create_scaler(settings.scaling).fit(select.p, select.label)
     p_select = cls_scaler.transform(select.p)
     gate_scaler = fit_gate_scaler(settings.gate_scaling, select.gate, p_select, select.label)
-    return {"cls": cls_scaler.to_dict(), "gate": gate_scaler.to_dict(), "gate_score": settings.gate_score}
+    scaling = {"cls": cls_scaler.to_dict(), "gate": gate_scaler.to_dict(), "gate_score": settings.gate_score}
+    if settings.gate_score == "auto":
+        scaling.update(choose_selection_score(p_select, gate_scaler.transform(select.gate), select.label))
+    return scaling
+
+
+def choose_selection_score(p_select: np.ndarray, g_select: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Pick the selection score (gate head or softmax response) with the lower AURC on val_select.
+
+    The choice uses val_select only, so it is fixed before val_calib is seen and the SCRC-I guarantee still holds.
+    A gate head that learnt nothing (e.g. saturated because the training set was fit perfectly) loses to max(p, 1-p).
+    """
+    losses = ((p_select >= 0.5).astype(int) != labels).astype(float)
+    candidates = {"gate": aurc(g_select, losses), "softmax_response": aurc(softmax_response(p_select), losses)}
+    chosen = min(candidates, key=lambda name: (candidates[name], name != "gate"))  # ties keep the gate head
+    return {"gate_score": chosen, "gate_score_aurc_select": candidates}
 
 
 def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings, source: dict[str, Any]) -> dict:
@@ -200,7 +217,7 @@ def _conformalize(select: ScoreTable | None, calib: ScoreTable, settings, scalin
         slack = dkw_slack(len(calib), settings.delta_coverage_share * settings.delta)
         sc.fit(g_select, xi=min(settings.coverage + slack, 1.0))
     else:
-        sc.fit(None, score_range=(0.5, 1.0) if settings.gate_score == "softmax_response" else (0.0, 1.0))
+        sc.fit(None, score_range=(0.5, 1.0) if scaling["gate_score"] == "softmax_response" else (0.0, 1.0))
     p, g = rule.calibrate(calib.p, calib.gate)
     return sc.conformalize(p, g, calib.label)
 

@@ -42,7 +42,7 @@ def run(tmp_path: Path) -> RunDir:
     return run
 
 
-SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1)
+SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate")
 
 
 def test_calibrate_run_writes_scaling_and_params(run: RunDir) -> None:
@@ -161,3 +161,37 @@ def test_rule_rejects_bad_params() -> None:
         StageRule.from_dicts(None, {"tau": 0.5})
     with pytest.raises(UsageError, match="Bad scaling"):
         StageRule.from_dicts({"cls": {"method": "isotonic"}}, {"thresholds": {"lambda": 0.1, "tau": 0.5}})
+
+
+def _write_select_with_gate(path: Path, gate_from_correct, seed: int = 5, n: int = 3000) -> Path:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    p = 1 / (1 + np.exp(-((2 * y - 1) * 1.5 + rng.normal(0, 1.5, n))))
+    correct = ((p >= 0.5).astype(int) == y).astype(float)
+    gate = np.clip(gate_from_correct(correct, rng), 1e-6, 1 - 1e-6)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["label", "p_roadwork", "gate"])
+        writer.writerows(zip(y, p, gate, strict=True))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("gate_from_correct", "expected"),
+    [
+        # An oracle gate (high exactly when the decision is right) ranks better than max(p, 1-p).
+        (lambda correct, rng: 0.2 + 0.6 * correct + rng.uniform(-0.05, 0.05, correct.size), "gate"),
+        # A saturated, uninformative gate (what an over-fit SelectiveNet head gives) loses to the softmax response.
+        (lambda correct, rng: 0.9999 + rng.uniform(-1e-5, 1e-5, correct.size), "softmax_response"),
+    ],
+)
+def test_auto_selection_score_picks_the_better_ranking_on_val_select(tmp_path, gate_from_correct, expected) -> None:
+    run = RunDir(tmp_path / "run").ensure()
+    run.scores.mkdir()
+    _write_select_with_gate(run.scores / "val_select.csv", gate_from_correct)
+    _write_select_with_gate(run.scores / "val_calib.csv", gate_from_correct, seed=6)
+    result = calibrate_run(run, SETTINGS.model_copy(update={"gate_score": "auto", "allow_infeasible": True}))
+    assert result.scaling["gate_score"] == expected
+    aurcs = result.scaling["gate_score_aurc_select"]
+    assert aurcs[expected] <= min(aurcs.values())
+    assert StageRule.from_dicts(result.scaling, result.params).gate_score == expected
