@@ -340,8 +340,13 @@ def extract_bundle(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -
         selected = list(infos.values())
         if hasattr(tarfile, "data_filter"):
             tar.extractall(target, members=selected, filter="data")
-        else:  # pragma: no cover - Python without PEP 706 filters; our own checks above still apply
-            tar.extractall(target, members=selected)  # noqa: S202
+        else:  # pragma: no cover - Python without PEP 706 filters: copy the verified regular files by hand
+            for info in selected:
+                source = tar.extractfile(info)
+                if source is None:
+                    raise BundleError(f"Bundle member {info.name!r} is not a regular file; refused.")
+                (target / info.name).parent.mkdir(parents=True, exist_ok=True)
+                (target / info.name).write_bytes(source.read())
     for name, entry in manifest.members.items():
         _check_digest(name, (target / name).read_bytes(), entry)
     return manifest
