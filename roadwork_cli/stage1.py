@@ -214,17 +214,6 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
     return indices, stacked, errors
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else MPS, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 class Stage1Model:
     """Backbone + selective head + calibrated exit rule.
 
@@ -235,6 +224,7 @@ class Stage1Model:
         info: Provenance (backbone spec and fingerprint, head config, preprocessing) as written to model.json.
         device: Where to run; default ``auto``.
         max_pixels: Decompression-bomb limit for inputs.
+        precision: ``auto`` (bf16 autocast on CUDA with bf16, else fp32), ``fp32``, ``bf16`` or ``fp16``.
     """
 
     def __init__(
@@ -247,10 +237,13 @@ class Stage1Model:
         max_pixels: int = 50_000_000,
         max_file_bytes: int = 64 * 1024 * 1024,
         channels_last: bool = True,
+        precision: str = "auto",
     ):
         from roadwork_cli.data.transforms import eval_transform
+        from roadwork_cli.model.device import compute_dtype, resolve_device
 
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.compute_dtype = compute_dtype(self.device, precision)
         self.backbone = backbone.eval().to(self.device)
         self.head = head.eval().to(self.device)
         self.channels_last = channels_last
@@ -266,7 +259,9 @@ class Stage1Model:
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
-    def from_run(cls, run: RunDir | str | Path, device: str = "auto", calibrated: bool = True) -> Stage1Model:
+    def from_run(
+        cls, run: RunDir | str | Path, device: str = "auto", calibrated: bool = True, precision: str = "auto"
+    ) -> Stage1Model:
         """Build from a trained and calibrated run directory (checkpoints/best.* and calibration/*).
 
         Args:
@@ -286,11 +281,15 @@ class Stage1Model:
         weights = _run_backbone_weights(run, best_json)
         backbone = _build_backbone(_backbone_record(best_json), weights_file=weights)
         head = _build_head(best_json, best.read_bytes(), backbone)
-        return cls(backbone, head, rule, info=model_record(best_json, backbone), device=device)
+        return cls(backbone, head, rule, info=model_record(best_json, backbone), device=device, precision=precision)
 
     @classmethod
     def from_bundle(
-        cls, path: str | Path, device: str = "auto", backbone_weights: str | Path | None = None
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        backbone_weights: str | Path | None = None,
+        precision: str = "auto",
     ) -> Stage1Model:
         """Verify ``path`` (checksums, versions, safe member names) and build the model from it.
 
@@ -321,7 +320,7 @@ class Stage1Model:
             backbone = _build_backbone(record["backbone"], weights_file=weights)
         head = _build_head(record, contents.members[HEAD_WEIGHTS], backbone)
         rule = _build_rule(scaling, params)
-        model = cls(backbone, head, rule, info=record, device=device)
+        model = cls(backbone, head, rule, info=record, device=device, precision=precision)
         model.info["manifest"] = contents.manifest.to_dict()
         return model
 
@@ -350,7 +349,10 @@ class Stage1Model:
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(batch)  # (B, D)
+        from roadwork_cli.model.device import autocast
+
+        with autocast(self.device, self.compute_dtype):
+            features = self.backbone(batch)  # (B, D)
         out = self.head(features.float())
         p = torch.sigmoid(out.cls.float()).cpu().numpy()  # (B,)
         g = torch.sigmoid(out.gate.float()).cpu().numpy()  # (B,)
@@ -426,9 +428,11 @@ class Stage1Model:
         return np.array([np.nan if p.p_roadwork is None else p.p_roadwork for p in predictions], dtype=np.float64)
 
 
-def load_bundle(path: str | Path, device: str = "auto", backbone_weights: str | Path | None = None) -> Stage1Model:
+def load_bundle(
+    path: str | Path, device: str = "auto", backbone_weights: str | Path | None = None, precision: str = "auto"
+) -> Stage1Model:
     """Verify and load a bundle written by ``roadwork export`` (see ``Stage1Model.from_bundle``)."""
-    return Stage1Model.from_bundle(path, device=device, backbone_weights=backbone_weights)
+    return Stage1Model.from_bundle(path, device=device, backbone_weights=backbone_weights, precision=precision)
 
 
 # --------------------------------------------------------------------------------------------------- building blocks
@@ -553,7 +557,9 @@ def score_source(
     from roadwork_cli.reporting.progress import progress_bar
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    model = Stage1Model.from_run(run, device=settings.runtime.device, calibrated=False)
+    model = Stage1Model.from_run(
+        run, device=settings.runtime.device, calibrated=False, precision=settings.runtime.precision
+    )
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
     resolved = create_source(source, settings.data, run.synthetic)

@@ -170,7 +170,7 @@ def command(
         import torch
 
         torch.set_num_threads(settings.runtime.threads)
-    model = load_bundle(bundle, device=settings.runtime.device)
+    model = load_bundle(bundle, device=settings.runtime.device, precision=settings.runtime.precision)
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
     loaded = time.perf_counter()

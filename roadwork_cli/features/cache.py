@@ -289,12 +289,6 @@ class CacheSummary:
     shards: int
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU (MPS only when asked for by name)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def cache_features(
     run: RunDir,
@@ -314,6 +308,7 @@ def cache_features(
     """
     from roadwork_cli.data.transforms import normalize_batch
     from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
     from roadwork_cli.reporting.progress import progress_bar
 
     started = time.perf_counter()
@@ -324,7 +319,10 @@ def cache_features(
         backbone = create_backbone(
             settings.model.backbone, weights=settings.model.weights, image_size=settings.model.image_size
         )
-    fingerprint = backbone.fingerprint
+    device = resolve_device(settings.runtime.device)
+    dtype = compute_dtype(device, settings.runtime.precision)
+    # Reduced-precision features differ from fp32 ones, so they live in a folder of their own.
+    fingerprint = backbone.fingerprint if dtype is None else f"{backbone.fingerprint}-{precision_tag(dtype)}"
     folder = run.features / fingerprint
     store = FeatureStore(folder)
     for stale in folder.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
@@ -336,6 +334,7 @@ def cache_features(
         "feature_dim": backbone.feature_dim,
         "preprocessing": backbone.preprocessing.to_dict(),
         "dtype": "float16",
+        "compute_precision": precision_tag(dtype),
         "views": int(settings.features.views),
     }
     atomic_write_json(store.meta_path, meta)
@@ -352,7 +351,6 @@ def cache_features(
     todo = [key for key in ordered if not store.has(*key) and key[0] not in store.failed]
     reused = sum(1 for key in ordered if store.has(*key))
 
-    device = resolve_device(settings.runtime.device)
     model = backbone.to(device)
     if settings.features.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -388,7 +386,7 @@ def cache_features(
                     batch = normalize_batch(batch.to(device, non_blocking=True), backbone.preprocessing)
                     if not settings.features.channels_last:
                         batch = batch.contiguous()
-                    with torch.inference_mode():
+                    with torch.inference_mode(), autocast(device, dtype):
                         feats = model(batch).float().cpu()  # (B, D)
                     forward_passes += 1
                     shard_rows.append(feats)

@@ -30,9 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from roadwork_cli.errors import NotBuiltError, UsageError
-from roadwork_cli.features.cache import CachedFeatures, load_cached, read_split_table, resolve_device
+from roadwork_cli.features.cache import CachedFeatures, load_cached, read_split_table
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text
 from roadwork_cli.io.run import RunDir
+from roadwork_cli.model.device import resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
 from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler

@@ -141,3 +141,16 @@ def test_worker_processes_give_the_same_features(tmp_path):
     cache_features(parallel_run, tiny_settings(parallel_run, views=1, workers=2))
     a, b = load_cached(serial_run), load_cached(parallel_run)
     assert a.rows == b.rows and torch.equal(a.features, b.features)
+
+
+def test_reduced_precision_features_get_their_own_folder_and_stay_close(tiny_run):
+    fp32 = cache_features(tiny_run, tiny_settings(tiny_run))
+    settings = tiny_settings(tiny_run)
+    settings.runtime.precision = "bf16"
+    bf16 = cache_features(tiny_run, settings)
+    assert bf16.fingerprint == f"{fp32.fingerprint}-bf16" and bf16.reused == 0
+    assert load_cached(tiny_run, bf16.fingerprint).meta["compute_precision"] == "bf16"
+    a = load_cached(tiny_run, fp32.fingerprint).features
+    b = load_cached(tiny_run, bf16.fingerprint).features
+    assert not torch.equal(a, b)  # bf16 really ran
+    assert torch.allclose(a, b, atol=0.1 * a.abs().max().item())
