@@ -117,6 +117,12 @@ class LossWeights(_Section):
     coverage_penalty: float = Field(16.0, ge=0, description="Lambda of SelectiveNet's quadratic coverage penalty.")
     aux: float = Field(0.5, ge=0, description="Cross-entropy of the auxiliary output on all samples.")
     fn_weight: float = Field(2.0, ge=0, description="Extra weight on missed roadwork (false negatives).")
+    gate_correctness: float = Field(
+        1.0,
+        ge=0,
+        description="Cross-entropy of the gate against the probability the (detached) cls output gives the true "
+        "label; keeps the gate from saturating once the training set is fit.",
+    )
 
 
 class TrainSettings(_Section):

@@ -1,4 +1,4 @@
-"""The train_cached objective: classification + SelectiveNet selective risk + coverage penalty + aux + FN risk.
+"""The train_cached objective: classification + SelectiveNet selective risk + coverage penalty + aux + FN risk + gate.
 
 With per-sample cross-entropy ``l_i`` of the cls output, gate ``g_i = sigmoid(gate_i)`` and labels ``y_i``:
 
@@ -8,9 +8,16 @@ With per-sample cross-entropy ``l_i`` of the cls output, gate ``g_i = sigmoid(ga
 * ``aux``       = mean(cross-entropy of the aux output)      (keeps the shared trunk a full classifier)
 * ``fn``        = sum(g_i y_i l_i) / sum(g_i y_i)            (selective risk on roadwork images only: missed
                                                               roadwork among exits is the error the guarantee bounds)
+* ``gate``      = mean(BCE(gate logit_i, t_i)), t_i = exp(-l_i) detached: the probability the cls output gives the
+                  true label (ConfidNet's "true class probability" target)
 
-``total = w_cls cls + w_sel selective + w_cov coverage + w_aux aux + w_fn fn`` with weights from
+``total = w_cls cls + w_sel selective + w_cov coverage + w_aux aux + w_fn fn + w_gate gate`` with weights from
 :class:`~roadwork_cli.config.LossWeights`.
+
+Why the ``gate`` term: SelectiveNet's coverage penalty is one-sided and its selective risk only sees training errors;
+once the head fits the training set every loss is near zero, the penalty pushes all gates up together and the gate
+saturates (every value ~1, no ranking). The soft correctness target keeps a per-sample signal that does not vanish:
+the gate learns how sure the cls output is of the true label, which is what selection needs.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from roadwork_cli.model.head import HeadOutput
 
 __all__ = ["LOSS_PARTS", "selective_loss"]
 
-LOSS_PARTS = ("total", "cls", "selective", "coverage", "aux", "fn")
+LOSS_PARTS = ("total", "cls", "selective", "coverage", "aux", "fn", "gate")
 _EPS = 1e-6
 
 
@@ -37,7 +44,7 @@ def selective_loss(
         output: Head logits, each ``(B,)``.
         labels: ``(B,)`` float 0/1 (1 = roadwork).
         weights: :class:`~roadwork_cli.config.LossWeights` (``cls``, ``selective``, ``coverage_penalty``, ``aux``,
-            ``fn_weight``).
+            ``fn_weight``, ``gate_correctness``).
         target_coverage: Fraction of samples the gate should accept.
 
     Returns:
@@ -53,12 +60,19 @@ def selective_loss(
     aux = F.binary_cross_entropy_with_logits(output.aux, labels)
     positive_gate = gate * labels
     fn = (positive_gate * per_sample).sum() / positive_gate.sum().clamp_min(_EPS)
+    # Detached target: the cls output is never pulled towards what the gate predicts about it.
+    true_class_probability = torch.exp(-per_sample.detach())  # (B,)
+    gate_fit = F.binary_cross_entropy_with_logits(output.gate, true_class_probability)
     total = (
         weights.cls * cls
         + weights.selective * selective
         + weights.coverage_penalty * coverage
         + weights.aux * aux
         + weights.fn_weight * fn
+        + weights.gate_correctness * gate_fit
     )
-    parts = {"total": total, "cls": cls, "selective": selective, "coverage": coverage, "aux": aux, "fn": fn}
+    parts = {
+        "total": total, "cls": cls, "selective": selective, "coverage": coverage, "aux": aux, "fn": fn,
+        "gate": gate_fit,
+    }  # fmt: skip
     return total, {name: value.detach() for name, value in parts.items()}
