@@ -34,6 +34,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # A large val_calib: the certificate's strength grows with the number of calibration positives.
     "data": {"fractions": [0.4, 0.1, 0.3, 0.2]},
     "calibration": {"fnr": 0.02, "coverage": 0.8, "delta": 0.1},
+    # A heavier miss term pulls the hardest roadwork scenes up, so SCRC-I certifies a larger tau: on the demo's
+    # val_calib (6 seeds) accuracy on exits 0.70 -> 0.75 and FPR on exits 0.63 -> 0.57 at the same coverage, for
+    # 3 points of accuracy at p >= 0.5 (0.92 -> 0.89). The gate term is off here: it shares the trunk and cost 1.5
+    # points of accuracy on exits with fn_weight 10, while calibration picks softmax response over the gate anyway.
+    "train": {"loss": {"fn_weight": 10.0, "gate_correctness": 0.0}},
 }
 """Demo settings that sit between the global defaults and the user's YAML / environment / flags."""
 
