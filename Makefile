@@ -28,7 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check roadwork_cli tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cache_features.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train_cached.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_predict.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/synthetic_probe.py
 
 clean:
 	rm -rf runs .pytest_cache
