@@ -164,7 +164,15 @@ class CalibrationSettings(_Section):
         description="Selection score: the gate head, max(p, 1-p) (softmax response), or auto = the one with the "
         "lower AURC on val_select (chosen before val_calib is seen).",
     )
-    grid_size: int = Field(10, gt=0, description="Number of gate thresholds lambda, fixed before seeing val_calib.")
+    rule: Literal["gate", "band"] = Field(
+        "gate",
+        description="Stage-1 rule certified by SCRC-I. gate: exit iff the selection score g >= lambda, then roadwork "
+        "iff p >= tau. band: no_roadwork iff p < tau, roadwork iff p >= b, defer iff tau <= p < b (b from a grid of "
+        "val_select quantiles of p, Bonferroni over it; the selection score plays no role). band needs method=scrc.",
+    )
+    grid_size: int = Field(
+        10, gt=0, description="Number of lambda (rule gate) or b (rule band) values, fixed before seeing val_calib."
+    )
     objective: Literal["accuracy", "coverage", "mcc"] = Field(
         "accuracy", description="Pick among certified pairs by this on exits (ties broken by coverage)."
     )

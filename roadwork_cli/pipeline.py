@@ -33,7 +33,10 @@ misses, and ~500+ to tolerate a few. The whole demo stays under 10 minutes on 2 
 DEMO_DEFAULTS: dict[str, Any] = {
     # A large val_calib: the certificate's strength grows with the number of calibration positives.
     "data": {"fractions": [0.4, 0.1, 0.3, 0.2]},
-    "calibration": {"fnr": 0.02, "coverage": 0.8, "delta": 0.1},
+    # The band rule (defer iff tau <= p < b) beats exit-iff-g>=lambda here: on the demo split accuracy on exits
+    # 0.744 -> 0.758 on val_calib and 0.750 -> 0.776 on test (FPR on exits 0.570 -> 0.543, FNR 0.004 both), and on
+    # 40 random re-splits of val_calib+test +0.009 accuracy with +0.024 coverage on average; both certify.
+    "calibration": {"fnr": 0.02, "coverage": 0.8, "delta": 0.1, "rule": "band"},
     # A heavier miss term pulls the hardest roadwork scenes up, so SCRC-I certifies a larger tau: on the demo's
     # val_calib (6 seeds) accuracy on exits 0.70 -> 0.75 and FPR on exits 0.63 -> 0.57 at the same coverage, for
     # 3 points of accuracy at p >= 0.5 (0.92 -> 0.89). The gate term is off here: it shares the trunk and cost 1.5

@@ -12,6 +12,7 @@ from roadwork_cli.calibration.scrc import (
     SelectiveConformal,
     crc,
     crc_threshold,
+    scrc_band,
     scrc_i,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "crc_threshold",
     "list_scalers",
     "scaler_from_dict",
+    "scrc_band",
     "scrc_i",
 ]

@@ -17,7 +17,14 @@ import numpy as np
 
 from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.calibration.scaling import create_scaler, fit_gate_scaler, softmax_response
-from roadwork_cli.calibration.scrc import CalibrationOutcome, SelectiveConformal, dkw_slack
+from roadwork_cli.calibration.scrc import (
+    CalibrationOutcome,
+    SelectiveConformal,
+    band_grid_from_scores,
+    dkw_slack,
+    fixed_band_grid,
+    scrc_band,
+)
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.atomic import atomic_write_json
 from roadwork_cli.io.run import RunDir
@@ -157,6 +164,14 @@ def choose_selection_score(p_select: np.ndarray, g_select: np.ndarray, labels: n
     return {"gate_score": chosen, "gate_score_aurc_select": candidates}
 
 
+def _thresholds(data: dict[str, Any]) -> dict[str, Any]:
+    """The thresholds block; band-rule params add "b" (and lambda is null)."""
+    thresholds = {"rule": data["rule"], "lambda": data["lam"], "tau": data["tau"], "sets": data["set_thresholds"]}
+    if data["rule"] == "band":
+        thresholds["b"] = data["b"]
+    return thresholds
+
+
 def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings, source: dict[str, Any]) -> dict:
     import roadwork_cli
 
@@ -167,7 +182,7 @@ def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings,
         "method": outcome.method,
         "gate_score": scaling.get("gate_score", settings.gate_score),
         "feasible": bool(outcome.feasible),
-        "thresholds": {"lambda": data["lam"], "tau": data["tau"], "sets": data["set_thresholds"]},
+        "thresholds": _thresholds(data),
         "targets": {
             "alpha": outcome.alpha,
             "delta": outcome.delta,
@@ -200,8 +215,27 @@ def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings,
     }
 
 
+def _band_grid(select: ScoreTable | None, calib: ScoreTable, settings, rule: StageRule) -> np.ndarray:
+    """b grid for the band rule from calibrated p on val_select (data-free without val_select)."""
+    if select is None or not len(select):
+        return fixed_band_grid(settings.grid_size)
+    p_select, _ = rule.calibrate(select.p, select.gate)
+    # The DKW slack uses n and |B| (counts, not data), so the grid's lowest b still reaches the coverage bound.
+    slack = dkw_slack(len(calib), settings.delta_coverage_share * settings.delta / settings.grid_size)
+    return band_grid_from_scores(p_select, select.label, settings.grid_size, settings.coverage + slack, settings.fnr)
+
+
 def _conformalize(select: ScoreTable | None, calib: ScoreTable, settings, scaling: dict[str, Any]):
     rule = StageRule.from_dicts(scaling, {"thresholds": {"lambda": None, "tau": 0.5}})
+    if settings.rule == "band":
+        if settings.method != "scrc":
+            raise UsageError(
+                f"calibration.rule=band is certified by SCRC-I only; set method=scrc (not {settings.method})."
+            )
+        p, _ = rule.calibrate(calib.p, calib.gate)
+        grid = _band_grid(select, calib, settings, rule)
+        return scrc_band(p, calib.label, grid, settings.fnr, settings.delta, settings.coverage,
+                         settings.delta_coverage_share, settings.objective)  # fmt: skip
     sc = SelectiveConformal(
         alpha=settings.fnr,
         delta=settings.delta,

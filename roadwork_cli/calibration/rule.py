@@ -1,4 +1,8 @@
-"""The stage-1 decision rule: calibrate raw scores, then exit iff g >= lambda; on exit roadwork iff p >= tau.
+"""The stage-1 decision rule: calibrate raw scores, then decide roadwork / no_roadwork / defer.
+
+Rule "gate" (the default, and what a params file without ``thresholds.rule`` means): exit iff g >= lambda; on exit
+roadwork iff p >= tau. Rule "band": no_roadwork iff p < tau, roadwork iff p >= b, defer iff tau <= p < b (the
+selection score g plays no role).
 
 ``StageRule`` is what predict, export and evaluate share; it only needs the two JSON files written by calibrate
 (``scaling.json`` and ``scrc_params.json``; the latter embeds a copy of the scaling, so it alone suffices).
@@ -45,6 +49,11 @@ class StageRule:
         """Build from the parsed JSON; ``scaling=None`` uses the copy embedded in ``params`` (or no scaling)."""
         if not isinstance(params, dict) or "thresholds" not in params:
             raise UsageError("Calibration parameters lack 'thresholds'; re-run `roadwork calibrate`.")
+        rule = params["thresholds"].get("rule") or "gate"
+        if rule not in ("gate", "band"):
+            raise UsageError(f"Unknown decision rule {rule!r} in the calibration parameters; expected gate or band.")
+        if rule == "band" and (params["thresholds"].get("b") is None or params["thresholds"].get("tau") is None):
+            raise UsageError("Band-rule calibration parameters need thresholds 'b' and 'tau'; re-run calibrate.")
         scaling = scaling if scaling is not None else params.get("scaling") or {}
         try:
             cls_scaler = scaler_from_dict(scaling.get("cls"))
@@ -73,6 +82,17 @@ class StageRule:
         return None if value is None else float(value)
 
     @property
+    def rule(self) -> str:
+        """ "gate" or "band" (old params files without ``thresholds.rule`` are gate rules)."""
+        return str(self.params["thresholds"].get("rule") or "gate")
+
+    @property
+    def b(self) -> float | None:
+        """Upper threshold of the band rule: roadwork iff p >= b (None for the gate rule)."""
+        value = self.params["thresholds"].get("b")
+        return None if value is None or self.rule != "band" else float(value)
+
+    @property
     def tau(self) -> float | None:
         """Decision threshold tau on calibrated p among exits (None in prediction-set mode)."""
         value = self.params["thresholds"].get("tau")
@@ -92,6 +112,8 @@ class StageRule:
         return _decide(
             {
                 "method": self.params.get("method"),
+                "rule": self.rule,
+                "b": thresholds.get("b"),
                 "lam": thresholds.get("lambda"),
                 "tau": thresholds.get("tau"),
                 "set_thresholds": thresholds.get("sets"),

@@ -12,6 +12,9 @@ delta = delta1 (coverage) + delta2 (risk):
    delta2 / |G| (Bonferroni over G). Because FNR and k(tau) both grow with tau the scan needs no correction.
 3. Among certified pairs the objective (accuracy on exits, then coverage) picks one.
 
+``scrc_band`` certifies the opt-in band rule instead (exit iff p < tau -> no_roadwork or p >= b -> roadwork; defer
+iff tau <= p < b) over a b grid B, with Bonferroni over |B| for both the risk and the coverage bound.
+
 Also here: plain CRC (Angelopoulos et al., guarantee in expectation) and class-conditional prediction sets.
 ``SelectiveConformal`` wraps it in a fit -> conformalize -> predict flow (MAPIE style).
 """
@@ -129,7 +132,8 @@ def tau_candidates(p) -> np.ndarray:
 class CalibrationOutcome:
     """Chosen thresholds and everything needed to audit them (serialised into scrc_params.json).
 
-    ``lam`` / ``tau`` are None in prediction-set mode, which uses ``set_thresholds`` instead.
+    ``lam`` / ``tau`` are None in prediction-set mode, which uses ``set_thresholds`` instead. ``rule`` is "gate"
+    (exit iff g >= lam) or "band" (exit iff p < tau or p >= b; ``lam`` is None and ``grid`` holds the b grid).
     """
 
     method: str
@@ -156,6 +160,8 @@ class CalibrationOutcome:
     per_lambda: list[dict[str, Any]] = field(default_factory=list)
     set_thresholds: dict[str, float] | None = None
     note: str = ""
+    rule: str = "gate"
+    b: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict: NaN/inf become None (the grid's -inf is written as null = 'everything exits')."""
@@ -190,19 +196,21 @@ def _pair_table(p: np.ndarray, y: np.ndarray, exits: np.ndarray, taus: np.ndarra
 
 
 def _objective_values(table: dict[str, np.ndarray], objective: str, n: int) -> np.ndarray:
-    n_exit = table["n_exit"]
-    if n_exit == 0:
-        return np.full(table["k"].shape, -np.inf)
+    # n_exit is one count for the gate rule and one per tau for the band rule (there tau moves the exits).
+    n_exit = np.broadcast_to(np.asarray(table["n_exit"], dtype=float), table["k"].shape)
     if objective == "accuracy":
-        return (table["tp"] + table["tn"]) / n_exit
-    if objective == "coverage":
-        return np.full(table["k"].shape, n_exit / n)
-    if objective == "mcc":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            values = (table["tp"] + table["tn"]) / n_exit
+    elif objective == "coverage":
+        values = n_exit / n
+    elif objective == "mcc":
         tp, tn, fp, fn = (table[key].astype(float) for key in ("tp", "tn", "fp", "k"))
         denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(denominator > 0, (tp * tn - fp * fn) / denominator, 0.0)
-    raise ValueError(f"unknown objective {objective!r}; choose accuracy, coverage or mcc")
+            values = np.where(denominator > 0, (tp * tn - fp * fn) / denominator, 0.0)
+    else:
+        raise ValueError(f"unknown objective {objective!r}; choose accuracy, coverage or mcc")
+    return np.where(n_exit > 0, values, -np.inf)
 
 
 def _check_inputs(p, g, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -341,17 +349,207 @@ def scrc_i(
     return outcome
 
 
-def _infeasible_note(alpha: float, xi: float, fnr_at_xi: float | None, cov_at_alpha: float | None) -> str:
+def _infeasible_note(
+    alpha: float, xi: float, fnr_at_xi: float | None, cov_at_alpha: float | None, rule: str = "gate"
+) -> str:
+    what = "gate threshold" if rule == "gate" else "band (b, tau)"
     parts = [f"No threshold pair certifies FNR <= {alpha:g} with coverage >= {xi:g}."]
     if fnr_at_xi is not None:
         parts.append(f"At coverage {xi:g} the best certifiable FNR bound is {fnr_at_xi:.4f}.")
     else:
-        parts.append(f"No gate threshold certifies coverage {xi:g} on this many images.")
+        parts.append(f"No {what} certifies coverage {xi:g} on this many images.")
     if cov_at_alpha is not None:
         parts.append(f"At FNR {alpha:g} the largest certified coverage is {cov_at_alpha:.4f}.")
     else:
-        parts.append(f"No gate threshold certifies FNR {alpha:g} (too few exited positives).")
+        parts.append(f"No {what} certifies FNR {alpha:g} (too few exited positives).")
     return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------- band rule
+def band_grid_from_scores(p_select, y_select, grid_size: int, xi: float, alpha: float, headroom: float = 2.0):
+    """b grid = quantiles of calibrated p on val_select at ``grid_size`` evenly spaced levels (fixed pre-val_calib).
+
+    With tau = 0 the band defers every p < b, so level ``1 - xi`` is the lowest useful b. A tau certified at FNR
+    alpha gives back about F(tau) of mass, so the top level is ``1 - xi + F(t)`` with t the ``headroom * alpha``
+    quantile of the val_select positives' p (a plug-in tau with room above it); the grid's points thus sit where
+    the coverage constraint binds instead of being spread over the whole p range.
+
+    Args:
+        p_select: Calibrated p on val_select, shape (n,).
+        y_select: Its 0/1 labels, shape (n,).
+        grid_size: Number of levels (duplicates of tied quantiles are dropped).
+        xi: Coverage the grid should reach (pass xi + DKW slack).
+        alpha: FNR target.
+        headroom: Multiple of alpha for the plug-in tau.
+    """
+    p_select = np.asarray(p_select, dtype=float)
+    y_select = np.asarray(y_select).astype(int)
+    if not p_select.size:
+        return fixed_band_grid(grid_size)
+    low = min(max(1.0 - xi, 0.0), 1.0)
+    positives = p_select[y_select == 1]
+    plug_in_tau = float(np.quantile(positives, min(headroom * alpha, 1.0))) if positives.size else 1.0
+    high = min(low + float(np.mean(p_select < plug_in_tau)), 1.0)
+    return np.unique(np.quantile(p_select, np.linspace(low, high, grid_size)))
+
+
+def fixed_band_grid(grid_size: int, low: float = 0.5, high: float = 1.0) -> np.ndarray:
+    """Data-free b grid: ``grid_size`` evenly spaced values on [low, high) of the p scale."""
+    return np.linspace(low, high, grid_size, endpoint=False)
+
+
+def _band_table(p: np.ndarray, y: np.ndarray, b: float, taus: np.ndarray) -> dict[str, np.ndarray]:
+    """Counts for every tau <= b at one b: exits are p < tau (no_roadwork) and p >= b (roadwork)."""
+    below = _pair_table(p, y, np.ones(p.shape, dtype=bool), taus)  # k, tn: the p < tau part of the exits
+    upper = p >= b
+    tp, fp = int(np.sum(upper & (y == 1))), int(np.sum(upper & (y == 0)))
+    k, tn = below["k"], below["tn"]
+    return {"k": k, "tp": np.full(taus.shape, tp), "tn": tn, "fp": np.full(taus.shape, fp), "m": k + tp,
+            "n_exit": k + tn + tp + fp}  # fmt: skip
+
+
+def scrc_band(
+    p,
+    y,
+    b_grid,
+    alpha: float,
+    delta: float,
+    xi: float,
+    delta_coverage_share: float = 0.5,
+    objective: str = "accuracy",
+) -> CalibrationOutcome:
+    """SCRC-I for the band rule: exit iff p < tau (no_roadwork) or p >= b (roadwork); defer iff tau <= p < b.
+
+    The selection score plays no role; only calibrated p and a grid B of b values, fixed before val_calib, are used.
+    With probability at least 1 - delta1 - delta2 over the n val_calib images, the chosen (b, tau) has
+    FNR_on_exits <= alpha AND coverage >= xi:
+
+    1. Risk, for each b in B: FNR(b, tau) = P(p < tau, y = 1) / P(p < tau or p >= b, y = 1) is non-decreasing in
+       tau (tau <= b; the numerator grows and the denominator by the same amount), so tau is scanned upwards as a
+       fixed sequence that stops at the first hypothesis not rejected. Given the m(tau) exited positives, the
+       k(tau) of them with p < tau are Bin(m, FNR), so H0: FNR(b, tau) > alpha is rejected when
+       P(Bin(m, alpha) <= k) <= delta2 / |B| (Bonferroni over B).
+    2. Coverage, for each b in B: the deferred mass P(tau <= p < b) = P(W >= tau) with W = p if p < b else -inf,
+       one survival function for every tau, so the one-sided DKW/Massart bound holds uniformly in tau at level
+       delta1 / |B|: keep pairs whose empirical coverage is at least xi + sqrt(ln(|B| / delta1) / (2n)).
+    3. Among certified pairs the objective (accuracy on exits, then coverage, then the smaller tau) picks one.
+
+    Args:
+        p: Calibrated p(roadwork), shape (n,).
+        y: 0/1 labels, shape (n,).
+        b_grid: The grid B of upper thresholds, fixed before val_calib was seen.
+        alpha: FNR target among exits.
+        delta: Total failure probability; delta1 = share * delta for coverage, delta2 = delta - delta1 for risk.
+        xi: Coverage target.
+        delta_coverage_share: The share of delta spent on coverage.
+        objective: accuracy | coverage | mcc on calib exits.
+
+    Returns:
+        The outcome (``rule`` = "band", ``lam`` None, ``b`` and ``tau`` set). When infeasible, the fallback is the
+        certified pair with the largest coverage, or (b = max B, tau = 0) when nothing is certified.
+    """
+    p, _, y = _check_inputs(p, p, y)
+    grid = np.unique(np.asarray(b_grid, dtype=float))
+    if grid.size == 0:
+        raise ValueError("the band rule needs at least one b value")
+    n, n_pos = p.size, int(np.sum(y == 1))
+    delta1 = delta_coverage_share * delta
+    delta2 = delta - delta1
+    level = delta2 / grid.size  # Bonferroni over B, for risk ...
+    slack = dkw_slack(n, delta1 / grid.size)  # ... and for coverage
+    all_taus = tau_candidates(p)
+
+    per_b: list[dict[str, Any]] = []
+    best_key: tuple[float, float, float] | None = None
+    best: dict[str, Any] | None = None
+    fallback_key: tuple[float, float] | None = None
+    fallback: dict[str, Any] | None = None
+    best_fnr_upper_at_xi: float | None = None
+    max_cov_lower_at_alpha: float | None = None
+    certified_total = 0
+
+    for b in grid:
+        taus = np.append(all_taus[all_taus < b], b)  # tau = b: the band is empty, everything exits
+        table = _band_table(p, y, b, taus)
+        cov = table["n_exit"] / n
+        coverage_ok = cov >= xi + slack
+        pvalues = binomial_pvalue(table["k"], table["m"], alpha)
+        rejected = pvalues <= level
+        n_cert = int(np.argmin(rejected)) if not rejected.all() else rejected.size
+        per_b.append(
+            {
+                "b": float(b),
+                "certified_taus": n_cert,
+                "max_certified_tau": float(taus[n_cert - 1]) if n_cert else None,
+                "max_certified_coverage": float(cov[n_cert - 1]) if n_cert else None,
+                "min_tau_coverage_ok": float(taus[np.argmax(coverage_ok)]) if coverage_ok.any() else None,
+            }
+        )
+        if coverage_ok.any():
+            # Smallest FNR bound certifiable at coverage xi: the smallest tau that reaches it has the fewest misses.
+            j = int(np.argmax(coverage_ok))
+            bound = float(clopper_pearson_upper(table["k"][j], table["m"][j], level))
+            best_fnr_upper_at_xi = bound if best_fnr_upper_at_xi is None else min(best_fnr_upper_at_xi, bound)
+        if n_cert == 0:
+            continue
+        values = _objective_values(table, objective, n)[:n_cert]
+        # Coverage grows with tau, so the last certified tau has the largest certified coverage at this b.
+        j_cov = n_cert - 1
+        max_cov_lower_at_alpha = max(max_cov_lower_at_alpha or 0.0, max(float(cov[j_cov]) - slack, 0.0))
+        if (float(cov[j_cov]), float(values[j_cov])) > (fallback_key or (-1.0, -np.inf)):
+            fallback_key = (float(cov[j_cov]), float(values[j_cov]))
+            fallback = {"b": float(b), "tau": float(taus[j_cov]), "table": table, "j": j_cov}
+        ok = coverage_ok[:n_cert]
+        if not ok.any():
+            continue
+        certified_total += int(ok.sum())
+        masked = np.where(ok, values, -np.inf)
+        j = int(np.argmax(masked))  # first maximum = smallest tau among ties
+        key = (float(masked[j]), float(cov[j]), -float(taus[j]))
+        if best_key is None or key > best_key:
+            best_key, best = key, {"b": float(b), "tau": float(taus[j]), "table": table, "j": j}
+
+    feasible = best is not None
+    chosen = best if feasible else fallback
+    if chosen is None:
+        b = float(grid[-1])
+        chosen = {"b": b, "tau": 0.0, "table": _band_table(p, y, b, np.array([0.0])), "j": 0}
+    table, j = chosen["table"], chosen["j"]
+    k, m, n_exit = int(table["k"][j]), int(table["m"][j]), int(table["n_exit"][j])
+    cov = n_exit / n
+    note = "Band rule: exit iff p < tau or p >= b; the selection score plays no role in the decisions."
+    if not feasible:
+        note = _infeasible_note(alpha, xi, best_fnr_upper_at_xi, max_cov_lower_at_alpha, "band") + " " + note
+    return CalibrationOutcome(
+        method="scrc",
+        feasible=feasible,
+        lam=None,
+        tau=chosen["tau"],
+        alpha=alpha,
+        delta=delta,
+        xi=xi,
+        n=n,
+        n_pos=n_pos,
+        delta1=delta1,
+        delta2=delta2,
+        grid=[float(v) for v in grid],
+        coverage=cov,
+        coverage_lower=max(cov - slack, 0.0),
+        fnr=k / m if m else float("nan"),
+        fnr_upper=float(clopper_pearson_upper(k, m, level)),
+        accuracy_on_exits=(int(table["tp"][j]) + int(table["tn"][j])) / n_exit if n_exit else float("nan"),
+        exited_positives=m,
+        misses=k,
+        certified_pairs=certified_total,
+        attainable={
+            "best_fnr_upper_at_coverage": best_fnr_upper_at_xi,
+            "max_coverage_lower_at_fnr": max_cov_lower_at_alpha,
+        },
+        per_lambda=per_b,
+        note=note,
+        rule="band",
+        b=chosen["b"],
+    )
 
 
 # -------------------------------------------------------------------------------------------------------------- CRC
@@ -527,15 +725,24 @@ class SelectiveConformal:
 
 
 def decide(params: dict[str, Any], p, g) -> np.ndarray:
-    """Apply thresholds from a params dict (scrc_params.json) to calibrated p and selection score g."""
+    """Apply thresholds to calibrated p and selection score g.
+
+    ``params`` holds ``tau`` and either ``lam`` (rule "gate", the default when ``rule`` is absent: exit iff
+    g >= lam, then roadwork iff p >= tau), ``b`` (rule "band": no_roadwork iff p < tau, roadwork iff p >= b, defer
+    in between; g is ignored) or ``set_thresholds`` (prediction sets).
+    """
     p = np.asarray(p, dtype=float)
     if params.get("method") == "sets" or params.get("set_thresholds"):
         thresholds = params["set_thresholds"]
         return decisions_from_sets(prediction_sets(p, thresholds["roadwork"], thresholds["no_roadwork"]))
+    tau = float(params["tau"])
+    if (params.get("rule") or "gate") == "band":
+        # p < tau wins over p >= b, though calibration only ever picks tau <= b.
+        b = float(params["b"])
+        return np.where(p < tau, "no_roadwork", np.where(p >= b, "roadwork", "defer")).astype(str)
     g = np.asarray(g, dtype=float)
     lam = params.get("lam")
     lam = -np.inf if lam is None else float(lam)
-    tau = float(params["tau"])
     out = np.where(p >= tau, "roadwork", "no_roadwork").astype(object)
     out[~(g >= lam)] = "defer"
     return out.astype(str)

@@ -51,7 +51,9 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     xi = float(targets.get("xi", float("nan")))
 
     tau = rule.tau if rule.tau is not None else 0.5
-    losses = ((p >= tau).astype(int) != labels).astype(float)  # error of the exit decision, for every image
+    # Error of the exit decision, for every image. Under the band rule an exit has p < tau or p >= b >= tau, so
+    # p >= tau is its decision too.
+    losses = ((p >= tau).astype(int) != labels).astype(float)
     gate_calibrated = rule.gate_scaler.transform(table.gate)
     if params.get("method") == "sets":
         thresholds = params["thresholds"]["sets"]
@@ -91,7 +93,11 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
         "thresholds": dict(params.get("thresholds", {})),
         "calibration": {
             "method": params.get("method"),
-            "gate_score": rule.gate_score,
+            "rule": rule.rule,
+            "b": rule.b,
+            # The band rule decides on p alone; the selection score then only ranks the risk-coverage curve.
+            "gate_score": rule.gate_score if rule.rule == "gate" else None,
+            "selection_score": rule.gate_score,
             "feasible": params.get("feasible"),
             "certified_fnr_upper": params.get("certified", {}).get("fnr_upper"),
             "certified_coverage_lower": params.get("certified", {}).get("coverage_lower"),

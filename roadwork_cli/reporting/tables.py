@@ -69,10 +69,19 @@ def calibration_table(params: dict[str, Any], title: str = "calibration") -> Tab
     table.add_column("target", justify="right")
     rows: list[tuple[str, Any, Any]] = [
         ("calibration images n (positives)", f"{params.get('n')} ({params.get('n_pos')})", None),
-        ("selection score", params.get("gate_score"), None),
-        ("lambda (exit iff g >= lambda)", thresholds.get("lambda"), None),
-        ("tau (roadwork iff p >= tau)", thresholds.get("tau"), None),
     ]
+    if thresholds.get("rule") == "band":
+        rows += [
+            ("rule", "band: defer iff tau <= p < b", None),
+            ("tau (no_roadwork iff p < tau)", thresholds.get("tau"), None),
+            ("b (roadwork iff p >= b)", thresholds.get("b"), None),
+        ]
+    else:
+        rows += [
+            ("selection score", params.get("gate_score"), None),
+            ("lambda (exit iff g >= lambda)", thresholds.get("lambda"), None),
+            ("tau (roadwork iff p >= tau)", thresholds.get("tau"), None),
+        ]
     if thresholds.get("sets"):
         rows.append(("set thresholds", thresholds["sets"], None))
     rows += [
