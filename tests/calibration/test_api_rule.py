@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from score_helpers import write_scores
 
 import roadwork_cli
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv, split_rows
@@ -14,23 +15,6 @@ from roadwork_cli.config import CalibrationSettings
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics.classification import nll
-
-
-def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Path:
-    """Scores of a synthetic, miscalibrated model (logits scaled by `temperature`)."""
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < 0.5).astype(int)
-    gate_logit = rng.normal(0, 1.5, n)
-    z = (2 * y - 1) * (1 + 2.5 / (1 + np.exp(-gate_logit))) * 1.5 + rng.normal(size=n)
-    p = 1 / (1 + np.exp(-temperature * z))
-    gate = 1 / (1 + np.exp(-gate_logit))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "label", "p_roadwork", "gate", "logit_aux"])
-        for i in range(n):
-            writer.writerow([f"{seed}-{i}", y[i], f"{p[i]:.8f}", f"{gate[i]:.8f}", "0.0"])
-    return path
 
 
 @pytest.fixture

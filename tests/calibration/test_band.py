@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from score_helpers import write_scores
 
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv
 from roadwork_cli.calibration.rule import StageRule
@@ -22,9 +22,6 @@ from roadwork_cli.config import CalibrationSettings
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.reporting.evaluate import compute_report
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_api_rule import write_scores  # noqa: E402
 
 BAND = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate", rule="band")
 

@@ -1,0 +1,25 @@
+"""Score files of a synthetic, miscalibrated model, shared by the calibration tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Path:
+    """Scores of a synthetic, miscalibrated model (logits scaled by `temperature`)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    gate_logit = rng.normal(0, 1.5, n)
+    z = (2 * y - 1) * (1 + 2.5 / (1 + np.exp(-gate_logit))) * 1.5 + rng.normal(size=n)
+    p = 1 / (1 + np.exp(-temperature * z))
+    gate = 1 / (1 + np.exp(-gate_logit))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "p_roadwork", "gate", "logit_aux"])
+        for i in range(n):
+            writer.writerow([f"{seed}-{i}", y[i], f"{p[i]:.8f}", f"{gate[i]:.8f}", "0.0"])
+    return path
