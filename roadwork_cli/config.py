@@ -156,7 +156,9 @@ class CalibrationSettings(_Section):
         "scrc", description="scrc: high-probability SCRC-I; crc: CRC in expectation; sets: prediction sets."
     )
     scaling: Literal["none", "temperature", "platt", "dirichlet"] = Field(
-        "temperature", description="Probability scaling of p(roadwork), fit on val_select."
+        "platt",
+        description="Probability scaling of p(roadwork), fit on val_select. Platt (scale + shift) also undoes the bias "
+        "that the false-negative weight puts into the head; temperature only rescales.",
     )
     gate_scaling: Literal["none", "platt"] = Field("platt", description="Scaling of the gate score, fit on val_select.")
     gate_score: Literal["auto", "gate", "softmax_response"] = Field(

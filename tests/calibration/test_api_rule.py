@@ -26,7 +26,7 @@ def run(tmp_path: Path) -> RunDir:
     return run
 
 
-SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate")
+SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate", scaling="temperature")
 
 
 def test_calibrate_run_writes_scaling_and_params(run: RunDir) -> None:
