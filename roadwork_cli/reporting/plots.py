@@ -80,19 +80,26 @@ def plot_reliability(path: Path, labels: np.ndarray, probs: np.ndarray, n_bins: 
 
 
 def plot_score_histograms(path: Path, labels: np.ndarray, p: np.ndarray, g: np.ndarray, rule: Any = None) -> Path:
-    """Histograms of calibrated p and of the selection score per class, with tau and lambda marked."""
+    """Histograms of calibrated p and of the selection score per class, with the rule's thresholds marked.
+
+    Gate rule: tau on p, lambda on g. Band rule: tau and b on p (everything between them defers).
+    """
     plt = _pyplot()
     labels = np.asarray(labels).astype(int)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, values, name, threshold in (
-        (axes[0], p, "calibrated p(roadwork)", getattr(rule, "tau", None)),
-        (axes[1], g, "selection score g", getattr(rule, "lam", None)),
+    band = getattr(rule, "rule", "gate") == "band"
+    p_marks = {"tau": getattr(rule, "tau", None)} | ({"b": getattr(rule, "b", None)} if band else {})
+    g_marks = {} if band else {"lambda": getattr(rule, "lam", None)}
+    for ax, values, name, marks in (
+        (axes[0], p, "calibrated p(roadwork)", p_marks),
+        (axes[1], g, "selection score g", g_marks),
     ):
         bins = np.linspace(float(np.min(values)), float(np.max(values)) + 1e-9, 31)
         for cls, colour, label in ((0, "tab:blue", "no_roadwork"), (1, "tab:orange", "roadwork")):
             ax.hist(values[labels == cls], bins=bins, alpha=0.55, color=colour, label=label)
-        if threshold is not None and np.isfinite(threshold):
-            ax.axvline(threshold, color="crimson", linestyle="--", label=f"threshold {threshold:.3f}")
+        for (mark, threshold), style in zip(marks.items(), ("--", ":"), strict=False):
+            if threshold is not None and np.isfinite(threshold):
+                ax.axvline(threshold, color="crimson", linestyle=style, label=f"{mark} {threshold:.3f}")
         ax.set_xlabel(name)
         ax.set_ylabel("images")
         ax.legend(fontsize=8)
