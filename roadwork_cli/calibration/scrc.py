@@ -224,6 +224,27 @@ def _check_inputs(p, g, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return p, g, y
 
 
+def _certified_prefix(k, m, alpha: float, level: float) -> int:
+    """Fixed-sequence testing along tau: how many leading hypotheses H0: FNR > alpha are rejected at ``level``."""
+    rejected = binomial_pvalue(k, m, alpha) <= level
+    return int(np.argmin(rejected)) if not rejected.all() else rejected.size
+
+
+def _operating_point(table: dict[str, np.ndarray], j: int, n_exit: int, n: int, slack: float, level: float) -> dict:
+    """Outcome fields of the chosen pair (column ``j`` of a pair table): coverage, FNR, their bounds, accuracy."""
+    k, m = int(table["k"][j]), int(table["m"][j])
+    cov = n_exit / n
+    return {
+        "coverage": cov,
+        "coverage_lower": max(cov - slack, 0.0),
+        "fnr": k / m if m else float("nan"),
+        "fnr_upper": float(clopper_pearson_upper(k, m, level)),
+        "accuracy_on_exits": (int(table["tp"][j]) + int(table["tn"][j])) / n_exit if n_exit else float("nan"),
+        "exited_positives": m,
+        "misses": k,
+    }
+
+
 def scrc_i(
     p,
     g,
@@ -277,10 +298,7 @@ def scrc_i(
         coverage_ok = cov >= xi + slack
         table = _pair_table(p, y, exits, taus)
         m = int(table["m"][0])
-        pvalues = binomial_pvalue(table["k"], m, alpha)
-        # Fixed sequence: certified = the prefix of taus before the first non-rejected hypothesis.
-        rejected = pvalues <= level
-        n_cert = int(np.argmin(rejected)) if not rejected.all() else rejected.size
+        n_cert = _certified_prefix(table["k"], m, alpha, level)
         record = {
             "lambda": float(lam),
             "coverage": cov,
@@ -317,7 +335,6 @@ def scrc_i(
         chosen["table"] = _pair_table(p, y, exits, np.array([0.0]))
         chosen["j"] = 0
     table, j = chosen["table"], chosen["j"]
-    k, m, n_exit = int(table["k"][j]), int(table["m"][j]), int(table["n_exit"])
     outcome = CalibrationOutcome(
         method="scrc",
         feasible=feasible,
@@ -331,13 +348,7 @@ def scrc_i(
         delta1=delta1,
         delta2=delta2,
         grid=[float(v) for v in grid],
-        coverage=chosen["cov"],
-        coverage_lower=max(chosen["cov"] - slack, 0.0),
-        fnr=k / m if m else float("nan"),
-        fnr_upper=float(clopper_pearson_upper(k, m, level)),
-        accuracy_on_exits=(int(table["tp"][j]) + int(table["tn"][j])) / n_exit if n_exit else float("nan"),
-        exited_positives=m,
-        misses=k,
+        **_operating_point(table, j, int(table["n_exit"]), n, slack, level),
         certified_pairs=certified_total,
         attainable={
             "best_fnr_upper_at_coverage": best_fnr_upper_at_xi,
@@ -473,9 +484,7 @@ def scrc_band(
         table = _band_table(p, y, b, taus)
         cov = table["n_exit"] / n
         coverage_ok = cov >= xi + slack
-        pvalues = binomial_pvalue(table["k"], table["m"], alpha)
-        rejected = pvalues <= level
-        n_cert = int(np.argmin(rejected)) if not rejected.all() else rejected.size
+        n_cert = _certified_prefix(table["k"], table["m"], alpha, level)
         per_b.append(
             {
                 "b": float(b),
@@ -515,8 +524,6 @@ def scrc_band(
         b = float(grid[-1])
         chosen = {"b": b, "tau": 0.0, "table": _band_table(p, y, b, np.array([0.0])), "j": 0}
     table, j = chosen["table"], chosen["j"]
-    k, m, n_exit = int(table["k"][j]), int(table["m"][j]), int(table["n_exit"][j])
-    cov = n_exit / n
     note = "Band rule: exit iff p < tau or p >= b; the selection score plays no role in the decisions."
     if not feasible:
         note = _infeasible_note(alpha, xi, best_fnr_upper_at_xi, max_cov_lower_at_alpha, "band") + " " + note
@@ -533,13 +540,7 @@ def scrc_band(
         delta1=delta1,
         delta2=delta2,
         grid=[float(v) for v in grid],
-        coverage=cov,
-        coverage_lower=max(cov - slack, 0.0),
-        fnr=k / m if m else float("nan"),
-        fnr_upper=float(clopper_pearson_upper(k, m, level)),
-        accuracy_on_exits=(int(table["tp"][j]) + int(table["tn"][j])) / n_exit if n_exit else float("nan"),
-        exited_positives=m,
-        misses=k,
+        **_operating_point(table, j, int(table["n_exit"][j]), n, slack, level),
         certified_pairs=certified_total,
         attainable={
             "best_fnr_upper_at_coverage": best_fnr_upper_at_xi,
