@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binom
 
 
 def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Path:
@@ -23,3 +24,8 @@ def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Pat
         for i in range(n):
             writer.writerow([f"{seed}-{i}", y[i], f"{p[i]:.8f}", f"{gate[i]:.8f}", "0.0"])
     return path
+
+
+def binomial_excess_pvalue(violations: int, trials: int, rate: float) -> float:
+    """P(Bin(trials, rate) >= violations): small means more violations than `rate` allows."""
+    return float(binom.sf(violations - 1, trials, rate))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import binom
+from score_helpers import binomial_excess_pvalue
 
 from roadwork_cli.calibration.scrc import band_grid_from_scores, dkw_slack, scrc_band
 
@@ -56,11 +56,6 @@ class Population:
 @pytest.fixture(scope="module")
 def population() -> Population:
     return Population()
-
-
-def binomial_excess_pvalue(violations: int, trials: int, rate: float) -> float:
-    """P(Bin(trials, rate) >= violations): small means more violations than `rate` allows."""
-    return float(binom.sf(violations - 1, trials, rate))
 
 
 @pytest.mark.slow
