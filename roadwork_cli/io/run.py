@@ -10,7 +10,7 @@ from roadwork_cli.errors import UsageError
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of every artifact in ``runs/<run_id>/`` (see DESIGN.md, "Artifacts").
+    """Paths of every artifact in ``runs/<run_id>/`` (see docs/architecture.md, "Artifacts").
 
     Example:
         >>> run = RunDir("runs/demo")
@@ -34,6 +34,11 @@ class RunDir:
     @property
     def rejected(self) -> Path:
         return self.root / "rejected.jsonl"
+
+    @property
+    def provenance(self) -> Path:
+        """Fingerprints of the inputs each stage read (see ``roadwork_cli.io.provenance``)."""
+        return self.root / "provenance.json"
 
     @property
     def synthetic(self) -> Path:
