@@ -19,7 +19,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -358,6 +358,25 @@ class Stage1Model:
         g = torch.sigmoid(out.gate.float()).cpu().numpy()  # (B,)
         return p.astype(np.float64), g.astype(np.float64)
 
+    def iter_raw_scores(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """Raw scores batch by batch, in input order: ``(indices, p_raw, g_raw, failed)`` per batch.
+
+        ``indices`` are the positions of the inputs scored in this batch (``p_raw``/``g_raw`` shape (B,)), and
+        ``failed`` pairs each unreadable input's position with its reason. Every position of one batch is lower than
+        every position of the next, so consumers can emit results as each batch finishes.
+        """
+        for indices, batch, failed in self.loader(images, batch_size, workers):
+            if batch is None:
+                yield indices, np.zeros(0), np.zeros(0), failed
+                continue
+            p, g = self.forward_raw(batch)
+            yield indices, p, g, failed
+
     def raw_scores(
         self,
         images: Sequence[Any],
@@ -370,25 +389,26 @@ class Stage1Model:
         p_raw = np.full(n, np.nan)
         g_raw = np.full(n, np.nan)
         errors: list[str | None] = [None] * n
-        for indices, batch, failed in self.loader(images, batch_size, workers):
+        for indices, p, g, failed in self.iter_raw_scores(images, batch_size, workers):
             for index, reason in failed:
                 errors[index] = reason
-            if batch is not None:
-                p, g = self.forward_raw(batch)
-                p_raw[indices] = p
-                g_raw[indices] = g
+            p_raw[indices] = p
+            g_raw[indices] = g
             if progress is not None:
                 progress(len(indices) + len(failed))
         return p_raw, g_raw, errors
 
-    def predict(
+    def iter_predict(
         self,
         images: Sequence[Any],
         batch_size: int = 32,
         workers: int = 0,
         progress: Callable[[int], None] | None = None,
-    ) -> list[Prediction]:
-        """One ``Prediction`` per input, in input order; unreadable inputs get ``error`` set, never an exception.
+    ) -> Iterator[Prediction]:
+        """One ``Prediction`` per input, in input order, yielded as each batch finishes.
+
+        Unreadable inputs get ``error`` set, never an exception. Stopping the iteration early (or Ctrl-C) keeps
+        everything already yielded valid: each prediction depends on its own image only.
 
         Args:
             images: Paths (str / Path), parquet row locators (``file.parquet#row=3``), PIL images or encoded image
@@ -401,26 +421,30 @@ class Stage1Model:
             images = [images]
         if self.rule is None:
             raise UsageError("This model has no calibration; run `roadwork calibrate` before predicting decisions.")
-        p_raw, g_raw, errors = self.raw_scores(images, batch_size, workers, progress)
-        ok = np.array([e is None for e in errors], dtype=bool)
-        p_cal = np.full(len(images), np.nan)
-        g_cal = np.full(len(images), np.nan)
-        decisions = np.array([None] * len(images), dtype=object)
-        if ok.any():
-            p, g = self.rule.calibrate(p_raw[ok], g_raw[ok])
-            p_cal[ok] = p
-            g_cal[ok] = g
-            decisions[ok] = self.rule.decide(p_raw[ok], g_raw[ok])
-        return [
-            Prediction(
-                path=_describe(item, i),
-                p_roadwork=float(p_cal[i]) if ok[i] else None,
-                gate=float(g_cal[i]) if ok[i] else None,
-                decision=str(decisions[i]) if ok[i] else None,
-                error=errors[i],
-            )
-            for i, item in enumerate(images)
-        ]
+        for indices, p_raw, g_raw, failed in self.iter_raw_scores(images, batch_size, workers):
+            done: dict[int, Prediction] = {
+                index: Prediction(_describe(images[index], index), None, None, None, reason) for index, reason in failed
+            }
+            if indices:
+                p_cal, g_cal = self.rule.calibrate(p_raw, g_raw)
+                decisions = self.rule.decide(p_raw, g_raw)
+                for j, index in enumerate(indices):
+                    done[index] = Prediction(
+                        _describe(images[index], index), float(p_cal[j]), float(g_cal[j]), str(decisions[j])
+                    )
+            yield from (done[index] for index in sorted(done))
+            if progress is not None:
+                progress(len(done))
+
+    def predict(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Prediction]:
+        """All of :meth:`iter_predict` as a list (same arguments)."""
+        return list(self.iter_predict(images, batch_size, workers, progress))
 
     def predict_proba(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> np.ndarray:
         """Calibrated P(roadwork) per input, shape (N,); NaN where an input could not be read."""

@@ -181,3 +181,29 @@ def test_fast_eval_transform_matches_the_data_layer_transform(model):
             got = fast(image)
             assert got.shape == expected.shape and got.dtype == expected.dtype
             assert float((got - expected).abs().max()) < 1e-5
+
+
+def test_iter_predict_streams_in_input_order_before_reading_later_inputs(model, tmp_path):
+    """The first batch's predictions come out before the last batch's inputs are even read."""
+    paths = [jpeg(tmp_path / f"{i}.jpg", colour=(40 * i, 90, 200 - 30 * i)) for i in range(6)]
+    paths[3] = tmp_path / "missing.jpg"
+    read: list[int] = []
+
+    class Recording(list):
+        def __getitem__(self, index):
+            read.append(index)
+            return list.__getitem__(self, index)
+
+    stream = model.iter_predict(Recording(paths), batch_size=2)
+    first, second = next(stream), next(stream)
+    assert max(read) < 4  # batches 2 and 3 not decoded yet
+    rest = list(stream)
+    preds = [first, second, *rest]
+    assert [p.path for p in preds] == [str(p) for p in paths]
+    assert preds[3].error and all(p.error is None for i, p in enumerate(preds) if i != 3)
+    whole = model.predict(paths, batch_size=4)  # other batch boundaries, same answers
+    for a, b in zip(whole, preds, strict=True):
+        assert a.decision == b.decision and a.error == b.error
+        assert (a.p_roadwork is None) == (b.p_roadwork is None)
+        if a.p_roadwork is not None:
+            assert a.p_roadwork == pytest.approx(b.p_roadwork, abs=1e-6)
