@@ -77,6 +77,22 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf turned into None and numpy scalars into Python ones, recursively through dicts/lists.
+
+    JSON has no NaN; None ("not defined here", e.g. an AUROC on one class) is what readers of our files expect.
+    """
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        value = value.item()  # numpy scalar / 0-d array
+    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
+        return None
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as stable JSON atomically."""
     return atomic_write_text(path, dumps_json(obj))
