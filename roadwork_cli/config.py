@@ -30,6 +30,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Category names that make a COCO image "roadwork" by default, matched case-insensitively with "_"/"-" read as spaces.
+# They cover the ROADWork data set's object classes (cone, drum, vertical panel, tubular marker, work vehicle, ...),
+# the construction classes of other driving sets (Argoverse's CONSTRUCTION_CONE / CONSTRUCTION_BARREL, Mapillary's
+# "construction--barrier--*"-style names reduced to their last word) and common hand-made names. A box of any other
+# category (a car, a person) leaves an image "no_roadwork". "*" in the list means: any annotation is roadwork.
+DEFAULT_COCO_POSITIVE_CATEGORIES: tuple[str, ...] = (
+    "cone",
+    "cones",
+    "traffic cone",
+    "construction cone",
+    "drum",
+    "construction barrel",
+    "barricade",
+    "barrier",
+    "jersey barrier",
+    "temporary barrier",
+    "vertical panel",
+    "tubular marker",
+    "delineator",
+    "channelizer",
+    "fence",
+    "temporary fence",
+    "work vehicle",
+    "construction vehicle",
+    "excavator",
+    "worker",
+    "construction worker",
+    "police officer",
+    "temporary traffic control sign",
+    "temporary traffic control message board",
+    "message board",
+    "roadwork sign",
+    "road work sign",
+    "construction sign",
+    "work zone sign",
+    "arrow board",
+    "bike lane",
+    "other roadwork objects",
+    "roadwork",
+)
+
+
 class DataSettings(_Section):
     """Where images come from and how they are split."""
 
@@ -53,8 +95,17 @@ class DataSettings(_Section):
     )
     max_file_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Files larger than this many bytes are rejected.")
     coco_positive_categories: list[str] = Field(
-        default_factory=list,
-        description="COCO category names that make an image 'roadwork'; empty means any annotation makes it roadwork.",
+        default_factory=lambda: list(DEFAULT_COCO_POSITIVE_CATEGORIES),
+        min_length=1,
+        description="COCO category names that make an image 'roadwork' (case-insensitive; '_' and '-' match spaces). "
+        "Default: a roadwork list (cones, drums, barriers, signs, work vehicles, workers and the ROADWork data set's "
+        "classes). '*' means any annotation makes an image roadwork. A name that matches no category of the file is "
+        "an error.",
+    )
+    coco_image_dir: Path | None = Field(
+        None,
+        description="Folder holding a COCO file's images; by default they are looked for beside the json, in its "
+        "'images/' subfolder, and in the standard layout's '../images/' and '../images/<split>/'.",
     )
     parquet_image_column: str | None = Field(
         None, description="Parquet column holding image bytes; auto-detected ('image', 'img', 'bytes') when unset."

@@ -3,11 +3,13 @@
 A spec is auto-detected (see :func:`detect_kind`):
 
 * a folder of class subfolders (``roadwork``/``no_roadwork`` or aliases such as ``1``/``0``, ``positive``/``negative``,
-  ``none``; nested folders below a class folder are fine),
+  ``none``; nested folders below a class folder are fine), optionally below source-split folders (Kaggle style:
+  ``DIR/train/roadwork/…``, ``DIR/val/no_roadwork/…``; see :func:`folder_source`),
 * a ``.csv`` or ``.jsonl`` manifest with ``path,label`` and an optional ``group`` (paths relative to the manifest),
 * a ``.parquet`` file or a folder of them (an image column holding bytes or ``{"bytes", "path"}`` structs, ``label``
   and optional ``group``), streamed batch by batch,
-* a COCO ``.json`` (image-level label from its annotations),
+* a COCO ``.json`` (image-level label from its annotations of roadwork categories; standard ``annotations/`` +
+  ``images/`` layout or ``data.coco_image_dir``),
 * ``synthetic:N`` (the built-in generator renders N images into ``<run>/synthetic/<class>/``).
 
 Readers are registered timm-style (:func:`register_source`, :func:`list_sources`, :func:`create_source`). Each
@@ -24,12 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from roadwork_cli.config import DataSettings
+from roadwork_cli.config import DEFAULT_COCO_POSITIVE_CATEGORIES, DataSettings
 from roadwork_cli.data.images import detect_image_column, image_cell_bytes, make_locator
 from roadwork_cli.errors import UsageError
 
 POSITIVE_ALIASES = frozenset({"roadwork", "1", "positive", "pos", "yes", "true"})
 NEGATIVE_ALIASES = frozenset({"noroadwork", "0", "negative", "neg", "none", "no", "false", "background"})
+SOURCE_SPLIT_FOLDERS = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 GROUP_COLUMNS = ("group", "group_id", "sequence", "sequence_id", "clip", "clip_id", "scene_id")
 PARQUET_BATCH_ROWS = 64
 
@@ -140,6 +143,13 @@ def _parquet_files(root: Path) -> list[Path]:
     return [p for p in _walk_files(root) if p.suffix.lower() == ".parquet"]
 
 
+def _is_split_folder(folder: Path) -> bool:
+    """A source-split folder (``train/``, ``val/``, ``valid/``, ``test/``) holding class folders."""
+    return folder.name.lower() in SOURCE_SPLIT_FOLDERS and any(
+        child.is_dir() and parse_label(child.name) is not None for child in folder.iterdir()
+    )
+
+
 def detect_kind(spec: str) -> str:
     """The kind of a source spec: folder, csv, jsonl, parquet, coco or synthetic.
 
@@ -151,7 +161,7 @@ def detect_kind(spec: str) -> str:
     path = Path(spec)
     if path.is_dir():
         subdirs = [p for p in path.iterdir() if p.is_dir() and not _is_hidden(p.name)]
-        if any(parse_label(p.name) is not None for p in subdirs):
+        if any(parse_label(p.name) is not None or _is_split_folder(p) for p in subdirs):
             return "folder"
         if _parquet_files(path):
             return "parquet"
@@ -194,13 +204,24 @@ def iter_records(spec: str, settings: DataSettings | None = None, synthetic_dir:
 
 @register_source("folder")
 def folder_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
-    """A folder of class subfolders; files directly in the root or in unknown folders are rejections."""
+    """A folder of class subfolders, optionally below source-split folders; other files are rejections.
+
+    With ``DIR/train/roadwork/…`` (Kaggle style) the source split is kept as a hint in each record's ``source``
+    (``DIR/train``), so the split table shows where images came from. It is deliberately not used as the group or
+    as our split: the group forces images into one split together (all of the source's train set would land in one
+    of ours), and our hash split is what keeps ``splits.json`` reproducible and val_calib independent of how the
+    source was cut. Clip-level grouping still works through ``data.group_by``.
+    """
     root = Path(spec)
     files = _walk_files(root)
 
     def records() -> Iterator[SourceItem]:
         for file in files:
             parts = file.relative_to(root).parts
+            source = spec
+            if len(parts) > 2 and parts[0].lower() in SOURCE_SPLIT_FOLDERS and parse_label(parts[1]) is not None:
+                source = (root / parts[0]).as_posix()
+                parts = parts[1:]
             if len(parts) == 1:
                 yield SourceRejection(str(file), "not inside a class folder", spec)
                 continue
@@ -208,7 +229,7 @@ def folder_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sour
             if label is None:
                 yield SourceRejection(str(file), f"unknown class folder {parts[0]!r}", spec)
                 continue
-            yield SourceRecord(str(file), label, spec)
+            yield SourceRecord(str(file), label, source)
 
     return Source(spec, "folder", records, len(files))
 
@@ -323,9 +344,71 @@ def parquet_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sou
     return Source(spec, "parquet", records, total)
 
 
+def normalize_category(name: str) -> str:
+    """A category name for matching: lower case, ``_``/``-`` as spaces, runs of spaces collapsed.
+
+    Example:
+        >>> normalize_category("Tubular_Marker"), normalize_category("  work-vehicle ")
+        ('tubular marker', 'work vehicle')
+    """
+    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+
+
+def coco_positive_ids(categories: dict, wanted: list[str], spec: str) -> set | None:
+    """Ids of the categories that make an image roadwork; None means any annotation does (``"*"``).
+
+    Raises:
+        UsageError: A configured name matches no category of the file, or (with the default list) none of the
+            file's categories is a roadwork one; the message lists the file's categories.
+    """
+    if "*" in wanted:
+        return None
+    names = {cid: normalize_category(name) for cid, name in categories.items()}
+    wanted_names = {normalize_category(name) for name in wanted}
+    positive = {cid for cid, name in names.items() if name in wanted_names}
+    available = ", ".join(sorted({str(n) for n in categories.values()})) or "none"
+    default = wanted_names == {normalize_category(n) for n in DEFAULT_COCO_POSITIVE_CATEGORIES}
+    if default:
+        if not positive:
+            raise UsageError(
+                f"COCO file {spec}: none of its categories is in the default roadwork list, so every image would be "
+                f"no_roadwork. Its categories are: {available}. Set data.coco_positive_categories to the ones that "
+                "mean roadwork (or ['*'] if any annotation does)."
+            )
+        return positive
+    unmatched = sorted(n for n in wanted if normalize_category(n) not in set(names.values()))
+    if unmatched:
+        raise UsageError(
+            f"COCO file {spec}: data.coco_positive_categories names {unmatched}, which match no category of the file. "
+            f"Its categories are: {available}."
+        )
+    return positive
+
+
+def _coco_image_dirs(path: Path, image_dir: Path | None) -> list[Path]:
+    """Where a COCO file's images may be: the configured folder, beside the json, and the standard layout.
+
+    The standard layout is ``annotations/instances_<split>.json`` with images in ``images/`` or ``images/<split>/``
+    (``<split>`` as in the file name, e.g. ``train2017``) one level up.
+    """
+    if image_dir is not None:
+        return [Path(image_dir)]
+    split = path.stem.split("_", 1)[1] if path.stem.startswith("instances_") else None
+    bases = [path.parent, path.parent / "images"]
+    for images in (path.parent.parent / "images", path.parent.parent):
+        if split:
+            bases.append(images / split)
+        bases.append(images)
+    return list(dict.fromkeys(bases))
+
+
 @register_source("coco")
 def coco_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
-    """A COCO json: label 1 if an image has an annotation of a positive category (any, when none configured)."""
+    """A COCO json: label 1 if an image has an annotation of a positive category (``data.coco_positive_categories``).
+
+    Images are looked up in ``data.coco_image_dir`` when set, else beside the json and in the standard
+    ``annotations/`` + ``images/`` layout (:func:`_coco_image_dirs`).
+    """
     path = Path(spec)
     try:
         coco = json.loads(path.read_text(encoding="utf-8"))
@@ -333,25 +416,20 @@ def coco_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source
         raise UsageError(f"COCO file {spec} is not readable JSON: {exc}") from None
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise UsageError(f"COCO file {spec} has no 'images' list")
-    wanted = {name.strip().lower() for name in settings.coco_positive_categories}
-    categories = {c.get("id"): str(c.get("name", "")).strip().lower() for c in coco.get("categories") or []}
-    annotated: set = set()
+    categories = {c.get("id"): str(c.get("name", "")) for c in coco.get("categories") or [] if isinstance(c, dict)}
+    positive_ids = coco_positive_ids(categories, list(settings.coco_positive_categories), spec)
     positive: set = set()
     for annotation in coco.get("annotations") or []:
-        image_id = annotation.get("image_id")
-        annotated.add(image_id)
-        if not wanted or categories.get(annotation.get("category_id")) in wanted:
-            positive.add(image_id)
+        if positive_ids is None or annotation.get("category_id") in positive_ids:
+            positive.add(annotation.get("image_id"))
     images = sorted(coco["images"], key=lambda im: str(im.get("file_name", "")))
+    bases = _coco_image_dirs(path, settings.coco_image_dir)
 
-    def locate(file_name: str) -> str:
+    def locate(file_name: str) -> str | None:
         candidate = Path(file_name)
         if candidate.is_absolute():
             return str(candidate)
-        for base in (path.parent, path.parent / "images"):
-            if (base / candidate).exists():
-                return str(base / candidate)
-        return str(path.parent / candidate)  # missing: the split reports "file not found"
+        return next((str(base / candidate) for base in bases if (base / candidate).is_file()), None)
 
     def records() -> Iterator[SourceItem]:
         for image in images:
@@ -359,7 +437,16 @@ def coco_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source
             if not file_name:
                 yield SourceRejection(f"{spec}#image_id={image.get('id')}", "COCO image without file_name", spec)
                 continue
-            yield SourceRecord(locate(str(file_name)), int(image.get("id") in positive), spec)
+            locator = locate(str(file_name))
+            if locator is None:
+                searched = ", ".join(str(b) for b in bases)
+                yield SourceRejection(
+                    str(bases[0] / str(file_name)),
+                    f"COCO image not found (looked in {searched}; set data.coco_image_dir)",
+                    spec,
+                )
+                continue
+            yield SourceRecord(locator, int(image.get("id") in positive), spec)
 
     return Source(spec, "coco", records, len(images))
 

@@ -158,11 +158,89 @@ def test_coco_image_level_labels(tmp_path):
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(coco))
     assert detect_kind(str(path)) == "coco"
-    records, _ = items(path)
-    assert {r.locator.rsplit("/", 1)[1]: r.label for r in records} == {"a.jpg": 1, "b.jpg": 1, "c.jpg": 0}
-    assert records[0].locator == str(tmp_path / "images" / "a.jpg")  # found in the images/ subfolder
-    records, _ = items(path, DataSettings(coco_positive_categories=["cone", "drum"]))
+    records, _ = items(path)  # default roadwork list: a car box does not make an image roadwork
     assert {r.locator.rsplit("/", 1)[1]: r.label for r in records} == {"a.jpg": 1, "b.jpg": 0, "c.jpg": 0}
+    assert records[0].locator == str(tmp_path / "images" / "a.jpg")  # found in the images/ subfolder
+    records, _ = items(path, DataSettings(coco_positive_categories=["CAR"]))  # case-insensitive
+    assert {r.locator.rsplit("/", 1)[1]: r.label for r in records} == {"a.jpg": 0, "b.jpg": 1, "c.jpg": 0}
+    records, _ = items(path, DataSettings(coco_positive_categories=["*"]))  # any annotation
+    assert {r.locator.rsplit("/", 1)[1]: r.label for r in records} == {"a.jpg": 1, "b.jpg": 1, "c.jpg": 0}
+
+
+def write_coco(path: Path, categories: list[str], boxes: dict[str, str | None]) -> Path:
+    """A COCO file with one image per ``boxes`` key, annotated with the category named by its value (or none)."""
+    ids = {name: i + 1 for i, name in enumerate(categories)}
+    images = [{"id": i + 1, "file_name": name} for i, name in enumerate(boxes)]
+    annotations = [
+        {"id": i + 1, "image_id": i + 1, "category_id": ids[category]}
+        for i, category in enumerate(boxes.values())
+        if category is not None
+    ]
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": v, "name": k} for k, v in ids.items()]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_coco_roadwork_dataset_names_are_positive_by_default(tmp_path):
+    names = ["Tubular_Marker", "vertical-panel", "Work Vehicle", "Temporary Traffic Control Sign", "Arrow Board"]
+    boxes = {f"{i}.jpg": name for i, name in enumerate(names)} | {"car.jpg": "car", "empty.jpg": None}
+    for i, name in enumerate(boxes):
+        (tmp_path / name).write_bytes(png(i))
+    records, _ = items(write_coco(tmp_path / "roadwork.json", [*names, "car"], boxes))
+    labels = {r.locator.rsplit("/", 1)[1]: r.label for r in records}
+    assert labels == {f"{i}.jpg": 1 for i in range(len(names))} | {"car.jpg": 0, "empty.jpg": 0}
+
+
+def test_coco_category_that_matches_nothing_is_an_error_naming_the_available_ones(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(png(1))
+    path = write_coco(tmp_path / "ann.json", ["cone", "car"], {"a.jpg": "cone"})
+    with pytest.raises(UsageError) as info:
+        items(path, DataSettings(coco_positive_categories=["cones"]))
+    assert "['cones']" in str(info.value) and "Its categories are: car, cone" in str(info.value)
+    # The default list with a file of unrelated categories would make every image negative: an error too.
+    path = write_coco(tmp_path / "other.json", ["car", "person"], {"a.jpg": "car"})
+    with pytest.raises(UsageError, match="none of its categories is in the default roadwork list.*car, person"):
+        items(path)
+    with pytest.raises(ValueError):
+        DataSettings(coco_positive_categories=[])
+
+
+def test_coco_standard_layout_and_image_dir(tmp_path):
+    root = tmp_path / "coco"
+    (root / "images" / "train2017").mkdir(parents=True)
+    (root / "images" / "train2017" / "a.jpg").write_bytes(png(1))
+    (root / "images" / "b.jpg").write_bytes(png(2))
+    path = write_coco(root / "annotations" / "instances_train2017.json", ["cone"], {"a.jpg": "cone", "b.jpg": None})
+    records, rejections = items(path)
+    assert rejections == []
+    assert {r.locator: r.label for r in records} == {
+        str(root / "images" / "train2017" / "a.jpg"): 1,
+        str(root / "images" / "b.jpg"): 0,
+    }
+    elsewhere = tmp_path / "pictures"
+    elsewhere.mkdir()
+    (elsewhere / "a.jpg").write_bytes(png(1))
+    records, rejections = items(path, DataSettings(coco_image_dir=elsewhere))
+    assert [r.locator for r in records] == [str(elsewhere / "a.jpg")]
+    assert len(rejections) == 1 and "coco_image_dir" in rejections[0].reason  # b.jpg is not there
+
+
+def test_kaggle_split_folders_are_read_and_the_source_split_kept(tmp_path):
+    root = tmp_path / "kaggle"
+    layout = {"train/roadwork/a.jpg": 1, "train/no_roadwork/b.jpg": 0, "valid/Roadwork/c.jpg": 1, "test/0/d.jpg": 0}
+    for i, rel in enumerate(layout):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(png(i))
+    (root / "train" / "stray.jpg").write_bytes(png(9))
+    assert detect_kind(str(root)) == "folder"
+    records, rejections = items(root)
+    assert {Path(r.locator).relative_to(root).as_posix(): r.label for r in records} == layout
+    assert {Path(r.locator).relative_to(root).parts[0]: r.source for r in records} == {
+        split: (root / split).as_posix() for split in ("train", "valid", "test")
+    }
+    assert all(r.group is None for r in records)  # a hint in source, not a group that would pin a whole split
+    assert [Path(r.locator).name for r in rejections] == ["stray.jpg"]
 
 
 def test_synthetic_spec_renders_half_per_class_and_reuses_files(tmp_path):
