@@ -112,6 +112,24 @@ class DataSettings(_Section):
     )
     synthetic_size: tuple[int, int] = Field((320, 240), description="Width and height of generated synthetic scenes.")
     synthetic_jpeg: bool = Field(True, description="Re-compress synthetic scenes as JPEG at a random quality.")
+    augment: Literal["none", "moderate", "aggressive", "natix"] = Field(
+        "moderate",
+        description="Augmentation of training views (cached augmented views and the train loop): 'none' = the eval "
+        "transform; 'moderate' / 'aggressive' = timm RandAugment presets; 'natix' = the NATIX validators' challenge "
+        "levels 0-3 mixed by natix_levels. Each view is seeded from (image id, view, epoch).",
+    )
+    natix_levels: tuple[float, float, float, float] = Field(
+        (0.25, 0.25, 0.25, 0.25),
+        description="Probabilities of NATIX challenge levels 0-3 when augment is 'natix' (0: square centre crop; "
+        "1: + rotation, random resized crop, flips; 2: + colour and JPEG degradation; 3: + noise and blur).",
+    )
+
+    @field_validator("natix_levels")
+    @classmethod
+    def _levels_are_probabilities(cls, value: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if any(p < 0 for p in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"natix_levels must be four non-negative probabilities summing to 1, got {value}")
+        return value
 
     @field_validator("fractions")
     @classmethod
@@ -126,12 +144,32 @@ class DataSettings(_Section):
 class PeftSettings(_Section):
     """Parameter-efficient tuning of the backbone (used by ``train --mode train|train_crc``)."""
 
-    method: Literal["none", "dora", "doran"] = Field("none", description="Adapter kind: none, DoRA, or DoRAN.")
+    method: Literal["none", "lora", "dora", "doran"] = Field(
+        "none",
+        description="Adapter kind: none (head only, on live features), LoRA or DoRA (through peft), or DoRAN (DoRA "
+        "with a learnable stabiliser in the column-norm denominator and per-block generated low-rank factors).",
+    )
     rank: int = Field(16, gt=0, description="Rank r of the low-rank update BA.")
     alpha: float = Field(32.0, gt=0, description="Scaling numerator: the update is multiplied by alpha / rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["qkv", "proj"], description="Names (suffixes) of the linear layers that get adapters."
+    target_modules: list[str] | None = Field(
+        None,
+        description="Layers that get adapters: dotted-name suffixes inside numbered blocks ('qkv', 'mlp.fc1') or full "
+        "dotted names; None = the backbone family's default (timm ViT/Eva: qkv, proj, fc1, fc2; transformers "
+        "DINOv3: q_proj, k_proj, v_proj, o_proj, up_proj, down_proj; EfficientNet: the 1x1 convolutions).",
+    )
+    doran_generator_hidden: int = Field(
+        8,
+        ge=0,
+        description="DoRAN: hidden width of the per-block generator that produces every targeted projection's "
+        "low-rank factors from its seed factors; 0 = no generator (fixed factors per projection).",
+    )
+    doran_stabilizer: bool = Field(
+        True,
+        description="DoRAN: add the learnable softplus(theta) to the column norm; False sets it exactly to 0.",
+    )
+    doran_stabilizer_init: float = Field(
+        1e-3, gt=0, description="DoRAN: initial value of softplus(theta), the stabiliser added to every column norm."
     )
 
 
@@ -192,6 +230,31 @@ class TrainSettings(_Section):
         "mcc", description="Model-selection metric on val_select (AURC breaks ties)."
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
+    optimizer: Literal["adamw", "sam", "fsam"] = Field(
+        "adamw",
+        description="adamw; sam (sharpness-aware: AdamW step at the worst point within radius sam_rho); fsam (Friendly "
+        "SAM: the ascent direction drops the gradient's running-mean component).",
+    )
+    sam_rho: float = Field(0.05, gt=0, description="SAM / F-SAM: radius rho of the weight perturbation.")
+    fsam_sigma: float = Field(
+        1.0, ge=0, description="F-SAM: sigma, how much of the gradient's running mean the ascent direction drops."
+    )
+    fsam_lambda: float = Field(0.9, ge=0, lt=1, description="F-SAM: lambda, decay of the running mean of the gradient.")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Layer-wise LR decay of the backbone's trainable parameters: a layer k groups below the top gets "
+        "lr * layer_decay**k; None or 1.0 = off.",
+    )
+    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the head; None = train.lr.")
+    adapter_lr: float | None = Field(
+        None, gt=0, description="Peak learning rate of the backbone adapters (before layer decay); None = train.lr."
+    )
+    accumulate: int = Field(1, ge=1, description="Batches whose gradients are summed before one optimiser step.")
+    grad_clip: float | None = Field(
+        None, gt=0, description="Clip the global gradient norm of the trainable parameters to this; None = off."
+    )
 
 
 class CalibrationSettings(_Section):
