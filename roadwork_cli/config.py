@@ -11,11 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -365,32 +366,63 @@ def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
-def _parse_env_value(raw: str) -> Any:
-    # JSON first so that lists ('["a", "b"]') and numbers work; anything else stays a string for pydantic to coerce.
+def _model_at(path: Sequence[str]) -> type[BaseModel] | None:
+    """The settings section at ``path`` (``()`` is the root), or None where the path leaves the sections."""
+    model: type[BaseModel] = Settings
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _is_sequence_field(path: Sequence[str]) -> bool:
+    """Whether the setting at ``path`` holds a list or tuple (also inside ``X | None``)."""
+    section = _model_at(path[:-1])
+    field = section.model_fields.get(path[-1]) if section is not None and path else None
+    if field is None:
+        return False
+    annotations = [field.annotation, *get_args(field.annotation)]
+    return any(get_origin(a) in (list, tuple, set) or a in (list, tuple, set) for a in annotations)
+
+
+def _parse_env_value(raw: str, sequence: bool = False) -> Any:
+    """A value from the environment: JSON where it parses (numbers, ``["a", "b"]``), else the string.
+
+    For list and tuple settings a value that is not a JSON list is split on commas, so ``x.csv`` (one value) and
+    ``a/,b.csv`` both work.
+    """
+    if sequence and not raw.strip().startswith("["):
+        return [part.strip() for part in raw.split(",") if part.strip()]
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
-        if "," in raw and not raw.strip().startswith(("{", "[")):
-            return [part.strip() for part in raw.split(",")]
         return raw
+
+
+def _env_entries(environ: Mapping[str, str]) -> Iterator[tuple[tuple[str, ...], str, str]]:
+    """``(key path, variable name, raw value)`` for every ``ROADWORK_*`` variable, in name order."""
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING) if part)
+        if path:
+            yield path, name, environ[name]
 
 
 def settings_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Nested settings from ``ROADWORK_SECTION__KEY=value`` variables (``__`` nests, case-insensitive)."""
     environ = os.environ if environ is None else environ
     tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.upper().startswith(ENV_PREFIX):
-            continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING) if part]
-        if not path:
-            continue
+    for path, name, raw in _env_entries(environ):
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UsageError(f"Environment variable {name} nests under a key that is not a section.")
-        node[path[-1]] = _parse_env_value(raw)
+        node[path[-1]] = _parse_env_value(raw, _is_sequence_field(path))
     return tree
 
 
@@ -409,18 +441,62 @@ def settings_from_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def describe_validation_error(exc: ValidationError, origin: str = "settings") -> str:
-    """One paragraph naming every bad key, e.g. ``train.epochs: Input should be greater than 0 (got -1)``."""
+def _did_you_mean(loc: Sequence[str]) -> str:
+    """A hint for an unknown key: the closest field of its section, else the section's keys."""
+    section = _model_at(loc[:-1])
+    if section is None or not loc:
+        return ""
+    fields = list(section.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]).lower(), fields, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?"
+    return f"; valid keys here: {', '.join(fields)}"
+
+
+def _env_variable_for(loc: Sequence[Any], env_names: Mapping[tuple[str, ...], str]) -> str | None:
+    """The environment variable that set the value at ``loc`` (or a key under / above it), if any."""
+    key = tuple(str(part) for part in loc)
+    for path, name in env_names.items():
+        if path[: len(key)] == key or key[: len(path)] == path:
+            return name
+    return None
+
+
+def describe_validation_error(
+    exc: ValidationError, origin: str = "settings", env_names: Mapping[tuple[str, ...], str] | None = None
+) -> str:
+    """One paragraph naming every bad key, e.g. ``train.epochs: Input should be greater than 0 (got -1)``.
+
+    Args:
+        exc: The pydantic error.
+        origin: What was being validated, for the message's first words.
+        env_names: Key path -> environment variable, for values that came from the environment; such errors name
+            the variable (``ROADWORK_TRAIN__EPOCS``) since that is what the user has to fix.
+    """
     parts = []
     for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(root)"
+        loc = [str(p) for p in error["loc"]]
+        key = ".".join(loc) or "(root)"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + _did_you_mean(loc)
         given = error.get("input")
         shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
-        parts.append(f"{key}: {message}{shown}")
+        variable = _env_variable_for(error["loc"], env_names or {})
+        where = f" [from environment variable {variable}]" if variable else ""
+        parts.append(f"{key}: {message}{shown}{where}")
     return f"Invalid {origin}: " + "; ".join(parts) + "."
+
+
+def _flag_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Key paths of the non-None leaves of a nested mapping."""
+    paths: set[tuple[str, ...]] = set()
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            paths |= _flag_paths(value, (*prefix, str(key)))
+        elif value is not None:
+            paths.add((*prefix, str(key)))
+    return paths
 
 
 def load_settings(
@@ -438,13 +514,16 @@ def load_settings(
     Raises:
         UsageError: A key is unknown or a value invalid; the message names the key.
     """
+    environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     if config_file is not None:
         merged = deep_merge(merged, settings_from_yaml(config_file))
     merged = deep_merge(merged, settings_from_env(environ))
     if overrides:
         merged = deep_merge(merged, overrides)
+    flagged = _flag_paths(overrides or {})
+    env_names = {path: name for path, name, _ in _env_entries(environ) if path not in flagged}
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise UsageError(describe_validation_error(exc)) from None
+        raise UsageError(describe_validation_error(exc, env_names=env_names)) from None

@@ -92,3 +92,41 @@ def test_flags_not_given_never_reach_validation():
     # A section that only flags mention, all of them absent (None), must leave the defaults intact.
     settings = load_settings(None, {"features": {"batch_size": None, "workers": None}}, environ={})
     assert settings.features.batch_size == Settings().features.batch_size
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "hint"),
+    [
+        ("train:\n  epocs: 3\n", "did you mean 'train.epochs'?"),
+        ("calibration:\n  deltta: 0.1\n", "did you mean 'calibration.delta'?"),
+        ("trian:\n  epochs: 3\n", "did you mean 'train'?"),
+        ("train:\n  zzz: 3\n", "valid keys here: mode, epochs"),
+    ],
+)
+def test_unknown_keys_get_a_did_you_mean(tmp_path, yaml_text, hint):
+    with pytest.raises(UsageError) as info:
+        load_settings(write_yaml(tmp_path, yaml_text), environ={})
+    assert hint in str(info.value)
+    assert "environment variable" not in str(info.value)
+
+
+def test_errors_from_the_environment_name_the_variable():
+    with pytest.raises(UsageError) as info:
+        load_settings(environ={"ROADWORK_TRAIN__EPOCS": "3"})
+    assert "train.epocs: unknown key; did you mean 'train.epochs'?" in str(info.value)
+    assert "environment variable ROADWORK_TRAIN__EPOCS" in str(info.value)
+    with pytest.raises(UsageError, match="environment variable roadwork_calibration__fnr"):
+        load_settings(environ={"roadwork_calibration__fnr": "2"})
+    # A flag that overrides the variable takes the blame away from it.
+    with pytest.raises(UsageError) as info:
+        load_settings(None, {"train": {"epochs": -1}}, environ={"ROADWORK_TRAIN__EPOCHS": "3"})
+    assert "train.epochs" in str(info.value) and "environment" not in str(info.value)
+
+
+def test_a_one_value_list_in_the_environment_is_accepted():
+    assert load_settings(environ={"ROADWORK_DATA__SOURCES": "x.csv"}).data.sources == ["x.csv"]
+    assert load_settings(environ={"ROADWORK_DATA__SOURCES": '["a b.csv"]'}).data.sources == ["a b.csv"]
+    assert load_settings(environ={"ROADWORK_DATA__FRACTIONS": "0.5,0.2,0.2,0.1"}).data.fractions == (0.5, 0.2, 0.2, 0.1)
+    assert load_settings(environ={"ROADWORK_MODEL__PEFT__TARGET_MODULES": "qkv"}).model.peft.target_modules == ["qkv"]
+    # Scalars still parse as JSON first.
+    assert load_settings(environ={"ROADWORK_TRAIN__EPOCHS": "4"}).train.epochs == 4
