@@ -1,32 +1,68 @@
 """Image -> tensor transforms built from a backbone's :class:`~roadwork_cli.model.backbones.Preprocessing`.
 
 ``eval_transform`` is the deterministic path used for clean features, validation and prediction;
-``train_transform`` adds moderate augmentation for the cached augmented views. Both take an RGB ``PIL.Image`` and
-return a normalised ``(3, size, size)`` float tensor.
+``train_transform`` is the original hand-written moderate augmentation (seeded through torch's global generator).
+Both take an RGB ``PIL.Image`` and return a normalised ``(3, size, size)`` float tensor.
 
 For throughput, both can instead return the ``(size, size, 3)`` uint8 pixels (``output="uint8"``): DataLoader
 workers then ship a quarter of the bytes, and :func:`normalize_batch` converts a whole ``(B, H, W, 3)`` batch in one
 vectorised op straight into the channels-last ``(B, 3, H, W)`` layout the backbone wants.
 
+Augmentations (``data.augment``) live in a small registry, :func:`create_augmentation` / :func:`list_augmentations`:
+
+- ``none``: the eval transform;
+- ``moderate`` and ``aggressive``: timm's ``create_transform(is_training=True, ...)`` presets (see their factories);
+- ``natix``: the NATIX StreetVision validators' challenge levels 0-3 (:func:`natix_level`), mixed with configurable
+  probabilities.
+
+Every augmentation is called as ``augmentation(image, seed)``; the same seed gives the same pixels, whatever the
+process, worker or batch, and :func:`augment_seed` derives the seed of one (image id, view, epoch).
+
 Example:
     >>> from roadwork_cli.model.backbones import Preprocessing
     >>> transform = eval_transform(Preprocessing(size=224))
+    >>> natix = create_augmentation("natix", Preprocessing(size=224), levels=(0.1, 0.3, 0.3, 0.3))
+    >>> # x = natix(image, seed=augment_seed(image_id, view=1, epoch=3))  # (3, 224, 224)
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import math
-from typing import TYPE_CHECKING, Literal
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image, ImageEnhance, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 if TYPE_CHECKING:
     from roadwork_cli.model.backbones import Preprocessing
 
-__all__ = ["eval_transform", "normalize_batch", "train_transform"]
+__all__ = [
+    "Augmentation",
+    "NatixAugmentation",
+    "NatixParams",
+    "TimmAugmentation",
+    "apply_natix_params",
+    "augment_seed",
+    "augmentation_from_settings",
+    "create_augmentation",
+    "eval_transform",
+    "list_augmentations",
+    "natix_level",
+    "normalize_batch",
+    "sample_natix_params",
+    "train_transform",
+]
+
+Output = Literal["float", "uint8"]
 
 
 def _interpolation(name: str) -> InterpolationMode:
@@ -46,15 +82,19 @@ class _ToHWCUint8:
         return f"{type(self).__name__}()"
 
 
+def _check_output(output: str) -> None:
+    if output not in ("float", "uint8"):
+        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
+
+
 def _tail(preprocessing: Preprocessing, output: str) -> list:
+    _check_output(output)
     if output == "uint8":
         return [_ToHWCUint8()]
-    if output != "float":
-        raise ValueError(f"output must be 'float' or 'uint8', got {output!r}")
     return [T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)]
 
 
-def eval_transform(preprocessing: Preprocessing, output: Literal["float", "uint8"] = "float") -> T.Compose:
+def eval_transform(preprocessing: Preprocessing, output: Output = "float") -> T.Compose:
     """Resize the shorter side to ``size / crop_pct``, centre-crop ``size``, to tensor, normalise.
 
     Args:
@@ -72,11 +112,12 @@ def eval_transform(preprocessing: Preprocessing, output: Literal["float", "uint8
     )
 
 
-def train_transform(preprocessing: Preprocessing, output: Literal["float", "uint8"] = "float") -> T.Compose:
+def train_transform(preprocessing: Preprocessing, output: Output = "float") -> T.Compose:
     """Moderate augmentation: random resized crop (scale 0.5-1), horizontal flip, +-10 deg rotation, colour jitter.
 
     Randomness comes from torch's global generator, so seeding it right before the call makes a view reproducible.
-    ``output`` is as in :func:`eval_transform`.
+    ``output`` is as in :func:`eval_transform`. New code should prefer :func:`create_augmentation`, which takes the
+    seed explicitly.
     """
     size = int(preprocessing.size)
     return T.Compose(
@@ -100,3 +141,450 @@ def normalize_batch(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch
     std = torch.tensor(preprocessing.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
     images = pixels.permute(0, 3, 1, 2).float()  # (B, 3, H, W), strides of channels-last
     return images.sub_(mean).div_(std)
+
+
+# ---------------------------------------------------------------------------------------------------------- seeds
+
+
+def augment_seed(image_id: str, view: int, epoch: int = 0) -> int:
+    """Seed of the augmentation of ``view`` of ``image_id`` in ``epoch`` (independent of batch, worker and run).
+
+    Epoch 0 hashes ``"<id>:<view>"``, the key the feature cache's augmented views have always used, so cached views
+    stay valid; later epochs append ``":<epoch>"``. The result is a non-negative 63-bit integer.
+    """
+    key = f"{image_id}:{view}" if epoch == 0 else f"{image_id}:{view}:{epoch}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _seed_from_torch() -> int:
+    # A caller that seeded torch's global generator (the pre-registry convention) still gets a reproducible view.
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global generators for the block, then restore all three.
+
+    timm's transforms draw from all three (``random`` for crops and RandAugment, NumPy for op choice, torch for flips,
+    colour jitter and random erasing), so this is the only way to make them a function of an explicit seed without
+    disturbing the caller's streams.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+# --------------------------------------------------------------------------------------------------- the registry
+
+
+class Augmentation:
+    """A seeded image -> tensor transform: ``augmentation(image, seed)``.
+
+    Attributes:
+        name: Registry name.
+        output: ``float`` (normalised ``(3, S, S)``) or ``uint8`` (``(S, S, 3)`` pixels for :func:`normalize_batch`).
+    """
+
+    name = "augmentation"
+
+    def __init__(self, preprocessing: Preprocessing, output: Output = "float"):
+        _check_output(output)
+        self.preprocessing = preprocessing
+        self.output = output
+
+    def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
+        """Augment one RGB image.
+
+        Args:
+            image: The decoded image.
+            seed: The view's seed (see :func:`augment_seed`); None draws one from torch's global generator, so
+                ``torch.manual_seed`` before the call also reproduces the view.
+        """
+        return self.apply(image, _seed_from_torch() if seed is None else int(seed))
+
+    def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, output={self.output!r})"
+
+
+_REGISTRY: dict[str, Callable[..., Augmentation]] = {}
+
+
+def _register(name: str) -> Callable[[Callable[..., Augmentation]], Callable[..., Augmentation]]:
+    def decorate(factory: Callable[..., Augmentation]) -> Callable[..., Augmentation]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def list_augmentations() -> list[str]:
+    """Names accepted by :func:`create_augmentation` (and by ``data.augment``)."""
+    return sorted(_REGISTRY)
+
+
+def create_augmentation(name: str, preprocessing: Preprocessing, output: Output = "float", **kwargs) -> Augmentation:
+    """Build a registered augmentation.
+
+    Args:
+        name: One of :func:`list_augmentations`.
+        preprocessing: The backbone's input recipe (output size, mean/std, interpolation).
+        output: ``float`` or ``uint8``, as in :func:`eval_transform`.
+        **kwargs: Options of that augmentation: for ``moderate``/``aggressive`` overrides of the timm
+            ``create_transform`` arguments; for ``natix`` ``levels`` (mix) or ``level`` (one level).
+
+    Raises:
+        ValueError: Unknown name.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(list_augmentations())}")
+    return _REGISTRY[name](preprocessing, output=output, **kwargs)
+
+
+def augmentation_from_settings(data: Any, preprocessing: Preprocessing, output: Output = "float") -> Augmentation:
+    """The augmentation ``data.augment`` names, with ``data.natix_levels`` as the mix when it is ``natix``.
+
+    Args:
+        data: :class:`~roadwork_cli.config.DataSettings`.
+        preprocessing: The backbone's input recipe.
+        output: ``float`` or ``uint8``.
+    """
+    kwargs = {"levels": tuple(data.natix_levels)} if data.augment == "natix" else {}
+    return create_augmentation(data.augment, preprocessing, output=output, **kwargs)
+
+
+class _EvalAugmentation(Augmentation):
+    name = "none"
+
+    def __init__(self, preprocessing: Preprocessing, output: Output = "float"):
+        super().__init__(preprocessing, output)
+        self.transform = eval_transform(preprocessing, output)
+
+    def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
+        return self.transform(image)
+
+
+@_register("none")
+def _none(preprocessing: Preprocessing, output: Output = "float") -> Augmentation:
+    """No augmentation: the deterministic :func:`eval_transform` (the seed is ignored)."""
+    return _EvalAugmentation(preprocessing, output)
+
+
+class TimmAugmentation(Augmentation):
+    """A timm ``create_transform(is_training=True, ...)`` pipeline run under :func:`_seeded_global_rngs`.
+
+    timm's random erasing only exists on the normalised float tensor, so ``uint8`` output runs the float pipeline and
+    maps it back to pixels (exact for untouched pixels; erased ones become the colour their noise denormalises to).
+    """
+
+    def __init__(self, name: str, preprocessing: Preprocessing, output: Output = "float", **timm_kwargs):
+        from timm.data import create_transform
+
+        super().__init__(preprocessing, output)
+        self.name = name
+        self.timm_kwargs = dict(timm_kwargs)
+        self.transform = create_transform(
+            input_size=int(preprocessing.size),
+            is_training=True,
+            interpolation=preprocessing.interpolation,
+            mean=tuple(preprocessing.mean),
+            std=tuple(preprocessing.std),
+            **self.timm_kwargs,
+        )
+        self._mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+
+    def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
+        with _seeded_global_rngs(seed):
+            x = self.transform(image.convert("RGB"))  # (3, S, S) normalised
+        if self.output == "float":
+            return x
+        pixels = (x * self._std + self._mean).mul_(255.0).round_().clamp_(0, 255)
+        return pixels.to(torch.uint8).permute(1, 2, 0).contiguous()  # (S, S, 3)
+
+
+MODERATE = {
+    "scale": (0.35, 1.0),
+    "hflip": 0.5,
+    "vflip": 0.0,
+    "auto_augment": "rand-m6-n2-mstd0.5-inc1-tweights",
+    "color_jitter": None,
+    "re_prob": 0.1,
+    "re_mode": "pixel",
+    "re_count": 1,
+}
+AGGRESSIVE = {
+    "scale": (0.08, 1.0),
+    "hflip": 0.5,
+    "vflip": 0.5,
+    "auto_augment": "rand-m9-n2-mstd0.5-inc1",
+    "color_jitter": None,
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 2,
+}
+
+
+@_register("moderate")
+def _moderate(preprocessing: Preprocessing, output: Output = "float", **overrides) -> Augmentation:
+    """timm preset for light training: what a clean, mostly upright dashcam image tolerates.
+
+    - random resized crop, area scale 0.35-1, aspect 3/4-4/3 (timm default), the backbone's interpolation;
+    - horizontal flip p=0.5, no vertical flip;
+    - RandAugment ``rand-m6-n2-mstd0.5-inc1-tweights``: 2 distinct ops per image (each applied with p=0.5),
+      magnitude 6 of 10 with Gaussian noise of std 0.5, "increasing" ops drawn with timm's experimental weights
+      (mostly rotate / shear / translate; invert, solarize and posterize rare, as cone orange must stay orange);
+      timm then skips colour jitter (RandAugment has its own colour ops), hence ``color_jitter=None``;
+    - random erasing p=0.1, one box, per-pixel Gaussian noise fill (``re_mode="pixel"``).
+    """
+    return TimmAugmentation("moderate", preprocessing, output, **{**MODERATE, **overrides})
+
+
+@_register("aggressive")
+def _aggressive(preprocessing: Preprocessing, output: Output = "float", **overrides) -> Augmentation:
+    """timm preset close to the DeiT recipe, plus the vertical flips NATIX validators use.
+
+    - random resized crop, area scale 0.08-1 (the ImageNet default), aspect 3/4-4/3;
+    - horizontal flip p=0.5 and vertical flip p=0.5;
+    - RandAugment ``rand-m9-n2-mstd0.5-inc1`` (DeiT's): 2 ops per image (each with p=0.5) drawn uniformly from the
+      15 "increasing" ops, magnitude 9 of 10, std 0.5; no separate colour jitter (as above);
+    - random erasing p=0.25, one or two boxes, per-pixel Gaussian noise fill.
+    """
+    return TimmAugmentation("aggressive", preprocessing, output, **{**AGGRESSIVE, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------- NATIX
+
+CHALLENGE_SIZE = 224
+"""Side of the square JPEG NATIX validators send; levels 1-3 operate at this resolution."""
+CHALLENGE_JPEG_QUALITY = 90
+"""Quality of the final re-compression of a challenge image (the validators' exact value is not published)."""
+NATIX_MAX_ROTATION = 20.0
+NATIX_CROP_SCALE = (0.2, 1.0)
+NATIX_CROP_RATIO = (3 / 4, 4 / 3)
+NATIX_FLIP_P = 0.5
+NATIX_SATURATION = (0.5, 1.5)
+NATIX_CONTRAST = (0.5, 1.5)
+NATIX_JPEG_QUALITY = (20, 90)
+NATIX_JPEG_SCALE = (0.5, 1.0)
+NATIX_NOISE_STD = (2.0, 12.0)  # on the 0-255 scale
+NATIX_BLUR_SIGMA = (0.3, 1.5)  # pixels at the challenge resolution
+
+
+@dataclass(frozen=True)
+class NatixParams:
+    """The random draws of one challenge image; the defaults are level 0 (square centre crop only).
+
+    Attributes:
+        level: 0-3.
+        angle: Rotation in degrees, counter-clockwise, black corners (level >= 1).
+        crop: ``(left, top, width, height)`` of the random resized crop inside the square, or None for all of it.
+        hflip: Mirror left-right.
+        vflip: Mirror top-bottom.
+        saturation: PIL colour-enhance factor (1 = unchanged; level >= 2).
+        contrast: PIL contrast-enhance factor (level >= 2).
+        jpeg_quality: Quality of the JPEG round trip, or None for none (level >= 2).
+        jpeg_scale: Side fraction the image is down-sampled to before that JPEG and up-sampled from after it.
+        noise_std: Gaussian pixel noise std on the 0-255 scale (level 3).
+        blur_sigma: Gaussian blur radius in pixels (level 3).
+    """
+
+    level: int = 0
+    angle: float = 0.0
+    crop: tuple[int, int, int, int] | None = None
+    hflip: bool = False
+    vflip: bool = False
+    saturation: float = 1.0
+    contrast: float = 1.0
+    jpeg_quality: int | None = None
+    jpeg_scale: float = 1.0
+    noise_std: float = 0.0
+    blur_sigma: float = 0.0
+
+
+def _centre_square(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def _random_crop_box(side: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A random resized crop box of area fraction in ``NATIX_CROP_SCALE`` and aspect in ``NATIX_CROP_RATIO``.
+
+    Unlike torchvision's rejection loop, the aspect range is narrowed to what fits the drawn area, so every draw is
+    valid and the area fraction stays uniform; sides round up, so the area never falls below the drawn fraction.
+    """
+    area = float(rng.uniform(*NATIX_CROP_SCALE))
+    low, high = max(NATIX_CROP_RATIO[0], area), min(NATIX_CROP_RATIO[1], 1.0 / area)
+    ratio = math.exp(rng.uniform(math.log(low), math.log(high)))  # width / height
+    width = min(side, math.ceil(math.sqrt(area * ratio) * side))
+    height = min(side, math.ceil(math.sqrt(area / ratio) * side))
+    left = int(rng.integers(0, side - width + 1))
+    top = int(rng.integers(0, side - height + 1))
+    return left, top, width, height
+
+
+def sample_natix_params(level: int, side: int, rng: np.random.Generator) -> NatixParams:
+    """Draw the random parameters of one challenge image of ``level`` on a ``side`` x ``side`` square.
+
+    Levels are cumulative: (0) square centre crop; (1) + rotation within +-20 deg, random resized crop of area
+    fraction 0.2-1, horizontal and vertical flips each with p=0.5; (2) + saturation and contrast factors in 0.5-1.5 and
+    a JPEG round trip at quality 20-90 through a down-sampling to 50-100 % of the side; (3) + Gaussian noise (std 2-12
+    of 255) and Gaussian blur (radius 0.3-1.5 px).
+    """
+    if level not in (0, 1, 2, 3):
+        raise ValueError(f"NATIX level must be 0, 1, 2 or 3, got {level!r}")
+    draws: dict[str, Any] = {"level": level}
+    if level >= 1:
+        draws["angle"] = float(rng.uniform(-NATIX_MAX_ROTATION, NATIX_MAX_ROTATION))
+        draws["crop"] = _random_crop_box(side, rng)
+        draws["hflip"] = bool(rng.random() < NATIX_FLIP_P)
+        draws["vflip"] = bool(rng.random() < NATIX_FLIP_P)
+    if level >= 2:
+        draws["saturation"] = float(rng.uniform(*NATIX_SATURATION))
+        draws["contrast"] = float(rng.uniform(*NATIX_CONTRAST))
+        draws["jpeg_quality"] = int(rng.integers(NATIX_JPEG_QUALITY[0], NATIX_JPEG_QUALITY[1] + 1))
+        draws["jpeg_scale"] = float(rng.uniform(*NATIX_JPEG_SCALE))
+    if level >= 3:
+        draws["noise_std"] = float(rng.uniform(*NATIX_NOISE_STD))
+        draws["blur_sigma"] = float(rng.uniform(*NATIX_BLUR_SIGMA))
+    return NatixParams(**draws)
+
+
+def _jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=int(quality))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def apply_natix_params(square: Image.Image, params: NatixParams, rng: np.random.Generator) -> Image.Image:
+    """Apply drawn parameters to a square RGB image; the output has the input's size.
+
+    Args:
+        square: The level-0 image (square centre crop, already at the working resolution).
+        params: From :func:`sample_natix_params`.
+        rng: Source of the per-pixel noise (used only when ``params.noise_std > 0``).
+    """
+    image = square.convert("RGB")
+    side = image.size[0]
+    if params.angle:
+        image = image.rotate(params.angle, resample=Image.BILINEAR, expand=False, fillcolor=(0, 0, 0))
+    if params.crop is not None:
+        left, top, width, height = params.crop
+        image = image.crop((left, top, left + width, top + height)).resize((side, side), Image.BICUBIC)
+    if params.hflip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    if params.vflip:
+        image = image.transpose(Image.FLIP_TOP_BOTTOM)
+    if params.saturation != 1.0:
+        image = ImageEnhance.Color(image).enhance(params.saturation)
+    if params.contrast != 1.0:
+        image = ImageEnhance.Contrast(image).enhance(params.contrast)
+    if params.jpeg_quality is not None:
+        small = max(8, round(side * params.jpeg_scale))
+        degraded = _jpeg_round_trip(image.resize((small, small), Image.BILINEAR), params.jpeg_quality)
+        image = degraded.resize((side, side), Image.BILINEAR)
+    if params.blur_sigma > 0:
+        image = image.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
+    if params.noise_std > 0:
+        pixels = np.asarray(image, dtype=np.float32)  # (S, S, 3)
+        pixels = pixels + rng.normal(0.0, params.noise_std, size=pixels.shape).astype(np.float32)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return image
+
+
+def natix_level(
+    image: Image.Image, level: int, rng: np.random.Generator, size: int | None = CHALLENGE_SIZE
+) -> Image.Image:
+    """One NATIX challenge level applied to ``image`` (levels in :func:`sample_natix_params`).
+
+    Args:
+        image: Any RGB image.
+        level: 0, 1, 2 or 3.
+        rng: The only source of randomness (level 0 draws nothing).
+        size: Side the square centre crop is resized to before the level's operations (the validators' 224); None
+            keeps the crop's own resolution.
+
+    Returns:
+        A square RGB image of side ``size`` (or the shorter side of ``image``).
+    """
+    square = _centre_square(image.convert("RGB"))
+    if size is not None and square.size[0] != size:
+        square = square.resize((size, size), Image.BICUBIC)
+    params = sample_natix_params(level, square.size[0], rng)
+    return apply_natix_params(square, params, rng)
+
+
+def _level_mix(levels: Sequence[float] | None, level: int | None) -> np.ndarray:
+    if level is not None:
+        if level not in (0, 1, 2, 3):
+            raise ValueError(f"NATIX level must be 0, 1, 2 or 3, got {level!r}")
+        return np.eye(4)[level]
+    mix = np.asarray((0.25, 0.25, 0.25, 0.25) if levels is None else levels, dtype=np.float64)
+    if mix.shape != (4,) or (mix < 0).any() or mix.sum() <= 0:
+        raise ValueError(f"NATIX levels must be four non-negative weights of levels 0-3, got {levels!r}")
+    return mix / mix.sum()
+
+
+class NatixAugmentation(Augmentation):
+    """The validators' challenge: a level drawn from the mix, :func:`natix_level`, the 224 px JPEG they send, then
+    the miner's own :func:`eval_transform` (exactly what ``predict`` does with a received challenge).
+
+    Args:
+        preprocessing: The backbone's input recipe.
+        output: ``float`` or ``uint8``.
+        levels: Probabilities (weights) of levels 0-3.
+        level: A single level instead of a mix (the robustness evaluation scores each level on its own).
+    """
+
+    name = "natix"
+
+    def __init__(
+        self,
+        preprocessing: Preprocessing,
+        output: Output = "float",
+        levels: Sequence[float] | None = None,
+        level: int | None = None,
+    ):
+        super().__init__(preprocessing, output)
+        self.mix = _level_mix(levels, level)
+        self.transform = eval_transform(preprocessing, output)
+
+    def draw_level(self, rng: np.random.Generator) -> int:
+        """The level of one view (a fixed level draws nothing, so its stream equals a direct :func:`natix_level`)."""
+        if np.count_nonzero(self.mix) == 1:
+            return int(np.flatnonzero(self.mix)[0])
+        return int(rng.choice(4, p=self.mix))
+
+    def challenge(self, image: Image.Image, seed: int) -> Image.Image:
+        """The 224 x 224 JPEG-recompressed challenge image of ``seed`` (what a validator would send)."""
+        rng = np.random.default_rng(seed)
+        level = self.draw_level(rng)
+        return _jpeg_round_trip(natix_level(image, level, rng), CHALLENGE_JPEG_QUALITY)
+
+    def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
+        return self.transform(self.challenge(image, seed))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(levels={self.mix.round(3).tolist()}, output={self.output!r})"
+
+
+@_register("natix")
+def _natix(
+    preprocessing: Preprocessing,
+    output: Output = "float",
+    levels: Sequence[float] | None = None,
+    level: int | None = None,
+) -> Augmentation:
+    """NATIX challenge levels 0-3 (see :func:`sample_natix_params`), mixed by ``levels`` (default uniform)."""
+    return NatixAugmentation(preprocessing, output, levels=levels, level=level)
