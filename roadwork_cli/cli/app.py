@@ -8,14 +8,14 @@ from __future__ import annotations
 import typer
 
 from roadwork_cli import __version__
-from roadwork_cli.cli import cache_features, calibrate, demo, evaluate, export, predict, split, train
+from roadwork_cli.cli import backbones, cache_features, calibrate, demo, evaluate, export, info, predict, split, train
 
 app = typer.Typer(
     name="roadwork",
     help="Stage 1 of a two-stage roadwork detector: split, cache features, train, calibrate (SCRC-I), evaluate, "
     "export, predict.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -42,6 +42,8 @@ app.command("evaluate")(evaluate.command)
 app.command("export")(export.command)
 app.command("predict")(predict.command)
 app.command("demo")(demo.command)
+app.command("info")(info.command)
+app.command("backbones")(backbones.command)
 
 
 def main() -> None:

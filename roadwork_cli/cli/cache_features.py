@@ -10,11 +10,16 @@ import typer
 from roadwork_cli.cli.common import (
     ConfigOption,
     DebugOption,
+    DeviceOption,
+    JsonOption,
     RunOption,
+    ThreadsOption,
     console,
     handle_errors,
+    print_json,
     require_run,
     resolve_settings,
+    runtime_overrides,
 )
 
 
@@ -25,6 +30,9 @@ def command(
     weights: Annotated[Path | None, typer.Option("--weights", help="Local backbone weights file.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -34,7 +42,7 @@ def command(
     settings = resolve_settings(
         config,
         {
-            "runtime": {"run": run, "debug": debug or None},
+            "runtime": runtime_overrides(run, device, threads) | {"debug": debug or None},
             "model": {"backbone": backbone, "weights": weights},
             "features": {"batch_size": batch_size, "workers": workers},
         },
@@ -53,3 +61,5 @@ def command(
     table.add_row("throughput", f"{summary.images_per_second:,.1f} img/s ({summary.seconds:.1f} s)")
     table.add_row("folder", str(summary.folder))
     console.print(table)
+    if json_output:
+        print_json(summary)

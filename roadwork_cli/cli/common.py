@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,8 +25,20 @@ ConfigOption = Annotated[
 ]
 RunOption = Annotated[Path | None, typer.Option("--run", help="Run directory holding every stage's artifacts.")]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (tables stay on stderr).")
+]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="Where to compute: auto, cpu, cuda, cuda:N or mps (runtime.device).")
+]
+ThreadsOption = Annotated[
+    int | None, typer.Option("--threads", min=1, help="torch intra-op CPU threads (runtime.threads).")
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+UNCERTIFIED = "no guarantee (targets not certified)"
+"""What every command says of a calibration whose targets were not certified (``"feasible": false``)."""
 
 
 def fail(message: str, exit_code: int, debug: bool = False) -> typer.Exit:
@@ -75,3 +90,42 @@ def require_run(settings) -> Path:
     if settings.runtime.run is None:
         raise UsageError("No run directory: pass --run DIR (or set runtime.run in the settings file).")
     return Path(settings.runtime.run)
+
+
+def runtime_overrides(run: Path | None = None, device: str | None = None, threads: int | None = None) -> dict:
+    """The ``runtime`` section of the flag overrides (flags not given stay ``None`` and are skipped)."""
+    return {"run": run, "device": device, "threads": threads}
+
+
+def apply_threads(settings) -> None:
+    """Honour ``runtime.threads`` for commands whose library call does not (torch imported only when set)."""
+    if settings.runtime.threads:
+        import torch
+
+        torch.set_num_threads(settings.runtime.threads)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: dataclasses and mappings become objects, paths strings, NaN/inf ``null``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
+        return [jsonable(v) for v in items]
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # numpy / torch scalars
+    elif hasattr(value, "tolist"):
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)  # paths, enums and anything else printable
+
+
+def print_json(summary: Any) -> None:
+    """Write ``summary`` as ONE JSON object on stdout (the ``--json`` contract: nothing else goes to stdout)."""
+    sys.stdout.write(json.dumps(jsonable(summary), ensure_ascii=False, allow_nan=False) + "\n")
+    sys.stdout.flush()

@@ -6,13 +6,26 @@ from typing import Annotated, Any
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, console, handle_errors
+from roadwork_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    JsonOption,
+    RunOption,
+    ThreadsOption,
+    console,
+    handle_errors,
+    print_json,
+)
 
 
 @handle_errors
 def command(
     run: RunOption = None,
     per_class: Annotated[int | None, typer.Option("--per-class", help="Synthetic images per class.")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -20,6 +33,11 @@ def command(
     from roadwork_cli.pipeline import demo_settings, run_demo
 
     settings = demo_settings(config, per_class=per_class, run=run)
+    # Flags sit on top of every other layer; assignment is validated like any other setting.
+    if device is not None:
+        settings.runtime.device = device
+    if threads is not None:
+        settings.runtime.threads = threads
     console.print(
         f"[bold]roadwork demo[/] in {settings.runtime.run}: {settings.data.sources[0]}, backbone "
         f"{settings.model.backbone}, targets FNR <= {settings.calibration.fnr:g} on exits, coverage >= "
@@ -31,6 +49,22 @@ def command(
         f"{summary.run.eval / 'report.html'}; bundle: {summary.bundle}"
     )
     console.print(f"next: roadwork predict IMAGE... --bundle {summary.bundle}")
+    if json_output:
+        print_json(demo_json(summary))
+
+
+def demo_json(summary: Any) -> dict[str, Any]:
+    """The ``--json`` summary: where things are, seconds per stage, the test report and the example predictions."""
+    return {
+        "run": str(summary.run.root),
+        "bundle": summary.bundle,
+        "seconds": summary.seconds,
+        "stages": {stage.name: stage.seconds for stage in summary.stages},
+        "report": summary.report,
+        "report_json": summary.run.report,
+        "report_html": summary.run.eval / "report.html",
+        "predictions": [prediction.to_dict() | {"label": label} for prediction, label in summary.predictions],
+    }
 
 
 def _render_stage(stage: Any) -> None:

@@ -1,6 +1,8 @@
 """``roadwork predict``: images in, roadwork / no_roadwork / defer out.
 
-Every input gets exactly one record, good or bad; the command exits 1 when any input failed. Input expansion and
+Every input gets exactly one record, good or bad, written as soon as its batch is done (in input order, flushed); the
+command exits 1 when any input failed. With ``--out`` records go to ``<out>.partial`` first and the file is renamed to
+``<out>`` when all inputs are done, so an interrupted run keeps its records in ``<out>.partial``. Input expansion and
 record formats live in :mod:`roadwork_cli.io.inputs`, the model in :mod:`roadwork_cli.stage1`.
 """
 
@@ -15,28 +17,71 @@ from typing import Annotated, Any
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, console, handle_errors
-from roadwork_cli.io.inputs import FIELDS, FORMATS, expand_inputs, records_to_text, round_score
+from roadwork_cli.cli.common import (
+    UNCERTIFIED,
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    ThreadsOption,
+    apply_threads,
+    console,
+    handle_errors,
+    runtime_overrides,
+)
+from roadwork_cli.io.inputs import FIELDS, FORMATS, RecordWriter, expand_inputs, round_score
 
 
-def records_table(records: list[dict[str, Any]]):
-    """A rich table of records (for terminals)."""
+def records_table(records: list[dict[str, Any]], rule: Any = None):
+    """A rich table of records (for terminals).
+
+    With the band rule the gate has no effect on decisions, so its column is left out and a caption says so.
+    """
     from rich.table import Table
 
+    band = getattr(rule, "rule", "gate") == "band"
     table = Table(title="stage 1 predictions", show_lines=False)
-    for name, justify in zip(FIELDS, ("left", "right", "right", "left", "left"), strict=True):
+    columns = [
+        (name, justify) for name, justify in zip(FIELDS, ("left", "right", "right", "left", "left"), strict=True)
+    ]
+    if band:
+        columns = [c for c in columns if c[0] != "gate"]
+        table.caption = band_caption(rule)
+    for name, justify in columns:
         table.add_column(name, justify=justify, overflow="fold")
     styles = {"roadwork": "bold red", "no_roadwork": "green", "defer": "yellow"}
     for r in records:
         decision = r["decision"] or "-"
-        table.add_row(
-            r["path"],
-            "-" if r["p_roadwork"] is None else f"{r['p_roadwork']:.4f}",
-            "-" if r["gate"] is None else f"{r['gate']:.4f}",
-            f"[{styles.get(decision, 'dim')}]{decision}[/]",
-            r["error"] or "",
-        )
+        cells = {
+            "path": r["path"],
+            "p_roadwork": "-" if r["p_roadwork"] is None else f"{r['p_roadwork']:.4f}",
+            "gate": "-" if r["gate"] is None else f"{r['gate']:.4f}",
+            "decision": f"[{styles.get(decision, 'dim')}]{decision}[/]",
+            "error": r["error"] or "",
+        }
+        table.add_row(*(cells[name] for name, _ in columns))
     return table
+
+
+def band_caption(rule: Any) -> str:
+    """How the band rule decides, with its thresholds (the gate score is not used)."""
+    return (
+        f"band rule: decided on p alone (roadwork if p >= b = {rule.b:.4g}, no_roadwork if p < tau = {rule.tau:.4g}, "
+        "defer in between); the gate column has no effect and is hidden"
+    )
+
+
+def guarantee_line(rule: Any) -> str | None:
+    """The summary's word on the guarantee: certified targets, ``UNCERTIFIED``, or nothing when not recorded."""
+    params = getattr(rule, "params", None) or {}
+    if "feasible" not in params:
+        return None
+    if not params["feasible"]:
+        return f"[yellow]{UNCERTIFIED}[/]: decisions follow the fallback thresholds of an infeasible calibration"
+    targets = params.get("targets") or {}
+    return (
+        f"certified: FNR on exits <= {targets.get('alpha', float('nan')):g} and coverage >= "
+        f"{targets.get('xi', float('nan')):g} with probability >= {1 - targets.get('delta', float('nan')):g}"
+    )
 
 
 def choose_format(requested: str | None, setting: str, out: Path | None, is_tty: bool) -> str:
@@ -55,101 +100,159 @@ def choose_format(requested: str | None, setting: str, out: Path | None, is_tty:
 
 @handle_errors
 def command(
-    inputs: Annotated[list[str], typer.Argument(help="Files, folders, globs, or - for paths on stdin.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders, globs, .csv/.jsonl manifests, .parquet files, or - for stdin."),
+    ],
     bundle: Annotated[Path, typer.Option("--bundle", help="bundle.tar from `roadwork export`.")],
     format: Annotated[str | None, typer.Option("--format", help="table | jsonl | csv.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write records here instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write records here (as OUT.partial until every input is done).")
+    ] = None,
     probability_only: Annotated[
-        bool, typer.Option("--probability-only", help="Print only p_roadwork per input.")
+        bool,
+        typer.Option(
+            "--probability-only",
+            help="Print only calibrated p_roadwork per input (for NATIX validators; not stage 1's decision).",
+        ),
     ] = False,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Run stage 1 on images and write one record per input."""
+    """Run stage 1 on images and write one record per input, as each batch finishes."""
     from roadwork_cli.cli.common import resolve_settings
 
     # Only flags that were given override lower layers (a nested None would be validated as a value).
-    overrides = {"predict": {"format": format}} if format is not None else {}
+    overrides: dict[str, Any] = {"runtime": runtime_overrides(device=device, threads=threads)}
+    if format is not None:
+        overrides["predict"] = {"format": format}
     settings = resolve_settings(config, overrides, write_to_run=False)
-    stdout_tty = sys.stdout.isatty()
-    fmt = choose_format(format, settings.predict.format, out, stdout_tty)
-    expanded = expand_inputs(inputs)
+    fmt = (
+        "probability" if probability_only else choose_format(format, settings.predict.format, out, sys.stdout.isatty())
+    )
+    skipped: list[str] = []
+    expanded = expand_inputs(inputs, skipped=skipped)
 
     started = time.perf_counter()
     from roadwork_cli.stage1 import load_bundle  # heavy (torch) import only once the arguments are valid
 
-    if settings.runtime.threads:
-        import torch
-
-        torch.set_num_threads(settings.runtime.threads)
+    apply_threads(settings)
     model = load_bundle(bundle, device=settings.runtime.device, precision=settings.runtime.precision)
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
     loaded = time.perf_counter()
+    if probability_only:
+        console.print(
+            "note: --probability-only prints calibrated p(roadwork) for NATIX validators (> 0.5 = roadwork); stage 1's "
+            "decisions use the calibrated thresholds and can differ.",
+            soft_wrap=True,
+        )
 
+    writer = RecordWriter(fmt, out) if fmt != "table" else None
+    records: list[dict[str, Any]] = []
     good = [item for _, item, error in expanded if error is None]
     from roadwork_cli.reporting.progress import progress_bar
 
     show_bar = len(good) >= 64 and console.is_terminal
-    with progress_bar("predicting", total=len(good), unit="img", enabled=show_bar) as advance:
-        predictions = model.predict(
-            good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=advance
+    try:
+        with progress_bar("predicting", total=len(good), unit="img", enabled=show_bar) as advance:
+            predictions = model.iter_predict(
+                good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=advance
+            )
+            for record in stream_records(expanded, predictions):
+                records.append(record)
+                if writer is not None:
+                    writer.write(record)
+    except KeyboardInterrupt:
+        where = writer.abort() if writer is not None else _render_table(records, model.rule, out)
+        console.print(
+            f"[yellow]interrupted[/] after {len(records)} of {len(expanded)} inputs: {len(records)} records kept in "
+            f"{where}. predict does not resume; run it again on the remaining inputs.",
+            soft_wrap=True,
         )
+        raise typer.Exit(130) from None
     finished = time.perf_counter()
-
-    by_path = iter(predictions)
-    records: list[dict[str, Any]] = []
-    for shown, _, error in expanded:
-        if error is not None:
-            records.append({"path": shown, "p_roadwork": None, "gate": None, "decision": None, "error": error})
-            continue
-        record = next(by_path).to_dict()
-        record["path"] = shown
-        record["p_roadwork"] = round_score(record["p_roadwork"])
-        record["gate"] = round_score(record["gate"])
-        records.append(record)
-
-    if probability_only:
-        text = "".join("nan\n" if r["p_roadwork"] is None else f"{r['p_roadwork']:.6f}\n" for r in records)
-        _emit(text, out)
-    elif fmt == "table":
+    if writer is not None:
+        writer.finish()
         if out is not None:
-            from rich.console import Console
-
-            buffer = io.StringIO()
-            Console(file=buffer, width=160, color_system=None).print(records_table(records))
-            _emit(buffer.getvalue(), out)
-        else:
-            from rich.console import Console
-
-            Console(highlight=False).print(records_table(records))
+            console.print(f"wrote {out}")
     else:
-        _emit(records_to_text(records, fmt), out)
+        _render_table(records, model.rule, out)
 
     failed = [r for r in records if r["error"] is not None]
-    _summary(records, len(good), finished - loaded, loaded - started)
+    _summary(records, len(good), finished - loaded, loaded - started, skipped, model.rule)
     for r in failed[:10]:
         console.print(f"[red]failed[/] {r['path']}: {r['error']}", soft_wrap=True)
     if len(failed) > 10:
         console.print(f"[red]... and {len(failed) - 10} more failed inputs[/]")
+    if debug:
+        for path in skipped:
+            console.print(f"[dim]skipped (not an image file)[/] {path}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
 
-def _emit(text: str, out: Path | None) -> None:
+def stream_records(expanded: list[tuple[str, Any, str | None]], predictions) -> Any:
+    """Merge expansion errors and model predictions back into input order, one record dict at a time.
+
+    Args:
+        expanded: ``(shown path, item, error)`` per input, as from ``expand_inputs``.
+        predictions: ``Prediction`` objects for the inputs without an expansion error, in their order (an iterator:
+            each record is yielded as soon as its prediction arrives).
+    """
+    predictions = iter(predictions)
+    for shown, _, error in expanded:
+        if error is not None:
+            yield {"path": shown, "p_roadwork": None, "gate": None, "decision": None, "error": error}
+            continue
+        record = next(predictions).to_dict()
+        record["path"] = shown
+        record["p_roadwork"] = round_score(record["p_roadwork"])
+        record["gate"] = round_score(record["gate"])
+        yield record
+
+
+def _render_table(records: list[dict[str, Any]], rule: Any, out: Path | None) -> str:
+    """Print the table to the terminal, or write it to ``out``; returns where it went."""
+    from rich.console import Console
+
     if out is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        from roadwork_cli.io.atomic import atomic_write_text
+        Console(highlight=False).print(records_table(records, rule))
+        return "the table above"
+    from roadwork_cli.io.atomic import atomic_write_text
 
-        atomic_write_text(out, text)
-        console.print(f"wrote {out}")
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, color_system=None).print(records_table(records, rule))
+    atomic_write_text(out, buffer.getvalue())
+    console.print(f"wrote {out}")
+    return str(out)
 
 
-def _summary(records: list[dict[str, Any]], n_images: int, seconds: float, load_seconds: float) -> None:
+def _summary(
+    records: list[dict[str, Any]],
+    n_images: int,
+    seconds: float,
+    load_seconds: float,
+    skipped: list[str],
+    rule: Any,
+) -> None:
     counts = Counter(r["decision"] or "error" for r in records)
     parts = [f"{name}: {counts.get(name, 0)}" for name in ("roadwork", "no_roadwork", "defer", "error")]
+    if skipped:
+        parts.append(
+            f"skipped non-image files: {len(skipped)}" + ("" if len(skipped) > 3 else f" ({', '.join(skipped)})")
+        )
     rate = n_images / seconds if seconds > 0 else float("nan")
     timing = f"{rate:,.1f} img/s (bundle loaded in {load_seconds:.1f} s)"
-    console.print(f"{len(records)} inputs | " + " | ".join(parts) + " | " + timing)
+    console.print(f"{len(records)} inputs | " + " | ".join(parts) + " | " + timing, soft_wrap=True)
+    line = guarantee_line(rule)
+    if line:
+        console.print(line, soft_wrap=True)
+    if skipped and len(skipped) > 3:
+        console.print(
+            "[dim]non-image files in folders are skipped; --debug lists them, and .csv/.jsonl manifests and "
+            ".parquet files are read when given as inputs themselves[/]",
+            soft_wrap=True,
+        )

@@ -9,11 +9,16 @@ import typer
 from roadwork_cli.cli.common import (
     ConfigOption,
     DebugOption,
+    DeviceOption,
+    JsonOption,
     RunOption,
+    ThreadsOption,
     console,
     handle_errors,
+    print_json,
     require_run,
     resolve_settings,
+    runtime_overrides,
 )
 
 
@@ -22,6 +27,9 @@ def command(
     run: RunOption = None,
     mode: Annotated[str | None, typer.Option("--mode", help="train_cached | train | train_crc.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -29,7 +37,11 @@ def command(
     from rich.table import Table
 
     settings = resolve_settings(
-        config, {"runtime": {"run": run, "debug": debug or None}, "train": {"mode": mode, "epochs": epochs}}
+        config,
+        {
+            "runtime": runtime_overrides(run, device, threads) | {"debug": debug or None},
+            "train": {"mode": mode, "epochs": epochs},
+        },
     )
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.training.trainer import train
@@ -47,3 +59,5 @@ def command(
     table.add_row("scores", ", ".join(str(p) for p in summary.scores.values()))
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
+    if json_output:
+        print_json(summary)

@@ -1,0 +1,120 @@
+"""``roadwork info BUNDLE``: what a bundle holds, read from its verified JSON members without loading the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from roadwork_cli.cli.common import UNCERTIFIED, DebugOption, JsonOption, console, handle_errors, print_json
+
+
+def bundle_info(path: Path) -> dict[str, Any]:
+    """Model, thresholds, certification, targets, data counts and versions of a bundle (checksums verified).
+
+    Args:
+        path: bundle.tar from ``roadwork export``.
+    """
+    from roadwork_cli.io.bundle import read_bundle
+
+    contents = read_bundle(path)  # verifies every member's checksum before anything is shown
+    manifest = contents.manifest
+    model = contents.json("model.json") if "model.json" in contents.members else {}
+    params = contents.json("scrc_params.json") if "scrc_params.json" in contents.members else {}
+    splits = contents.json("splits.json") if "splits.json" in contents.members else {}
+    backbone = model.get("backbone") or {}
+    feasible = params.get("feasible")
+    samples = splits.get("samples") or {}
+    labels: dict[str, int] = {"roadwork": 0, "no_roadwork": 0}
+    for sample in samples.values():
+        labels["roadwork" if sample.get("label") == 1 else "no_roadwork"] += 1
+    return {
+        "bundle": str(path),
+        "model": {
+            "backbone": (backbone.get("spec") or {}).get("name"),
+            "fingerprint": backbone.get("fingerprint"),
+            "feature_dim": model.get("feature_dim"),
+            "head": model.get("head"),
+            "preprocessing": model.get("preprocessing"),
+            "precision": model.get("precision"),
+            "training": model.get("training"),
+        },
+        "calibration": {
+            "method": params.get("method"),
+            "thresholds": params.get("thresholds"),
+            "gate_score": params.get("gate_score"),
+            "feasible": feasible,
+            "certified": feasible is True,
+            "targets": params.get("targets"),
+            "certified_bounds": params.get("certified"),
+            "calibration_images": params.get("n"),
+            "calibration_positives": params.get("n_pos"),
+        },
+        "data": {
+            "images": len(samples),
+            "labels": labels,
+            "splits": {name: len(ids) for name, ids in (splits.get("splits") or {}).items()},
+        },
+        "versions": {"bundle_format": manifest.format_version, "roadwork": manifest.roadwork_version}
+        | dict(manifest.versions),
+        "created": manifest.created,
+        "members": {name: entry.size for name, entry in sorted(manifest.members.items())},
+    }
+
+
+@handle_errors
+def command(
+    bundle: Annotated[Path, typer.Argument(help="bundle.tar from `roadwork export`.")],
+    json_output: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show what a bundle holds: model, thresholds, certification, targets, data counts, versions."""
+    info = bundle_info(bundle)
+    if json_output:
+        print_json(info)
+        return
+    console.print(info_table(info))
+
+
+def info_table(info: dict[str, Any]):
+    """A two-column rich table of ``bundle_info``."""
+    from rich.table import Table
+
+    model, cal, data = info["model"], info["calibration"], info["data"]
+    thresholds = {k: v for k, v in (cal["thresholds"] or {}).items() if v is not None}
+    targets = cal["targets"] or {}
+    if cal["feasible"] is None:
+        guarantee = "not recorded"
+    elif cal["certified"]:
+        guarantee = (
+            f"certified: FNR on exits <= {targets.get('alpha')} and coverage >= {targets.get('xi')} "
+            f"with probability >= 1 - {targets.get('delta')}"
+        )
+    else:
+        guarantee = f"[yellow]{UNCERTIFIED}[/]"
+    rows = [
+        ("backbone", f"{model['backbone']} ({model['fingerprint']})"),
+        ("feature dim", str(model["feature_dim"])),
+        ("head", ", ".join(f"{k}={v}" for k, v in (model["head"] or {}).items())),
+        ("calibration", f"{cal['method']}, selection score {cal['gate_score']}"),
+        (
+            "thresholds",
+            ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in thresholds.items()),
+        ),
+        ("guarantee", guarantee),
+        ("targets", ", ".join(f"{k}={v}" for k, v in targets.items() if k in ("alpha", "delta", "xi"))),
+        ("calibration images", f"{cal['calibration_images']} ({cal['calibration_positives']} roadwork)"),
+        (
+            "data",
+            f"{data['images']} images ({data['labels']['roadwork']} roadwork, {data['labels']['no_roadwork']} "
+            "no_roadwork); " + ", ".join(f"{k} {v}" for k, v in data["splits"].items()),
+        ),
+        ("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())),
+        ("created", str(info["created"])),
+        ("members", ", ".join(info["members"])),
+    ]
+    table = Table(title=f"bundle {info['bundle']}", show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
