@@ -91,10 +91,23 @@ class DataSettings(_Section):
         description="Grouping that keeps related images in one split: 'column' uses a manifest/parquet 'group' field, "
         "'filename' strips a trailing frame number (clip_0001.jpg -> clip), 'auto' uses a group field when present.",
     )
+    stratify: bool = Field(
+        False,
+        description="Balance each label exactly over the splits (largest-remainder counts per label, groups kept "
+        "whole) instead of in expectation; for small sets. Deterministic, but adding images later can move earlier "
+        "ones between splits.",
+    )
     max_image_pixels: int = Field(
         50_000_000, gt=0, description="Decompression-bomb limit: images with more pixels are rejected unread."
     )
     max_file_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Files larger than this many bytes are rejected.")
+    jpeg_draft: bool | None = Field(
+        None,
+        description="Decode large JPEGs at 1/2, 1/4 or 1/8 size straight from the DCT when that still covers the "
+        "network input (much faster, same pixels at network size). One decode path: cache-features records it, and "
+        "predict / evaluate --source follow the recorded choice; unset = on for cache-features and as recorded "
+        "elsewhere, and a value that differs from the recorded one is warned about.",
+    )
     coco_positive_categories: list[str] = Field(
         default_factory=lambda: list(DEFAULT_COCO_POSITIVE_CATEGORIES),
         min_length=1,
@@ -281,11 +294,12 @@ class CalibrationSettings(_Section):
         description="Selection score: the gate head, max(p, 1-p) (softmax response), or auto = the one with the "
         "lower AURC on val_select (chosen before val_calib is seen).",
     )
-    rule: Literal["gate", "band"] = Field(
+    rule: Literal["gate", "band", "sets"] = Field(
         "gate",
         description="Stage-1 rule certified by SCRC-I. gate: exit iff the selection score g >= lambda, then roadwork "
         "iff p >= tau. band: no_roadwork iff p < tau, roadwork iff p >= b, defer iff tau <= p < b (b from a grid of "
-        "val_select quantiles of p, Bonferroni over it; the selection score plays no role). band needs method=scrc.",
+        "val_select quantiles of p, Bonferroni over it; the selection score plays no role). band needs method=scrc. "
+        "sets: conformal prediction sets (implied by method=sets).",
     )
     grid_size: int = Field(
         10, gt=0, description="Number of lambda (rule gate) or b (rule band) values, fixed before seeing val_calib."
@@ -294,6 +308,11 @@ class CalibrationSettings(_Section):
         "accuracy", description="Pick among certified pairs by this on exits (ties broken by coverage)."
     )
     allow_infeasible: bool = Field(False, description="Exit 0 even if the targets are unattainable.")
+    infeasible_decisions: Literal["defer", "fallback"] = Field(
+        "defer",
+        description="What an infeasible calibration (targets not certified) decides. defer: every image goes to stage "
+        "2 (the safe choice); fallback: the fallback thresholds (largest certified coverage), with no guarantee.",
+    )
     scores_select_fraction: float = Field(
         0.0,
         ge=0,
@@ -309,6 +328,11 @@ class ExportSettings(_Section):
     out: Path | None = Field(None, description="Bundle path; default <run>/bundle.tar.")
     include_backbone_weights: Literal["auto", "always", "never"] = Field(
         "auto", description="auto: embed backbone weights unless it is a named offline/hub model with a fingerprint."
+    )
+    allow_uncertified: bool = Field(
+        False,
+        description="Export a run whose calibration did not certify its targets (feasible: false); refused "
+        "otherwise, and warned about when allowed: such a bundle carries no guarantee.",
     )
 
 

@@ -11,6 +11,16 @@ seed give a byte-identical ``splits.json``, adding images never moves earlier on
 splits in the configured proportions in expectation (the hash is independent of the label, so the assignment is
 stratified by label in expectation without any state that new images could perturb).
 
+With ``data.stratify`` the proportions hold exactly instead of in expectation, which matters for small sets (a 60-image
+set can otherwise leave val_calib without a single negative): per label, units are ordered by the same hash and cut at
+the largest-remainder rounding of ``count * fraction``. The result is still a pure function of the samples and the
+seed (same sources and seed -> the same file byte for byte), but adding images shifts the cut points, so earlier
+images can move between splits; keep it off for data sets that grow.
+
+Re-running ``split`` re-reads every source but decodes only inputs it has not seen: ``<run>/split_cache.jsonl``
+remembers the sha256 (or the rejection reason) of each input by path, size and modification time, and is appended to
+as validation goes, so a split killed half way resumes where it stopped.
+
 Example:
     >>> summary = build_splits(["data/"], DataSettings(), RunDir("runs/x"))  # doctest: +SKIP
     >>> Splits.load(RunDir("runs/x").splits).ids("train")[:1]  # doctest: +SKIP
@@ -19,11 +29,13 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +171,64 @@ class SplitSummary:
             totals[split] += count
         return totals
 
+    def label_totals(self) -> dict[str, dict[int, int]]:
+        """``{split: {0: negatives, 1: positives}}`` over all sources."""
+        totals = {name: {0: 0, 1: 0} for name in SPLIT_NAMES}
+        for (split, label, _), count in self.counts.items():
+            totals[split][label] += count
+        return totals
+
+    def warnings(self, positives_needed: int | None = None, min_per_class: int = 10) -> list[str]:
+        """Problems of a small or one-class data set that later stages would otherwise hit as NaN or infeasibility.
+
+        Args:
+            positives_needed: Fewest exited roadwork images that can certify the calibration targets at all
+                (``calibration.stats.positives_needed``); None skips that check.
+            min_per_class: Below this many images of a class, val_select's metrics and scaling fits are noise.
+
+        Returns:
+            One sentence per problem, empty when none.
+        """
+        totals = self.label_totals()
+        found: list[str] = []
+        positives = sum(t[1] for t in totals.values())
+        negatives = sum(t[0] for t in totals.values())
+        if not positives or not negatives:
+            only = "roadwork" if positives else "no_roadwork"
+            found.append(
+                f"every usable image is {only}: this is a one-class data set, so no classifier can be trained or "
+                "calibrated on it. Check the labels (class folder names, manifest labels, "
+                "data.coco_positive_categories)."
+            )
+            return found
+        for split in ("train", "val_select"):
+            neg, pos = totals[split][0], totals[split][1]
+            if not neg or not pos:
+                found.append(
+                    f"{split} has {pos} roadwork and {neg} no_roadwork images: with one class missing, "
+                    + (
+                        "the head cannot learn the other."
+                        if split == "train"
+                        else "model selection and probability scaling are undefined (AUROC and MCC print as nan)."
+                    )
+                )
+            elif split == "val_select" and min(neg, pos) < min_per_class:
+                found.append(
+                    f"val_select has {pos} roadwork and {neg} no_roadwork images: fewer than {min_per_class} of a "
+                    "class makes model selection and probability scaling noisy."
+                )
+        neg, pos = totals["val_calib"][0], totals["val_calib"][1]
+        if positives_needed is not None and pos < positives_needed:
+            found.append(
+                f"val_calib has {pos} roadwork images, but certifying the false-negative target needs at least "
+                f"{positives_needed} roadwork images among the exits (so more in val_calib), even with no miss: "
+                "calibrate will be infeasible. Add data, raise the val_calib fraction, or relax "
+                "calibration.fnr / delta / grid_size."
+            )
+        if not neg:
+            found.append("val_calib has no no_roadwork image: the coverage bound cannot be estimated for negatives.")
+        return found
+
 
 def group_from_filename(locator: str) -> str | None:
     """Group key of a file from its name: a trailing frame number and separators are stripped.
@@ -180,9 +250,58 @@ def group_from_filename(locator: str) -> str | None:
     return str(file.parent / stem)
 
 
+def _unit_interval(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) from ``"{seed}:{key}"``: the same key and seed always give the same number."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16) / 2**256
+
+
+def _largest_remainder(total: int, fractions: tuple[float, ...]) -> list[int]:
+    """Integer counts summing to ``total`` closest to ``total * fractions`` (ties go to the earlier split).
+
+    Example:
+        >>> _largest_remainder(13, (0.7, 0.1, 0.1, 0.1))
+        [9, 2, 1, 1]
+    """
+    raw = [total * f for f in fractions]
+    counts = [int(r) for r in raw]
+    by_remainder = sorted(range(len(raw)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def assign_stratified(units: dict[str, tuple[int, int]], seed: int, fractions: tuple[float, ...]) -> dict[str, str]:
+    """Splits that hold each label in exactly the configured proportions (up to whole groups).
+
+    Args:
+        units: Unit key (a sample id, or ``group:<g>``) -> ``(label, number of images)``; a group of mixed labels
+            counts under its majority label.
+        seed: Split seed.
+        fractions: Fractions of train / val_select / val_calib / test.
+
+    Returns:
+        Unit key -> split name. Per label, units are ordered by their hash and cut where the running image count
+        crosses the rounded targets, so single images give exact counts and groups stay whole.
+    """
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for key, (label, _) in units.items():
+        by_label[label].append(key)
+    assignment: dict[str, str] = {}
+    for label in sorted(by_label):
+        keys = sorted(by_label[label], key=lambda k: (_unit_interval(k, seed), k))
+        targets = _largest_remainder(sum(units[k][1] for k in keys), fractions)
+        ends = [sum(targets[: i + 1]) for i in range(len(targets))]
+        position = 0
+        for key in keys:
+            index = next((i for i, end in enumerate(ends) if position < end), len(ends) - 1)
+            assignment[key] = SPLIT_NAMES[index]
+            position += units[key][1]
+    return assignment
+
+
 def assign_split(key: str, seed: int, fractions: tuple[float, ...]) -> str:
     """The split of a sample or group key: a uniform hash of ``"{seed}:{key}"`` through the cumulative fractions."""
-    u = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16) / 2**256
+    u = _unit_interval(key, seed)
     cumulative = 0.0
     for name, fraction in zip(SPLIT_NAMES, fractions, strict=True):
         cumulative += fraction
@@ -202,6 +321,85 @@ def _validate(record: SourceRecord, settings: DataSettings) -> tuple[str | None,
     except Exception as exc:  # noqa: BLE001 - one bad input must never abort the whole split
         return None, f"unreadable: {type(exc).__name__}: {exc}"
     return hashlib.sha256(data).hexdigest(), None
+
+
+class ValidationCache:
+    """Per-input results of earlier validations (sha256 or rejection reason), keyed by path, size and mtime.
+
+    An input whose file has the same size and modification time (nanoseconds) as when it was validated, under the
+    same image limits, is not decoded again. New results are appended line by line and flushed in small batches, so
+    a split killed half way keeps what it did; :meth:`save` rewrites the file with only the inputs of this run.
+    """
+
+    FLUSH_EVERY = 64
+
+    def __init__(self, path: Path, limits: str):
+        self.path = path
+        self.limits = limits
+        self.known: dict[tuple, tuple[str | None, str | None]] = {}
+        self.used: dict[tuple, tuple[str | None, str | None]] = {}
+        self._handle = None
+        self._unflushed = 0
+        if path.exists():
+            with open(path, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        entry = json.loads(line)
+                        key = (entry["locator"], entry["size"], entry["mtime_ns"], entry["limits"])
+                        self.known[key] = (entry.get("sha256"), entry.get("reason"))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a line torn by a kill: that input is simply validated again
+
+    def key(self, locator: str) -> tuple | None:
+        """The cache key of a locator, or None when its file cannot be stat'ed (it is then validated as usual)."""
+        path, _, _ = parse_locator(locator)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return (locator, stat.st_size, stat.st_mtime_ns, self.limits)
+
+    def get(self, key: tuple | None) -> tuple[str | None, str | None] | None:
+        if key is None or key not in self.known:
+            return None
+        self.used[key] = self.known[key]
+        return self.known[key]
+
+    def add(self, key: tuple | None, digest: str | None, reason: str | None) -> None:
+        if key is None or key in self.used:
+            return
+        self.used[key] = self.known[key] = (digest, reason)
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()/close()
+        self._handle.write(self._line(key, digest, reason))
+        self._unflushed += 1
+        if self._unflushed >= self.FLUSH_EVERY:
+            self._handle.flush()
+            self._unflushed = 0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def save(self) -> None:
+        """Keep only this run's inputs (old entries of moved or deleted files go), atomically."""
+        self.close()
+        atomic_write_text(self.path, "".join(self._line(k, *v) for k, v in sorted(self.used.items())))
+
+    @staticmethod
+    def _line(key: tuple, digest: str | None, reason: str | None) -> str:
+        locator, size, mtime_ns, limits = key
+        entry = {"locator": locator, "size": size, "mtime_ns": mtime_ns, "limits": limits}
+        entry.update({"sha256": digest} if digest is not None else {"reason": reason})
+        return _jsonl_line(entry)
+
+
+def _done(result: tuple[str | None, str | None]) -> Future:
+    future: Future = Future()
+    future.set_result(result)
+    return future
 
 
 def _group_of(record: SourceRecord, group_by: str) -> str | None:
@@ -245,7 +443,7 @@ def build_splits(
         UsageError: No source given, an unknown spec, or no usable image at all (``rejected.jsonl`` is still
             written so the reasons can be read).
     """
-    from roadwork_cli.reporting.progress import progress_bar
+    from roadwork_cli.io.progress import progress_bar
 
     if not sources:
         raise UsageError("no data source: pass --source SRC (a folder, manifest, parquet, COCO json or synthetic:N)")
@@ -260,13 +458,19 @@ def build_splits(
     accepted: list[tuple[str, SourceRecord]] = []  # (sha256, record without its bytes)
     n_inputs = 0
     window = max(8, workers * 8)  # bounded in-flight work keeps memory flat on large parquet sets
-    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar("validating", total, "img", progress) as step:
+    cache = ValidationCache(run.split_cache, f"{settings.max_image_pixels}:{settings.max_file_bytes}")
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        progress_bar("validating", total, "img", progress) as step,
+        closing(cache),
+    ):
         pending: list = []
 
         def drain(limit: int) -> None:
             while len(pending) > limit:
-                record, future = pending.pop(0)
+                record, key, future = pending.pop(0)
                 digest, reason = future.result()
+                cache.add(key, digest, reason)
                 if digest is None:
                     rejected.append((_absolute(record.locator), reason))
                 else:
@@ -282,9 +486,13 @@ def build_splits(
                     rejected.append((_absolute(item.locator), item.reason))
                     step(1)
                     continue
-                pending.append((item, pool.submit(_validate, item, settings)))
+                key = cache.key(_absolute(item.locator))
+                known = cache.get(key)
+                future = _done(known) if known is not None else pool.submit(_validate, item, settings)
+                pending.append((item, key, future))
                 drain(window)
         drain(0)
+        cache.save()
 
     by_id: dict[str, list[SourceRecord]] = defaultdict(list)
     for digest, record in accepted:
@@ -305,10 +513,12 @@ def build_splits(
 
     splits: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     counts: Counter = Counter()
+    unit_of = {d: f"group:{s.group}" if s.group is not None else d for d, s in samples.items()}
+    stratified = _stratified_units(samples, unit_of, settings) if settings.stratify else None
     for digest in sorted(samples):
         sample = samples[digest]
-        key = f"group:{sample.group}" if sample.group is not None else digest
-        name = assign_split(key, settings.seed, settings.fractions)
+        key = unit_of[digest]
+        name = stratified[key] if stratified is not None else assign_split(key, settings.seed, settings.fractions)
         splits[name].append(digest)
         counts[(name, sample.label, sample.source)] += 1
 
@@ -326,9 +536,10 @@ def build_splits(
     )
     if not samples:
         summary.seconds = time.perf_counter() - started
+        reasons = ", ".join(f"{count} {kind}" for kind, count in Counter(summary.rejected_reasons).most_common())
         raise UsageError(
             f"no usable image in {', '.join(sources)}: {n_inputs} inputs, {len(rejected)} rejected "
-            f"(reasons in {run.rejected})"
+            f"({reasons or 'no input found'}; every reason in {run.rejected})"
         )
     atomic_write_json(run.splits, Splits(settings.seed, splits, samples).to_dict())
     summary.splits_path = run.splits
@@ -336,9 +547,16 @@ def build_splits(
     return summary
 
 
-def _jsonl_line(obj: dict) -> str:
-    import json
+def _stratified_units(samples: dict[str, Sample], unit_of: dict[str, str], settings: DataSettings) -> dict[str, str]:
+    """Unit key -> split under ``data.stratify`` (a group's label is its majority label, ties roadwork)."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for digest, sample in samples.items():
+        members[unit_of[digest]].append(sample.label)
+    units = {key: (int(2 * sum(labels) >= len(labels)), len(labels)) for key, labels in members.items()}
+    return assign_stratified(units, settings.seed, settings.fractions)
 
+
+def _jsonl_line(obj: dict) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False) + "\n"
 
 

@@ -41,6 +41,11 @@ class RunDir:
         return self.root / "provenance.json"
 
     @property
+    def split_cache(self) -> Path:
+        """What ``split`` learnt about each input file (keyed by path, size and mtime), so re-runs skip decoding."""
+        return self.root / "split_cache.jsonl"
+
+    @property
     def synthetic(self) -> Path:
         """Where ``synthetic:N`` sources render their images."""
         return self.root / "synthetic"

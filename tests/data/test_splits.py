@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -171,3 +172,128 @@ def test_data_layer_is_torch_free():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def label_counts(run: RunDir) -> dict[str, tuple[int, int]]:
+    """``{split: (negatives, positives)}`` from splits.json."""
+    splits = Splits.load(run.splits)
+    return {
+        name: (
+            sum(splits.samples[i].label == 0 for i in splits.ids(name)),
+            sum(splits.samples[i].label == 1 for i in splits.ids(name)),
+        )
+        for name in SPLIT_NAMES
+    }
+
+
+def test_stratify_balances_each_label_exactly_and_deterministically(tmp_path):
+    data = make_folder(tmp_path / "data", 23, 37)
+    settings = DataSettings(stratify=True, seed=5)
+    first, second = RunDir(tmp_path / "a"), RunDir(tmp_path / "b")
+    build_splits([str(data)], settings, first)
+    build_splits([str(data)], settings, second)
+    assert first.splits.read_bytes() == second.splits.read_bytes()
+    # Largest-remainder counts of 37 and 23 over (0.7, 0.1, 0.1, 0.1): 26/4/4/3 (ties to earlier splits) and 16/3/2/2.
+    expected_neg, expected_pos = (26, 4, 4, 3), (16, 3, 2, 2)
+    assert label_counts(first) == {n: (expected_neg[i], expected_pos[i]) for i, n in enumerate(SPLIT_NAMES)}
+    # Every seed gives the same counts, but other members.
+    other = RunDir(tmp_path / "c")
+    build_splits([str(data)], DataSettings(stratify=True, seed=6), other)
+    assert label_counts(other) == label_counts(first) and split_map(other) != split_map(first)
+
+
+def test_stratify_keeps_groups_whole(tmp_path):
+    for clip in range(12):
+        label = "roadwork" if clip % 2 else "no_roadwork"
+        (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+        for frame in range(3):
+            (tmp_path / "data" / label / f"clip{clip:02d}_{frame:04d}.png").write_bytes(png(clip * 10 + frame))
+    run = RunDir(tmp_path / "run")
+    build_splits([str(tmp_path / "data")], DataSettings(stratify=True, group_by="filename"), run)
+    splits = Splits.load(run.splits)
+    by_group: dict[str, set[str]] = {}
+    for name in SPLIT_NAMES:
+        for sid in splits.ids(name):
+            by_group.setdefault(splits.samples[sid].group, set()).add(name)
+    assert len(by_group) == 12 and all(len(names) == 1 for names in by_group.values())
+    # 6 clips of 3 per label: targets 12/2/2/2 (ends 12, 14, 16, 18); a clip goes where its first frame falls, so
+    # clips starting at 0..9 fill train exactly, 12 goes to val_select and 15 to val_calib.
+    assert label_counts(run) == {"train": (12, 12), "val_select": (3, 3), "val_calib": (3, 3), "test": (0, 0)}
+
+
+def test_largest_remainder_counts():
+    from roadwork_cli.data.splits import _largest_remainder
+
+    assert _largest_remainder(10, (0.7, 0.1, 0.1, 0.1)) == [7, 1, 1, 1]
+    assert _largest_remainder(5, (0.7, 0.1, 0.1, 0.1)) == [4, 1, 0, 0]
+    assert _largest_remainder(3, (0.5, 0.0, 0.5, 0.0)) == [2, 0, 1, 0]
+    assert sum(_largest_remainder(997, (0.6, 0.15, 0.15, 0.1))) == 997
+
+
+def test_rerun_decodes_only_new_or_changed_inputs(tmp_path, monkeypatch):
+    import roadwork_cli.data.splits as splits_module
+
+    data = make_folder(tmp_path / "data", 6, 6)
+    (data / "roadwork" / "broken.png").write_bytes(b"")
+    run = RunDir(tmp_path / "run")
+    build_splits([str(data)], DataSettings(), run)
+    first = run.splits.read_bytes()
+
+    decoded: list[int] = []
+    real_decode = splits_module.decode_image
+    monkeypatch.setattr(splits_module, "decode_image", lambda data, *a: decoded.append(1) or real_decode(data, *a))
+    summary = build_splits([str(data)], DataSettings(), run)
+    assert decoded == [] and run.splits.read_bytes() == first  # nothing decoded, same result
+    assert summary.n_rejected == 1  # the cached rejection still counts
+
+    changed = data / "roadwork" / "img000000.png"
+    old_mtime = changed.stat().st_mtime_ns
+    changed.write_bytes(png(999))
+    os.utime(changed, ns=(old_mtime + 10**9, old_mtime + 10**9))  # a coarse clock could otherwise hide the edit
+    build_splits([str(data)], DataSettings(), run)
+    assert len(decoded) == 1
+    # Other image limits invalidate every entry: a cached "ok" must not survive a stricter bomb limit.
+    decoded.clear()
+    build_splits([str(data)], DataSettings(max_image_pixels=100), run)
+    assert len(decoded) == 13
+
+
+def test_a_torn_cache_line_is_validated_again(tmp_path):
+    data = make_folder(tmp_path / "data", 3, 3)
+    run = RunDir(tmp_path / "run")
+    build_splits([str(data)], DataSettings(), run)
+    first = run.splits.read_bytes()
+    lines = run.split_cache.read_text().splitlines(keepends=True)
+    run.split_cache.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])  # a kill mid-line
+    build_splits([str(data)], DataSettings(), run)
+    assert run.splits.read_bytes() == first
+    assert len(run.split_cache.read_text().splitlines()) == 6
+
+
+def test_all_rejected_error_summarises_the_reasons(tmp_path):
+    data = tmp_path / "data"
+    (data / "roadwork").mkdir(parents=True)
+    (data / "train").mkdir()
+    for i in range(3):
+        (data / "roadwork" / f"e{i}.jpg").write_bytes(b"")
+    (data / "roadwork" / "page.png").write_bytes(b"<html>Not Found</html>")
+    (data / "train" / "x.jpg").write_bytes(png(1))
+    with pytest.raises(UsageError) as info:
+        build_splits([str(data)], DataSettings(), RunDir(tmp_path / "run"))
+    message = str(info.value)
+    assert "5 inputs, 5 rejected" in message
+    assert "3 zero bytes" in message and "1 not an image" in message and "unknown class folder 'train'" in message
+
+
+def test_warnings_for_one_class_and_small_splits(tmp_path):
+    data = make_folder(tmp_path / "data", 0, 12)
+    summary = build_splits([str(data)], DataSettings(), RunDir(tmp_path / "a"))
+    (warning,) = summary.warnings(positives_needed=263)
+    assert "one-class data set" in warning and "no_roadwork" in warning
+
+    data = make_folder(tmp_path / "small", 30, 30)
+    summary = build_splits([str(data)], DataSettings(stratify=True), RunDir(tmp_path / "b"))
+    warnings = " ".join(summary.warnings(positives_needed=263))
+    assert "val_select has 3 roadwork and 3 no_roadwork images" in warnings
+    assert "val_calib has 3 roadwork images" in warnings and "at least 263" in warnings
+    assert summary.warnings(positives_needed=3, min_per_class=3) == []
