@@ -16,15 +16,9 @@ from typing import Any
 import numpy as np
 
 from roadwork_cli.calibration.rule import StageRule
+from roadwork_cli.calibration.rules import CalibrationOutcome, SelectiveConformal
 from roadwork_cli.calibration.scaling import create_scaler, fit_gate_scaler, softmax_response
-from roadwork_cli.calibration.scrc import (
-    CalibrationOutcome,
-    SelectiveConformal,
-    band_grid_from_scores,
-    dkw_slack,
-    fixed_band_grid,
-    scrc_band,
-)
+from roadwork_cli.calibration.stats import positives_needed
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.atomic import atomic_write_json
 from roadwork_cli.io.run import RunDir
@@ -164,14 +158,6 @@ def choose_selection_score(p_select: np.ndarray, g_select: np.ndarray, labels: n
     return {"gate_score": chosen, "gate_score_aurc_select": candidates}
 
 
-def _thresholds(data: dict[str, Any]) -> dict[str, Any]:
-    """The thresholds block; band-rule params add "b" (and lambda is null)."""
-    thresholds = {"rule": data["rule"], "lambda": data["lam"], "tau": data["tau"], "sets": data["set_thresholds"]}
-    if data["rule"] == "band":
-        thresholds["b"] = data["b"]
-    return thresholds
-
-
 def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings, source: dict[str, Any]) -> dict:
     import roadwork_cli
 
@@ -182,7 +168,8 @@ def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings,
         "method": outcome.method,
         "gate_score": scaling.get("gate_score", settings.gate_score),
         "feasible": bool(outcome.feasible),
-        "thresholds": _thresholds(data),
+        "infeasible_decisions": settings.infeasible_decisions,
+        "thresholds": data["thresholds"],
         "targets": {
             "alpha": outcome.alpha,
             "delta": outcome.delta,
@@ -194,11 +181,14 @@ def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings,
         },
         "n": outcome.n,
         "n_pos": outcome.n_pos,
+        # Only "FNR <= alpha" is certified; the CP bound at the chosen tau is pointwise (tau was picked on the data).
         "certified": {
-            "fnr_upper": data["fnr_upper"],
+            "targets": outcome.certified,
+            "fnr_at_most": outcome.alpha if outcome.certified else None,
+            "fnr_upper_pointwise": data["fnr_upper_pointwise"],
             "coverage_lower": data["coverage_lower"],
             "pairs": outcome.certified_pairs,
-        },  # fmt: skip
+        },
         "empirical": {
             "coverage": data["coverage"],
             "fnr": data["fnr"],
@@ -208,58 +198,53 @@ def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings,
         },
         "attainable": data["attainable"],
         "grid": data["grid"],
-        "per_lambda": data["per_lambda"],
+        "per_grid": data["per_grid"],
         "note": outcome.note,
         "scaling": scaling,
         "data": source,
     }
 
 
-def _band_grid(select: ScoreTable | None, calib: ScoreTable, settings, rule: StageRule) -> np.ndarray:
-    """b grid for the band rule from calibrated p on val_select (data-free without val_select)."""
-    if select is None or not len(select):
-        return fixed_band_grid(settings.grid_size)
-    p_select, _ = rule.calibrate(select.p, select.gate)
-    # The DKW slack uses n and |B| (counts, not data), so the grid's lowest b still reaches the coverage bound.
-    slack = dkw_slack(len(calib), settings.delta_coverage_share * settings.delta / settings.grid_size)
-    return band_grid_from_scores(p_select, select.label, settings.grid_size, settings.coverage + slack, settings.fnr)
-
-
 def _conformalize(select: ScoreTable | None, calib: ScoreTable, settings, scaling: dict[str, Any]):
-    rule = StageRule.from_dicts(scaling, {"thresholds": {"lambda": None, "tau": 0.5}})
-    if settings.rule == "band":
-        if settings.method != "scrc":
-            raise UsageError(
-                f"calibration.rule=band is certified by SCRC-I only; set method=scrc (not {settings.method})."
-            )
-        p, _ = rule.calibrate(calib.p, calib.gate)
-        grid = _band_grid(select, calib, settings, rule)
-        return scrc_band(p, calib.label, grid, settings.fnr, settings.delta, settings.coverage,
-                         settings.delta_coverage_share, settings.objective)  # fmt: skip
     sc = SelectiveConformal(
         alpha=settings.fnr,
         delta=settings.delta,
         xi=settings.coverage,
         method=settings.method,
+        rule=settings.rule,
         grid_size=settings.grid_size,
         delta_coverage_share=settings.delta_coverage_share,
         objective=settings.objective,
     )
+    scores = StageRule.from_dicts(scaling, {"thresholds": {"lambda": None, "tau": 0.5}})
     if select is not None and len(select):
-        _, g_select = rule.calibrate(select.p, select.gate)
-        # The grid may use n (a count, not data) so that its top level sits just inside the DKW-feasible region.
-        slack = dkw_slack(len(calib), settings.delta_coverage_share * settings.delta)
-        sc.fit(g_select, xi=min(settings.coverage + slack, 1.0))
+        p_select, g_select = scores.calibrate(select.p, select.gate)
+        # The grid may use n (a count, not data) so that it reaches just inside the DKW-feasible region.
+        sc.fit(p_select, g_select, select.label, n_calib=len(calib))
     else:
-        sc.fit(None, score_range=(0.5, 1.0) if scaling["gate_score"] == "softmax_response" else (0.0, 1.0))
-    p, g = rule.calibrate(calib.p, calib.gate)
+        sc.fit(score_range=(0.5, 1.0) if scaling["gate_score"] == "softmax_response" else (0.0, 1.0))
+    p, g = scores.calibrate(calib.p, calib.gate)
     return sc.conformalize(p, g, calib.label)
+
+
+def infeasible_message(result: CalibrationResult, settings) -> str:
+    """The infeasibility note plus how many exited calibration positives the targets need at the least."""
+    needed = positives_needed(settings.fnr, settings.delta, settings.delta_coverage_share, settings.grid_size)
+    outcome = result.outcome
+    return (
+        f"{outcome.note} Certifying FNR <= {settings.fnr:g} at delta {settings.delta:g} needs at least {needed} "
+        f"exited roadwork images in val_calib even with no misses; this calibration has {outcome.n_pos} roadwork "
+        f"images of {outcome.n}. Until re-calibrated, this run defers every image"
+        + (" (calibration.infeasible_decisions=fallback: it uses the fallback thresholds instead)."
+           if settings.infeasible_decisions == "fallback" else ".")
+    )  # fmt: skip
 
 
 def _finish(result: CalibrationResult, settings) -> CalibrationResult:
     if not result.outcome.feasible and not settings.allow_infeasible:
         error = InfeasibleError(
-            f'{result.outcome.note} Parameters were written to {result.params_path} with "feasible": false; '
+            f"{infeasible_message(result, settings)} Parameters were written to {result.params_path} with "
+            '"feasible": false; '
             "relax --fnr/--coverage/--delta, add calibration data, or pass --allow-infeasible."
         )
         error.result = result  # type: ignore[attr-defined]  # lets the CLI render what is attainable
@@ -330,6 +315,7 @@ __all__ = [
     "calibrate_run",
     "calibrate_scores",
     "fit_scaling",
+    "infeasible_message",
     "read_scores_csv",
     "softmax_response",
     "split_rows",

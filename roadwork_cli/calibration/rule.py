@@ -1,11 +1,11 @@
-"""The stage-1 decision rule: calibrate raw scores, then decide roadwork / no_roadwork / defer.
+"""``StageRule``: the calibrated stage-1 rule as predict, export and evaluate use it.
 
-Rule "gate" (the default, and what a params file without ``thresholds.rule`` means): exit iff g >= lambda; on exit
-roadwork iff p >= tau. Rule "band": no_roadwork iff p < tau, roadwork iff p >= b, defer iff tau <= p < b (the
-selection score g plays no role).
+It reads the two JSON files written by calibrate (``scaling.json`` and ``scrc_params.json``; the latter embeds a copy
+of the scaling, so it alone suffices), calibrates raw scores and applies the rule object of ``rules.py``.
 
-``StageRule`` is what predict, export and evaluate share; it only needs the two JSON files written by calibrate
-(``scaling.json`` and ``scrc_params.json``; the latter embeds a copy of the scaling, so it alone suffices).
+Params files of version 1 load as they are, including those without ``thresholds.rule`` (gate rule) and prediction-set
+files written with ``rule: gate``. An infeasible calibration defers every image unless the params say
+``infeasible_decisions: fallback`` (files without that key, older ones included, defer: the safe choice).
 
 Example:
     >>> rule = StageRule.load(run.scaling, run.scrc_params)
@@ -20,40 +20,39 @@ from typing import Any
 
 import numpy as np
 
+from roadwork_cli.calibration.rules import Rule, create_method, rule_from_params
 from roadwork_cli.calibration.scaling import Scaler, scaler_from_dict, softmax_response
-from roadwork_cli.calibration.scrc import decide as _decide
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import read_json
 
+GATE_SCORES = ("gate", "softmax_response")
+
 
 class StageRule:
-    """Scaling of p and of the gate, the selection-score choice, and the thresholds.
+    """Scaling of p and of the gate, the selection-score choice, and the rule with its thresholds.
 
     Attributes:
         cls_scaler: Maps raw p(roadwork) to calibrated p.
         gate_scaler: Maps the raw gate to a calibrated P(decision right) (unused with softmax_response).
         gate_score: "gate" or "softmax_response" (max(p, 1 - p) of the calibrated p).
         params: The scrc_params dict (thresholds, targets, certified bounds).
+        decision_rule: The rule object built from ``params["thresholds"]``.
     """
 
     def __init__(self, cls_scaler: Scaler, gate_scaler: Scaler, gate_score: str, params: dict[str, Any]):
-        if gate_score not in ("gate", "softmax_response"):
+        if gate_score not in GATE_SCORES:
             raise UsageError(f"Unknown gate_score {gate_score!r}; expected 'gate' or 'softmax_response'.")
         self.cls_scaler = cls_scaler
         self.gate_scaler = gate_scaler
         self.gate_score = gate_score
         self.params = params
+        self.decision_rule: Rule = rule_from_params(params)
 
     @classmethod
     def from_dicts(cls, scaling: dict[str, Any] | None, params: dict[str, Any]) -> StageRule:
         """Build from the parsed JSON; ``scaling=None`` uses the copy embedded in ``params`` (or no scaling)."""
-        if not isinstance(params, dict) or "thresholds" not in params:
+        if not isinstance(params, dict) or not isinstance(params.get("thresholds"), dict):
             raise UsageError("Calibration parameters lack 'thresholds'; re-run `roadwork calibrate`.")
-        rule = params["thresholds"].get("rule") or "gate"
-        if rule not in ("gate", "band"):
-            raise UsageError(f"Unknown decision rule {rule!r} in the calibration parameters; expected gate or band.")
-        if rule == "band" and (params["thresholds"].get("b") is None or params["thresholds"].get("tau") is None):
-            raise UsageError("Band-rule calibration parameters need thresholds 'b' and 'tau'; re-run calibrate.")
         scaling = scaling if scaling is not None else params.get("scaling") or {}
         try:
             cls_scaler = scaler_from_dict(scaling.get("cls"))
@@ -76,27 +75,42 @@ class StageRule:
         return cls.from_dicts(scaling, params)
 
     @property
-    def lam(self) -> float | None:
-        """Gate threshold lambda (None = everything exits, or prediction-set mode)."""
-        value = self.params["thresholds"].get("lambda")
-        return None if value is None else float(value)
-
-    @property
     def rule(self) -> str:
-        """ "gate" or "band" (old params files without ``thresholds.rule`` are gate rules)."""
-        return str(self.params["thresholds"].get("rule") or "gate")
+        """ "gate", "band" or "sets"."""
+        return self.decision_rule.name
 
     @property
-    def b(self) -> float | None:
-        """Upper threshold of the band rule: roadwork iff p >= b (None for the gate rule)."""
-        value = self.params["thresholds"].get("b")
-        return None if value is None or self.rule != "band" else float(value)
+    def lam(self) -> float | None:
+        """Gate threshold lambda (None = everything exits, or not the gate rule)."""
+        return getattr(self.decision_rule, "lam", None)
 
     @property
     def tau(self) -> float | None:
-        """Decision threshold tau on calibrated p among exits (None in prediction-set mode)."""
-        value = self.params["thresholds"].get("tau")
-        return None if value is None else float(value)
+        """Decision threshold tau on calibrated p (None for prediction sets)."""
+        return getattr(self.decision_rule, "tau", None)
+
+    @property
+    def b(self) -> float | None:
+        """Upper threshold of the band rule: roadwork iff p >= b (None for other rules)."""
+        return getattr(self.decision_rule, "b", None)
+
+    @property
+    def feasible(self) -> bool:
+        """Whether calibration met its targets (files without the key are taken as feasible)."""
+        return bool(self.params.get("feasible", True))
+
+    @property
+    def certified(self) -> bool:
+        """Whether calibration certified the targets with probability >= 1 - delta (SCRC-I and feasible)."""
+        stated = (self.params.get("certified") or {}).get("targets")
+        if stated is not None:
+            return bool(stated)
+        return self.feasible and create_method(str(self.params.get("method") or "scrc")).high_probability
+
+    @property
+    def defers_everything(self) -> bool:
+        """An infeasible calibration defers every image unless its params ask for the fallback thresholds."""
+        return not self.feasible and self.params.get("infeasible_decisions", "defer") != "fallback"
 
     def calibrate(self, p_raw, gate_raw) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated p(roadwork) and selection score g, both shape (N,)."""
@@ -108,16 +122,6 @@ class StageRule:
     def decide(self, p_raw, gate_raw) -> np.ndarray:
         """Decisions, shape (N,), each "roadwork", "no_roadwork" or "defer"."""
         p, g = self.calibrate(p_raw, gate_raw)
-        thresholds = self.params["thresholds"]
-        return _decide(
-            {
-                "method": self.params.get("method"),
-                "rule": self.rule,
-                "b": thresholds.get("b"),
-                "lam": thresholds.get("lambda"),
-                "tau": thresholds.get("tau"),
-                "set_thresholds": thresholds.get("sets"),
-            },
-            p,
-            g,
-        )
+        if self.defers_everything:
+            return np.full(p.shape, "defer").astype(str)
+        return self.decision_rule.decide(p, g)

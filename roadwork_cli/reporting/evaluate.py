@@ -15,7 +15,7 @@ import numpy as np
 from roadwork_cli.calibration.api import ScoreTable, read_scores_csv
 from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.calibration.scaling import softmax_response
-from roadwork_cli.calibration.scrc import clopper_pearson_lower, clopper_pearson_upper
+from roadwork_cli.calibration.stats import clopper_pearson_lower, clopper_pearson_upper
 from roadwork_cli.errors import NotBuiltError, UsageError
 from roadwork_cli.io.atomic import atomic_write_json
 from roadwork_cli.io.run import RunDir
@@ -214,7 +214,7 @@ def evaluate_source(run: RunDir | str | Path, source: str, settings) -> dict[str
     """Score any data source with the run's model (``stage1.score_source``) and evaluate those scores."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     try:
-        from roadwork_cli.stage1 import score_source
+        from roadwork_cli.scoring import score_source
     except ImportError:
         raise NotBuiltError("Evaluating a --source needs roadwork_cli.stage1.score_source, not built yet.") from None
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
