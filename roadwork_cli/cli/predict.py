@@ -153,13 +153,13 @@ def command(
     writer = RecordWriter(fmt, out) if fmt != "table" else None
     records: list[dict[str, Any]] = []
     good = [item for _, item, error in expanded if error is None]
-    from roadwork_cli.reporting.progress import progress_bar
+    from roadwork_cli.io.progress import progress_bar
 
     show_bar = len(good) >= 64 and console.is_terminal
     try:
-        with progress_bar("predicting", total=len(good), unit="img", enabled=show_bar) as advance:
+        with progress_bar("predicting", total=len(good), unit="img", enabled=False):  # the model shows its own bar
             predictions = model.iter_predict(
-                good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=advance
+                good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=show_bar
             )
             for record in stream_records(expanded, predictions):
                 records.append(record)
