@@ -507,7 +507,7 @@ def describe_validation_error(
         given = error.get("input")
         shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
         variable = _env_variable_for(error["loc"], env_names or {})
-        where = f" [from environment variable {variable}]" if variable else ""
+        where = f" (from environment variable {variable})" if variable else ""
         parts.append(f"{key}: {message}{shown}{where}")
     return f"Invalid {origin}: " + "; ".join(parts) + "."
 

@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, console, handle_errors, require_run
+from roadwork_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    JsonOption,
+    RunOption,
+    console,
+    handle_errors,
+    print_json,
+    require_run,
+)
 from roadwork_cli.errors import UsageError
 
 
@@ -28,6 +37,18 @@ def _drop_none(tree: dict) -> dict:
     return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
 
 
+def _positives_needed(calibration) -> int | None:
+    """Fewest exited roadwork images that can certify the FNR target at the configured alpha, delta and grid.
+
+    None for the methods that bound the risk in expectation (crc, sets): they have no such floor.
+    """
+    from roadwork_cli.calibration.stats import positives_needed
+
+    if calibration.method != "scrc":
+        return None
+    return positives_needed(calibration.fnr, calibration.delta, calibration.delta_coverage_share, calibration.grid_size)
+
+
 @handle_errors
 def command(
     source: Annotated[list[str] | None, typer.Option("--source", help="Data source (repeatable).")] = None,
@@ -36,6 +57,14 @@ def command(
     fractions: Annotated[
         str | None, typer.Option("--fractions", help="train,val_select,val_calib,test fractions, e.g. 0.7,0.1,0.1,0.1.")
     ] = None,
+    stratify: Annotated[
+        bool | None,
+        typer.Option(
+            "--stratify/--no-stratify",
+            help="Balance each label exactly over the splits (small sets); adding images later may move earlier ones.",
+        ),
+    ] = None,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -48,7 +77,12 @@ def command(
 
     overrides = {
         "runtime": {"run": run, "debug": debug or None},
-        "data": {"sources": list(source) if source else None, "seed": seed, "fractions": parse_fractions(fractions)},
+        "data": {
+            "sources": list(source) if source else None,
+            "seed": seed,
+            "fractions": parse_fractions(fractions),
+            "stratify": stratify,
+        },
     }
     settings = resolve_settings(config, _drop_none(overrides))
     if not settings.data.sources:
@@ -81,3 +115,13 @@ def command(
         f"wrote {summary.splits_path} and {summary.rejected_path} "
         f"({summary.n_inputs} inputs in {summary.seconds:.1f} s, {summary.images_per_second:.0f} img/s)"
     )
+    warnings = summary.warnings(positives_needed=_positives_needed(settings.calibration))
+    for warning in warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+    if json_output:
+        rows = [{"split": s, "label": lab, "source": src, "images": n} for s, lab, src, n in summary.rows()]
+        print_json(
+            {"splits": totals, "rows": rows, "rejected_reasons": summary.rejected_reasons}
+            | {k: getattr(summary, k) for k in ("n_inputs", "n_samples", "n_rejected", "n_duplicates", "seconds")}
+            | {"splits_path": summary.splits_path, "rejected_path": summary.rejected_path, "warnings": warnings}
+        )

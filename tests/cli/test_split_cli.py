@@ -163,3 +163,57 @@ def test_exit_2_without_source_or_usable_image(tmp_path):
     result = split("--source", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--fractions", "0.5,0.5")
     assert result.exit_code == 2 and "fractions" in result.output
     assert "Traceback" not in result.output
+
+
+def kaggle_tree(root, per_class: int):
+    """``root/{train,valid}/{roadwork,no_roadwork}/*.png`` with ``per_class`` distinct images per folder."""
+    seed = 0
+    for split_folder in ("train", "valid"):
+        for label in ("roadwork", "no_roadwork"):
+            (root / split_folder / label).mkdir(parents=True)
+            for _ in range(per_class):
+                seed += 1
+                (root / split_folder / label / f"{seed}.png").write_bytes(encode(noise(seed, (12, 10)), "PNG"))
+    return root
+
+
+def test_kaggle_layout_through_the_cli_with_small_data_warnings(tmp_path):
+    data = kaggle_tree(tmp_path / "kaggle", 8)
+    run = tmp_path / "run"
+    result = split("--source", str(data), "--run", str(run), "--stratify", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_samples"] == 32 and summary["n_rejected"] == 0
+    assert {row["source"] for row in summary["rows"]} == {f"{data}/train", f"{data}/valid"}
+    # 16 per label, stratified 11/2/2/1 (ties to earlier splits): far below what certification needs.
+    warnings = " ".join(summary["warnings"])
+    assert "val_calib has 2 roadwork images" in warnings
+    assert "at least 263" in warnings  # the README's figure at the default alpha, delta and grid
+    words = " ".join(result.output.split())
+    assert "warning:" in words and "at least 263" in words
+
+
+def test_one_class_data_set_is_a_warning(tmp_path):
+    data = tmp_path / "data" / "no_roadwork"
+    data.mkdir(parents=True)
+    for seed in range(6):
+        (data / f"{seed}.png").write_bytes(encode(noise(seed, (12, 10)), "PNG"))
+    result = split("--source", str(tmp_path / "data"), "--run", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert "one-class data set" in " ".join(result.output.split())
+
+
+def test_a_one_value_environment_list_is_a_source(tmp_path, monkeypatch):
+    data = kaggle_tree(tmp_path / "kaggle", 2)
+    monkeypatch.setenv("ROADWORK_DATA__SOURCES", str(data))
+    result = split("--run", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "run" / "splits.json").read_text())["samples"]) == 8
+
+
+def test_a_mistyped_environment_variable_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADWORK_DATA__SEDE", "3")
+    result = split("--source", "synthetic:2", "--run", str(tmp_path / "run"))
+    words = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert "did you mean 'data.seed'?" in words and "ROADWORK_DATA__SEDE" in words
