@@ -217,3 +217,11 @@ def test_a_mistyped_environment_variable_is_named(tmp_path, monkeypatch):
     words = " ".join(result.output.split())
     assert result.exit_code == 2
     assert "did you mean 'data.seed'?" in words and "ROADWORK_DATA__SEDE" in words
+
+
+def test_runtime_debug_from_the_environment_shows_the_traceback(tmp_path, monkeypatch):
+    args = ("--source", str(tmp_path / "nope"), "--run", str(tmp_path / "run"))
+    assert "Traceback" not in split(*args).output
+    monkeypatch.setenv("ROADWORK_RUNTIME__DEBUG", "true")
+    result = split(*args)
+    assert result.exit_code == 2 and "Traceback" in result.output
