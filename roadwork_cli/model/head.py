@@ -52,31 +52,37 @@ class SelectiveHead(nn.Module):
         layers.append(nn.Dropout(self.dropout))
         self.trunk = nn.Sequential(*layers)
         self.out = nn.Linear(width, 3)
-        self._compiled: Any = None
+        # Plain flag, so deepcopy/state_dict stay those of an ordinary module (see enable_compile).
+        self.compiled = False
 
     def forward(self, features: torch.Tensor) -> HeadOutput:
         """``(B, D)`` features -> :class:`HeadOutput` of ``(B,)`` logits."""
-        if self._compiled is not None:
+        if self.compiled:
             try:
-                return self._compiled(features)
+                logits = _compiled_logits()(self, features)  # (B, 3)
             except Exception as exc:  # noqa: BLE001 - compile failures surface lazily, on the first call
                 message = f"torch.compile of the head failed ({type(exc).__name__}); running eagerly."
                 warnings.warn(message, stacklevel=2)
-                self._compiled = None
-        return self._forward_eager(features)
-
-    def _forward_eager(self, features: torch.Tensor) -> HeadOutput:
-        logits = self.out(self.trunk(features))  # (B, 3)
+                self.compiled = False
+            else:
+                return HeadOutput(logits[:, 0], logits[:, 1], logits[:, 2])
+        logits = _head_logits(self, features)  # (B, 3)
         return HeadOutput(logits[:, 0], logits[:, 1], logits[:, 2])
 
     def enable_compile(self) -> bool:
-        """Route forward through ``torch.compile``; returns False (with a warning) when it is unavailable."""
+        """Route forward through ``torch.compile``; returns False (with a warning) when it is unavailable.
+
+        The compiled function takes the head as an argument instead of closing over it (a compiled bound method
+        would): a deep copy (the EMA's) then runs its own weights, not those of the head it was copied from.
+        """
         try:
-            self._compiled = torch.compile(self._forward_eager, dynamic=True)
+            _compiled_logits()
         except Exception as exc:  # noqa: BLE001 - e.g. unsupported platform or Python version
             warnings.warn(f"torch.compile is unavailable ({exc}); the head runs eagerly.", stacklevel=2)
-            self._compiled = None
-        return self._compiled is not None
+            self.compiled = False
+        else:
+            self.compiled = True
+        return self.compiled
 
     @property
     def config(self) -> dict[str, Any]:
@@ -87,6 +93,22 @@ class SelectiveHead(nn.Module):
     def from_config(cls, config: dict[str, Any]) -> SelectiveHead:
         """Inverse of :attr:`config`."""
         return cls(in_dim=int(config["in_dim"]), hidden=int(config["hidden"]), dropout=float(config["dropout"]))
+
+
+def _head_logits(head: SelectiveHead, features: torch.Tensor) -> torch.Tensor:
+    """``(B, D)`` -> ``(B, 3)`` logits of ``head``: a free function of (module, input), so one compiled version
+    serves every head instance, each with its own weights (dynamo guards on the module it is given)."""
+    return head.out(head.trunk(features))
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_logits() -> Any:
+    """``torch.compile(_head_logits)``, built once per process."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_head_logits, dynamic=True))
+    return _COMPILED[0]
 
 
 def create_head(model_settings: Any, in_dim: int) -> SelectiveHead:

@@ -29,10 +29,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from roadwork_cli.config import Settings
 from roadwork_cli.errors import NotBuiltError, UsageError
-from roadwork_cli.features.cache import CachedFeatures, load_cached, read_split_table
-from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text
+from roadwork_cli.features.cache import CURRENT_FILE, CachedFeatures, SplitTable, load_cached, read_split_table
+from roadwork_cli.io import provenance
+from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text, json_safe
 from roadwork_cli.io.run import RunDir
+from roadwork_cli.metrics.classification import accuracy, auroc, mcc
+from roadwork_cli.metrics.selective import aurc
 from roadwork_cli.model.device import resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
@@ -73,24 +77,22 @@ class TrainSummary:
     n_val_select: int
     seconds: float
     scores: dict[str, Path] = field(default_factory=dict)
+    n_failed: int = 0
+    """Split images that failed to decode at ``cache-features`` time (listed in the cache's failed.json): left out
+    of training and of the score files, and counted here instead of silently."""
+    notes: list[str] = field(default_factory=list)
+    """One line per thing the user should know, e.g. why a val_select metric is undefined (NaN)."""
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
 
 
-def _aurc(gate: np.ndarray, errors: np.ndarray) -> float:
-    """Area under the risk-coverage curve: mean selective risk over coverages 1/n .. 1 (highest gate first)."""
-    if errors.size == 0:
-        return float("nan")
-    order = np.argsort(-gate, kind="stable")
-    risks = np.cumsum(errors[order]) / np.arange(1, errors.size + 1)
-    return float(risks.mean())
-
-
 def evaluate_head(output: HeadOutput, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, MCC, AUROC (sklearn), AURC (gate as selection score) and coverage at gate 0.5 of one split."""
-    from sklearn.metrics import matthews_corrcoef, roc_auc_score
+    """Accuracy, MCC, AUROC, AURC (gate as selection score) and coverage at gate 0.5 of one split.
 
+    Undefined values are NaN without warnings: every metric on an empty split, AUROC on a one-class split
+    (:func:`val_select_notes` says why in words).
+    """
     y = labels.cpu().numpy().astype(int)
     if y.size == 0:
         nan = float("nan")
@@ -99,12 +101,29 @@ def evaluate_head(output: HeadOutput, labels: torch.Tensor) -> dict[str, float]:
     gate = torch.sigmoid(output.gate.float()).cpu().numpy()
     pred = (p >= 0.5).astype(int)
     return {
-        "accuracy": float((pred == y).mean()),
-        "mcc": float(matthews_corrcoef(y, pred)),
-        "auroc": float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else float("nan"),
-        "aurc": _aurc(gate, (pred != y).astype(float)),
+        "accuracy": accuracy(y, pred),
+        "mcc": mcc(y, pred),
+        "auroc": auroc(y, p),
+        "aurc": aurc(gate, (pred != y).astype(float)),
         "coverage": float((gate >= 0.5).mean()),
     }
+
+
+def val_select_notes(labels: torch.Tensor) -> list[str]:
+    """Why val_select metrics are undefined or weak, in words (empty: nothing to say)."""
+    n, positives = int(labels.numel()), int(labels.sum().item()) if labels.numel() else 0
+    if n == 0:
+        return [
+            "val_select is empty: no epoch selection (the last epoch is kept) and every val_select metric is n/a; "
+            "give val_select a share in data.fractions and re-run `roadwork split`."
+        ]
+    if positives in (0, n):
+        kind = "roadwork" if positives == n else "no_roadwork"
+        return [
+            f"val_select holds only {kind} images ({n}): AUROC is undefined (n/a) and MCC is 0 by convention; "
+            "epochs are compared on what remains defined. Re-split with more images for a meaningful selection."
+        ]
+    return []
 
 
 def _score_key(metrics: dict[str, float], select: str) -> tuple[float, float]:
@@ -116,10 +135,6 @@ def _score_key(metrics: dict[str, float], select: str) -> tuple[float, float]:
     main = metrics[select]
     main = -main if select in _LOWER_IS_BETTER and not math.isnan(main) else main
     return finite(main), finite(-metrics["aurc"] if not math.isnan(metrics["aurc"]) else float("nan"))
-
-
-def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -134,13 +149,37 @@ class _Data:
     split_ids: dict[str, list[str]]
     split_rows: dict[str, torch.Tensor]
     split_labels: dict[str, torch.Tensor]
+    failed: int  # split images that failed to decode at cache time (left out, reported)
 
 
-def _prepare(cached: CachedFeatures, table, device: torch.device) -> _Data:
+def _usable_ids(cached: CachedFeatures, table: SplitTable, run: RunDir) -> dict[str, list[str]]:
+    """Per split, the ids that have a clean cached view; images that failed to decode at cache time are left out.
+
+    Raises:
+        UsageError: Split images that neither have features nor failed: the cache predates the split.
+    """
+    usable, stale = {}, 0
+    for split in ("train", "val_select", *SCORE_SPLITS[1:]):
+        ids = table.ids(split)
+        usable[split] = [i for i in ids if 0 in cached.rows.get(i, {})]
+        stale += sum(1 for i in ids if 0 not in cached.rows.get(i, {}) and i not in cached.failed)
+    if stale:
+        raise UsageError(
+            f"{stale} image(s) of splits.json have no cached features (the split changed after `cache-features` "
+            f"ran); training on the rest would silently drop them. Run `roadwork cache-features --run {run.root}` "
+            "first (it computes only the missing ones)."
+        )
+    if not usable["train"]:
+        raise UsageError(
+            f"No training image has cached features; run `roadwork cache-features --run {run.root}` first."
+        )
+    return usable
+
+
+def _prepare(cached: CachedFeatures, table: SplitTable, device: torch.device, run: RunDir) -> _Data:
     views = max([v for entry in cached.rows.values() for v in entry] or [0])
-    train_ids = [i for i in table.ids("train") if 0 in cached.rows.get(i, {})]
-    if not train_ids:
-        raise UsageError("No training image has cached features; run `roadwork cache-features` on this run first.")
+    usable = _usable_ids(cached, table, run)
+    train_ids = usable["train"]
     rows = cached.row_table(train_ids, views)  # (N, V), -1 = missing view
     # Pack the valid rows first so that "view number j < count" indexes only cached views.
     packed = np.sort(np.where(rows < 0, np.iinfo(np.int64).max, rows), axis=1)
@@ -148,7 +187,7 @@ def _prepare(cached: CachedFeatures, table, device: torch.device) -> _Data:
     packed = np.where(packed == np.iinfo(np.int64).max, 0, packed)
     split_ids, split_rows, split_labels = {}, {}, {}
     for split in ("val_select", *SCORE_SPLITS[1:]):
-        ids = [i for i in table.ids(split) if 0 in cached.rows.get(i, {})]
+        ids = usable[split]
         split_ids[split] = ids
         split_rows[split] = torch.tensor([cached.rows[i][0] for i in ids], dtype=torch.long, device=device)
         split_labels[split] = torch.tensor([table.labels[i] for i in ids], dtype=torch.float32, device=device)
@@ -160,6 +199,7 @@ def _prepare(cached: CachedFeatures, table, device: torch.device) -> _Data:
         split_ids=split_ids,
         split_rows=split_rows,
         split_labels=split_labels,
+        failed=sum(1 for ids in table.splits.values() for i in ids if i in cached.failed),
     )
 
 
@@ -178,13 +218,21 @@ def _epoch_batches(data: _Data, seed: int, epoch: int) -> tuple[torch.Tensor, to
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _signature(settings: Any, fingerprint: str, n_train: int) -> str:
-    """Identifies the training problem; last.pt is only resumed when it matches."""
+def _signature(settings: Settings, fingerprint: str, data: _Data, table: SplitTable) -> str:
+    """Identifies the training problem; last.pt is only resumed when it matches.
+
+    The ordered ids and labels of train and val_select are part of it: after a re-split, "resume after epoch 30"
+    would continue a model of other data.
+    """
+    splits = {
+        split: [[i, table.labels[i]] for i in (table.ids("train") if split == "train" else data.split_ids[split])]
+        for split in ("train", "val_select")
+    }
     payload = {
         "fingerprint": fingerprint,
         "train": settings.train.model_dump(mode="json"),
         "head": [settings.model.head_hidden, settings.model.head_dropout],
-        "n_train": n_train,
+        "splits": hashlib.sha256(json.dumps(splits).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -259,7 +307,7 @@ def _write_scores(path: Path, ids: list[str], labels: torch.Tensor, output: Head
 
 def train(
     run: RunDir,
-    settings: Any,
+    settings: Settings,
     progress: bool = False,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainSummary:
@@ -273,7 +321,9 @@ def train(
 
     Raises:
         NotBuiltError: ``train`` / ``train_crc`` modes.
-        UsageError: No splits or no cached features (trains on those of the last ``cache-features``).
+        UsageError: No splits, or split images without cached features (trains on those of the last
+            ``cache-features``; images that failed to decode there are left out and counted in ``n_failed``).
+        StaleError: The inputs of ``cache-features`` changed since it ran.
     """
 
     mode = settings.train.mode
@@ -294,20 +344,21 @@ def train(
 
 def _train(
     run: RunDir,
-    settings: Any,
+    settings: Settings,
     device: torch.device,
     progress: bool,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None,
     started: float,
 ) -> TrainSummary:
-    from roadwork_cli.reporting.progress import progress_bar
+    from roadwork_cli.io.progress import progress_bar
 
     mode = settings.train.mode
+    provenance.check(run, "cache-features", "cache-features")
     table = read_split_table(run)
     cached = load_cached(run)
     # The features of the last `cache-features` define the backbone (its spec travels into best.json), so a run
     # cached with `--backbone X` trains without repeating the flag; a second backbone needs its own cache-features.
-    data = _prepare(cached, table, device)
+    data = _prepare(cached, table, device, run)
     ts = settings.train
     n_train = int(data.train_labels.shape[0])
     steps_per_epoch = math.ceil(n_train / ts.batch_size)
@@ -317,7 +368,7 @@ def _train(
     optimizer = create_optimizer(head, ts)
     scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
     ema = create_ema(head, ts.ema_decay)
-    signature = _signature(settings, cached.fingerprint, n_train)
+    signature = _signature(settings, cached.fingerprint, data, table)
     head_info = {"head": head.config, "backbone": cached.meta.get("backbone", {}), "fingerprint": cached.fingerprint}
 
     last_path = run.checkpoints / "last.pt"
@@ -369,8 +420,8 @@ def _train(
             if best["epoch"] < 0 or key > best["key"]:
                 best = {"epoch": epoch + 1, "key": key, "metrics": metrics}
                 info = dict(head_info, epoch=epoch + 1, select_metric=ts.select_metric)
-                info["metric"] = _json_safe(metrics).get(ts.select_metric)
-                info["val_select"] = _json_safe(metrics)
+                info["metric"] = json_safe(metrics).get(ts.select_metric)
+                info["val_select"] = json_safe(metrics)
                 info["ema"] = ema is not None
                 _write_best(run, evaluated, info)
             _write_metrics_csv(run.metrics, history)
@@ -401,6 +452,13 @@ def _train(
             output = best_head(data.features[data.split_rows[split]])
             scores[split] = run.scores / f"{split}.csv"
             _write_scores(scores[split], data.split_ids[split], data.split_labels[split], output)
+    provenance.record(run, "train", [run.splits, run.features / CURRENT_FILE])
+    notes = val_select_notes(data.split_labels["val_select"])
+    if data.failed:
+        notes.append(
+            f"{data.failed} split image(s) failed to decode at cache-features time and are left out of training and "
+            f"of the score files (reasons in {run.features / cached.fingerprint / 'failed.json'})."
+        )
     return TrainSummary(
         mode=mode,
         epochs=ts.epochs,
@@ -416,4 +474,6 @@ def _train(
         n_val_select=len(data.split_ids["val_select"]),
         seconds=time.perf_counter() - started,
         scores=scores,
+        n_failed=data.failed,
+        notes=notes,
     )

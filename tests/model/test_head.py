@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from roadwork_cli.config import ModelSettings
+from roadwork_cli.model import head as head_module
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 
 
@@ -41,21 +44,54 @@ def test_dropout_only_in_training_mode():
     assert not torch.allclose(head(x).cls, head(x).cls)
 
 
-def test_failing_compiled_forward_falls_back_to_eager_with_a_warning():
+def test_failing_compiled_forward_falls_back_to_eager_with_a_warning(monkeypatch):
     head = SelectiveHead(in_dim=8, hidden=4).eval()
     x = torch.randn(2, 8)
     expected = head(x)
 
-    def broken(_features):
+    def broken(_head, _features):
         raise RuntimeError("no compiler here")
 
-    head._compiled = broken
+    monkeypatch.setattr(head_module, "_compiled_logits", lambda: broken)
+    assert head.enable_compile()
     with pytest.warns(UserWarning, match="running eagerly"):
         got = head(x)
     torch.testing.assert_close(got.cls, expected.cls)
-    assert head._compiled is None
-    assert "_compiled" not in "".join(head.state_dict())  # checkpoints stay plain
+    assert head.compiled is False
+    assert "compiled" not in "".join(head.state_dict())  # checkpoints stay plain
 
 
 def test_compile_is_off_by_default():
-    assert create_head(ModelSettings(), in_dim=4)._compiled is None
+    assert create_head(ModelSettings(), in_dim=4).compiled is False
+
+
+def _binding_compile(function, dynamic=None):
+    """Stands in for torch.compile where no C compiler is present: returns a wrapper bound to what it was given,
+    which reproduces the old bug (a compiled bound method keeps its original ``self``)."""
+
+    def compiled(*args):
+        return function(*args)
+
+    return compiled
+
+
+@pytest.mark.parametrize("real_compile", [True, False], ids=["torch.compile", "binding-fake"])
+def test_deep_copy_of_a_compiled_head_runs_its_own_weights(monkeypatch, real_compile):
+    """The EMA deep-copies the head: the copy's output must follow the copy's weights, not the original's."""
+    if not real_compile:
+        monkeypatch.setattr(torch, "compile", _binding_compile)
+    monkeypatch.setattr(head_module, "_COMPILED", [])
+    torch.manual_seed(0)
+    head = SelectiveHead(in_dim=8, hidden=4, dropout=0.0).eval()
+    assert head.enable_compile()
+    x = torch.randn(5, 8)
+    original = head(x).cls.clone()
+    clone = copy.deepcopy(head)
+    with torch.no_grad():
+        for parameter in clone.parameters():
+            parameter.mul_(-2.0)
+    eager = SelectiveHead.from_config(clone.config).eval()
+    eager.load_state_dict(clone.state_dict())
+    torch.testing.assert_close(clone(x).cls, eager(x).cls)
+    assert not torch.allclose(clone(x).cls, original)
+    torch.testing.assert_close(head(x).cls, original)  # and the original still runs its own weights

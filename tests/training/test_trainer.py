@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ from safetensors.torch import load_file
 from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.errors import NotBuiltError, UsageError
-from roadwork_cli.features.cache import load_cached, read_split_table
+from roadwork_cli.features.cache import FeatureStore, load_cached, read_split_table
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.training import trainer
@@ -152,21 +156,122 @@ def test_changed_settings_do_not_resume_a_stale_checkpoint(cached_run):
     assert finished.resumed_from == 3 and finished.epochs_run == 0  # nothing left: only the scores are rewritten
 
 
-def test_each_epoch_draws_one_cached_view_per_image(tmp_path):
+def test_each_epoch_draws_one_cached_view_per_image_and_every_view_at_its_rate(tmp_path):
     run = make_cached_run(tmp_path / "run", views=3)
     cached = load_cached(run)
-    data = trainer._prepare(cached, read_split_table(run), torch.device("cpu"))
+    data = trainer._prepare(cached, read_split_table(run), torch.device("cpu"), run)
     assert data.train_counts.tolist() == [4] * 160
-    train_rows = {row for views in cached.rows.values() for view, row in views.items()}
-    seen = []
-    for epoch in range(3):
+    # Replace each feature row by its own row number, so that a drawn feature says which (image, view) it was.
+    owner = {row: (image_id, view) for image_id, views in cached.rows.items() for view, row in views.items()}
+    data.features = torch.arange(data.features.shape[0], dtype=torch.float32)[:, None]  # (R, 1)
+    train_ids = read_split_table(run).ids("train")
+    epochs = 400
+    drawn = Counter()
+    for epoch in range(epochs):
         features, labels = trainer._epoch_batches(data, seed=0, epoch=epoch)
-        assert features.shape == (160, 16) and sorted(labels.tolist()) == sorted(data.train_labels.tolist())
-        seen.append(features)
+        rows = features[:, 0].long().tolist()
+        images = [owner[r][0] for r in rows]
+        assert sorted(images) == sorted(train_ids)  # exactly one row per training image in every epoch
+        label_of = {i: y for i, y in zip(train_ids, data.train_labels.tolist(), strict=True)}
+        assert labels.tolist() == [label_of[i] for i in images]  # labels travel with their features
+        drawn.update(owner[r] for r in rows)
         again, _ = trainer._epoch_batches(data, seed=0, epoch=epoch)
         assert torch.equal(features, again)  # deterministic from (seed, epoch)
-    assert not torch.equal(seen[0], seen[1])
-    assert train_rows  # every drawn row exists in the cache (indexing would have failed otherwise)
+    # Each of the 4 views of each image is drawn Binomial(400, 1/4) times: mean 100, sd 8.7. +-5 sd fails a correct
+    # drawer with probability < 1e-3 over all 640 cells, and an "always view 0" drawer always.
+    for image_id in train_ids:
+        for view in range(4):
+            assert 100 - 5 * 8.7 < drawn[(image_id, view)] < 100 + 5 * 8.7, (image_id, view)
+    per_view = [sum(drawn[(i, v)] for i in train_ids) for v in range(4)]  # each ~ 16000, sd ~110
+    assert all(abs(count - 16000) < 5 * 110 for count in per_view), per_view
+
+
+def _ema_and_raw(run: RunDir) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    last = torch.load(run.checkpoints / "last.pt", weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    return ema, last["model"]
+
+
+@pytest.mark.parametrize("compile_head", [False, True], ids=["eager", "compiled"])
+def test_the_weights_scored_for_selection_are_the_ema_weights_saved(cached_run, compile_head):
+    """best.safetensors holds the EMA average (not the raw weights), and the val_select metrics that chose it are
+    those of exactly these weights, also when the head is compiled (the EMA deep-copies a compiled head)."""
+    settings = train_settings(cached_run, epochs=3, ema_decay=0.9)
+    settings.model.compile = compile_head
+    checked = []
+
+    def check(epoch, metrics):
+        info = read_json(cached_run.checkpoints / "best.json")
+        if info["epoch"] != epoch:
+            return
+        saved = load_file(str(cached_run.checkpoints / "best.safetensors"))
+        ema, raw = _ema_and_raw(cached_run)
+        assert set(saved) == set(ema)
+        for key in saved:
+            torch.testing.assert_close(saved[key], ema[key], rtol=0, atol=0)
+        assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the average, not the raw weights
+        head, _ = load_best_head(cached_run)
+        data = trainer._prepare(load_cached(cached_run), read_split_table(cached_run), torch.device("cpu"), cached_run)
+        with torch.inference_mode():
+            rows = data.split_rows["val_select"]
+            rescored = trainer.evaluate_head(head(data.features[rows]), data.split_labels["val_select"])
+        assert rescored == pytest.approx(metrics, rel=1e-6, abs=1e-6)
+        checked.append(epoch)
+
+    train(cached_run, settings, on_epoch_end=check)
+    assert checked and checked[0] == 1
+
+
+def test_split_images_without_features_are_an_error_naming_the_count_and_the_command(cached_run):
+    raw = json.loads(cached_run.splits.read_text())
+    for n in range(3):
+        image_id = f"new{n:061x}"
+        raw["samples"][image_id] = {"path": f"/nowhere/{image_id}.png", "label": n % 2, "source": "test"}
+        raw["splits"]["test" if n else "train"].append(image_id)
+    cached_run.splits.write_text(json.dumps(raw))
+    with pytest.raises(UsageError, match=r"3 image\(s\).*roadwork cache-features --run"):
+        train(cached_run, train_settings(cached_run))
+
+
+def test_images_that_failed_to_decode_are_counted_not_silently_dropped(cached_run):
+    raw = json.loads(cached_run.splits.read_text())
+    bad = "bad" + "0" * 61
+    raw["samples"][bad] = {"path": "/nowhere/bad.png", "label": 1, "source": "test"}
+    raw["splits"]["test"].append(bad)
+    cached_run.splits.write_text(json.dumps(raw))
+    store = FeatureStore(cached_run.features / "testfingerprint0")
+    store.add_shard([], torch.zeros(0, 16), {bad: "unreadable: truncated file"})
+    summary = train(cached_run, train_settings(cached_run, epochs=1))
+    assert summary.n_failed == 1
+    assert any("1 split image(s) failed to decode" in note for note in summary.notes)
+    assert bad not in {r["id"] for r in _rows(cached_run.scores / "test.csv")}
+
+
+def test_a_re_split_never_resumes_the_old_training(cached_run):
+    train(cached_run, train_settings(cached_run, epochs=2))
+    raw = json.loads(cached_run.splits.read_text())
+    moved = raw["splits"]["train"][:10]
+    raw["splits"]["train"] = raw["splits"]["train"][10:]
+    raw["splits"]["val_calib"] += moved
+    cached_run.splits.write_text(json.dumps(raw))
+    summary = train(cached_run, train_settings(cached_run, epochs=2))
+    assert summary.resumed_from == 0 and summary.n_train == 150
+    raw["samples"][raw["splits"]["train"][0]]["label"] ^= 1  # same ids, one label changed: also a new problem
+    cached_run.splits.write_text(json.dumps(raw))
+    assert train(cached_run, train_settings(cached_run, epochs=2)).resumed_from == 0
+
+
+def test_one_class_val_select_is_explained_once_without_warnings(cached_run):
+    raw = json.loads(cached_run.splits.read_text())
+    for image_id in raw["splits"]["val_select"]:
+        raw["samples"][image_id]["label"] = 1
+    cached_run.splits.write_text(json.dumps(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = train(cached_run, train_settings(cached_run, epochs=2))
+    assert math.isnan(summary.best_metrics["auroc"])
+    assert len(summary.notes) == 1 and "only roadwork images" in summary.notes[0] and "AUROC" in summary.notes[0]
+    assert read_json(cached_run.checkpoints / "best.json")["val_select"]["auroc"] is None
 
 
 def test_unbuilt_modes_and_missing_features(tmp_path, cached_run):
@@ -193,5 +298,6 @@ def test_without_val_select_the_last_epoch_is_kept(tmp_path):
     run = make_cached_run(tmp_path / "run", counts=(100, 0, 20, 20))
     summary = train(run, train_settings(run, epochs=3))
     assert summary.best_epoch == 3 and summary.n_val_select == 0
+    assert len(summary.notes) == 1 and "val_select is empty" in summary.notes[0]
     assert read_json(run.checkpoints / "best.json")["metric"] is None
     assert len(_rows(run.scores / "val_select.csv")) == 0 and len(_rows(run.scores / "test.csv")) == 20
