@@ -130,3 +130,23 @@ def test_a_one_value_list_in_the_environment_is_accepted():
     assert load_settings(environ={"ROADWORK_MODEL__PEFT__TARGET_MODULES": "qkv"}).model.peft.target_modules == ["qkv"]
     # Scalars still parse as JSON first.
     assert load_settings(environ={"ROADWORK_TRAIN__EPOCHS": "4"}).train.epochs == 4
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "module", "lister", "extra"),
+    [
+        ("calibration", "scaling", "roadwork_cli.calibration.scaling", "list_scalers", ()),
+        ("calibration", "rule", "roadwork_cli.calibration.rules", "list_rules", ()),
+        ("calibration", "method", "roadwork_cli.calibration.rules", "list_methods", ()),
+        ("data", "augment", "roadwork_cli.data.transforms", "list_augmentations", ()),
+        ("model.peft", "method", "roadwork_cli.model.peft", "list_adapter_methods", ("none",)),
+    ],
+)
+def test_literal_choices_equal_the_registries_that_implement_them(section, name, module, lister, extra):
+    from typing import get_args
+
+    implemented = set(getattr(pytest.importorskip(module), lister)()) | set(extra)
+    model = Settings
+    for part in section.split("."):
+        model = model.model_fields[part].annotation
+    assert set(get_args(model.model_fields[name].annotation)) == implemented
