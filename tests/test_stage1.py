@@ -1,4 +1,4 @@
-"""Stage1Model: batch robustness, input kinds, workers, fast JPEG path, run vs bundle, scoring a source."""
+"""Stage1Model: batch robustness, input kinds, workers, streaming, run vs bundle, scoring a source."""
 
 from __future__ import annotations
 
@@ -91,30 +91,10 @@ def test_decision_matches_the_rule_on_calibrated_scores(model, tmp_path):
     assert [p.decision for p in model.predict(paths)] == list(expected)
 
 
-def test_jpeg_draft_decode_is_used_for_large_jpegs_and_close_to_full_decode(model, tmp_path):
-    from PIL import Image
-
-    from roadwork_cli.data.images import decode_image
-    from roadwork_cli.stage1 import _decode_jpeg_draft, jpeg_draft_size
-
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
-    big = Image.fromarray(base).resize((640, 480), Image.BICUBIC)
-    path = tmp_path / "big.jpg"
-    big.save(path, quality=95)
-    side = jpeg_draft_size(model.preprocessing)
-    data = path.read_bytes()
-    drafted = _decode_jpeg_draft(data, 50_000_000, side)
-    assert drafted is not None and min(drafted.size) >= side and drafted.size[0] < 640
-    full = model.transform(decode_image(data))
-    fast = model.transform(drafted)
-    assert float((full - fast).abs().mean()) < 0.05  # same picture at the network's resolution
-    assert _decode_jpeg_draft(b"\x89PNG....", 50_000_000, side) is None  # not a JPEG: validating path
-
-
 def test_bundle_reproduces_the_run(model, tmp_path):
     from roadwork_cli import load_bundle
-    from roadwork_cli.stage1 import Stage1Model, export_bundle
+    from roadwork_cli.export import export_bundle
+    from roadwork_cli.stage1 import Stage1Model
 
     run = make_run(tmp_path / "run")
     path = export_bundle(run)
@@ -140,7 +120,8 @@ def test_run_without_calibration(tmp_path):
 
 def test_score_source_writes_raw_scores_and_rejections(tmp_path):
     from roadwork_cli.config import Settings
-    from roadwork_cli.stage1 import Stage1Model, score_source
+    from roadwork_cli.scoring import score_source
+    from roadwork_cli.stage1 import Stage1Model
 
     run = make_run(tmp_path / "run")
     src = tmp_path / "src"
@@ -161,26 +142,6 @@ def test_score_source_writes_raw_scores_and_rejections(tmp_path):
     assert np.allclose([float(r["gate"]) for r in rows], g_raw, atol=1e-6)
     rejected = (tmp_path / "scores.rejected.jsonl").read_text()
     assert "broken.jpg" in rejected
-
-
-def test_fast_eval_transform_matches_the_data_layer_transform(model):
-    from PIL import Image
-
-    from roadwork_cli.data.transforms import eval_transform
-    from roadwork_cli.model.backbones import Preprocessing
-    from roadwork_cli.stage1 import FastEvalTransform
-
-    rng = np.random.default_rng(1)
-    for prep in (model.preprocessing, Preprocessing(size=48, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))):
-        reference = eval_transform(prep)
-        fast = FastEvalTransform(reference)
-        assert fast.pil_steps is not None  # the numpy tail is really in use
-        for size in ((97, 61), (40, 130)):
-            image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-            expected = reference(image)
-            got = fast(image)
-            assert got.shape == expected.shape and got.dtype == expected.dtype
-            assert float((got - expected).abs().max()) < 1e-5
 
 
 def test_iter_predict_streams_in_input_order_before_reading_later_inputs(model, tmp_path):

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from roadwork_cli.cli.common import ConfigOption, DebugOption, RunOption, console, handle_errors, require_run
+from roadwork_cli.cli.common import (
+    ConfigOption,
+    DebugOption,
+    JsonOption,
+    RunOption,
+    console,
+    handle_errors,
+    print_json,
+    require_run,
+)
 
 
 @handle_errors
 def command(
     run: RunOption = None,
     out: Annotated[Path | None, typer.Option("--out", help="Bundle path (default DIR/bundle.tar).")] = None,
+    allow_uncertified: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-uncertified",
+            help="Export even when calibration did not certify its targets (feasible: false); warns.",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -24,15 +43,27 @@ def command(
     overrides: dict = {"runtime": {"run": run}}
     if out is not None:  # a nested None would be validated as a value rather than skipped
         overrides["export"] = {"out": out}
+    if allow_uncertified:
+        overrides.setdefault("export", {})["allow_uncertified"] = True
     settings = resolve_settings(config, overrides)
     run_dir = RunDir(require_run(settings))
 
+    from roadwork_cli.export import UncertifiedExportWarning, export_bundle  # heavy (torch) import inside
     from roadwork_cli.io.bundle import verify_bundle
-    from roadwork_cli.stage1 import export_bundle  # heavy (torch) import inside the command
 
-    path = export_bundle(run_dir, settings.export.out, settings)
-    console.print(bundle_table(path, verify_bundle(path)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UncertifiedExportWarning)
+        path = export_bundle(run_dir, settings.export.out, settings)
+    for warning in caught:
+        if issubclass(warning.category, UncertifiedExportWarning):
+            console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    manifest = verify_bundle(path)
+    console.print(bundle_table(path, manifest))
     console.print(f"bundle: {path}  (try: roadwork predict IMAGE --bundle {path})")
+    if json_output:
+        print_json({"bundle": path} | manifest.to_dict())
 
 
 def bundle_table(path: Path, manifest):

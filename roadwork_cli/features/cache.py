@@ -8,8 +8,8 @@ Layout of a cache folder::
     shard_00000.safetensors   "features": (rows, D) float16
 
 View 0 is the clean :func:`~roadwork_cli.data.transforms.eval_transform` of every split image; views 1..K (K =
-``features.views``) are :func:`~roadwork_cli.data.transforms.train_transform` draws of training images with a seed
-derived from ``(id, view)``, so any view can be recomputed bit for bit.
+``features.views``) are ``data.augment`` (:func:`~roadwork_cli.data.transforms.create_augmentation`) draws of
+training images with a seed derived from ``(id, view)``, so any view can be recomputed bit for bit.
 
 Resume: the work list is the fixed, ordered list of (id, view) pairs not yet in the index, cut into shards of
 ``features.shard_size`` rows. Each shard is written atomically, then the index; a SIGKILL loses at most the shard
@@ -219,49 +219,6 @@ def load_cached(run: RunDir, fingerprint: str | None = None) -> CachedFeatures:
 # ----------------------------------------------------------------------------------------------------- extraction
 
 
-class _ViewDataset(torch.utils.data.Dataset):
-    """Decodes and transforms (id, view) items; a bad image becomes ``(index, None, reason)`` instead of an error."""
-
-    def __init__(
-        self, keys: Sequence[tuple[str, int]], paths: dict[str, str], preprocessing, max_pixels: int, max_bytes: int
-    ):
-        from roadwork_cli.data.transforms import eval_transform, train_transform
-
-        self.keys = list(keys)
-        self.paths = paths
-        self.max_pixels = max_pixels
-        self.max_bytes = max_bytes
-        # uint8 out of the workers; normalisation happens once per batch in the main process (normalize_batch).
-        self.eval_tf = eval_transform(preprocessing, output="uint8")
-        self.train_tf = train_transform(preprocessing, output="uint8")
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        from roadwork_cli.data.images import ImageRejected, load_image
-
-        image_id, view = self.keys[index]
-        try:
-            image = load_image(self.paths[image_id], max_pixels=self.max_pixels, max_file_bytes=self.max_bytes)
-        except ImageRejected as exc:
-            return index, None, exc.reason
-        except Exception as exc:  # noqa: BLE001 - a bad input must never abort the batch
-            return index, None, f"unreadable: {type(exc).__name__}: {exc}"
-        if view == 0:
-            return index, self.eval_tf(image), None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(view_seed(image_id, view))
-            return index, self.train_tf(image), None
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, reason) for i, x, reason in items if x is None]
-    batch = torch.stack([x for _, x in good]) if good else None  # (B, H, W, 3) uint8
-    return [i for i, _ in good], batch, bad
-
-
 def _shard_batches(n_items: int, shard_size: int, batch_size: int) -> list[list[int]]:
     """Batches that never straddle a shard boundary, so a resumed shard sees exactly the batches of a clean run."""
     batches = []
@@ -306,10 +263,12 @@ def cache_features(
         backbone: A ready :class:`~roadwork_cli.model.backbones.Backbone` (default: built from ``settings.model``).
         on_shard: Called with the shard number after each shard is safely on disk (tests simulate crashes here).
     """
-    from roadwork_cli.data.transforms import normalize_batch
+    from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
+    from roadwork_cli.data.transforms import augmentation_from_settings
+    from roadwork_cli.io.progress import progress_bar
+    from roadwork_cli.io.provenance import record
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
-    from roadwork_cli.reporting.progress import progress_bar
 
     started = time.perf_counter()
     table = read_split_table(run)
@@ -323,6 +282,14 @@ def cache_features(
     dtype = compute_dtype(device, settings.runtime.precision)
     # Reduced-precision features differ from fp32 ones, so they live in a folder of their own.
     fingerprint = backbone.fingerprint if dtype is None else f"{backbone.fingerprint}-{precision_tag(dtype)}"
+    recipe = DecodeRecipe(
+        backbone.preprocessing,
+        jpeg_draft=settings.data.jpeg_draft is not False,
+        max_pixels=settings.data.max_image_pixels,
+        max_file_bytes=settings.data.max_file_bytes,
+    )
+    if not recipe.jpeg_draft:  # full decoding gives other pixels for large JPEGs: a folder of its own
+        fingerprint += "-fulldecode"
     folder = run.features / fingerprint
     store = FeatureStore(folder)
     for stale in folder.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
@@ -336,6 +303,7 @@ def cache_features(
         "dtype": "float16",
         "compute_precision": precision_tag(dtype),
         "views": int(settings.features.views),
+        "recipe": recipe_record(recipe, precision_tag(dtype)),
     }
     atomic_write_json(store.meta_path, meta)
 
@@ -359,19 +327,15 @@ def cache_features(
     forward_passes = computed = 0
     failed_total = 0
     if todo:
-        dataset = _ViewDataset(
-            todo, table.paths, backbone.preprocessing, settings.data.max_image_pixels, settings.data.max_file_bytes
+        # View 0 is the clean eval transform; view v > 0 one seeded draw of the train transform.
+        dataset = ImageDataset(
+            [table.paths[image_id] for image_id, _ in todo],
+            recipe,
+            seeds=[None if view == 0 else view_seed(image_id, view) for image_id, view in todo],
+            augment=augmentation_from_settings(settings.data, backbone.preprocessing, output="uint8"),
         )
-        # Worker start-up costs more than it saves when everything fits in one batch.
-        workers = settings.features.workers if len(batches) > 1 else 0
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            prefetch_factor=4 if workers else None,
+        loader = create_loader(
+            dataset, batch_sampler=batches, workers=settings.features.workers, pin_memory=device.type == "cuda"
         )
         shard_keys: list[tuple[str, int]] = []
         shard_rows: list[torch.Tensor] = []
@@ -383,9 +347,7 @@ def cache_features(
                 for index, reason in bad:
                     shard_failed[todo[index][0]] = reason
                 if batch is not None:
-                    batch = normalize_batch(batch.to(device, non_blocking=True), backbone.preprocessing)
-                    if not settings.features.channels_last:
-                        batch = batch.contiguous()
+                    batch = to_model_input(batch, backbone.preprocessing, device, settings.features.channels_last)
                     with torch.inference_mode(), autocast(device, dtype):
                         feats = model(batch).float().cpu()  # (B, D)
                     forward_passes += 1
@@ -404,6 +366,7 @@ def cache_features(
                     shard_keys, shard_rows, shard_failed = [], [], {}
                     shard_end = min(shard_end + shard_size, len(todo))
     atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": backbone.name})
+    record(run, "cache-features", [run.splits])
     seconds = time.perf_counter() - started
     return CacheSummary(
         fingerprint=fingerprint,

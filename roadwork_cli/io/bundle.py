@@ -27,6 +27,7 @@ from typing import Any
 
 from roadwork_cli.errors import BundleError
 from roadwork_cli.io.atomic import atomic_path, dumps_json
+from roadwork_cli.version import __version__
 
 BUNDLE_FORMAT_VERSION = 1
 """Newest bundle format this code reads and the one it writes."""
@@ -125,8 +126,6 @@ def write_bundle(
     Returns:
         The bundle path.
     """
-    from roadwork_cli import __version__
-
     entries: dict[str, tuple[MemberInfo, bytes | Path]] = {}
     for name, content in members.items():
         check_member_name(name)

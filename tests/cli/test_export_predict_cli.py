@@ -231,3 +231,65 @@ def test_embedded_backbone_weights_and_fingerprint_check(tmp_path):
     model = load_bundle(tmp_path / "b.tar")
     assert model.info["backbone"]["weights_member"] == "backbone.safetensors"
     assert torch.equal(model.backbone.model.state_dict()["cls_token"], state["cls_token"])
+
+
+def test_model_json_records_the_decode_recipe_and_precision(bundle):
+    from roadwork_cli.io.bundle import read_bundle
+
+    recipe = read_bundle(bundle).json("model.json")["recipe"]
+    assert recipe["decode"]["jpeg_draft"] is True and recipe["decode"]["draft_side"] > 0
+    assert recipe["compute_precision"] == "fp32"  # CPU, precision auto
+    assert recipe["preprocessing"]["size"] > 0 and len(recipe["preprocessing"]["mean"]) == 3
+
+
+def test_export_of_an_uncertified_run_needs_the_flag_and_warns(tmp_path):
+    from roadwork_cli.io.atomic import atomic_write_json, read_json
+
+    run = make_tiny_run(tmp_path / "run")
+    atomic_write_json(run.scrc_params, read_json(run.scrc_params) | {"feasible": False})
+    refused = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert refused.exit_code == 2
+    assert "--allow-uncertified" in refused.output and not run.bundle.exists()
+    allowed = runner.invoke(app, ["export", "--run", str(run.root), "--allow-uncertified"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "warning" in allowed.output and "no guarantee" in allowed.output and run.bundle.is_file()
+
+
+def test_bundle_splits_hold_no_absolute_machine_paths(tmp_path):
+    from roadwork_cli.io.atomic import atomic_write_json
+    from roadwork_cli.io.bundle import read_bundle
+
+    run = make_tiny_run(tmp_path / "run")
+    source = tmp_path / "photos"
+    samples = {
+        "a" * 64: {"path": str(run.root / "synthetic" / "x.jpg"), "label": 1, "source": "synthetic:4", "group": None},
+        "b" * 64: {"path": str(source / "roadwork" / "y.jpg"), "label": 1, "source": str(source), "group": None},
+        "c" * 64: {"path": str(source / "t.parquet") + "#row=3", "label": 0, "source": str(source), "group": "g"},
+        "d" * 64: {"path": "/elsewhere/z.jpg", "label": 0, "source": str(tmp_path / "list.csv"), "group": None},
+    }
+    splits = {"version": 1, "seed": 0, "splits": {"train": sorted(samples)}, "samples": samples}
+    atomic_write_json(run.splits, splits)
+    result = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert result.exit_code == 0, result.output
+    member = read_bundle(run.bundle).members["splits.json"].decode()
+    assert str(tmp_path) not in member and '"/' not in member
+    exported = json.loads(member)
+    assert exported["splits"] == splits["splits"]
+    paths = {k: v["path"] for k, v in exported["samples"].items()}
+    assert paths == {
+        "a" * 64: "synthetic/x.jpg",
+        "b" * 64: "roadwork/y.jpg",
+        "c" * 64: "t.parquet#row=3",
+        "d" * 64: None,  # under neither the run nor its source: dropped, the id still names the image
+    }
+    assert exported["samples"]["b" * 64]["source"] == "photos"
+
+
+def test_export_refuses_a_calibration_made_from_changed_inputs(tmp_path):
+    from roadwork_cli.io.provenance import record
+
+    run = make_tiny_run(tmp_path / "run")
+    record(run, "calibrate", [run.splits])
+    run.splits.write_text('{"version": 1, "seed": 1, "splits": {}, "samples": {}}\n')
+    result = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert result.exit_code == 2 and "calibrate" in result.output

@@ -1,6 +1,8 @@
 """Rich progress bars for long library work, on stderr so that stdout stays machine-readable.
 
-Library functions accept an optional ``progress: Progress | None``; ``None`` means silent (tests, library use).
+One convention everywhere: a library function that can show progress takes ``progress: bool`` (default ``False``,
+silent for tests and library use) and opens :func:`progress_bar` itself with ``enabled=progress``. It lives in ``io``,
+the bottom layer, so that every layer may use it.
 
 Example:
     >>> with progress_bar("caching", total=10, unit="img") as advance:
