@@ -1,9 +1,9 @@
 """Deterministic, leakage-free train / val_select / val_calib / test splits (``splits.json``).
 
-Every image is read and fully decoded once; its id is the sha256 of its bytes. Exact duplicates collapse into one
-sample (the copy with the smallest locator wins, so the outcome does not depend on reading order); copies that
-disagree on the label are all rejected. Related images (a group: a manifest/parquet ``group`` column, or frames of
-one clip with ``group_by="filename"``) share one split.
+Every new image is read and fully decoded once (re-runs use the validation cache described below); its id is the
+sha256 of its bytes. Exact duplicates collapse into one sample (the copy with the smallest locator wins, so the outcome
+does not depend on reading order); copies that disagree on the label are all rejected. Related images (a group: a
+manifest/parquet ``group`` column, or frames of one clip with ``group_by="filename"``) share one split.
 
 The split of a sample (or group) is a pure function of the seed and its key:
 ``u = int(sha256(f"{seed}:{key}"), 16) / 2**256`` mapped through the cumulative fractions. Hence the same sources and

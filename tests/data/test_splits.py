@@ -297,3 +297,32 @@ def test_warnings_for_one_class_and_small_splits(tmp_path):
     assert "val_select has 3 roadwork and 3 no_roadwork images" in warnings
     assert "val_calib has 3 roadwork images" in warnings and "at least 263" in warnings
     assert summary.warnings(positives_needed=3, min_per_class=3) == []
+
+
+def test_an_interrupted_split_resumes_with_the_same_result(tmp_path, monkeypatch):
+    import roadwork_cli.data.splits as splits_module
+
+    data = make_folder(tmp_path / "data", 15, 15)
+    clean = RunDir(tmp_path / "clean")
+    build_splits([str(data)], DataSettings(), clean, workers=1)
+
+    real_validate = splits_module._validate
+    calls: list[int] = []
+
+    def dies_on_the_20th(record, settings):
+        calls.append(1)
+        if len(calls) == 20:
+            raise KeyboardInterrupt
+        return real_validate(record, settings)
+
+    run = RunDir(tmp_path / "run")
+    monkeypatch.setattr(splits_module, "_validate", dies_on_the_20th)
+    with pytest.raises(KeyboardInterrupt):
+        build_splits([str(data)], DataSettings(), run, workers=1)
+    assert not run.splits.exists()
+
+    calls.clear()
+    monkeypatch.setattr(splits_module, "_validate", lambda r, s: calls.append(1) or real_validate(r, s))
+    build_splits([str(data)], DataSettings(), run, workers=1)
+    assert len(calls) == 11  # the 19 inputs validated before the interruption are not decoded again
+    assert run.splits.read_bytes() == clean.splits.read_bytes()
