@@ -96,3 +96,42 @@ def test_unknown_backbone_and_missing_weights_exit_2(tmp_path):
         app, ["cache-features", "--run", str(run), "--backbone", "tiny_vit", "--weights", str(missing)]
     )
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def _one_json_object(result) -> dict:
+    """``--json``: stdout is exactly one JSON object (tables and progress went to stderr)."""
+    assert result.exit_code == 0, result.output
+    value = json.loads(result.stdout)
+    assert isinstance(value, dict)
+    return value
+
+
+def test_every_stage_command_prints_its_summary_as_one_json_object(tmp_path):
+    split_run = tmp_path / "split_run"
+    summary = _one_json_object(
+        runner.invoke(app, ["split", "--source", "synthetic:24", "--run", str(split_run), "--json"])
+    )
+    assert summary["n_samples"] == 24 and sum(summary["splits"].values()) == 24
+
+    run = _make_run(tmp_path)
+    flags = ["--run", str(run), "--json", "--device", "cpu", "--threads", "1"]
+    cached = _one_json_object(
+        runner.invoke(app, ["cache-features", *flags, "--backbone", "tiny_vit", "--workers", "0"])
+    )
+    assert cached["backbone"] == "tiny_vit" and cached["failed"] == 1 and cached["computed"] == cached["total"] - 1
+    config = (run / "config.yaml").read_text()
+    assert "device: cpu" in config and "threads: 1" in config  # the flags reached runtime.* settings
+
+    trained = _one_json_object(runner.invoke(app, ["train", *flags, "--epochs", "2"]))
+    assert trained["epochs"] == 2 and trained["n_train"] == 18
+    assert all(Path(path).is_file() for path in trained["scores"].values())
+
+    calibrated = _one_json_object(runner.invoke(app, ["calibrate", "--run", str(run), "--allow-infeasible", "--json"]))
+    assert calibrated["params_path"] == str(run / "calibration" / "scrc_params.json")
+    assert calibrated["feasible"] is False  # 6 calibration images cannot certify 2 % FNR
+
+    report = _one_json_object(runner.invoke(app, ["evaluate", *flags]))
+    assert report["n"] == 6 and {"coverage", "guarantee"} <= set(report)
+
+    exported = _one_json_object(runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified", "--json"]))
+    assert exported["bundle"] == str(run / "bundle.tar") and "model.json" in exported["members"]
