@@ -29,3 +29,17 @@ def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Pat
 def binomial_excess_pvalue(violations: int, trials: int, rate: float) -> float:
     """P(Bin(trials, rate) >= violations): small means more violations than `rate` allows."""
     return float(binom.sf(violations - 1, trials, rate))
+
+
+def scrc_gate(p, g, y, grid, alpha, delta, xi, delta_coverage_share=0.5, objective="accuracy"):
+    """SCRC-I for the gate rule with positional targets (as the statistical tests call it)."""
+    from roadwork_cli.calibration.rules import GateRule, Targets
+
+    return GateRule.certify("scrc", p, g, y, grid, Targets(alpha, delta, xi, delta_coverage_share, objective))
+
+
+def scrc_band(p, y, grid, alpha, delta, xi, delta_coverage_share=0.5, objective="accuracy"):
+    """SCRC-I for the band rule with positional targets."""
+    from roadwork_cli.calibration.rules import BandRule, Targets
+
+    return BandRule.certify("scrc", p, None, y, grid, Targets(alpha, delta, xi, delta_coverage_share, objective))

@@ -43,7 +43,7 @@ def test_calibrate_run_writes_scaling_and_params(run: RunDir) -> None:
     assert params["targets"]["alpha"] == 0.05 and params["targets"]["xi"] == 0.7 and params["targets"]["delta"] == 0.1
     assert params["n"] == 2500 and 0 < params["n_pos"] < 2500
     assert params["feasible"] is True
-    assert params["certified"]["fnr_upper"] <= 0.05 and params["certified"]["coverage_lower"] >= 0.7
+    assert params["certified"]["fnr_upper_pointwise"] <= 0.05 and params["certified"]["coverage_lower"] >= 0.7
     assert params["scaling"] == scaling  # embedded copy: the params file alone is enough
     assert len(params["grid"]) == SETTINGS.grid_size
     assert set(params["attainable"]) == {"best_fnr_upper_at_coverage", "max_coverage_lower_at_fnr"}

@@ -7,17 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import write_scores
+from score_helpers import scrc_band, write_scores
 
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv
+from roadwork_cli.calibration.grids import band_grid_from_scores
 from roadwork_cli.calibration.rule import StageRule
-from roadwork_cli.calibration.scrc import (
-    band_grid_from_scores,
-    binomial_pvalue,
-    decide,
-    dkw_slack,
-    scrc_band,
-)
+from roadwork_cli.calibration.rules import BandRule, GateRule
+from roadwork_cli.calibration.stats import binomial_pvalue, dkw_slack
 from roadwork_cli.config import CalibrationSettings
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.run import RunDir
@@ -29,13 +25,13 @@ BAND = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate",
 def test_decisions_follow_the_band_and_ignore_g() -> None:
     p = np.array([0.0, 0.099, 0.1, 0.5, 0.799, 0.8, 1.0])
     expected = ["no_roadwork", "no_roadwork", "defer", "defer", "defer", "roadwork", "roadwork"]
-    params = {"rule": "band", "tau": 0.1, "b": 0.8, "lam": None}
+    band = BandRule(tau=0.1, b=0.8)
     for g in (np.zeros(7), np.ones(7), np.linspace(0, 1, 7)):
-        assert decide(params, p, g).tolist() == expected
+        assert band.decide(p, g).tolist() == expected
     # tau = b: the band is empty, everything exits.
-    assert "defer" not in decide({"rule": "band", "tau": 0.5, "b": 0.5}, p, np.zeros(7)).tolist()
-    # Without "rule" a params dict is a gate rule: g < lambda defers whatever p is.
-    gate = decide({"tau": 0.1, "lam": 0.5}, p, np.array([0, 1, 1, 1, 1, 1, 0.0]))
+    assert "defer" not in BandRule(tau=0.5, b=0.5).decide(p, np.zeros(7)).tolist()
+    # The gate rule: g < lambda defers whatever p is.
+    gate = GateRule(lam=0.5, tau=0.1).decide(p, np.array([0, 1, 1, 1, 1, 1, 0.0]))
     assert gate.tolist() == ["defer", "no_roadwork", "roadwork", "roadwork", "roadwork", "roadwork", "defer"]
 
 
@@ -64,9 +60,9 @@ def test_scrc_band_certifies_what_it_reports() -> None:
     p, y = _toy()
     grid = np.array([0.3, 0.5, 0.7, 0.9])
     outcome = scrc_band(p, y, grid, alpha=0.05, delta=0.1, xi=0.7)
-    assert outcome.feasible and outcome.rule == "band" and outcome.lam is None
-    assert outcome.b in grid and outcome.tau <= outcome.b
-    decisions = decide(outcome.to_dict(), p, np.zeros_like(p))
+    assert outcome.feasible and outcome.rule.name == "band" and outcome.thresholds["lambda"] is None
+    assert outcome.rule.b in grid and outcome.rule.tau <= outcome.rule.b
+    decisions = outcome.rule.decide(p, np.zeros_like(p))
     exits = decisions != "defer"
     pos = exits & (y == 1)
     k, m = int(np.sum(pos & (decisions == "no_roadwork"))), int(pos.sum())
@@ -75,10 +71,10 @@ def test_scrc_band_certifies_what_it_reports() -> None:
     # The chosen pair passes both tests at the Bonferroni-corrected levels (|B| = 4).
     assert binomial_pvalue(k, m, 0.05) <= 0.05 / 4
     assert outcome.coverage >= 0.7 + dkw_slack(p.size, 0.05 / 4)
-    assert outcome.fnr_upper <= 0.05 and outcome.coverage_lower >= 0.7
+    assert outcome.fnr_upper_pointwise <= 0.05 and outcome.coverage_lower >= 0.7
     accuracy = np.mean((decisions[exits] == "roadwork") == (y[exits] == 1))
     assert accuracy == pytest.approx(outcome.accuracy_on_exits)
-    assert [r["b"] for r in outcome.per_lambda] == grid.tolist()
+    assert [r["b"] for r in outcome.per_grid] == grid.tolist()
 
 
 def test_scrc_band_is_more_accurate_than_everything_exits_and_infeasible_falls_back() -> None:
@@ -89,7 +85,7 @@ def test_scrc_band_is_more_accurate_than_everything_exits_and_infeasible_falls_b
     assert not everything.feasible  # coverage 1 + slack is impossible
     assert "band" in everything.note and everything.attainable["max_coverage_lower_at_fnr"] is not None
     tiny = scrc_band(p[:20], y[:20], np.array([0.5]), alpha=0.01, delta=0.1, xi=0.5)
-    assert not tiny.feasible and tiny.tau == 0.0 and tiny.b == 0.5  # nothing certified: defer all p < max b
+    assert not tiny.feasible and tiny.rule.tau == 0.0 and tiny.rule.b == 0.5  # nothing certified: defer all p < max b
 
 
 def test_band_grid_sits_where_coverage_binds() -> None:
@@ -117,7 +113,7 @@ def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir
     thresholds = params["thresholds"]
     assert thresholds["rule"] == "band" and thresholds["lambda"] is None
     assert 0 <= thresholds["tau"] <= thresholds["b"] <= 1
-    assert params["certified"]["fnr_upper"] <= 0.05 and params["certified"]["coverage_lower"] >= 0.7
+    assert params["certified"]["fnr_upper_pointwise"] <= 0.05 and params["certified"]["coverage_lower"] >= 0.7
     assert thresholds["b"] in params["grid"] and len(params["grid"]) <= BAND.grid_size
     rule = StageRule.load(run.scaling, run.scrc_params)
     assert StageRule.load(None, run.scrc_params).rule == "band"
@@ -138,7 +134,7 @@ def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir
 
 def test_band_old_params_and_other_methods(run: RunDir, tmp_path: Path) -> None:
     gate = calibrate_run(run, BAND.model_copy(update={"rule": "gate"}))
-    assert gate.params["thresholds"]["rule"] == "gate" and "b" not in gate.params["thresholds"]
+    assert gate.params["thresholds"]["rule"] == "gate" and gate.params["thresholds"]["b"] is None
     legacy = json.loads(run.scrc_params.read_text())
     del legacy["thresholds"]["rule"]  # a params file from before the band rule
     legacy_path = tmp_path / "legacy.json"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import binomial_excess_pvalue
+from score_helpers import binomial_excess_pvalue, scrc_band
 
-from roadwork_cli.calibration.scrc import band_grid_from_scores, dkw_slack, scrc_band
+from roadwork_cli.calibration.grids import band_grid_from_scores
+from roadwork_cli.calibration.stats import dkw_slack
 
 ALPHA, DELTA, XI = 0.05, 0.1, 0.8
 N_CALIB, N_SELECT, TRIALS = 2000, 1000, 300
@@ -69,8 +70,8 @@ def test_band_violation_rate_stays_below_delta(population: Population) -> None:
         p, y = draw(rng, N_CALIB)
         outcome = scrc_band(p, y, grid, ALPHA, DELTA, XI)
         assert outcome.feasible, outcome.note
-        assert outcome.tau <= outcome.b
-        fnr, cov, accuracy = population.rates(outcome.b, outcome.tau)
+        assert outcome.rule.tau <= outcome.rule.b
+        fnr, cov, accuracy = population.rates(outcome.rule.b, outcome.rule.tau)
         violations += int(fnr > ALPHA or cov < XI)
         coverages.append(cov)
         fnrs.append(fnr)
@@ -99,7 +100,7 @@ def test_band_risk_step_alone_is_valid_and_not_vacuous(population: Population) -
     for _ in range(trials):
         p, y = draw(rng, 1000)
         outcome = scrc_band(p, y, np.array([0.9]), ALPHA, delta, 0.0, share, objective="coverage")
-        violations += int(population.rates(outcome.b, outcome.tau)[0] > ALPHA)
+        violations += int(population.rates(outcome.rule.b, outcome.rule.tau)[0] > ALPHA)
     delta2 = delta * (1 - share)
     assert binomial_excess_pvalue(violations, trials, delta2) > 0.01
     assert violations / trials > delta2 / 4

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import binomial_excess_pvalue
+from score_helpers import binomial_excess_pvalue, scrc_gate
 
-from roadwork_cli.calibration.scrc import crc, dkw_slack, gate_grid_from_scores, scrc_i
+from roadwork_cli.calibration.grids import gate_grid_from_scores
+from roadwork_cli.calibration.rules import GateRule, Targets
+from roadwork_cli.calibration.stats import dkw_slack
 
 ALPHA, DELTA, XI = 0.05, 0.1, 0.8
 N_CALIB, N_SELECT, TRIALS = 2000, 1000, 300
@@ -77,9 +79,9 @@ def test_scrc_i_violation_rate_stays_below_delta_and_tracks_the_oracle(populatio
         _, g_select, _ = draw(rng, N_SELECT)
         grid = gate_grid_from_scores(g_select, GRID_SIZE, 0.0, 1.0 - XI - slack)  # fixed before val_calib
         p, g, y = draw(rng, N_CALIB)
-        outcome = scrc_i(p, g, y, grid, ALPHA, DELTA, XI)
+        outcome = scrc_gate(p, g, y, grid, ALPHA, DELTA, XI)
         assert outcome.feasible, outcome.note
-        fnr, cov, accuracy = population.rates(outcome.lam, outcome.tau)
+        fnr, cov, accuracy = population.rates(outcome.rule.lam, outcome.rule.tau)
         violations += int(fnr > ALPHA or cov < XI)
         coverages.append(cov)
         accuracies.append(accuracy)
@@ -133,8 +135,8 @@ def test_crc_controls_fnr_in_expectation(population: Population) -> None:
     fnrs = []
     for _ in range(100):
         p, g, y = draw(rng, 1000)
-        outcome = crc(p, g, y, grid, ALPHA, XI)
-        fnrs.append(population.rates(outcome.lam, outcome.tau)[0])
+        outcome = GateRule.certify("crc", p, g, y, grid, Targets(ALPHA, DELTA, XI))
+        fnrs.append(population.rates(outcome.rule.lam, outcome.rule.tau)[0])
     # E[FNR] <= alpha; the mean of 100 draws has a standard error of about 0.0015 here.
     assert np.mean(fnrs) <= ALPHA + 0.005
     assert np.mean(fnrs) >= ALPHA - 0.02  # and CRC is not needlessly conservative
@@ -149,8 +151,8 @@ def test_risk_step_alone_is_valid_and_not_vacuous(population: Population) -> Non
     violations = 0
     for _ in range(trials):
         p, g, y = draw(rng, 1000)
-        outcome = scrc_i(p, g, y, np.array([-np.inf]), ALPHA, delta, 0.0, share)
-        violations += int(population.rates(outcome.lam, outcome.tau)[0] > ALPHA)
+        outcome = scrc_gate(p, g, y, np.array([-np.inf]), ALPHA, delta, 0.0, share)
+        violations += int(population.rates(outcome.rule.lam, outcome.rule.tau)[0] > ALPHA)
     delta2 = delta * (1 - share)
     assert binomial_excess_pvalue(violations, trials, delta2) > 0.01
     assert violations / trials > delta2 / 4

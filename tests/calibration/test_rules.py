@@ -5,24 +5,20 @@ import math
 import numpy as np
 import pytest
 from scipy.stats import beta, binom
+from score_helpers import scrc_gate as scrc_i
 
-from roadwork_cli.calibration.scrc import (
+from roadwork_cli.calibration.grids import fixed_gate_grid, gate_grid_from_scores, tau_candidates
+from roadwork_cli.calibration.rules import (
     Coverage,
     FNROnExits,
+    GateRule,
     SelectiveConformal,
-    binomial_pvalue,
-    clopper_pearson_lower,
-    clopper_pearson_upper,
-    conformal_sets,
+    SetsRule,
+    Targets,
     crc_threshold,
-    decide,
-    dkw_slack,
-    fixed_gate_grid,
-    gate_grid_from_scores,
-    prediction_sets,
-    scrc_i,
-    tau_candidates,
 )
+from roadwork_cli.calibration.stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper, dkw_slack
+from roadwork_cli.errors import UsageError
 
 
 def synthetic(n: int, seed: int = 0):
@@ -73,13 +69,13 @@ def test_scrc_i_certifies_with_the_documented_bounds() -> None:
     outcome = scrc_i(p, g, y, grid, alpha, delta, xi)
     assert outcome.feasible
     level = outcome.delta2 / len(outcome.grid)
-    exits = g >= outcome.lam
-    predictions = (p >= outcome.tau).astype(int)
+    exits = g >= outcome.rule.lam
+    predictions = (p >= outcome.rule.tau).astype(int)
     k, m = FNROnExits.counts(y, predictions, exits)
     assert (k, m) == (outcome.misses, outcome.exited_positives)
     assert binom.cdf(k, m, alpha) <= level  # the chosen pair's hypothesis was rejected
-    assert outcome.fnr_upper == pytest.approx(beta.ppf(1 - level, k + 1, m - k))
-    assert outcome.fnr_upper <= alpha
+    assert outcome.fnr_upper_pointwise == pytest.approx(beta.ppf(1 - level, k + 1, m - k))
+    assert outcome.fnr_upper_pointwise <= alpha
     assert Coverage.empirical(exits) == pytest.approx(outcome.coverage)
     assert outcome.coverage >= xi + dkw_slack(3000, outcome.delta1)
     assert outcome.coverage_lower == pytest.approx(outcome.coverage - dkw_slack(3000, outcome.delta1))
@@ -94,9 +90,9 @@ def test_fixed_sequence_stops_at_the_first_non_rejection() -> None:
     pos = np.sort(p[y == 1])
     pvalues = binom.cdf(np.searchsorted(pos, taus, side="left"), pos.size, alpha)
     first_fail = int(np.argmax(pvalues > delta / 2))
-    record = outcome.per_lambda[0]
+    record = outcome.per_grid[0]
     assert record["certified_taus"] == first_fail
-    assert outcome.tau <= taus[first_fail - 1]
+    assert outcome.rule.tau <= taus[first_fail - 1]
 
 
 def test_objective_prefers_accuracy_then_coverage() -> None:
@@ -129,7 +125,7 @@ def test_coverage_bound_excludes_lambda_near_the_target() -> None:
     # The only lambda has an exit rate of about 0.8; with n = 400 the DKW slack (~0.06) rules it out for xi = 0.78.
     outcome = scrc_i(p, g, y, np.array([0.2]), 0.2, 0.1, 0.78)
     assert not outcome.feasible
-    assert outcome.per_lambda[0]["coverage_ok"] is False
+    assert outcome.per_grid[0]["coverage_ok"] is False
 
 
 def test_grid_from_val_select_and_fixed_grid() -> None:
@@ -142,21 +138,21 @@ def test_grid_from_val_select_and_fixed_grid() -> None:
 
 
 def test_decide_rule_semantics() -> None:
-    params = {"lam": 0.5, "tau": 0.3}
     p = np.array([0.2, 0.3, 0.9, 0.9])
     g = np.array([0.6, 0.5, 0.7, 0.4])
-    assert decide(params, p, g).tolist() == ["no_roadwork", "roadwork", "roadwork", "defer"]
-    assert decide({"lam": None, "tau": 0.5}, p, g).tolist() == ["no_roadwork", "no_roadwork", "roadwork", "roadwork"]
+    assert GateRule(lam=0.5, tau=0.3).decide(p, g).tolist() == ["no_roadwork", "roadwork", "roadwork", "defer"]
+    everything = GateRule(lam=None, tau=0.5).decide(p, g).tolist()
+    assert everything == ["no_roadwork", "no_roadwork", "roadwork", "roadwork"]
 
 
 def test_prediction_sets_mode() -> None:
     p, g, y = synthetic(2000, seed=5)
-    outcome = conformal_sets(p, y, 0.05, 0.5)
-    t = outcome.set_thresholds
-    decisions = decide({"method": "sets", "set_thresholds": t}, p, g)
+    outcome = SetsRule.certify("sets", p, g, y, [], Targets(0.05, 0.1, 0.5))
+    t = outcome.thresholds["sets"]
+    decisions = outcome.rule.decide(p, g)
     exits = decisions != "defer"
     assert outcome.coverage == pytest.approx(exits.mean())
-    sets = prediction_sets(p, t["roadwork"], t["no_roadwork"])
+    sets = outcome.rule.sets(p)
     assert outcome.attainable["avg_set_size"] == pytest.approx(sets.sum(axis=1).mean())
     assert ((sets.sum(axis=1) == 1) == exits).all()  # singletons exit; empty or full sets defer
     # Positives whose set leaves out roadwork are at most alpha (conformal, in expectation; here on the calib data).
@@ -165,12 +161,12 @@ def test_prediction_sets_mode() -> None:
 
 def test_selective_conformal_flow() -> None:
     p, g, y = synthetic(3000, seed=6)
-    sc = SelectiveConformal(alpha=0.05, delta=0.1, xi=0.7).fit(np.random.default_rng(0).random(500))
+    sc = SelectiveConformal(alpha=0.05, delta=0.1, xi=0.7).fit(g_select=np.random.default_rng(0).random(500))
     assert sc.grid_.size == 10
     outcome = sc.conformalize(p, g, y)
     decisions = sc.predict(p, g)
     assert np.mean(decisions != "defer") == pytest.approx(outcome.coverage)
-    with pytest.raises(ValueError, match="unknown calibration method"):
-        SelectiveConformal(0.05, 0.1, 0.7, method="bogus").conformalize(p, g, y)
+    with pytest.raises(UsageError, match="Unknown calibration method"):
+        SelectiveConformal(0.05, 0.1, 0.7, method="bogus")
     with pytest.raises(RuntimeError):
         SelectiveConformal(0.05, 0.1, 0.7).predict(p, g)
