@@ -729,7 +729,7 @@ def render_dataset(out_dir: Path, count: int, settings, progress: bool = False) 
         ``(path, label)`` of every image, in index order.
     """
     from roadwork_cli.io.atomic import atomic_write_bytes
-    from roadwork_cli.reporting.progress import progress_bar
+    from roadwork_cli.io.progress import progress_bar
 
     width, height = settings.synthetic_size
     ext = "jpg" if settings.synthetic_jpeg else "png"
