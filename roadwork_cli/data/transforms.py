@@ -1,8 +1,8 @@
 """Image -> tensor transforms built from a backbone's :class:`~roadwork_cli.model.backbones.Preprocessing`.
 
 ``eval_transform`` is the deterministic path used for clean features, validation and prediction;
-``train_transform`` is the original hand-written moderate augmentation (seeded through torch's global generator).
-Both take an RGB ``PIL.Image`` and return a normalised ``(3, size, size)`` float tensor.
+``train_transform`` is the ``moderate`` augmentation below, seeded through torch's global generator. Both take an
+RGB ``PIL.Image`` and return a normalised ``(3, size, size)`` float tensor.
 
 For throughput, both can instead return the ``(size, size, 3)`` uint8 pixels (``output="uint8"``): DataLoader
 workers then ship a quarter of the bytes, and :func:`normalize_batch` converts a whole ``(B, H, W, 3)`` batch in one
@@ -112,23 +112,13 @@ def eval_transform(preprocessing: Preprocessing, output: Output = "float") -> T.
     )
 
 
-def train_transform(preprocessing: Preprocessing, output: Output = "float") -> T.Compose:
-    """Moderate augmentation: random resized crop (scale 0.5-1), horizontal flip, +-10 deg rotation, colour jitter.
+def train_transform(preprocessing: Preprocessing, output: Output = "float") -> Augmentation:
+    """The ``moderate`` augmentation (see :func:`create_augmentation`), called as ``transform(image)``.
 
-    Randomness comes from torch's global generator, so seeding it right before the call makes a view reproducible.
-    ``output`` is as in :func:`eval_transform`. New code should prefer :func:`create_augmentation`, which takes the
-    seed explicitly.
+    Without an explicit seed its seed is drawn from torch's global generator, so seeding it right before the call
+    makes a view reproducible. ``output`` is as in :func:`eval_transform`.
     """
-    size = int(preprocessing.size)
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=_interpolation(preprocessing.interpolation)),
-            T.RandomHorizontalFlip(),
-            T.RandomRotation(10, interpolation=InterpolationMode.BILINEAR),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-            *_tail(preprocessing, output),
-        ]
-    )
+    return create_augmentation("moderate", preprocessing, output=output)
 
 
 def normalize_batch(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
