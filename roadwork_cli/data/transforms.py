@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -202,6 +203,20 @@ class Augmentation:
     def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def options(self) -> dict[str, Any]:
+        """The JSON-able options that decide the pixels, besides the preprocessing (which the backbone fingerprints)."""
+        return {}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """``{"name": ..., **options}``: what a feature cache records next to its augmented views."""
+        return json.loads(json.dumps({"name": self.name, **self.options()}))  # tuples -> lists, as read back
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of :attr:`spec`: views drawn under another fingerprint are other pixels and must not be reused."""
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:12]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, output={self.output!r})"
 
@@ -292,6 +307,11 @@ class TimmAugmentation(Augmentation):
         )
         self._mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+
+    def options(self) -> dict[str, Any]:
+        import timm
+
+        return {"timm": self.timm_kwargs, "timm_version": timm.__version__}
 
     def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
         with _seeded_global_rngs(seed):
@@ -564,6 +584,25 @@ class NatixAugmentation(Augmentation):
 
     def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
         return self.transform(self.challenge(image, seed))
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "levels": self.mix.tolist(),
+            "challenge_size": CHALLENGE_SIZE,
+            "jpeg_quality": CHALLENGE_JPEG_QUALITY,
+            "ranges": {
+                "rotation": NATIX_MAX_ROTATION,
+                "crop_scale": NATIX_CROP_SCALE,
+                "crop_ratio": NATIX_CROP_RATIO,
+                "flip_p": NATIX_FLIP_P,
+                "saturation": NATIX_SATURATION,
+                "contrast": NATIX_CONTRAST,
+                "jpeg_quality": NATIX_JPEG_QUALITY,
+                "jpeg_scale": NATIX_JPEG_SCALE,
+                "noise_std": NATIX_NOISE_STD,
+                "blur_sigma": NATIX_BLUR_SIGMA,
+            },
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(levels={self.mix.round(3).tolist()}, output={self.output!r})"

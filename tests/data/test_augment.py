@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -257,3 +258,27 @@ def test_epoch_zero_keeps_the_feature_cache_view_seeds():
     if not hasattr(cache, "view_seed"):
         pytest.skip("the cache derives its seeds from augment_seed directly")
     assert augment_seed("c" * 64, 3) == cache.view_seed("c" * 64, 3)
+
+
+def test_the_fingerprint_tells_pixel_changing_options_apart():
+    moderate = create_augmentation("moderate", PRE)
+    assert moderate.spec["name"] == "moderate" and moderate.spec["timm"]["scale"] == [0.35, 1.0]
+    assert moderate.fingerprint == create_augmentation("moderate", PRE, output="uint8").fingerprint
+    prints = {
+        moderate.fingerprint,
+        create_augmentation("moderate", PRE, re_prob=0.0).fingerprint,
+        create_augmentation("aggressive", PRE).fingerprint,
+        create_augmentation("none", PRE).fingerprint,
+        create_augmentation("natix", PRE).fingerprint,
+        create_augmentation("natix", PRE, levels=(0.4, 0.2, 0.2, 0.2)).fingerprint,
+    }
+    assert len(prints) == 6
+    json.dumps(create_augmentation("natix", PRE).spec)  # JSON-able, for a cache's meta.json
+
+
+@pytest.mark.parametrize("name", ["moderate", "aggressive", "natix"])
+def test_odd_images_still_give_a_full_size_view(name):
+    augmentation = create_augmentation(name, PRE, output="uint8")
+    odd = [Image.new("RGB", (1, 1), (9, 9, 9)), _image(3, 200), _image(50, 50).convert("L"), _image().convert("RGBA")]
+    for seed, image in enumerate(odd):
+        assert augmentation(image, seed=seed).shape == (32, 32, 3)
