@@ -10,7 +10,11 @@ from typer.testing import CliRunner
 from roadwork_cli.cli.app import app
 
 runner = CliRunner()
-TINY = {"ROADWORK_MODEL__BACKBONE": "tiny_vit", "ROADWORK_CALIBRATION__ALLOW_INFEASIBLE": "true"}
+TINY = {
+    "ROADWORK_MODEL__BACKBONE": "tiny_vit",
+    "ROADWORK_CALIBRATION__ALLOW_INFEASIBLE": "true",
+    "ROADWORK_EXPORT__ALLOW_UNCERTIFIED": "true",  # 80 synthetic images cannot certify the targets
+}
 
 
 def test_demo_settings_layering(tmp_path):
@@ -47,8 +51,13 @@ def test_tiny_demo_runs_end_to_end_and_reruns(tmp_path):
     assert len(reused) > 80
     stamps = {p: p.stat().st_mtime_ns for p in reused}
     params_before = (run / "calibration" / "scrc_params.json").read_text()
-    again = runner.invoke(app, ["demo", "--run", str(run), "--per-class", "40"], env=TINY)
+    again = runner.invoke(app, ["demo", "--run", str(run), "--per-class", "40", "--json", "--threads", "1"], env=TINY)
     assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)  # --json: one object on stdout, the stage tables stay on stderr
+    assert summary["bundle"] == str(run / "bundle.tar") and summary["report"]["n"] == report["n"]
+    assert list(summary["stages"]) == ["split", "cache-features", "train", "calibrate", "evaluate", "export", "predict"]
+    assert len(summary["predictions"]) == 8 and {"decision", "label"} <= set(summary["predictions"][0])
+    assert "threads: 1" in (run / "config.yaml").read_text()
     assert {p: p.stat().st_mtime_ns for p in reused} == stamps
     assert (run / "calibration" / "scrc_params.json").read_text() == params_before  # same end result
 
