@@ -167,12 +167,18 @@ def command(
                     writer.write(record)
     except KeyboardInterrupt:
         where = writer.abort() if writer is not None else _render_table(records, model.rule, out)
+        kept = writer.written if writer is not None else len(records)
         console.print(
-            f"[yellow]interrupted[/] after {len(records)} of {len(expanded)} inputs: {len(records)} records kept in "
-            f"{where}. predict does not resume; run it again on the remaining inputs.",
+            f"[yellow]interrupted[/] after {kept} of {len(expanded)} inputs: {kept} records kept in {where}. "
+            "predict does not resume; run it again on the remaining inputs.",
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader went away (`roadwork predict DIR | head`): stop quietly, as other Unix tools do.
+        _silence_stdout()
+        console.print(f"stdout was closed after {writer.written} of {len(expanded)} records; stopped.")
+        raise typer.Exit(141) from None
     finished = time.perf_counter()
     if writer is not None:
         writer.finish()
@@ -192,6 +198,17 @@ def command(
             console.print(f"[dim]skipped (not an image file)[/] {path}", soft_wrap=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # not a real file descriptor (tests): nothing will flush to it at exit
 
 
 def stream_records(expanded: list[tuple[str, Any, str | None]], predictions) -> Any:

@@ -191,6 +191,39 @@ def test_manifests_and_parquet_are_inputs(bundle, tmp_path):
     assert by_path[f"{parquet}#row=1"] == pytest.approx(by_path[str(tmp_path / "imgs" / "img_1.jpg")], abs=1e-6)
 
 
+def _start_predict(bundle, inputs: list, max_lines: int | None = None):
+    """``roadwork predict INPUTS --format jsonl`` in a process, one image per batch; its stdout lines arrive on a queue.
+
+    With ``max_lines`` the reader closes the pipe after that many lines, as ``| head -n max_lines`` would.
+    """
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "ROADWORK_PREDICT__BATCH_SIZE": "1", "ROADWORK_PREDICT__WORKERS": "0"}
+    command = [sys.executable, "-m", "roadwork_cli", "predict", *map(str, inputs), "--bundle", str(bundle)]
+    proc = subprocess.Popen([*command, "--format", "jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    lines: queue.Queue[bytes] = queue.Queue()
+
+    def read() -> None:
+        for count, line in enumerate(proc.stdout, start=1):
+            if count == max_lines:
+                proc.stdout.close()  # before the line is handed over: the test acts on a pipe already closed
+                lines.put(line)
+                return
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, lines
+
+
+def _feed(fifo, data: bytes) -> None:
+    with open(fifo, "wb") as handle:  # opens once predict reads it
+        handle.write(data)
+
+
+def _stop(proc, fifo) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # never leaves a writer blocked on the pipe
+
+
 @pytest.mark.slow
 def test_predict_streams_records_before_the_end_of_a_long_list(bundle, tmp_path):
     """A real process: the records of the first images arrive on stdout while a later input is still unavailable.
@@ -199,24 +232,33 @@ def test_predict_streams_records_before_the_end_of_a_long_list(bundle, tmp_path)
     its output until the end could never produce them (the read would time out): synchronised by data, not by time.
     """
     images = write_images(tmp_path / "imgs", n=4)
-    gate = tmp_path / "late.jpg"
-    os.mkfifo(gate)
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "ROADWORK_PREDICT__BATCH_SIZE": "1", "ROADWORK_PREDICT__WORKERS": "0"}
-    command = [sys.executable, "-m", "roadwork_cli", "predict", *map(str, images), str(gate), "--bundle", str(bundle)]
-    proc = subprocess.Popen([*command, "--format", "jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    lines: queue.Queue[bytes] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    late = tmp_path / "late.jpg"
+    os.mkfifo(late)
+    proc, lines = _start_predict(bundle, [*images, late])
     try:
         first = [json.loads(lines.get(timeout=120)) for _ in images]  # a time-out here means: no streaming
         assert [r["path"] for r in first] == [str(p) for p in images]
         assert proc.poll() is None  # still waiting for the last input
-        with open(gate, "wb") as handle:  # opens once predict reads it
-            handle.write(images[0].read_bytes())
+        _feed(late, images[0].read_bytes())
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
         last = json.loads(lines.get(timeout=10))
-        assert last["path"] == str(gate) and last["p_roadwork"] == first[0]["p_roadwork"]
+        assert last["path"] == str(late) and last["p_roadwork"] == first[0]["p_roadwork"]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            fd = os.open(gate, os.O_RDWR | os.O_NONBLOCK)  # never leaves a writer blocked on the pipe
-            os.close(fd)
+        _stop(proc, late)
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_stops_predict_quietly(bundle, tmp_path):
+    """``roadwork predict ... | head -1``: the next record meets a closed pipe; predict stops without a traceback."""
+    images = write_images(tmp_path / "imgs", n=1)
+    late = tmp_path / "late.jpg"
+    os.mkfifo(late)
+    proc, lines = _start_predict(bundle, [*images, late], max_lines=1)
+    try:
+        assert json.loads(lines.get(timeout=120))["path"] == str(images[0])
+        _feed(late, images[0].read_bytes())  # only now is the second record computed, after the pipe was closed
+        assert proc.wait(timeout=120) == 141
+        stderr = proc.stderr.read().decode()
+        assert "stdout was closed after 1 of 2 records" in stderr and "Traceback" not in stderr
+    finally:
+        _stop(proc, late)
