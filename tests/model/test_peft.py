@@ -1,0 +1,274 @@
+"""Adapters: target resolution, LoRA/DoRA through peft, DoRAN == DoRA in its limit, merging, frozen BatchNorm."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from roadwork_cli.config import PeftSettings
+from roadwork_cli.errors import UsageError
+from roadwork_cli.model.backbones import create_backbone
+from roadwork_cli.model.peft import (
+    DoranGenerator,
+    DoranLinear,
+    apply_adapters,
+    create_adapter,
+    list_adapter_methods,
+    merge_adapters,
+    resolve_target_modules,
+)
+
+
+@pytest.fixture(scope="module")
+def hf_dinov3_dir(tmp_path_factory):
+    """A tiny transformers DINOv3 ViT saved locally, loaded as ``hf:<dir>``."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    path = tmp_path_factory.mktemp("hf_dinov3")
+    config = DINOv3ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16
+    )
+    torch.manual_seed(0)
+    DINOv3ViTModel(config).eval().save_pretrained(path)
+    return path
+
+
+def _backbone(name: str, hf_dir=None):
+    if name == "hf":
+        return create_backbone(f"hf:{hf_dir}")
+    if name == "efficientnet_lite0":
+        return create_backbone(name, image_size=64)  # a conv net takes any size; 64 px keeps the test fast
+    backbone = create_backbone(name)
+    if name == "tiny_dinov3":
+        # Random-init layer scale (1e-5) hides every change inside the blocks; trained DINOv3 scales are O(0.1-1).
+        with torch.no_grad():
+            for parameter_name, parameter in backbone.model.named_parameters():
+                if ".gamma_" in parameter_name:
+                    parameter.fill_(1.0)
+    return backbone
+
+
+def _images(backbone, n: int = 4, seed: int = 0) -> torch.Tensor:
+    size = backbone.preprocessing.size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb_adapters(module: nn.Module, scale: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable tensor away from its initialisation (LoRA's B starts at zero, hiding bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def test_registry_lists_the_methods():
+    assert list_adapter_methods() == ["dora", "doran", "lora"]
+    with pytest.raises(UsageError, match="Unknown adapter method"):
+        create_adapter("ia3", nn.Linear(2, 2), [], PeftSettings())
+
+
+# ----------------------------------------------------------------------------------------------------------- targets
+
+
+def test_default_targets_per_family(hf_dinov3_dir):
+    vit = resolve_target_modules(create_backbone("tiny_vit"), None)
+    assert vit == [f"blocks.{i}.{m}" for i in (0, 1) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert resolve_target_modules(create_backbone("tiny_dinov3"), None) == vit
+    hf = resolve_target_modules(create_backbone(f"hf:{hf_dinov3_dir}"), None)
+    assert sorted(hf) == sorted(
+        f"model.layer.{i}.{m}"
+        for i in (0, 1)
+        for m in ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj")
+        + ("mlp.up_proj", "mlp.down_proj")
+    )
+
+
+def test_efficientnet_default_targets_are_exactly_its_pointwise_convolutions():
+    network = create_backbone("efficientnet_lite0", image_size=64).model
+    targets = resolve_target_modules(network, None)
+    pointwise = [
+        name
+        for name, module in network.named_modules()
+        if type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+    ]
+    assert targets == pointwise and "conv_head" in targets and len(targets) == 32  # 1 + 2 x 15 blocks + head
+
+
+def test_suffixes_never_reach_layers_outside_blocks():
+    network = create_backbone("tiny_vit").model
+    assert resolve_target_modules(network, ["proj"]) == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+    assert resolve_target_modules(network, ["patch_embed.proj"]) == ["patch_embed.proj"]
+
+
+def test_unknown_target_modules_are_a_usage_error_listing_candidates():
+    backbone = create_backbone("tiny_vit")
+    with pytest.raises(UsageError, match=r"'q_proj' matches no Linear or Conv2d.*Candidates: .*fc1.*qkv") as info:
+        apply_adapters(backbone, PeftSettings(method="lora", target_modules=["qkv", "q_proj"]))
+    assert "patch_embed.proj" in str(info.value)
+    assert not any(p.requires_grad for p in backbone.parameters())  # nothing was injected
+
+
+def test_no_default_targets_for_an_unknown_family():
+    with pytest.raises(UsageError, match=r"no default set of adapter target layers.*target_modules.*'?0"):
+        apply_adapters(nn.Sequential(nn.Linear(3, 3)), PeftSettings(method="lora"))
+
+
+# -------------------------------------------------------------------------------------------------------------- DoRAN
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "hf"])
+def test_doran_without_stabiliser_and_generator_equals_peft_dora(name, hf_dinov3_dir):
+    """Same A, B and m: DoRAN with softplus(theta) -> 0 and fixed factors computes what peft's DoRA computes."""
+    dora = apply_adapters(_backbone(name, hf_dinov3_dir), PeftSettings(method="dora", rank=4, dropout=0.0))
+    doran = apply_adapters(
+        _backbone(name, hf_dinov3_dir),
+        PeftSettings(method="doran", rank=4, dropout=0.0, doran_stabilizer=False, doran_generator_hidden=0),
+    )
+    _perturb_adapters(dora.model, scale=0.2)
+    copied = 0
+    with torch.no_grad():
+        for module_name, layer in doran.model.named_modules():
+            if isinstance(layer, DoranLinear):
+                assert layer.theta is None and layer.factors()[0] is layer.seed_a
+                reference = dora.model.get_submodule(module_name)
+                layer.seed_a.copy_(reference.lora_A["default"].weight)
+                layer.seed_b.copy_(reference.lora_B["default"].weight)
+                layer.magnitude.copy_(reference.lora_magnitude_vector["default"].weight)
+                copied += 1
+    assert copied == 8 if name == "tiny_vit" else copied == 12
+    x = _images(dora, n=3)
+    dora.eval()
+    doran.eval()
+    with torch.no_grad():
+        expected, got = dora(x), doran(x)
+    difference = (got - expected).abs().max().item()
+    print(f"max |DoRAN - DoRA| on {name}: {difference:.3e}")
+    assert difference <= 1e-5
+    # The comparison is not vacuous: the perturbed adapters move the features well away from the base model's.
+    with torch.no_grad():
+        base = _backbone(name, hf_dinov3_dir)(x)
+    assert (expected - base).abs().max().item() > 1e-2
+
+
+def test_doran_starts_as_the_base_layer_and_trains_every_part():
+    base = create_backbone("tiny_vit")
+    x = _images(base)
+    with torch.no_grad():
+        reference = base(x)
+    adapted = apply_adapters(create_backbone("tiny_vit"), PeftSettings(method="doran", rank=4))
+    adapted.eval()
+    with torch.no_grad():
+        assert (adapted(x) - reference).abs().max().item() <= 1e-5
+    # One generator per block, shared by that block's projections (qkv, proj, fc1, fc2).
+    for index in (0, 1):
+        block = adapted.model.blocks[index]
+        generator = block.doran_generator
+        assert isinstance(generator, DoranGenerator)
+        for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            assert isinstance(layer, DoranLinear) and layer._generator[0] is generator
+    assert adapted.model.blocks[0].doran_generator is not adapted.model.blocks[1].doran_generator
+    _perturb_adapters(adapted.model)
+    adapted.train()
+    adapted(x).pow(2).mean().backward()
+    trainable = {n: p for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), [
+        n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0
+    ]
+    assert any(".theta" in n for n in trainable) and any("doran_generator.a_out" in n for n in trainable)
+
+
+def test_doran_falls_back_to_dora_with_one_warning_naming_the_layers():
+    backbone = create_backbone("tiny_vit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_adapters(backbone, PeftSettings(method="doran", rank=4, target_modules=["qkv", "patch_embed.proj"]))
+    ours = [w for w in caught if "DoRAN" in str(w.message)]
+    assert len(ours) == 1 and "patch_embed.proj" in str(ours[0].message) and "qkv" not in str(ours[0].message)
+    assert isinstance(backbone.model.blocks[0].attn.qkv, DoranLinear)
+    assert hasattr(backbone.model.patch_embed.proj, "lora_magnitude_vector")  # peft's DoRA on the Conv2d
+
+
+# ------------------------------------------------------------------------------------------------------------- merge
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("tiny_vit", "lora"), ("tiny_vit", "dora"), ("tiny_vit", "doran"), ("hf", "doran"), ("tiny_dinov3", "doran")],
+)
+def test_merge_gives_plain_weights_with_the_same_outputs(name, method, hf_dinov3_dir):
+    backbone = _backbone(name, hf_dinov3_dir)
+    base_keys, base_fingerprint = set(backbone.model.state_dict()), backbone.fingerprint
+    apply_adapters(backbone, PeftSettings(method=method, rank=4))
+    _perturb_adapters(backbone.model)
+    backbone.eval()
+    x = _images(backbone)
+    with torch.no_grad():
+        adapted = backbone(x)
+    merged = merge_adapters(backbone)
+    with torch.no_grad():
+        difference = (merged(x) - adapted).abs().max().item()
+    assert difference <= 1e-5
+    state = merged.model.state_dict()
+    assert set(state) == base_keys
+    save_safetensors({k: v.contiguous() for k, v in state.items()})  # no shared tensors, nothing but plain weights
+    assert not any(p.requires_grad for p in merged.parameters()) and merged.frozen
+    assert merged.fingerprint != base_fingerprint
+    assert not any(isinstance(m, DoranLinear | DoranGenerator) for m in merged.modules())
+
+
+# --------------------------------------------------------------------------------------------- training behaviour
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("tiny_vit", "lora"),
+        ("tiny_vit", "doran"),
+        ("tiny_dinov3", "dora"),
+        ("tiny_dinov3", "doran"),
+        ("hf", "doran"),
+        ("hf", "lora"),
+        ("efficientnet_lite0", "dora"),
+    ],
+)
+def test_adapters_lower_a_loss_in_a_few_steps(name, method, hf_dinov3_dir):
+    """Only the adapters train (features regressed onto fixed random targets); BatchNorm statistics never move."""
+    backbone = apply_adapters(_backbone(name, hf_dinov3_dir), PeftSettings(method=method, rank=4, dropout=0.1))
+    frozen_before = {k: v.clone() for k, v in backbone.model.state_dict().items() if "running_" in k}
+    x = _images(backbone, n=8)
+    targets = torch.randn(8, backbone.feature_dim, generator=torch.Generator().manual_seed(2))
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    assert trainable and len(trainable) < len(list(backbone.parameters()))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+
+    def loss() -> torch.Tensor:
+        return nn.functional.mse_loss(backbone(x), targets)
+
+    backbone.train()
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert backbone.model.training  # adapters' dropout follows train()
+    norms = [m for m in backbone.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(not m.training for m in norms)
+    for key, before in frozen_before.items():
+        torch.testing.assert_close(backbone.model.state_dict()[key], before, rtol=0, atol=0)
+    backbone.eval()
+    with torch.no_grad():
+        final = loss().item()
+    assert final < 0.9 * losses[0], (losses, final)
+
+
+def test_method_none_leaves_the_backbone_frozen():
+    backbone = create_backbone("tiny_vit")
+    assert apply_adapters(backbone, PeftSettings(method="none")) is backbone
+    assert backbone.frozen and not any(p.requires_grad for p in backbone.parameters())
