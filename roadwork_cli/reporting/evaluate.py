@@ -1,12 +1,17 @@
 """Evaluation of calibrated stage 1 on a split (or any scores CSV): metrics, the guarantee check, plots, HTML.
 
 Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training, or ``score_source`` output) plus the
-calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.stage1.score_source``) for scores.
+calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.scoring.score_source``) for scores; its
+report goes beside the test split's, to ``eval/source-<slug>/report.json``.
+
+``guarantee.satisfied`` says whether the observed rates on this data meet the targets; ``guarantee.certified`` says
+whether calibration certified them. Only a certified run is ever shown as having a guarantee.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +22,13 @@ from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.calibration.scaling import softmax_response
 from roadwork_cli.calibration.stats import clopper_pearson_lower, clopper_pearson_upper
 from roadwork_cli.errors import NotBuiltError, UsageError
-from roadwork_cli.io.atomic import atomic_write_json
+from roadwork_cli.io.atomic import atomic_write_json, json_safe
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics import classification as cm
 from roadwork_cli.metrics import selective as sm
+from roadwork_cli.reporting.tables import describe_operating_point, guarantee_verdict
 
 ECE_BINS = 15
-
-
-def _finite(value: float) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
@@ -45,6 +46,7 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     predictions = (decisions == "roadwork").astype(int)
     single = (p >= 0.5).astype(int)
     params = rule.params
+    certified = params.get("certified") or {}
     targets = params.get("targets", {})
     alpha = float(targets.get("alpha", float("nan")))
     delta = float(targets.get("delta", float("nan")))
@@ -72,24 +74,29 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
         "n_pos": int(labels.sum()),
         "accuracy": cm.accuracy(labels, single),
         "mcc": cm.mcc(labels, single),
-        "auroc": _finite(cm.auroc(labels, p)),
+        "auroc": (cm.auroc(labels, p)),
         "ece": cm.ece(labels, p, ECE_BINS),
         "brier": cm.brier(labels, p),
         "nll": cm.nll(labels, p),
         "coverage": cov,
-        "accuracy_on_exits": _finite(sm.accuracy_on_exits(labels, predictions, exits)),
-        "fnr_on_exits": _finite(fnr),
-        "fpr_on_exits": _finite(sm.fpr_on_exits(labels, predictions, exits)),
+        "accuracy_on_exits": (sm.accuracy_on_exits(labels, predictions, exits)),
+        "fnr_on_exits": (fnr),
+        "fpr_on_exits": (sm.fpr_on_exits(labels, predictions, exits)),
         "mcc_on_exits": cm.mcc(labels[exits], predictions[exits]) if n_exit else None,
         "risk_at_coverage": sm.risk_at_coverage(g, losses, xi) if math.isfinite(xi) else None,
         "coverage_at_risk": sm.coverage_at_risk(g, losses, alpha) if math.isfinite(alpha) else None,
-        "selective_targets": {"coverage": _finite(xi), "risk": _finite(alpha)},
+        "selective_targets": {"coverage": (xi), "risk": (alpha)},
         "avg_set_size": avg_set,
         "aurc": sm.aurc(g, losses),
         "e_aurc": sm.e_aurc(g, losses),
         "aurc_gate": sm.aurc(gate_calibrated, losses),
         "aurc_softmax_response": sm.aurc(softmax_response(p), losses),
         "decisions": {d: int(np.sum(decisions == d)) for d in ("roadwork", "no_roadwork", "defer")},
+        "decision_counts": {
+            d: {"roadwork": int(np.sum((decisions == d) & (labels == 1))),
+                "no_roadwork": int(np.sum((decisions == d) & (labels == 0)))}
+            for d in ("roadwork", "no_roadwork", "defer")
+        },  # fmt: skip
         "thresholds": dict(params.get("thresholds", {})),
         "calibration": {
             "method": params.get("method"),
@@ -98,14 +105,18 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
             # The band rule decides on p alone; the selection score then only ranks the risk-coverage curve.
             "gate_score": rule.gate_score if rule.rule == "gate" else None,
             "selection_score": rule.gate_score,
-            "feasible": params.get("feasible"),
-            "certified_fnr_upper": params.get("certified", {}).get("fnr_upper"),
-            "certified_coverage_lower": params.get("certified", {}).get("coverage_lower"),
+            "feasible": rule.feasible,
+            "certified": rule.certified,
+            "infeasible_decisions": "defer" if rule.defers_everything else None,
+            # A Clopper-Pearson bound at the tau calibration picked: pointwise, not part of the certificate.
+            "fnr_upper_pointwise": certified.get("fnr_upper_pointwise", certified.get("fnr_upper")),
+            "certified_coverage_lower": certified.get("coverage_lower"),
         },
         "guarantee": {
-            "alpha": _finite(alpha),
-            "delta": _finite(delta),
-            "xi": _finite(xi),
+            "alpha": (alpha),
+            "delta": (delta),
+            "xi": (xi),
+            "certified": rule.certified,
             "satisfied": bool(fnr_ok and cov >= xi),
             "fnr_satisfied": bool(fnr_ok),
             "coverage_satisfied": bool(cov >= xi),
@@ -115,7 +126,9 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
             "misses": k,
         },
     }
-    return report
+    report["guarantee"]["verdict"] = guarantee_verdict(report["guarantee"])
+    report["summary"] = describe_operating_point(report)
+    return json_safe(report)
 
 
 def _plots_and_html(
@@ -126,12 +139,13 @@ def _plots_and_html(
     p, g = rule.calibrate(table.p, table.gate)
     tau = rule.tau if rule.tau is not None else 0.5
     losses = ((p >= tau).astype(int) != table.label).astype(float)
+    exits_something = report["accuracy_on_exits"] is not None
     written = {
         "risk_coverage": plots.plot_risk_coverage(
             out_dir / "risk_coverage.png",
-            {"selection score": g, "softmax response": softmax_response(p)},
+            {f"selection score ({rule.gate_score})": g, "softmax response max(p, 1 - p)": softmax_response(p)},
             losses,
-            operating_point=(report["coverage"], 1.0 - (report["accuracy_on_exits"] or 0.0)),
+            operating_point=(report["coverage"], 1.0 - report["accuracy_on_exits"]) if exits_something else None,
             xi=report["guarantee"]["xi"],
         ),
         "reliability": plots.plot_reliability(out_dir / "reliability.png", table.label, p),
@@ -210,18 +224,34 @@ def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -
     return _evaluate(table, rule, run.report, run, {"split": split, "scores": str(scores)})
 
 
+def source_slug(source: str) -> str:
+    """A folder name for a data source: its last path part, with anything but [A-Za-z0-9._-] replaced by '-'."""
+    name = Path(source.rstrip("/")).name or source
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "source"
+
+
+def source_report_path(run: RunDir, source: str) -> Path:
+    """Where ``evaluate --source`` writes its report: ``eval/source-<slug>/report.json``."""
+    return run.eval / f"source-{source_slug(source)}" / "report.json"
+
+
 def evaluate_source(run: RunDir | str | Path, source: str, settings) -> dict[str, Any]:
-    """Score any data source with the run's model (``stage1.score_source``) and evaluate those scores."""
+    """Score any data source with the run's model (``scoring.score_source``) and evaluate those scores.
+
+    Writes ``eval/source-<slug>/report.json`` (with its scores, plots and HTML), beside the test split's report.
+    """
     run = run if isinstance(run, RunDir) else RunDir(run)
     try:
         from roadwork_cli.scoring import score_source
     except ImportError:
-        raise NotBuiltError("Evaluating a --source needs roadwork_cli.stage1.score_source, not built yet.") from None
+        raise NotBuiltError("Evaluating a --source needs roadwork_cli.scoring.score_source, not built yet.") from None
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
-    scores = run.eval / "source_scores.csv"
+    report_path = source_report_path(run, source)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    scores = report_path.parent / "scores.csv"
     score_source(run, source, settings, scores)
     table = read_scores_csv(scores)
-    return _evaluate(table, rule, run.report, run, {"split": None, "source": source, "scores": str(scores)})
+    return _evaluate(table, rule, report_path, run, {"split": None, "source": source, "scores": str(scores)})
 
 
 def evaluate_scores(

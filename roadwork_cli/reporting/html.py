@@ -1,4 +1,6 @@
-"""A self-contained HTML report: the metrics beside their targets, with every plot embedded as base64 PNG."""
+"""A self-contained HTML report: the operating point in words, the guarantee as certified, decision counts, metrics
+beside their targets, a glossary, and every plot embedded as base64 PNG with a caption.
+"""
 
 from __future__ import annotations
 
@@ -9,59 +11,129 @@ from pathlib import Path
 from typing import Any
 
 from roadwork_cli.io.atomic import atomic_write_text
+from roadwork_cli.reporting.tables import (
+    GLOSSARY,
+    NO_GUARANTEE,
+    decision_rows,
+    describe_operating_point,
+    format_value,
+    guarantee_verdict,
+    metric_rows,
+    rule_in_words,
+)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: 4px 10px; }
 th { background: #f4f4f4; text-align: left; } .ok { color: #137333; font-weight: bold; }
-.bad { color: #b3261e; font-weight: bold; } img { max-width: 100%; margin: 0.5em 0; }
+.bad { color: #b3261e; font-weight: bold; } .none { color: #8a5300; font-weight: bold; }
+img { max-width: 100%; margin: 0.5em 0; } figcaption { color: #555; font-size: 0.9em; max-width: 60em; }
+dt { font-weight: bold; } dd { margin: 0 0 0.4em 1.5em; }
 """
+
+_FIGURES = {
+    "risk_coverage": (
+        "Risk-coverage curves",
+        "Error on exits if only the images with the highest score exited, for every exit rate: solid blue = the "
+        "selection score stage 1 uses, dashed orange = max(p, 1 - p). A lower curve ranks right decisions first "
+        "(smaller AURC). The red star is stage 1's actual operating point (its exit rate and error on exits under "
+        "the calibrated rule); it sits off the curves when the rule does not exit a top-k set of one score, as with "
+        "the band rule. The grey dashed line is the coverage target.",
+    ),
+    "reliability": (
+        "Reliability diagram",
+        "Observed roadwork rate per bin of calibrated p; on the diagonal, p means what it says.",
+    ),
+    "histograms": (
+        "Score histograms per class",
+        "Calibrated p and the selection score per true class, with the rule's thresholds marked.",
+    ),
+    "examples": (
+        "Examples: missed roadwork, false alarms, deferred",
+        "The most confident mistakes and the least confident deferrals; p and g to 4 significant digits.",
+    ),
+}
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return html.escape(str(value))
+    return html.escape(format_value(value))
 
 
-def _image(path: Path, title: str) -> str:
+def _figure(path: Path, name: str) -> str:
+    title, caption = _FIGURES[name]
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<h2>{html.escape(title)}</h2>\n<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+    image = f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+    return f"<figure><h2>{html.escape(title)}</h2>\n{image}\n<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def _badge(guarantee: dict[str, Any]) -> str:
+    verdict = guarantee_verdict(guarantee)
+    css = "none" if verdict == NO_GUARANTEE else ("ok" if guarantee.get("satisfied") else "bad")
+    return f'<span class="{css}">{html.escape(verdict.capitalize())}</span>'
+
+
+def _headline(report: dict[str, Any]) -> str:
+    guarantee = report.get("guarantee", {})
+    where = f" from {html.escape(str(report.get('split') or report.get('source')))}" if (
+        report.get("split") or report.get("source")) else ""  # fmt: skip
+    targets = (f"FNR on exits &le; {_fmt(guarantee.get('alpha'))} and coverage &ge; {_fmt(guarantee.get('xi'))} "
+               f"with probability &ge; 1 &minus; {_fmt(guarantee.get('delta'))}")  # fmt: skip
+    return (
+        f'<p class="headline">{html.escape(describe_operating_point(report))}</p>\n'
+        f"<p>{report.get('n')} images{where}. Guarantee ({targets}): {_badge(guarantee)}</p>"
+    )
+
+
+def _calibration_table(report: dict[str, Any]) -> str:
+    calibration = report.get("calibration", {})
+    thresholds = report.get("thresholds", {})
+    rows = [
+        ("rule", rule_in_words(thresholds, calibration.get("selection_score"))),
+        ("lambda / tau / b", " / ".join(format_value(thresholds.get(k)) for k in ("lambda", "tau", "b"))),
+        ("method", calibration.get("method")),
+        ("calibration feasible", calibration.get("feasible")),
+        ("guarantee", guarantee_verdict(report.get("guarantee", {}))),
+        ("FNR upper bound at the chosen tau (pointwise CP, val_calib)", calibration.get("fnr_upper_pointwise")),
+        ("coverage lower bound (DKW, val_calib)", calibration.get("certified_coverage_lower")),
+    ]
+    body = "\n".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows)
+    return f"<h2>Thresholds and calibration</h2>\n<table>{body}</table>"
+
+
+def _decision_table(report: dict[str, Any]) -> str:
+    body = "\n".join(
+        f"<tr><td>{html.escape(d)}</td><td>{pos}</td><td>{neg}</td><td>{pos + neg}</td><td>{share}</td></tr>"
+        for d, pos, neg, share in decision_rows(report)
+    )
+    return ("<h2>Decisions</h2>\n<table><tr><th>decision</th><th>true roadwork</th><th>true no_roadwork</th>"
+            f"<th>images</th><th>share</th></tr>\n{body}</table>")  # fmt: skip
 
 
 def render_report_html(report: dict[str, Any], images: dict[str, Path]) -> str:
     """The HTML text of the report (no external resources)."""
-    from roadwork_cli.reporting.tables import metric_rows
-
-    guarantee = report.get("guarantee", {})
-    verdict = guarantee.get("satisfied")
-    badge = '<span class="ok">satisfied</span>' if verdict else '<span class="bad">NOT satisfied</span>'
-    rows = "\n".join(
+    metrics = "\n".join(
         f"<tr><td>{html.escape(name)}</td><td>{_fmt(value)}</td><td>{_fmt(target)}</td></tr>"
         for name, value, target in metric_rows(report)
     )
-    titles = {
-        "risk_coverage": "Risk-coverage curve",
-        "reliability": "Reliability diagram",
-        "histograms": "Score histograms per class",
-        "examples": "Examples: missed roadwork, false alarms, deferred",
-    }
-    figures = "\n".join(_image(path, titles.get(name, name)) for name, path in images.items() if name in titles)
+    glossary = "\n".join(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>" for term, text in GLOSSARY)
+    figures = "\n".join(_figure(path, name) for name, path in images.items() if name in _FIGURES)
     raw = html.escape(json.dumps(report, indent=2, sort_keys=True, default=str))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>roadwork evaluation</title><style>{_STYLE}</style></head>
 <body>
 <h1>roadwork stage-1 evaluation</h1>
-<p>{report.get("n")} images{" from " + html.escape(str(report["split"])) if report.get("split") else ""}.
-Guarantee (FNR on exits &le; {_fmt(guarantee.get("alpha"))}, coverage &ge; {_fmt(guarantee.get("xi"))}): {badge}</p>
+{_headline(report)}
+{_decision_table(report)}
+{_calibration_table(report)}
+<h2>Metrics</h2>
 <table><tr><th>metric</th><th>result</th><th>target</th></tr>
-{rows}
+{metrics}
 </table>
 {figures}
+<h2>Glossary</h2>
+<dl>
+{glossary}
+</dl>
 <details><summary>report.json</summary><pre>{raw}</pre></details>
 </body></html>
 """

@@ -37,16 +37,30 @@ def plot_risk_coverage(
     operating_point: tuple[float, float] | None = None,
     xi: float | None = None,
 ) -> Path:
-    """Risk-coverage curves of one or more selection scores, with the chosen operating point and the target xi."""
+    """Risk-coverage curves of one or more selection scores, with the chosen operating point and the target xi.
+
+    The operating point is the rule's actual exit rate and error on exits; it lies on a curve only when the rule
+    exits a top-k set of that curve's score (the band rule, or a gate rule whose tau differs from the curve's
+    decision, need not).
+    """
     from roadwork_cli.metrics.selective import aurc, risk_coverage_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, score in scores.items():
+    # Curves often overlap (the gate may be nearly max(p, 1 - p)): colour, dash, width and markers tell them apart.
+    styles = (
+        {"color": "tab:blue", "linestyle": "-", "linewidth": 2.2, "marker": "o"},
+        {"color": "tab:orange", "linestyle": "--", "linewidth": 1.4, "marker": "s"},
+        {"color": "tab:green", "linestyle": ":", "linewidth": 1.4, "marker": "^"},
+    )
+    for (name, score), style in zip(scores.items(), styles * len(scores), strict=False):
         curve = risk_coverage_curve(score, losses)
-        ax.step(curve.coverage, curve.risk, where="post", label=f"{name} (AURC {aurc(score, losses):.4f})")
+        every = max(curve.coverage.size // 8, 1)
+        ax.step(curve.coverage, curve.risk, where="post", markevery=every, markersize=5, fillstyle="none",
+                label=f"{name} (AURC {aurc(score, losses):.4f})", **style)  # fmt: skip
     if operating_point is not None:
-        ax.plot(*operating_point, "o", color="crimson", markersize=8, label="operating point")
+        ax.plot(*operating_point, "*", color="crimson", markersize=13, zorder=5,
+                label="stage 1's operating point (its exits)")  # fmt: skip
     if xi is not None:
         ax.axvline(xi, color="grey", linestyle="--", linewidth=1, label=f"coverage target {xi:g}")
     ax.set_xlabel("coverage (fraction exiting stage 1)")
@@ -132,5 +146,6 @@ def plot_examples(path: Path, records: list[dict[str, Any]], columns: int = 6, m
         ax.axis("off")
     for ax, (record, pixels) in zip(axes.ravel(), loaded, strict=False):
         ax.imshow(pixels)
-        ax.set_title(f"{record['kind']}\np={record['p']:.2f} g={record['g']:.2f}", fontsize=7)
+        # 4 significant digits: two images near a threshold (p = 0.0502 vs 0.0498) must not print alike.
+        ax.set_title(f"{record['kind']}\np={record['p']:.4g} g={record['g']:.4g}", fontsize=7)
     return _save(fig, Path(path))

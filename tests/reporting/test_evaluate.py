@@ -137,11 +137,13 @@ def test_tables_render(run: RunDir) -> None:
     from rich.console import Console
 
     report = evaluate_run(run, None)
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=300)
     console.print(report_table(report))
     console.print(calibration_table(json.loads(run.scrc_params.read_text())))
     text = console.export_text()
-    assert "FNR on exits" in text and "<= 0.0500" in text and "tau (roadwork iff p >= tau)" in text
+    assert "FNR on exits" in text and "<= 0.0500" in text and "then roadwork iff p >=" in text
+    assert "certified: FNR on exits <= 0.05, coverage >= 0.7" in text
+    assert "Stage 1 exits" in text  # the operating point in words, as the table's caption
 
 
 def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypatch) -> None:
@@ -157,11 +159,16 @@ def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypa
         p, g, y = synthetic_scores(300, 11)
         return write_csv(Path(out_csv), [f"s{i}" for i in range(300)], p, g, y)
 
-    monkeypatch.setitem(sys.modules, "roadwork_cli.stage1", types.SimpleNamespace(score_source=fake_score_source))
+    monkeypatch.setitem(sys.modules, "roadwork_cli.scoring", types.SimpleNamespace(score_source=fake_score_source))
+    test_report = evaluate_run(run, None, split="test")
     report = evaluate_source(run, "synthetic:300", None)
     assert calls == ["synthetic:300"]
     assert report["n"] == 300 and report["source"] == "synthetic:300"
-    assert json.loads(run.report.read_text())["source"] == "synthetic:300"
+    beside = run.eval / "source-synthetic-300"
+    assert json.loads((beside / "report.json").read_text())["source"] == "synthetic:300"
+    assert (beside / "report.html").exists() and (beside / "scores.csv").exists()
+    # The test split's report stays where the contract puts it, untouched.
+    assert json.loads(run.report.read_text()) == json.loads(json.dumps(test_report))
 
 
 def test_evaluate_source_without_the_model_layer_is_not_built(run: RunDir, monkeypatch) -> None:
@@ -170,6 +177,64 @@ def test_evaluate_source_without_the_model_layer_is_not_built(run: RunDir, monke
     from roadwork_cli.errors import NotBuiltError
     from roadwork_cli.reporting.evaluate import evaluate_source
 
-    monkeypatch.setitem(sys.modules, "roadwork_cli.stage1", None)  # import fails as if the module were missing
+    monkeypatch.setitem(sys.modules, "roadwork_cli.scoring", None)  # import fails as if the module were missing
     with pytest.raises(NotBuiltError):
         evaluate_source(run, "synthetic:4", None)
+
+
+def _visible(html_text: str) -> str:
+    """The HTML's verdicts: without the glossary (which defines "certified" and "satisfied") and the embedded
+    report.json (whose keys are named so)."""
+    return html_text.split("<h2>Glossary</h2>")[0]
+
+
+def test_html_says_what_stage1_does_explains_terms_and_counts_decisions(run: RunDir) -> None:
+    import re
+
+    from roadwork_cli.reporting.tables import GLOSSARY
+
+    report = evaluate_run(run, None, split="test")
+    page = _visible((run.eval / "report.html").read_text())
+    counts = report["decisions"]
+    exits = counts["roadwork"] + counts["no_roadwork"]
+    sentence = re.search(r'<p class="headline">(.*?)</p>', page).group(1)
+    assert f"exits {100 * exits / report['n']:.1f} %" in sentence and f"defers {counts['defer']}" in sentence
+    assert f"p &gt;= {report['thresholds']['tau']:.4g}" in sentence  # the threshold, in the same sentence
+    full = (run.eval / "report.html").read_text()
+    for term, _ in GLOSSARY:
+        assert f"<dt>{term}</dt>" in full
+    for decision, by_label in report["decision_counts"].items():
+        row = f"<td>{decision}</td><td>{by_label['roadwork']}</td><td>{by_label['no_roadwork']}</td>"
+        assert row in page
+        assert by_label["roadwork"] + by_label["no_roadwork"] == counts[decision]
+    assert "Certified; satisfied on this data" in page or "Certified, but NOT satisfied" in page
+    assert "operating point" in page and "<figcaption>" in page
+
+
+def test_uncertified_run_is_never_called_satisfied_or_certified(run: RunDir) -> None:
+    from rich.console import Console
+
+    hard = SETTINGS.model_copy(update={"fnr": 0.0005, "coverage": 0.95, "allow_infeasible": True})
+    calibrate_run(run, hard)
+    report = evaluate_run(run, None, split="test")
+    assert report["guarantee"]["certified"] is False
+    assert report["guarantee"]["verdict"] == "no guarantee (targets not certified)"
+    assert report["decisions"]["defer"] == report["n"]  # the safe default: an uncertified run defers everything
+    assert report["guarantee"]["satisfied"] is False
+    page = _visible((run.eval / "report.html").read_text())
+    console = Console(record=True, width=300)
+    console.print(report_table(report))
+    console.print(calibration_table(json.loads(run.scrc_params.read_text())))
+    for text in (page, console.export_text()):
+        assert "no guarantee (targets not certified)" in text.lower()
+        assert "satisfied" not in text.lower()
+        # "certified" only ever appears negated.
+        assert text.lower().count("certified") == text.lower().count("not certified") + text.lower().count(
+            "uncertified"
+        )
+    # With the fallback thresholds the observed rates may meet the targets, yet nothing says "satisfied".
+    calibrate_run(run, hard.model_copy(update={"infeasible_decisions": "fallback", "coverage": 0.5}))
+    report = evaluate_run(run, None, split="test")
+    assert report["decisions"]["defer"] < report["n"]
+    page = _visible((run.eval / "report.html").read_text())
+    assert "no guarantee (targets not certified)" in page.lower() and "satisfied" not in page.lower()
