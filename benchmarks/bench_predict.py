@@ -71,17 +71,26 @@ def bare_forward(model, batch_size: int, batches: int) -> float:
     """img/s of backbone + head on in-memory, preprocessed tensors (channels-last, inference mode)."""
     import torch
 
+    from roadwork_cli.data.decode import to_model_input
+    from roadwork_cli.model.device import autocast
+
     size = model.preprocessing.size
-    data = torch.randn(batch_size, 3, size, size)
-    model.forward_raw(data)  # warm-up: allocator, kernels
+    pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)
+    data = to_model_input(pixels, model.preprocessing, model.device, model.channels_last)  # (B, 3, S, S)
+
+    def forward():
+        with torch.inference_mode(), autocast(model.device, model.compute_dtype):
+            model.head(model.backbone(data).float())
+
+    forward()  # warm-up: allocator, kernels
     started = time.perf_counter()
     for _ in range(batches):
-        model.forward_raw(data)
+        forward()
     return batch_size * batches / (time.perf_counter() - started)
 
 
-def predict_path(model, paths: list[Path], batch_size: int, workers: int, fast_jpeg: bool) -> float:
-    model.fast_jpeg = fast_jpeg
+def predict_path(model, paths: list[Path], batch_size: int, workers: int, jpeg_draft: bool) -> float:
+    model.jpeg_draft = jpeg_draft
     model.predict(paths[: batch_size * 2], batch_size=batch_size, workers=workers)  # warm-up (worker start, caches)
     started = time.perf_counter()
     predictions = model.predict(paths, batch_size=batch_size, workers=workers)
@@ -91,14 +100,18 @@ def predict_path(model, paths: list[Path], batch_size: int, workers: int, fast_j
 
 
 def decode_ms(model, paths: list[Path]) -> dict[str, float]:
-    """Decode + resize + normalise cost per image in this process, with and without the JPEG draft decode."""
-    from roadwork_cli.stage1 import _load, jpeg_draft_size
+    """Decode + resize + crop cost per image in this process, with and without the JPEG draft decode."""
+    from dataclasses import replace
+
+    from roadwork_cli.data.decode import ImageDataset, load_input
 
     result = {}
-    for label, draft in (("draft", jpeg_draft_size(model.preprocessing)), ("full", None)):
+    for label, draft in (("draft", True), ("full", False)):
+        recipe = replace(model.recipe, jpeg_draft=draft)
+        transform = ImageDataset([], recipe).clean  # (H, W, 3) uint8; normalisation is per batch
         started = time.perf_counter()
         for path in paths:
-            model.transform(_load(path, model.max_pixels, model.max_file_bytes, draft))
+            transform(load_input(path, recipe))
         result[label] = round((time.perf_counter() - started) / len(paths) * 1000, 2)
     return result
 
@@ -128,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from roadwork_cli.stage1 import Stage1Model, export_bundle
+    from roadwork_cli.export import export_bundle
+    from roadwork_cli.stage1 import Stage1Model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         bares, fasts = [], []
         for _ in range(args.rounds):
             bares.append(bare_forward(model, args.batch_size, batches))
-            fasts.append(predict_path(model, paths, args.batch_size, args.workers, fast_jpeg=True))
+            fasts.append(predict_path(model, paths, args.batch_size, args.workers, jpeg_draft=True))
         bare, fast = float(np.median(bares)), float(np.median(fasts))
         ratios = [f / b for f, b in zip(fasts, bares, strict=True)]
         hd = make_jpegs(tmp / "hd", 16, size=(1280, 720), seed=1)

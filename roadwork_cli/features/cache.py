@@ -246,7 +246,6 @@ class CacheSummary:
     shards: int
 
 
-
 def cache_features(
     run: RunDir,
     settings: Any,
