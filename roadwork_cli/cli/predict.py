@@ -139,7 +139,12 @@ def command(
     from roadwork_cli.stage1 import load_bundle  # heavy (torch) import only once the arguments are valid
 
     apply_threads(settings)
-    model = load_bundle(bundle, device=settings.runtime.device, precision=settings.runtime.precision)
+    model = load_bundle(
+        bundle,
+        device=settings.runtime.device,
+        precision=settings.runtime.precision,
+        jpeg_draft=settings.data.jpeg_draft,  # None: decode as calibration did (the bundle's recipe)
+    )
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
     loaded = time.perf_counter()
@@ -267,6 +272,8 @@ def _summary(
     line = guarantee_line(rule)
     if line:
         console.print(line, soft_wrap=True)
+    if getattr(rule, "rule", "gate") == "band":
+        console.print(band_caption(rule).replace("column has no effect and is hidden", "has no effect"), soft_wrap=True)
     if skipped and len(skipped) > 3:
         console.print(
             "[dim]non-image files in folders are skipped; --debug lists them, and .csv/.jsonl manifests and "

@@ -142,6 +142,7 @@ def test_band_rule_table_hides_the_gate_and_says_why(fake_model):
     fake_model.rule = FakeRule(rule="band")
     result = runner.invoke(app, ["predict", "a.jpg", "--bundle", "b.tar", "--format", "jsonl"])
     assert _jsonl(result.stdout)[0]["gate"] == 0.75
+    assert "band rule: decided on p alone" in " ".join(result.output.split())  # said on stderr in every format
 
 
 def test_probability_only_prints_p_alone_and_notes_on_stderr(fake_model):
