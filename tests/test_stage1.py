@@ -168,3 +168,25 @@ def test_iter_predict_streams_in_input_order_before_reading_later_inputs(model, 
         assert (a.p_roadwork is None) == (b.p_roadwork is None)
         if a.p_roadwork is not None:
             assert a.p_roadwork == pytest.approx(b.p_roadwork, abs=1e-6)
+
+
+def test_recorded_recipe_is_followed_and_overrides_are_warned_about():
+    import warnings
+
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import SelectiveHead
+    from roadwork_cli.stage1 import Stage1Model
+
+    backbone = create_backbone("tiny_vit")
+    head = SelectiveHead(backbone.feature_dim, hidden=0, dropout=0.0)
+    recipe = {"decode": {"jpeg_draft": False, "draft_side": None}, "compute_precision": "fp32"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # following the recipe is silent
+        followed = Stage1Model(backbone, head, None, info={"recipe": recipe}, device="cpu")
+    assert followed.jpeg_draft is False and followed.compute_dtype is None
+    assert followed.recipe_record()["decode"] == {"jpeg_draft": False, "draft_side": None}
+    with pytest.warns(UserWarning, match="JPEG draft decoding: calibration used False"):
+        Stage1Model(backbone, head, None, info={"recipe": recipe}, device="cpu", jpeg_draft=True)
+    with pytest.warns(UserWarning, match="compute precision: calibration used 'fp32'"):
+        Stage1Model(backbone, head, None, info={"recipe": recipe}, device="cpu", precision="bf16")
+    assert Stage1Model(backbone, head, None, device="cpu").jpeg_draft is True  # nothing recorded: the default
