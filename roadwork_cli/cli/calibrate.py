@@ -10,9 +10,11 @@ import typer
 from roadwork_cli.cli.common import (
     ConfigOption,
     DebugOption,
+    JsonOption,
     RunOption,
     console,
     handle_errors,
+    print_json,
     require_run,
     resolve_settings,
 )
@@ -29,6 +31,7 @@ def command(
     allow_infeasible: Annotated[
         bool | None, typer.Option("--allow-infeasible", help="Exit 0 even if the targets are not attainable.")
     ] = None,
+    json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -45,7 +48,7 @@ def command(
     flags = {"fnr": fnr, "coverage": coverage, "delta": delta, "allow_infeasible": allow_infeasible}
     overrides = {"runtime": {"run": run}, "calibration": {k: v for k, v in flags.items() if v is not None}}
     settings = resolve_settings(config, overrides, write_to_run=scores is None)
-    from roadwork_cli.calibration.api import calibrate_run, calibrate_scores
+    from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, infeasible_message
     from roadwork_cli.reporting.tables import calibration_table
 
     try:
@@ -62,5 +65,9 @@ def command(
         raise
     console.print(calibration_table(result.params))
     if not result.feasible:
-        console.print(f"[yellow]warning:[/] {result.outcome.note} (written anyway: --allow-infeasible)")
+        message = infeasible_message(result, settings.calibration)
+        console.print(f"[yellow]warning: no guarantee (targets not certified).[/] {message} (written anyway: "
+                      "--allow-infeasible)")  # fmt: skip
     console.print(f"wrote {result.params_path}")
+    if json_output:
+        print_json(result.params | {"params_path": result.params_path, "scaling_path": result.scaling_path})

@@ -21,7 +21,7 @@ from roadwork_cli.calibration.api import ScoreTable, read_scores_csv
 from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.calibration.scaling import softmax_response
 from roadwork_cli.calibration.stats import clopper_pearson_lower, clopper_pearson_upper
-from roadwork_cli.errors import NotBuiltError, UsageError
+from roadwork_cli.errors import NotBuiltError, RoadworkError, UsageError
 from roadwork_cli.io.atomic import atomic_write_json, json_safe
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics import classification as cm
@@ -131,6 +131,27 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     return json_safe(report)
 
 
+def check_strict(report: dict[str, Any]) -> None:
+    """``evaluate --strict``: fail unless calibration certified the targets and this data's rates meet them.
+
+    Raises:
+        RoadworkError: Exit code 1, naming which of the two failed.
+    """
+    guarantee = report.get("guarantee") or {}
+    if not guarantee.get("certified"):
+        raise RoadworkError(
+            "--strict: no guarantee (targets not certified by calibration); re-calibrate with more val_calib data "
+            "or looser --fnr/--coverage/--delta.",
+            exit_code=1,
+        )
+    if not guarantee.get("satisfied"):
+        raise RoadworkError(
+            f"--strict: the certified targets are not met on this data (FNR on exits {report.get('fnr_on_exits')} vs "
+            f"alpha {guarantee.get('alpha')}, coverage {report.get('coverage')} vs xi {guarantee.get('xi')}).",
+            exit_code=1,
+        )
+
+
 def _plots_and_html(
     out_dir: Path, table: ScoreTable, rule: StageRule, report: dict[str, Any], examples: list[dict[str, Any]]
 ) -> dict[str, Path]:
@@ -203,6 +224,28 @@ def _evaluate(table: ScoreTable, rule: StageRule, report_path: Path, examples_ru
         report["files"] = {name: path.name for name, path in files.items()}
     except ImportError as exc:  # matplotlib missing: metrics still count
         report["files"] = {"error": f"plots skipped: {exc}"}
+    atomic_write_json(report_path, report)
+    return report
+
+
+def add_to_report(report_path: Path, additions: dict[str, Any], figures: dict[str, Path] | None = None) -> dict:
+    """Merge ``additions`` (e.g. the ``robustness`` block) into an existing report.json and render report.html again.
+
+    Args:
+        report_path: The report.json that ``evaluate_run`` wrote.
+        additions: Top-level keys to add or replace.
+        figures: Extra PNGs (name -> path beside the report) to embed in report.html.
+    """
+    from roadwork_cli.io.atomic import read_json
+    from roadwork_cli.reporting import html
+
+    report = read_json(report_path)
+    report.update(json_safe(additions))
+    out_dir = Path(report_path).parent
+    files = {name: out_dir / file for name, file in (report.get("files") or {}).items() if (out_dir / file).is_file()}
+    files.update(figures or {})
+    files["html"] = html.write_report_html(out_dir / "report.html", report, files)
+    report["files"] = {name: Path(path).name for name, path in files.items()}
     atomic_write_json(report_path, report)
     return report
 

@@ -17,6 +17,11 @@ from roadwork_cli.cli.app import app
 runner = CliRunner()
 
 
+def flat(output: str) -> str:
+    """Terminal output with rich's line wrapping undone (whitespace runs become one space)."""
+    return " ".join(output.split())
+
+
 def write_scores(path: Path, n: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.5).astype(int)
@@ -41,7 +46,7 @@ def test_calibrate_then_evaluate_scores(scores: dict[str, Path], tmp_path: Path)
     args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.05", "--coverage", "0.7"]
     result = runner.invoke(app, [*args, "--delta", "0.2"])
     assert result.exit_code == 0, result.output
-    assert "lambda" in result.output and "certified FNR upper bound" in result.output
+    assert "lambda" in result.output and "certified:" in result.output
     written = json.loads(params.read_text())
     assert written["targets"]["alpha"] == 0.05 and written["targets"]["delta"] == 0.2 and written["feasible"]
     report_path = tmp_path / "eval" / "report.json"
@@ -51,7 +56,9 @@ def test_calibrate_then_evaluate_scores(scores: dict[str, Path], tmp_path: Path)
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["n"] == 800 and report["guarantee"]["alpha"] == 0.05
-    assert "guarantee satisfied" in result.output
+    assert report["guarantee"]["certified"] is True
+    assert report["guarantee"]["verdict"].split(";")[0].split(",")[0] in result.output  # "certified"
+    assert "observed rates within" in result.output
 
 
 def test_infeasible_targets_exit_3_and_show_what_is_attainable(scores: dict[str, Path], tmp_path: Path) -> None:
@@ -65,7 +72,8 @@ def test_infeasible_targets_exit_3_and_show_what_is_attainable(scores: dict[str,
     assert json.loads(params.read_text())["feasible"] is False
     result = runner.invoke(app, [*args, "--allow-infeasible"])
     assert result.exit_code == 0, result.output
-    assert "warning" in result.output
+    assert "warning" in result.output and "no guarantee (targets not certified)" in flat(result.output)
+    assert "exited roadwork images" in flat(result.output)  # how many positives the targets need
 
 
 @pytest.mark.parametrize(
@@ -128,3 +136,47 @@ def test_scores_mode_never_imports_torch(scores: dict[str, Path], tmp_path: Path
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
     assert report.exists()
+
+
+def _evaluate_strict(scores: dict[str, Path], params: Path, tmp_path: Path, *extra: str):
+    out = tmp_path / "strict" / "report.json"
+    args = ["evaluate", "--scores", str(scores["test"]), "--params", str(params), "--out", str(out), *extra]
+    return runner.invoke(app, args), out
+
+
+def test_evaluate_strict_fails_without_a_certified_guarantee(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params)]
+    result = runner.invoke(app, [*args, "--fnr", "0.0005", "--coverage", "0.95", "--allow-infeasible"])
+    assert result.exit_code == 0, result.output
+    result, out = _evaluate_strict(scores, params, tmp_path)
+    assert result.exit_code == 0, result.output  # without --strict the report is just written
+    assert "no guarantee (targets not certified)" in flat(result.output) and "satisfied" not in result.output
+    result, out = _evaluate_strict(scores, params, tmp_path, "--strict")
+    assert result.exit_code == 1, result.output
+    assert "not certified" in flat(result.output) and "Traceback" not in result.output
+    assert json.loads(out.read_text())["guarantee"]["certified"] is False  # written before failing
+
+
+def test_evaluate_strict_passes_when_certified_and_met_and_fails_when_missed(
+    scores: dict[str, Path], tmp_path: Path
+) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.05", "--coverage", "0.7"]
+    assert runner.invoke(app, args).exit_code == 0
+    result, out = _evaluate_strict(scores, params, tmp_path, "--strict")
+    guarantee = json.loads(out.read_text())["guarantee"]
+    assert guarantee["certified"] is True
+    assert result.exit_code == (0 if guarantee["satisfied"] else 1), result.output
+    # The same certified params on data the model gets wrong (labels flipped): certified, but not met -> exit 1.
+    flipped = tmp_path / "flipped.csv"
+    rows = scores["test"].read_text().splitlines()
+    header = rows[0].split(",")
+    label = header.index("label")
+    lines = [rows[0]] + [",".join(f if i != label else str(1 - int(f)) for i, f in enumerate(r.split(",")))
+                         for r in rows[1:]]  # fmt: skip
+    flipped.write_text("\n".join(lines) + "\n")
+    result, out = _evaluate_strict({"test": flipped}, params, tmp_path, "--strict")
+    assert result.exit_code == 1, result.output
+    assert "not met on this data" in flat(result.output)
+    assert json.loads(out.read_text())["guarantee"]["satisfied"] is False
