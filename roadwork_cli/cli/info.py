@@ -97,14 +97,19 @@ def info_table(info: dict[str, Any]):
         ("backbone", f"{model['backbone']} ({model['fingerprint']})"),
         ("feature dim", str(model["feature_dim"])),
         ("head", ", ".join(f"{k}={v}" for k, v in (model["head"] or {}).items())),
-        ("calibration", f"{cal['method']}, selection score {cal['gate_score']}"),
+        ("calibration", f"{cal['method'] or '-'}, selection score {cal['gate_score'] or '-'}"),
         (
             "thresholds",
             ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in thresholds.items()),
         ),
         ("guarantee", guarantee),
         ("targets", ", ".join(f"{k}={v}" for k, v in targets.items() if k in ("alpha", "delta", "xi"))),
-        ("calibration images", f"{cal['calibration_images']} ({cal['calibration_positives']} roadwork)"),
+        (
+            "calibration images",
+            "-"
+            if cal["calibration_images"] is None
+            else f"{cal['calibration_images']} ({cal['calibration_positives']} roadwork)",
+        ),
         (
             "data",
             f"{data['images']} images ({data['labels']['roadwork']} roadwork, {data['labels']['no_roadwork']} "

@@ -193,7 +193,7 @@ def command(
         _render_table(records, model.rule, out)
 
     failed = [r for r in records if r["error"] is not None]
-    _summary(records, len(good), finished - loaded, loaded - started, skipped, model.rule)
+    _summary(records, len(good), finished - loaded, loaded - started, skipped, model.rule, band_line=fmt != "table")
     for r in failed[:10]:
         console.print(f"[red]failed[/] {r['path']}: {r['error']}", soft_wrap=True)
     if len(failed) > 10:
@@ -242,6 +242,7 @@ def _render_table(records: list[dict[str, Any]], rule: Any, out: Path | None) ->
 
     if out is None:
         Console(highlight=False).print(records_table(records, rule))
+        sys.stdout.flush()  # before the summary on stderr, so that a terminal shows them in order
         return "the table above"
     from roadwork_cli.io.atomic import atomic_write_text
 
@@ -259,6 +260,7 @@ def _summary(
     load_seconds: float,
     skipped: list[str],
     rule: Any,
+    band_line: bool = True,
 ) -> None:
     counts = Counter(r["decision"] or "error" for r in records)
     parts = [f"{name}: {counts.get(name, 0)}" for name in ("roadwork", "no_roadwork", "defer", "error")]
@@ -272,7 +274,7 @@ def _summary(
     line = guarantee_line(rule)
     if line:
         console.print(line, soft_wrap=True)
-    if getattr(rule, "rule", "gate") == "band":
+    if band_line and getattr(rule, "rule", "gate") == "band":  # the table says it in its caption
         console.print(band_caption(rule).replace("column has no effect and is hidden", "has no effect"), soft_wrap=True)
     if skipped and len(skipped) > 3:
         console.print(
