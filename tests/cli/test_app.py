@@ -69,9 +69,11 @@ def test_unknown_env_key_exits_2(tmp_path):
     assert "export.nope" in result.output
 
 
-def test_shell_completion_options_exist():
+def test_shell_completion_options_exist_and_produce_a_script():
     result = runner.invoke(app, ["--help"])
     assert "--install-completion" in result.output and "--show-completion" in result.output
+    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="roadwork")
+    assert script.exit_code == 0 and "_ROADWORK_COMPLETE=complete_bash" in script.output
 
 
 def test_backbones_lists_the_registry_with_descriptions():
