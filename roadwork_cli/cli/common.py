@@ -41,9 +41,13 @@ UNCERTIFIED = "no guarantee (targets not certified)"
 """What every command says of a calibration whose targets were not certified (``"feasible": false``)."""
 
 
+_SETTINGS_DEBUG = {"on": False}
+"""``runtime.debug`` from YAML or the environment, noted by :func:`resolve_settings` so that errors honour it too."""
+
+
 def fail(message: str, exit_code: int, debug: bool = False) -> typer.Exit:
     """Print one paragraph (and the traceback when debugging) and return the Exit to raise."""
-    if debug:
+    if debug or _SETTINGS_DEBUG["on"]:
         traceback.print_exc(file=sys.stderr)
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(exit_code)
@@ -55,6 +59,7 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
+        _SETTINGS_DEBUG["on"] = False  # a previous command in this process (tests) must not leak its setting
         try:
             return func(*args, **kwargs)
         except typer.Exit:
@@ -77,6 +82,7 @@ def resolve_settings(config: Path | None, overrides: dict[str, Any], write_to_ru
     from roadwork_cli.io.run import RunDir
 
     settings = load_settings(config, overrides)
+    _SETTINGS_DEBUG["on"] = settings.runtime.debug
     if write_to_run and settings.runtime.run is not None:
         run = RunDir(settings.runtime.run).ensure()
         atomic_write_text(run.config, settings.to_yaml())
