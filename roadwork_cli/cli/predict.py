@@ -28,7 +28,7 @@ from roadwork_cli.cli.common import (
     handle_errors,
     runtime_overrides,
 )
-from roadwork_cli.io.inputs import FIELDS, FORMATS, RecordWriter, expand_inputs, round_score
+from roadwork_cli.io.inputs import FIELDS, FORMATS, PARTIAL_SUFFIX, RecordWriter, expand_inputs, round_score
 
 
 def records_table(records: list[dict[str, Any]], rule: Any = None):
@@ -171,7 +171,12 @@ def command(
                 if writer is not None:
                     writer.write(record)
     except KeyboardInterrupt:
-        where = writer.abort() if writer is not None else _render_table(records, model.rule, out)
+        if writer is not None:
+            where = writer.abort()
+        else:  # a table is only rendered whole: what was done goes to OUT.partial, never to OUT
+            where = _render_table(
+                records, model.rule, None if out is None else out.with_name(out.name + PARTIAL_SUFFIX)
+            )
         kept = writer.written if writer is not None else len(records)
         console.print(
             f"[yellow]interrupted[/] after {kept} of {len(expanded)} inputs: {kept} records kept in {where}. "
@@ -198,7 +203,7 @@ def command(
         console.print(f"[red]failed[/] {r['path']}: {r['error']}", soft_wrap=True)
     if len(failed) > 10:
         console.print(f"[red]... and {len(failed) - 10} more failed inputs[/]")
-    if debug:
+    if debug or settings.runtime.debug:
         for path in skipped:
             console.print(f"[dim]skipped (not an image file)[/] {path}", soft_wrap=True)
     if failed:

@@ -109,6 +109,17 @@ def test_ctrl_c_keeps_the_records_written_and_says_where(fake_model, tmp_path):
     assert "to resume" not in message
 
 
+def test_ctrl_c_with_a_table_out_file_writes_the_partial_table_beside_it(fake_model, tmp_path):
+    fake_model.stop_at = 1
+    out = tmp_path / "preds.txt"
+    result = runner.invoke(
+        app, ["predict", "a.jpg", "b.jpg", "--bundle", "b.tar", "--format", "table", "--out", str(out)]
+    )
+    assert result.exit_code == 130 and not out.exists()
+    table = (tmp_path / "preds.txt.partial").read_text()
+    assert "a.jpg" in table and "b.jpg" not in table
+
+
 def test_ctrl_c_on_stdout_keeps_the_lines_already_printed(fake_model):
     fake_model.stop_at = 2
     result = runner.invoke(app, ["predict", "a.jpg", "b.jpg", "c.jpg", "--bundle", "b.tar", "--format", "jsonl"])
