@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "stage1": 2,
     "export": 2,
     "scoring": 2,
+    "robustness": 2,
     "features": 2,
     "training": 2,
     "calibration": 2,
@@ -50,6 +51,12 @@ MIDDLE_EDGES: set[tuple[str, str]] = {
     ("training", "features"),  # train_cached trains on the feature cache
     ("reporting", "calibration"),  # reports apply and describe the calibrated rule
     ("reporting", "scoring"),  # evaluate --source scores the source first
+    ("robustness", "stage1"),  # evaluate --robustness runs the model on challenge views
+    ("robustness", "calibration"),  # ... applies the calibrated rule to their scores
+    ("robustness", "reporting"),  # ... and reports them like clean data
+    ("robustness", "stage1"),  # evaluate --robustness scores challenge views with the model
+    ("robustness", "calibration"),  # ... applies the calibrated rule per level
+    ("robustness", "reporting"),  # ... and adds its block, plot and table to the run's report
 }
 
 # Imports that stay within one layer below the middle: the bottom layer's own small graph.
