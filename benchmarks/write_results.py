@@ -1,0 +1,269 @@
+"""``make bench``'s last step: end-to-end paths against the bare forward, then ``benchmarks/RESULTS.md``.
+
+Measures, in this process and interleaved so that a drifting machine load hits both sides alike:
+
+* ``predict`` (``Stage1Model.predict``: decode, preprocess, forward, head, calibrated rule, DataLoader workers) and
+  ``cache-features`` (``features.cache.cache_features``: the same decode, forward, fp16 shards, index) in images/s on
+  640x480 and on 4032x3024 JPEGs, each against the bare backbone forward at its best layout (batch size and memory
+  format from ``bench_forward.py``) measured right before and right after it; the ratio is taken per round and the
+  median over rounds is reported;
+* ``roadwork predict one.jpg --bundle B`` start-up as a fresh subprocess, best of 3;
+
+and writes a Markdown table from those figures plus ``runs/bench/forward.json`` (``bench_forward.py``) and
+``runs/bench/precision.json`` (``bench_precision.py``), with the machine's details.
+
+Usage:
+    python benchmarks/write_results.py [--bench-dir runs/bench] [--out benchmarks/RESULTS.md] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import images_per_second, machine_details  # noqa: E402
+from bench_predict import make_jpegs, make_run, predict_path, startup_seconds  # noqa: E402
+
+SIZES = {"640x480": ((640, 480), 128, 128), "4032x3024": ((4032, 3024), 12, 64)}
+"""Label -> (size, distinct JPEGs written, images per pass). Large photos are repeated to fill a pass: writing
+4032x3024 noise JPEGs costs seconds each, and decoding cost does not depend on a file having been seen before."""
+
+GOALS = {("predict", "640x480"): 0.9, ("predict", "4032x3024"): 0.85}
+"""Issue goals: end-to-end images/s as a fraction of the bare forward."""
+
+STARTUP_GOAL_S = 1.5
+
+
+def write_split(root: Path, paths: list[Path]):
+    """A run whose splits.json puts every path (repeats allowed, one id each) in train: what cache-features reads."""
+    from roadwork_cli.io.run import RunDir
+
+    run = RunDir(root).ensure()
+    ids = [f"{k:05d}" for k in range(len(paths))]
+    samples = {
+        i: {"path": str(p), "label": k % 2, "source": str(p.parent), "group": i}
+        for k, (i, p) in enumerate(zip(ids, paths, strict=True))
+    }
+    splits = {"train": ids, "val_select": [], "val_calib": [], "test": []}
+    run.splits.write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+    return run
+
+
+def end_to_end(work: Path, best: dict, rounds: int) -> list[dict]:
+    """Predict and cache-features vs the bare forward, per image size (rows of the table)."""
+    from roadwork_cli.config import load_settings
+    from roadwork_cli.features.cache import cache_features
+    from roadwork_cli.stage1 import Stage1Model
+
+    batch_size, channels_last = best["batch_size"], best["channels_last"]
+    model = Stage1Model.from_run(make_run(work / "model", "efficientnet_lite0"), device="cpu")
+    rows = []
+    for label, (size, distinct, count) in SIZES.items():
+        files = make_jpegs(work / label, distinct, size=size)
+        paths = [files[k % distinct] for k in range(count)]
+        run = write_split(work / f"cache-{label}", paths)
+        settings = load_settings(
+            None,
+            {
+                "runtime": {"run": str(run.root), "device": "cpu"},
+                "model": {"backbone": "efficientnet_lite0"},
+                "features": {"batch_size": batch_size, "channels_last": channels_last},
+            },
+            environ={},
+        )
+        measured = {"predict": [], "cache-features": []}
+        for _ in range(rounds):
+            before = images_per_second(model.backbone, batch_size, channels_last)
+            predict = predict_path(model, paths, batch_size, settings.predict.workers, jpeg_draft=True)
+            shutil.rmtree(run.features, ignore_errors=True)
+            cached = cache_features(run, settings, backbone=model.backbone).images_per_second
+            after = images_per_second(model.backbone, batch_size, channels_last)
+            bare = (before + after) / 2
+            measured["predict"].append((predict, bare))
+            measured["cache-features"].append((cached, bare))
+        for path, pairs in measured.items():
+            rows.append(
+                {
+                    "path": path,
+                    "size": label,
+                    "img_s": round(statistics.median(p for p, _ in pairs), 1),
+                    "bare_img_s": round(statistics.median(b for _, b in pairs), 1),
+                    "ratio": round(statistics.median(p / b for p, b in pairs), 3),
+                    "ratio_per_round": [round(p / b, 3) for p, b in pairs],
+                    "goal": GOALS.get((path, label)),
+                    "workers": settings.predict.workers if path == "predict" else settings.features.workers,
+                }
+            )
+    return rows
+
+
+def startup(work: Path) -> float:
+    """Best of 3 wall times of ``roadwork predict one.jpg --bundle B`` (fresh process: imports, load, one image)."""
+    from roadwork_cli.config import load_settings
+    from roadwork_cli.export import export_bundle
+
+    run = make_run(work / "startup", "efficientnet_lite0")
+    # The random head is not certified; start-up cost does not depend on that.
+    settings = load_settings(None, {"export": {"allow_uncertified": True}}, environ={})
+    bundle = export_bundle(run, work / "startup.tar", settings)
+    image = make_jpegs(work / "one", 1)[0]
+    return startup_seconds(bundle, image, repeats=3)
+
+
+def _fmt(value, digits: int = 1, unit: str = "") -> str:
+    return "not measured" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def render(machine: dict, forward: dict, precision: dict | None, rows: list[dict], startup_s: float | None) -> str:
+    """RESULTS.md from the collected figures."""
+    best = forward["best"]
+    layout = f"{'channels-last' if best['channels_last'] else 'contiguous'}, batch {best['batch_size']}"
+    load = machine["loadavg_1_5_15"]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`benchmarks/write_results.py`); do not edit by hand. Backbone "
+        f"`{forward['backbone']}` at {forward['image_size']} px, CPU only.",
+        "",
+        "## Machine",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| CPU | {machine['cpu_model']} ({machine['vendor']}, family {machine['cpu_family']}) |",
+        f"| cores / torch threads | {machine['cores']} / {machine['threads']} |",
+        f"| clock | {_fmt(machine['ghz'], 2)} GHz |",
+        f"| speed-relevant flags | {' '.join(machine['flags']) or 'none'} |",
+        f"| virtualised | {machine['hypervisor'] or 'no'} |",
+        f"| torch | {machine['torch']} |",
+        f"| date | {machine['date']} |",
+        f"| load average (1/5/15 min) at start | {load[0]} / {load[1]} / {load[2]} |",
+        "",
+        f"Load note: the load average above counts runnable processes on {machine['cores']} cores. Where it exceeds "
+        "the core count the machine was shared with other work while measuring: absolute images/s are then low and "
+        "noisy, while ratios measured in the same rounds (end to end / bare, bf16 / fp32) stay comparable.",
+        "",
+        "## End to end vs the bare forward (same run, interleaved rounds)",
+        "",
+        f"Bare forward = backbone alone on in-memory tensors at its best layout ({layout}). Ratio = median over rounds "
+        "of (end-to-end images/s) / (bare images/s measured right before and after it).",
+        "",
+        "| path | JPEG size | images/s | bare forward images/s | ratio | per round | goal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        goal = "" if row["goal"] is None else f">= {row['goal']} ({'met' if row['ratio'] >= row['goal'] else 'MISSED'})"
+        lines.append(
+            f"| {row['path']} ({row['workers']} workers) | {row['size']} | {row['img_s']} | {row['bare_img_s']} | "
+            f"{row['ratio']:.3f} | {', '.join(f'{r:.3f}' for r in row['ratio_per_round'])} | {goal} |"
+        )
+    lines += [
+        "",
+        "## Bare forward by layout (fp32, eager)",
+        "",
+        "| memory format | batch | images/s |",
+        "|---|---|---|",
+    ]
+    for row in forward["layouts"]:
+        fmt = "channels-last" if row["channels_last"] else "contiguous"
+        lines.append(f"| {fmt} | {row['batch_size']} | {row['img_s']} |")
+    lines += [
+        "",
+        f"## Precision and runtime (bare forward, {layout})",
+        "",
+        "| runtime | images/s | note |",
+        "|---|---|---|",
+    ]
+    for name, label in (("fp32", "eager fp32"), ("bf16", "eager bf16 autocast"), ("onnx", "ONNX")):
+        entry = forward["precision"][name]
+        lines.append(f"| {label} | {_fmt(entry['img_s'])} | {entry['note']} |")
+    fraction = forward["fraction_of_nominal_peak"]
+    lines += [
+        "",
+        "## FLOP rate",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| FLOPs per image (`FlopCounterMode`, multiply-add = 2) | {forward['flops_per_image'] / 1e9:.3f} GFLOP |",
+        f"| bare forward at best layout | {forward['achieved_flop_s'] / 1e9:.1f} GFLOP/s |",
+        f"| nominal fp32 peak | {_fmt(forward['nominal_peak_flop_s'] and forward['nominal_peak_flop_s'] / 1e9)} "
+        f"GFLOP/s ({forward['nominal_peak_assumption']}) |",
+        f"| fp32 matmul ceiling (2048x2048, measured) | {forward['matmul_ceiling_flop_s'] / 1e9:.1f} GFLOP/s |",
+        f"| bf16 matmul ceiling (2048x2048, measured) | {forward['matmul_ceiling_bf16_flop_s'] / 1e9:.1f} GFLOP/s |",
+        f"| fraction of nominal peak | {_fmt(fraction and 100 * fraction, 1, ' %')} |",
+        f"| fraction of the matmul ceiling | {100 * forward['fraction_of_matmul_ceiling']:.1f} % |",
+        "",
+        "## Predict start-up for one image",
+        "",
+        "`roadwork predict one.jpg --bundle B --format jsonl` as a fresh subprocess (imports, bundle verification and "
+        f"load, one 640x480 image), best of 3: **{_fmt(startup_s, 2, ' s')}** with the torch path "
+        f"(bundle exported without ONNX). The goal of {STARTUP_GOAL_S} s is the ONNX path's, whose start-up this "
+        "table does not measure yet.",
+    ]
+    lines += ["", "## bf16 verdict", ""]
+    if precision is None:
+        lines.append("not measured (run `benchmarks/bench_precision.py --out runs/bench/precision.json`).")
+    else:
+        speed, decisions, run = precision["speed"], precision["decisions"], precision["run"]
+        verdict = precision["verdict"]
+        lines += [
+            f"Run: `synthetic:{2 * run['per_class']}` (the demo's stages and defaults, targets FNR <= "
+            f"{run['calibration']['fnr']} at coverage {run['calibration']['coverage']}, delta "
+            f"{run['calibration']['delta']}; certified: {run['certified']}), head and calibration from fp32 features; "
+            f"the {decisions['test_images']} test images ({decisions['test_positives']} roadwork) scored through "
+            "`Stage1Model.predict` in fp32 and with bf16 features.",
+            "",
+            "| | fp32 | bf16 |",
+            "|---|---|---|",
+            f"| bare forward images/s (median of alternating rounds) | {speed['fp32_img_s']} | {speed['bf16_img_s']} |",
+        ]
+        for key, label in (
+            ("coverage", "coverage"),
+            ("fnr_on_exits", "FNR on exits"),
+            ("accuracy_on_exits", "accuracy on exits"),
+        ):
+            lines.append(f"| {label} (test) | {decisions['fp32'][key]:.4f} | {decisions['bf16'][key]:.4f} |")
+        changes = ", ".join(f"{k}: {v}" for k, v in decisions["changes"].items()) or "none"
+        lines += [
+            "",
+            f"Decisions changed: **{decisions['decisions_changed']} of {decisions['test_images']}** ({changes}); "
+            f"max |dp| {decisions['max_abs_p_roadwork_diff']:.4f}, "
+            f"mean |dp| {decisions['mean_abs_p_roadwork_diff']:.4f}.",
+            "",
+            f"Verdict: **bf16 {'becomes' if verdict['bf16_cpu_default'] else 'does not become'} the CPU default** "
+            f"({verdict['why']}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench-dir", type=Path, default=Path("runs/bench"), help="Where the benchmarks' JSON is.")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    parser.add_argument("--rounds", type=int, default=2, help="Interleaved end-to-end rounds per image size.")
+    args = parser.parse_args(argv)
+
+    from roadwork_cli.io.atomic import atomic_write_json, atomic_write_text
+
+    forward = json.loads((args.bench_dir / "forward.json").read_text())
+    precision_file = args.bench_dir / "precision.json"
+    precision = json.loads(precision_file.read_text()) if precision_file.exists() else None
+    machine = machine_details()
+    with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
+        rows = end_to_end(Path(tmp), forward["best"], args.rounds)
+        startup_s = startup(Path(tmp))
+    os.makedirs(args.bench_dir, exist_ok=True)
+    atomic_write_json(args.bench_dir / "end_to_end.json", {"machine": machine, "rows": rows, "startup_s": startup_s})
+    atomic_write_text(args.out, render(machine, forward, precision, rows, startup_s))
+    print(args.out.read_text())
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
