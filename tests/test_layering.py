@@ -54,9 +54,6 @@ MIDDLE_EDGES: set[tuple[str, str]] = {
     ("robustness", "stage1"),  # evaluate --robustness runs the model on challenge views
     ("robustness", "calibration"),  # ... applies the calibrated rule to their scores
     ("robustness", "reporting"),  # ... and reports them like clean data
-    ("robustness", "stage1"),  # evaluate --robustness scores challenge views with the model
-    ("robustness", "calibration"),  # ... applies the calibrated rule per level
-    ("robustness", "reporting"),  # ... and adds its block, plot and table to the run's report
 }
 
 # Imports that stay within one layer below the middle: the bottom layer's own small graph.
