@@ -32,6 +32,10 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train_cached.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_predict.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/synthetic_probe.py
+	# The table of benchmarks/RESULTS.md: bare forward, bf16 verdict, then end-to-end paths measured beside them.
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_forward.py --out runs/bench/forward.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out runs/bench/precision.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/write_results.py --bench-dir runs/bench --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf runs .pytest_cache
