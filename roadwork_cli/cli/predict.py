@@ -158,18 +158,15 @@ def command(
     writer = RecordWriter(fmt, out) if fmt != "table" else None
     records: list[dict[str, Any]] = []
     good = [item for _, item, error in expanded if error is None]
-    from roadwork_cli.io.progress import progress_bar
-
-    show_bar = len(good) >= 64 and console.is_terminal
+    show_bar = len(good) >= 64 and console.is_terminal  # the model draws it, on stderr
     try:
-        with progress_bar("predicting", total=len(good), unit="img", enabled=False):  # the model shows its own bar
-            predictions = model.iter_predict(
-                good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=show_bar
-            )
-            for record in stream_records(expanded, predictions):
-                records.append(record)
-                if writer is not None:
-                    writer.write(record)
+        predictions = model.iter_predict(
+            good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=show_bar
+        )
+        for record in stream_records(expanded, predictions):
+            records.append(record)
+            if writer is not None:
+                writer.write(record)
     except KeyboardInterrupt:
         if writer is not None:
             where = writer.abort()
