@@ -15,9 +15,9 @@ from roadwork_cli.calibration.rules import (
     SelectiveConformal,
     SetsRule,
     Targets,
+    crc_threshold,
     create_method,
     create_rule,
-    crc_threshold,
     list_methods,
     list_rules,
 )

@@ -159,12 +159,12 @@ def choose_selection_score(p_select: np.ndarray, g_select: np.ndarray, labels: n
 
 
 def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings, source: dict[str, Any]) -> dict:
-    import roadwork_cli
+    from roadwork_cli.version import __version__
 
     data = outcome.to_dict()
     return {
         "version": PARAMS_VERSION,
-        "library_version": roadwork_cli.__version__,
+        "library_version": __version__,
         "method": outcome.method,
         "gate_score": scaling.get("gate_score", settings.gate_score),
         "feasible": bool(outcome.feasible),

@@ -119,6 +119,17 @@ class StageRule:
             return p, softmax_response(p)
         return p, self.gate_scaler.transform(np.asarray(gate_raw, dtype=float))
 
+    def set_sizes(self, p_raw, gate_raw) -> np.ndarray:
+        """Prediction-set size per image, shape (N,) (2 = deferred)."""
+        p, g = self.calibrate(p_raw, gate_raw)
+        if self.defers_everything:
+            return np.full(p.shape, 2)
+        return self.decision_rule.set_sizes(p, g)
+
+    def describe(self) -> str:
+        """The rule with its thresholds in words."""
+        return self.decision_rule.describe(self.gate_score)
+
     def decide(self, p_raw, gate_raw) -> np.ndarray:
         """Decisions, shape (N,), each "roadwork", "no_roadwork" or "defer"."""
         p, g = self.calibrate(p_raw, gate_raw)

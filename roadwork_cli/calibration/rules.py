@@ -417,6 +417,7 @@ class Rule:
     name: ClassVar[str]
     description: ClassVar[str]
     certifiers: ClassVar[dict[str, Certifier]]
+    uses_selection_score: ClassVar[bool] = False
 
     def decide(self, p, g) -> np.ndarray:
         """Decisions, shape (N,), each "roadwork", "no_roadwork" or "defer", from calibrated p and selection g."""
@@ -425,6 +426,14 @@ class Rule:
     def to_params(self) -> dict[str, Any]:
         """The ``thresholds`` block of scrc_params.json (every rule writes every key; unused ones are null)."""
         return {"rule": self.name, "lambda": None, "tau": None, "b": None, "sets": None}
+
+    def describe(self, selection_score: str = "g") -> str:
+        """The rule with its thresholds in words (4 significant digits)."""
+        raise NotImplementedError
+
+    def set_sizes(self, p, g) -> np.ndarray:
+        """Prediction-set size per image, shape (N,): an exit is a singleton, a deferral the full set {0, 1}."""
+        return np.where(self.decide(p, g) == "defer", 2, 1)
 
     @classmethod
     def from_params(cls, thresholds: dict[str, Any]) -> Rule:
@@ -484,6 +493,11 @@ class GateRule(ScanRule):
     description: ClassVar[str] = "exit iff selection score g >= lambda, then roadwork iff p >= tau"
     grid_name: ClassVar[str] = "lambda"
     what: ClassVar[str] = "gate threshold"
+    uses_selection_score: ClassVar[bool] = True
+
+    def describe(self, selection_score: str = "g") -> str:
+        gate = "everything exits" if self.lam is None else f"exit iff {selection_score} >= {self.lam:.4g}"
+        return f"gate: {gate}, then roadwork iff p >= {self.tau:.4g}"
 
     def decide(self, p, g) -> np.ndarray:
         p, g = np.asarray(p, dtype=float), np.asarray(g, dtype=float)
@@ -533,6 +547,9 @@ class BandRule(ScanRule):
     what: ClassVar[str] = "band (b, tau)"
     note: ClassVar[str] = "Band rule: exit iff p < tau or p >= b; the selection score plays no role in the decisions."
     fallback_larger_tau: ClassVar[bool] = True
+
+    def describe(self, selection_score: str = "g") -> str:
+        return f"band: no_roadwork iff p < {self.tau:.4g}, roadwork iff p >= {self.b:.4g}, defer in between"
 
     def decide(self, p, g) -> np.ndarray:
         p = np.asarray(p, dtype=float)
@@ -588,6 +605,13 @@ class SetsRule(Rule):
         """Membership matrix (N, 2): class 1 included iff p >= t_roadwork, class 0 iff 1 - p >= t_no_roadwork."""
         p = np.asarray(p, dtype=float)
         return np.stack([(1.0 - p) >= self.t_no_roadwork, p >= self.t_roadwork], axis=1)
+
+    def describe(self, selection_score: str = "g") -> str:
+        return (f"prediction sets: roadwork in the set iff p >= {self.t_roadwork:.4g}, no_roadwork iff "
+                f"1 - p >= {self.t_no_roadwork:.4g}; a set of one class exits")  # fmt: skip
+
+    def set_sizes(self, p, g) -> np.ndarray:
+        return self.sets(p).sum(axis=1)
 
     def decide(self, p, g) -> np.ndarray:
         sets = self.sets(p)  # (N, 2)

@@ -57,12 +57,7 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     # p >= tau is its decision too.
     losses = ((p >= tau).astype(int) != labels).astype(float)
     gate_calibrated = rule.gate_scaler.transform(table.gate)
-    if params.get("method") == "sets":
-        thresholds = params["thresholds"]["sets"]
-        set_sizes = (p >= thresholds["roadwork"]).astype(int) + ((1 - p) >= thresholds["no_roadwork"]).astype(int)
-        avg_set = float(set_sizes.mean())
-    else:
-        avg_set = float(np.where(exits, 1, 2).mean())  # an exit is a singleton; a deferral is the full set {0, 1}
+    avg_set = float(rule.set_sizes(table.p, table.gate).mean())
 
     k, m = int(np.sum(exits & (labels == 1) & (predictions == 0))), int(np.sum(exits & (labels == 1)))
     n, n_exit = int(labels.size), int(exits.sum())
@@ -101,9 +96,10 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
         "calibration": {
             "method": params.get("method"),
             "rule": rule.rule,
+            "rule_in_words": rule.describe(),
             "b": rule.b,
             # The band rule decides on p alone; the selection score then only ranks the risk-coverage curve.
-            "gate_score": rule.gate_score if rule.rule == "gate" else None,
+            "gate_score": rule.gate_score if rule.decision_rule.uses_selection_score else None,
             "selection_score": rule.gate_score,
             "feasible": rule.feasible,
             "certified": rule.certified,

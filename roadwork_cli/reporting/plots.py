@@ -96,14 +96,15 @@ def plot_reliability(path: Path, labels: np.ndarray, probs: np.ndarray, n_bins: 
 def plot_score_histograms(path: Path, labels: np.ndarray, p: np.ndarray, g: np.ndarray, rule: Any = None) -> Path:
     """Histograms of calibrated p and of the selection score per class, with the rule's thresholds marked.
 
-    Gate rule: tau on p, lambda on g. Band rule: tau and b on p (everything between them defers).
+    Gate rule: tau on p, lambda on g. Band rule: tau and b on p (everything between them defers). ``rule`` is a
+    ``StageRule``; thresholds a rule does not use are null and not drawn.
     """
     plt = _pyplot()
     labels = np.asarray(labels).astype(int)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    band = getattr(rule, "rule", "gate") == "band"
-    p_marks = {"tau": getattr(rule, "tau", None)} | ({"b": getattr(rule, "b", None)} if band else {})
-    g_marks = {} if band else {"lambda": getattr(rule, "lam", None)}
+    thresholds = rule.decision_rule.to_params() if rule is not None else {}
+    p_marks = {name: thresholds.get(name) for name in ("tau", "b")}
+    g_marks = {"lambda": thresholds.get("lambda")}
     for ax, values, name, marks in (
         (axes[0], p, "calibrated p(roadwork)", p_marks),
         (axes[1], g, "selection score g", g_marks),
@@ -148,4 +149,42 @@ def plot_examples(path: Path, records: list[dict[str, Any]], columns: int = 6, m
         ax.imshow(pixels)
         # 4 significant digits: two images near a threshold (p = 0.0502 vs 0.0498) must not print alike.
         ax.set_title(f"{record['kind']}\np={record['p']:.4g} g={record['g']:.4g}", fontsize=7)
+    return _save(fig, Path(path))
+
+
+def plot_robustness(path: Path, block: dict[str, Any]) -> Path:
+    """Metrics per NATIX challenge level (the ``robustness`` block of report.json), with the targets alpha and xi.
+
+    A filled marker on the coverage and FNR lines means the targets held on that level, a hollow one that they did
+    not; the guarantee itself is only promised for the calibration distribution.
+    """
+    plt = _pyplot()
+    names = sorted(key for key in block if key.startswith("level_"))
+    levels = [int(name.removeprefix("level_")) for name in names]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    series = (
+        ("accuracy", "accuracy", "tab:blue", "-"),
+        ("mcc", "MCC", "tab:purple", "-"),
+        ("auroc", "AUROC", "tab:green", "-"),
+        ("natix_reward", "NATIX reward (0.5 MCC + 0.5 acc)^3", "black", "-"),
+        ("coverage", "coverage", "tab:orange", "--"),
+        ("fnr_on_exits", "FNR on exits", "crimson", "--"),
+    )
+    held = [bool(block[name].get("satisfied")) for name in names]
+    for key, label, colour, style in series:
+        values = [block[name].get(key) for name in names]
+        values = [np.nan if v is None else float(v) for v in values]
+        ax.plot(levels, values, color=colour, linestyle=style, label=label)
+        fill = [colour if ok or key not in ("coverage", "fnr_on_exits") else "white" for ok in held]
+        ax.scatter(levels, values, color=fill, edgecolors=colour, zorder=3)
+    guarantee = block[names[0]].get("guarantee", {}) if names else {}
+    for target, label, colour in ((guarantee.get("xi"), "xi (coverage target)", "tab:orange"),
+                                  (guarantee.get("alpha"), "alpha (FNR target)", "crimson")):  # fmt: skip
+        if target is not None and np.isfinite(target):
+            ax.axhline(target, color=colour, linestyle=":", linewidth=1, label=label)
+    ax.set_xticks(levels)
+    ax.set_xlabel("NATIX challenge level")
+    ax.set_ylabel("value")
+    ax.set_title("Stage 1 per NATIX challenge level (guarantee promised for clean data only)", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return _save(fig, Path(path))

@@ -63,19 +63,10 @@ def guarantee_verdict(guarantee: dict[str, Any]) -> str:
 
 
 def rule_in_words(thresholds: dict[str, Any], selection_score: str | None = None) -> str:
-    """The rule with its thresholds, e.g. "band: no_roadwork iff p < 0.05021, roadwork iff p >= 0.8123"."""
-    name = thresholds.get("rule") or ("sets" if thresholds.get("sets") else "gate")
-    tau = thresholds.get("tau")
-    if name == "band":
-        return (f"band: no_roadwork iff p < {tau:.4g}, roadwork iff p >= {thresholds.get('b'):.4g}, "
-                "defer in between")  # fmt: skip
-    if name == "sets":
-        sets = thresholds.get("sets") or {}
-        return (f"prediction sets: roadwork in the set iff p >= {sets.get('roadwork'):.4g}, no_roadwork iff "
-                f"1 - p >= {sets.get('no_roadwork'):.4g}; a set of one class exits")  # fmt: skip
-    lam = thresholds.get("lambda")
-    gate = "everything exits" if lam is None else f"exit iff {selection_score or 'g'} >= {lam:.4g}"
-    return f"gate: {gate}, then roadwork iff p >= {tau:.4g}"
+    """The rule with its thresholds, e.g. "band: no_roadwork iff p < 0.05021, roadwork iff p >= 0.8123, ..."."""
+    from roadwork_cli.calibration.rules import rule_from_params
+
+    return rule_from_params({"thresholds": thresholds}).describe(selection_score or "g")
 
 
 def describe_operating_point(report: dict[str, Any]) -> str:
@@ -138,6 +129,24 @@ def decision_rows(report: dict[str, Any]) -> list[tuple[str, int, int, str]]:
         positives, negatives = int(by_label.get("roadwork", 0)), int(by_label.get("no_roadwork", 0))
         rows.append((decision, positives, negatives, _percent(positives + negatives, n)))
     return rows
+
+
+ROBUSTNESS_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "accuracy"),
+    ("MCC", "mcc"),
+    ("AUROC", "auroc"),
+    ("NATIX reward", "natix_reward"),
+    ("coverage", "coverage"),
+    ("FNR on exits", "fnr_on_exits"),
+    ("targets held", "satisfied"),
+)
+"""(header, key) of the per-level robustness table, shared by the terminal and the HTML report."""
+
+
+def robustness_rows(block: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """``(level, [value per ROBUSTNESS_COLUMNS])`` per ``level_<k>`` of a report's ``robustness`` block, in order."""
+    names = sorted(key for key in block if key.startswith("level_"))
+    return [(name.removeprefix("level_"), [block[name].get(key) for _, key in ROBUSTNESS_COLUMNS]) for name in names]
 
 
 def report_table(report: dict[str, Any], title: str = "evaluation") -> Table:
