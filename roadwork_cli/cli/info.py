@@ -37,7 +37,9 @@ def bundle_info(path: Path) -> dict[str, Any]:
             "feature_dim": model.get("feature_dim"),
             "head": model.get("head"),
             "preprocessing": model.get("preprocessing"),
-            "precision": model.get("precision"),
+            "precision": (model.get("recipe") or {}).get("compute_precision") or model.get("precision"),
+            "decode": (model.get("recipe") or {}).get("decode"),
+            "adapters": model.get("adapters"),
             "training": model.get("training"),
         },
         "calibration": {
@@ -96,7 +98,8 @@ def info_table(info: dict[str, Any]):
     rows = [
         ("backbone", f"{model['backbone']} ({model['fingerprint']})"),
         ("feature dim", str(model["feature_dim"])),
-        ("head", ", ".join(f"{k}={v}" for k, v in (model["head"] or {}).items())),
+        ("precision / decode", f"{model['precision'] or '-'}; " + _pairs(model["decode"] or {})),
+        ("head", _pairs(model["head"] or {})),
         ("calibration", f"{cal['method'] or '-'}, selection score {cal['gate_score'] or '-'}"),
         (
             "thresholds",
@@ -123,3 +126,7 @@ def info_table(info: dict[str, Any]):
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _pairs(mapping: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in mapping.items()) or "-"

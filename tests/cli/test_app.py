@@ -115,6 +115,7 @@ def test_info_shows_model_thresholds_certification_data_and_versions(bundles):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert info["model"]["backbone"] == "tiny_vit" and info["model"]["fingerprint"]
+    assert info["model"]["precision"] in {"fp32", "bf16", "fp16"}
     assert info["calibration"]["thresholds"]["lambda"] == 0.3 and info["calibration"]["thresholds"]["tau"] == 0.5
     assert info["calibration"]["certified"] is True and info["calibration"]["targets"]["alpha"] == 0.02
     assert info["calibration"]["calibration_positives"] == 17
