@@ -2,11 +2,14 @@
 
 Layout of a cache folder::
 
-    meta.json                 backbone spec, fingerprint, feature_dim, preprocessing, views
+    meta.json                 backbone spec, fingerprint, feature_dim, preprocessing, views, recipe (decode +
+                              preprocessing + compute precision, which predict and evaluate --source follow)
     index.json                {"shards": [{"file", "rows"}], "entries": {id: {view: [shard, row]}}}
     failed.json               {id: reason} for images that could not be read (skipped, never retried silently)
     shard_00000.safetensors   "features": (rows, D) float16
 
+Images are read through :mod:`roadwork_cli.data.decode`, the one decode path that predict and evaluate --source
+use too (draft decoding of large JPEGs included; ``data.jpeg_draft: false`` caches into a ``-fulldecode`` folder).
 View 0 is the clean :func:`~roadwork_cli.data.transforms.eval_transform` of every split image; views 1..K (K =
 ``features.views``) are ``data.augment`` (:func:`~roadwork_cli.data.transforms.create_augmentation`) draws of
 training images with a seed derived from ``(id, view)``, so any view can be recomputed bit for bit.
@@ -66,7 +69,7 @@ class SplitTable:
 
 
 def read_split_table(run: RunDir) -> SplitTable:
-    """Read ``run.splits`` (written by ``roadwork split``; format in DESIGN.md)."""
+    """Read ``run.splits`` (written by ``roadwork split``; format in docs/architecture.md)."""
     from roadwork_cli.data.splits import SPLIT_NAMES, Splits
 
     splits = Splits.load(run.require(run.splits, "split"))

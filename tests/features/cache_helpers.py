@@ -1,4 +1,4 @@
-"""Helpers: a run with a hand-written splits.json (format of DESIGN.md) over small PNG files."""
+"""Helpers: a run with a hand-written splits.json (format of docs/architecture.md) over small PNG files."""
 
 from __future__ import annotations
 
