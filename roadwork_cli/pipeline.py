@@ -116,9 +116,10 @@ def run_demo(
     """
     from roadwork_cli.calibration.api import calibrate_run
     from roadwork_cli.data.splits import Splits, build_splits
+    from roadwork_cli.export import export_bundle
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.reporting.evaluate import evaluate_run
-    from roadwork_cli.stage1 import export_bundle, load_bundle
+    from roadwork_cli.stage1 import load_bundle
     from roadwork_cli.training.trainer import train
 
     if settings.runtime.run is None:

@@ -1,1 +1,1 @@
-"""Rendering for people: rich progress and tables, plots, the HTML report."""
+"""Rendering for people: rich tables, plots, the HTML report."""
