@@ -154,3 +154,16 @@ def test_reduced_precision_features_get_their_own_folder_and_stay_close(tiny_run
     b = load_cached(tiny_run, bf16.fingerprint).features
     assert not torch.equal(a, b)  # bf16 really ran
     assert torch.allclose(a, b, atol=0.1 * a.abs().max().item())
+
+
+def test_cache_records_its_recipe_and_its_inputs_for_stale_run_detection(tiny_run):
+    from roadwork_cli.io.provenance import StaleError, check
+
+    summary = cache_features(tiny_run, tiny_settings(tiny_run))
+    recipe = read_json(summary.folder / "meta.json")["recipe"]
+    assert recipe["decode"] == {"jpeg_draft": True, "draft_side": 64} and recipe["compute_precision"] == "fp32"
+    assert recipe["preprocessing"]["size"] == 64
+    check(tiny_run, "cache-features", "cache-features")  # nothing changed yet
+    tiny_run.splits.write_text(tiny_run.splits.read_text() + "\n")  # a re-split, as far as the bytes go
+    with pytest.raises(StaleError, match="cache-features"):
+        check(tiny_run, "cache-features", "cache-features")
