@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from test_export_predict_cli import make_tiny_run
+from cli_helpers import make_tiny_run
 from typer.testing import CliRunner
 
 from roadwork_cli import __version__

@@ -7,55 +7,13 @@ import io
 import json
 
 import pytest
+from cli_helpers import make_tiny_run, write_images
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
 from roadwork_cli.errors import BundleError
-from roadwork_cli.io.run import RunDir
 
 runner = CliRunner()
-
-
-def make_tiny_run(root, lam: float = 0.3, tau: float = 0.5, weights_file=None) -> RunDir:
-    """A run with everything export needs: head checkpoint + record, calibration, splits and metrics."""
-    import torch
-    from safetensors.torch import save_file
-
-    from roadwork_cli.io.atomic import atomic_write_json
-    from roadwork_cli.model.backbones import create_backbone
-    from roadwork_cli.model.head import SelectiveHead
-
-    run = RunDir(root).ensure()
-    backbone = create_backbone("tiny_vit", weights=weights_file)
-    torch.manual_seed(1)
-    head = SelectiveHead(backbone.feature_dim, hidden=8, dropout=0.0)
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
-    atomic_write_json(run.checkpoints / "best.json", {"head": head.config, "backbone": backbone.spec, "epoch": 3})
-    scaling = {
-        "cls": {"method": "temperature", "params": {"temperature": 1.5}},
-        "gate": {"method": "none", "params": {}},
-        "gate_score": "gate",
-    }
-    atomic_write_json(run.scaling, scaling)
-    atomic_write_json(
-        run.scrc_params, {"method": "scrc", "thresholds": {"lambda": lam, "tau": tau}, "scaling": scaling}
-    )
-    atomic_write_json(run.splits, {"version": 1, "seed": 0, "splits": {}, "samples": {}})
-    run.metrics.write_text("epoch,loss\n1,0.7\n")
-    return run
-
-
-def write_images(folder, n: int = 3, size=(96, 72)) -> list:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = folder / f"img_{i}.jpg"
-        Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from test_export_predict_cli import make_tiny_run, write_images
+from cli_helpers import make_tiny_run, write_images
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
