@@ -53,10 +53,13 @@ def demo_settings(
     per_class: int | None = None,
     run: str | Path | None = None,
     environ: dict[str, str] | None = None,
+    device: str | None = None,
+    threads: int | None = None,
 ) -> Settings:
     """Settings for the demo: defaults < demo defaults < YAML < ``ROADWORK_*`` environment < flags.
 
-    The data source is always ``synthetic:2N`` with N = ``per_class`` (default ``DEMO_PER_CLASS``).
+    The data source is always ``synthetic:2N`` with N = ``per_class`` (default ``DEMO_PER_CLASS``). ``run``,
+    ``device`` and ``threads`` are the flags: ``None`` leaves the value to the lower layers.
     """
     layered: dict[str, Any] = deep_merge({}, DEMO_DEFAULTS)
     if config_file is not None:
@@ -69,7 +72,7 @@ def demo_settings(
         raise UsageError(f"--per-class must be positive (got {n}).")
     flags: dict[str, Any] = {"data": {"sources": [f"synthetic:{2 * n}"]}}
     run_dir = run if run is not None else (layered.get("runtime") or {}).get("run") or DEMO_RUN
-    flags["runtime"] = {"run": str(run_dir)}
+    flags["runtime"] = {"run": str(run_dir), "device": device, "threads": threads}
     return load_settings(None, deep_merge(layered, flags), environ={})
 
 

@@ -32,12 +32,7 @@ def command(
     """Generate scenes, then split, cache, train, calibrate, evaluate, export and predict."""
     from roadwork_cli.pipeline import demo_settings, run_demo
 
-    settings = demo_settings(config, per_class=per_class, run=run)
-    # Flags sit on top of every other layer; assignment is validated like any other setting.
-    if device is not None:
-        settings.runtime.device = device
-    if threads is not None:
-        settings.runtime.threads = threads
+    settings = demo_settings(config, per_class=per_class, run=run, device=device, threads=threads)
     console.print(
         f"[bold]roadwork demo[/] in {settings.runtime.run}: {settings.data.sources[0]}, backbone "
         f"{settings.model.backbone}, targets FNR <= {settings.calibration.fnr:g} on exits, coverage >= "

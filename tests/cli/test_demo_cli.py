@@ -33,6 +33,19 @@ def test_demo_settings_layering(tmp_path):
     assert str(demo_settings(config, per_class=10, run=tmp_path / "x", environ={}).runtime.run) == str(tmp_path / "x")
 
 
+def test_demo_device_and_threads_flags_beat_the_environment_and_are_validated():
+    from roadwork_cli.errors import UsageError
+    from roadwork_cli.pipeline import demo_settings
+
+    environ = {"ROADWORK_RUNTIME__THREADS": "3", "ROADWORK_RUNTIME__DEVICE": "cpu"}
+    from_env = demo_settings(None, environ=environ)
+    assert (from_env.runtime.threads, from_env.runtime.device) == (3, "cpu")  # flags not given: lower layers stand
+    flagged = demo_settings(None, environ=environ, device="auto", threads=2)
+    assert (flagged.runtime.threads, flagged.runtime.device) == (2, "auto")
+    with pytest.raises(UsageError, match="threads"):
+        demo_settings(None, environ={}, threads=0)
+
+
 @pytest.mark.slow
 def test_tiny_demo_runs_end_to_end_and_reruns(tmp_path):
     run = tmp_path / "demo"
