@@ -198,6 +198,9 @@ class ModelSettings(_Section):
     image_size: int | None = Field(None, gt=0, description="Override of the backbone's input size (square).")
     head_hidden: int = Field(256, ge=0, description="Hidden width of the head's shared MLP; 0 means linear heads.")
     head_dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the head's outputs.")
+    head_standardize: bool = Field(
+        False, description="Standardise each feature with the training set's mean and std before the head."
+    )
     compile: bool = Field(False, description="Wrap the head with torch.compile (falls back cleanly when unavailable).")
     peft: PeftSettings = Field(default_factory=PeftSettings, description="Backbone adapters.")
 
@@ -237,6 +240,14 @@ class TrainSettings(_Section):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up length before the cosine decay.")
+    min_steps_per_epoch: int = Field(
+        1, gt=0, description="Smaller batches for small training sets, so every epoch takes at least this many steps."
+    )
+    refit: bool = Field(
+        False,
+        description="After selecting the best epoch on val_select, retrain on train + val_select for that many "
+        "epochs and keep that head (val_calib is never used).",
+    )
     ema_decay: float = Field(0.99, ge=0, lt=1, description="Decay of the weight EMA; 0 disables EMA.")
     target_coverage: float = Field(0.8, gt=0, le=1, description="Coverage the SelectiveNet gate is trained towards.")
     loss: LossWeights = Field(default_factory=LossWeights, description="Weights of the objective's parts.")

@@ -38,11 +38,17 @@ class SelectiveHead(nn.Module):
         in_dim: Feature dimension D of the backbone.
         hidden: Width of the shared hidden layer; 0 gives three linear heads on the normalised features.
         dropout: Dropout before the output layer.
+        standardize: Standardise each feature with the training set's mean and standard deviation (buffers set by
+            :meth:`set_standardization`, saved with the weights) before the LayerNorm.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1):
+    def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1, standardize: bool = False):
         super().__init__()
         self.in_dim, self.hidden, self.dropout = int(in_dim), int(hidden), float(dropout)
+        self.standardize = bool(standardize)
+        if self.standardize:
+            self.register_buffer("feature_mean", torch.zeros(self.in_dim))  # (D,)
+            self.register_buffer("feature_scale", torch.ones(self.in_dim))  # (D,)
         # Features of different backbones live on very different scales; normalising keeps one learning rate usable.
         layers: list[nn.Module] = [nn.LayerNorm(self.in_dim)]
         width = self.in_dim
@@ -84,20 +90,39 @@ class SelectiveHead(nn.Module):
             self.compiled = True
         return self.compiled
 
+    def set_standardization(self, features: torch.Tensor) -> None:
+        """Set the per-feature mean and standard deviation from ``(N, D)`` training features."""
+        if not self.standardize:
+            raise ValueError("this head was built with standardize=False")
+        with torch.no_grad():
+            self.feature_mean.copy_(features.float().mean(dim=0))
+            # Constant features (e.g. dead ReLU channels) would divide by zero; they carry no signal anyway.
+            self.feature_scale.copy_(features.float().std(dim=0).clamp_min(1e-6))
+
     @property
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments (stored in ``best.json`` and bundles)."""
-        return {"type": "SelectiveHead", "in_dim": self.in_dim, "hidden": self.hidden, "dropout": self.dropout}
+        config = {"type": "SelectiveHead", "in_dim": self.in_dim, "hidden": self.hidden, "dropout": self.dropout}
+        if self.standardize:  # only when set, so heads saved before the option existed keep the same config
+            config["standardize"] = True
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SelectiveHead:
         """Inverse of :attr:`config`."""
-        return cls(in_dim=int(config["in_dim"]), hidden=int(config["hidden"]), dropout=float(config["dropout"]))
+        return cls(
+            in_dim=int(config["in_dim"]),
+            hidden=int(config["hidden"]),
+            dropout=float(config["dropout"]),
+            standardize=bool(config.get("standardize", False)),
+        )
 
 
 def _head_logits(head: SelectiveHead, features: torch.Tensor) -> torch.Tensor:
     """``(B, D)`` -> ``(B, 3)`` logits of ``head``: a free function of (module, input), so one compiled version
     serves every head instance, each with its own weights (dynamo guards on the module it is given)."""
+    if head.standardize:
+        features = (features - head.feature_mean) / head.feature_scale  # (B, D)
     return head.out(head.trunk(features))
 
 
@@ -112,8 +137,13 @@ def _compiled_logits() -> Any:
 
 
 def create_head(model_settings: Any, in_dim: int) -> SelectiveHead:
-    """Head from ``ModelSettings`` (``head_hidden``, ``head_dropout``, ``compile``) for ``in_dim`` features."""
-    head = SelectiveHead(in_dim, hidden=model_settings.head_hidden, dropout=model_settings.head_dropout)
+    """Head from ``ModelSettings`` (``head_hidden``, ``head_dropout``, ``head_standardize``, ``compile``)."""
+    head = SelectiveHead(
+        in_dim,
+        hidden=model_settings.head_hidden,
+        dropout=model_settings.head_dropout,
+        standardize=getattr(model_settings, "head_standardize", False),
+    )
     if getattr(model_settings, "compile", False):
         head.enable_compile()
     return head

@@ -215,6 +215,73 @@ def _epoch_batches(data: _Data, seed: int, epoch: int) -> tuple[torch.Tensor, to
     return data.features[rows], data.train_labels[order]  # (N, D), (N,)
 
 
+@dataclass
+class _Fit:
+    """One model being trained: head, optimiser, per-step schedule, EMA, and the data and batch size it uses."""
+
+    head: SelectiveHead
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: torch.nn.Module | None
+    data: _Data
+    batch_size: int
+    steps_per_epoch: int
+
+
+def _new_fit(settings: Settings, data: _Data, in_dim: int, device: torch.device) -> _Fit:
+    """A freshly seeded head (standardised on ``data``'s training rows when asked) with its optimiser and EMA."""
+    ts = settings.train
+    n = int(data.train_labels.shape[0])
+    # Small training sets get smaller batches: with one step per epoch the head would stop far from converged.
+    batch_size = max(1, min(ts.batch_size, math.ceil(n / ts.min_steps_per_epoch)))
+    steps_per_epoch = math.ceil(n / batch_size)
+    torch.manual_seed(ts.seed)
+    head = create_head(settings.model, in_dim).to(device)
+    if head.standardize:
+        valid = torch.arange(data.train_rows.shape[1], device=device)[None, :] < data.train_counts[:, None]  # (N, V)
+        head.set_standardization(data.features[data.train_rows[valid]])
+    optimizer = create_optimizer(head, ts)
+    scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
+    ema = create_ema(head, ts.ema_decay)
+    return _Fit(head, optimizer, scheduler, ema, data, batch_size, steps_per_epoch)
+
+
+def _train_epoch(fit: _Fit, data: _Data, ts: Any, epoch: int) -> torch.Tensor:
+    """One pass over ``data``'s training images; returns the per-part loss sums ``(len(LOSS_PARTS),)``."""
+    fit.head.train()
+    features, labels = _epoch_batches(data, ts.seed, epoch)
+    n = labels.shape[0]
+    sums = torch.zeros(len(LOSS_PARTS), device=features.device)
+    for step, start in enumerate(range(0, n, fit.batch_size), start=epoch * fit.steps_per_epoch):
+        xb, yb = features[start : start + fit.batch_size], labels[start : start + fit.batch_size]
+        loss, parts = selective_loss(fit.head(xb), yb, ts.loss, ts.target_coverage)
+        fit.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        fit.optimizer.step()
+        fit.scheduler.step()
+        if fit.ema is not None:
+            fit.ema.update(fit.head, step=step)
+        sums += torch.stack([parts[p] for p in LOSS_PARTS]) * yb.shape[0]
+    return sums
+
+
+def _with_val_select(data: _Data) -> _Data:
+    """``data`` whose training images are train + val_select (val_select contributes its clean view only)."""
+    rows = data.split_rows["val_select"]
+    extra = torch.zeros(rows.shape[0], data.train_rows.shape[1], dtype=data.train_rows.dtype, device=rows.device)
+    extra[:, 0] = rows
+    return _Data(
+        features=data.features,
+        train_rows=torch.cat([data.train_rows, extra]),
+        train_counts=torch.cat([data.train_counts, torch.ones_like(rows)]),
+        train_labels=torch.cat([data.train_labels, data.split_labels["val_select"]]),
+        split_ids=data.split_ids,
+        split_rows=data.split_rows,
+        split_labels=data.split_labels,
+        failed=data.failed,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -231,7 +298,7 @@ def _signature(settings: Settings, fingerprint: str, data: _Data, table: SplitTa
     payload = {
         "fingerprint": fingerprint,
         "train": settings.train.model_dump(mode="json"),
-        "head": [settings.model.head_hidden, settings.model.head_dropout],
+        "head": [settings.model.head_hidden, settings.model.head_dropout, settings.model.head_standardize],
         "splits": hashlib.sha256(json.dumps(splits).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -361,13 +428,8 @@ def _train(
     data = _prepare(cached, table, device, run)
     ts = settings.train
     n_train = int(data.train_labels.shape[0])
-    steps_per_epoch = math.ceil(n_train / ts.batch_size)
-
-    torch.manual_seed(ts.seed)
-    head = create_head(settings.model, cached.feature_dim).to(device)
-    optimizer = create_optimizer(head, ts)
-    scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
-    ema = create_ema(head, ts.ema_decay)
+    fit = _new_fit(settings, data, cached.feature_dim, device)
+    head, optimizer, scheduler, ema = fit.head, fit.optimizer, fit.scheduler, fit.ema
     signature = _signature(settings, cached.fingerprint, data, table)
     head_info = {"head": head.config, "backbone": cached.meta.get("backbone", {}), "fingerprint": cached.fingerprint}
 
@@ -391,19 +453,7 @@ def _train(
     with progress_bar(f"train ({mode})", total=ts.epochs, unit="epoch", enabled=progress) as advance:
         advance(start_epoch)
         for epoch in range(start_epoch, ts.epochs):
-            head.train()
-            features, labels = _epoch_batches(data, ts.seed, epoch)
-            sums = torch.zeros(len(LOSS_PARTS), device=device)
-            for step, start in enumerate(range(0, n_train, ts.batch_size), start=epoch * steps_per_epoch):
-                xb, yb = features[start : start + ts.batch_size], labels[start : start + ts.batch_size]
-                loss, parts = selective_loss(head(xb), yb, ts.loss, ts.target_coverage)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(head, step=step)
-                sums += torch.stack([parts[p] for p in LOSS_PARTS]) * yb.shape[0]
+            sums = _train_epoch(fit, data, ts, epoch)
             evaluated = ema.module if ema is not None else head
             evaluated.eval()
             with torch.inference_mode():
@@ -443,6 +493,16 @@ def _train(
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, metrics)
 
+    if ts.refit and data.split_ids["val_select"] and best["epoch"] > 0:
+        # Deterministic from the seed, so a re-run after SIGKILL (or after the end) writes the same weights.
+        refit = _new_fit(settings, _with_val_select(data), cached.feature_dim, device)
+        for epoch in range(int(best["epoch"])):
+            _train_epoch(refit, refit.data, ts, epoch)
+        info = dict(head_info, epoch=int(best["epoch"]), select_metric=ts.select_metric, refit=True)
+        info["metric"] = json_safe(best["metrics"]).get(ts.select_metric)
+        info["val_select"] = json_safe(best["metrics"])  # of the selected epoch, before the refit saw val_select
+        info["ema"] = ema is not None
+        _write_best(run, (refit.ema.module if refit.ema is not None else refit.head).eval(), info)
     best_head, _ = load_best_head(run)
     best_head = best_head.to(device)
     scores = {}
