@@ -46,15 +46,7 @@ def score_source(
     from roadwork_cli.data.sources import SourceRejection, create_source
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    model = Stage1Model.from_run(
-        run,
-        device=settings.runtime.device,
-        calibrated=False,
-        precision=settings.runtime.precision,
-        jpeg_draft=settings.data.jpeg_draft,
-    )
-    model.max_pixels = settings.data.max_image_pixels
-    model.max_file_bytes = settings.data.max_file_bytes
+    model = Stage1Model.from_settings(run, settings)
     resolved = create_source(source, settings.data, run.synthetic)
     if resolved.prepare is not None:
         resolved.prepare(progress)

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from roadwork_cli.errors import BundleError, UsageError
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.progress import progress_bar
 from roadwork_cli.io.run import RunDir
+
+if TYPE_CHECKING:
+    from roadwork_cli.config import Settings
 
 DECISIONS = ("roadwork", "no_roadwork", "defer")
 
@@ -188,6 +191,26 @@ class Stage1Model:
             info["recipe"] = cached
         model = cls(backbone, head, rule, info=info, device=device, precision=precision, jpeg_draft=jpeg_draft)
         model.info["recipe"] = model.recipe_record()  # what this model runs, which export records
+        return model
+
+    @classmethod
+    def from_settings(cls, run: RunDir | str | Path, settings: Settings, calibrated: bool = False) -> Stage1Model:
+        """``from_run`` with the settings' device, precision, decode choice and input limits (scoring a source).
+
+        Args:
+            run: The run directory.
+            settings: Resolved settings (runtime and data sections).
+            calibrated: As in ``from_run``; scoring raw scores needs no calibration.
+        """
+        model = cls.from_run(
+            run,
+            device=settings.runtime.device,
+            calibrated=calibrated,
+            precision=settings.runtime.precision,
+            jpeg_draft=settings.data.jpeg_draft,
+        )
+        model.max_pixels = settings.data.max_image_pixels
+        model.max_file_bytes = settings.data.max_file_bytes
         return model
 
     @classmethod
