@@ -370,6 +370,21 @@ def freeze_norm_statistics(model: nn.Module) -> None:
     setattr(model, _NORM_HOOK_ATTR, model.register_forward_pre_hook(_keep_norms_in_eval))
 
 
+def _route_fused_qkv_through_module(network: nn.Module, targets: list[str]) -> None:
+    """timm's Eva attention with q/v biases calls ``F.linear(x, qkv.weight, bias)``, bypassing an adapter's forward.
+
+    Its ``qkv_bias_separate`` mode computes the same ``qkv(x) + bias`` through the module, so the adapter is used.
+    """
+    for name in targets:
+        parent = network.get_submodule(name.rpartition(".")[0]) if "." in name else network
+        if (
+            name.endswith("qkv")
+            and getattr(parent, "q_bias", None) is not None
+            and hasattr(parent, "qkv_bias_separate")
+        ):
+            parent.qkv_bias_separate = True
+
+
 def apply_adapters(backbone: nn.Module, peft_settings: Any) -> nn.Module:
     """Freeze the backbone's weights and inject trainable adapters as ``peft_settings`` describe (in place).
 
@@ -389,6 +404,7 @@ def apply_adapters(backbone: nn.Module, peft_settings: Any) -> nn.Module:
     targets = resolve_target_modules(network, peft_settings.target_modules)
     for parameter in network.parameters():
         parameter.requires_grad_(False)
+    _route_fused_qkv_through_module(network, targets)
     create_adapter(peft_settings.method, network, targets, peft_settings)
     freeze_norm_statistics(network)
     if network is not backbone:

@@ -272,3 +272,38 @@ def test_method_none_leaves_the_backbone_frozen():
     backbone = create_backbone("tiny_vit")
     assert apply_adapters(backbone, PeftSettings(method="none")) is backbone
     assert backbone.frozen and not any(p.requires_grad for p in backbone.parameters())
+
+
+@pytest.mark.parametrize("method", ["lora", "doran"])
+def test_eva_fused_qkv_with_biases_uses_the_adapter(method):
+    """timm's Eva with q/v biases bypasses qkv's forward unless it is switched to its bias-separate mode."""
+    import timm
+
+    torch.manual_seed(0)
+    network = timm.create_model(
+        "vit_small_patch16_dinov3",
+        pretrained=False,
+        num_classes=0,
+        qkv_bias=True,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        img_size=32,
+        init_values=None,
+    ).eval()
+    with torch.no_grad():
+        network.blocks[0].attn.q_bias.normal_()
+        network.blocks[0].attn.v_bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        base = network(x)
+    apply_adapters(network, PeftSettings(method=method, rank=2, target_modules=["qkv"]))
+    network.eval()
+    with torch.no_grad():
+        # The same function before training (the biases are still added; mm + add rounds unlike addmm).
+        assert (network(x) - base).abs().max().item() <= 1e-4
+    calls = []
+    network.blocks[0].attn.qkv.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    with torch.no_grad():
+        network(x)
+    assert len(calls) == 1  # the adapted layer's own forward runs (F.linear on its weight would skip the adapter)
