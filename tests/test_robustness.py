@@ -80,7 +80,12 @@ def test_evaluate_robustness_writes_the_per_level_block(tiny_run: Path):
     assert report["files"]["robustness"] == "robustness.png" and (tiny_run / "eval" / "robustness.png").is_file()
     html = (tiny_run / "eval" / "report.html").read_text()
     assert "Robustness (NATIX challenge levels)" in html and "only promised for the calibration distribution" in html
-    assert "Risk-coverage curves" in html  # the evaluation's own figures are still embedded
+    # The evaluation's own figures are still embedded, in their order, with the robustness plot after them.
+    assert (
+        html.index("<h2>Risk-coverage curves")
+        < html.index("<h2>Reliability diagram")
+        < html.index("<h2>Robustness: metrics per NATIX challenge level")
+    )
 
 
 @pytest.mark.slow
