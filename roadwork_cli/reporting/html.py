@@ -140,7 +140,8 @@ def render_report_html(report: dict[str, Any], images: dict[str, Path]) -> str:
         for name, value, target in metric_rows(report)
     )
     glossary = "\n".join(f"<dt>{html.escape(term)}</dt><dd>{html.escape(text)}</dd>" for term, text in GLOSSARY)
-    figures = "\n".join(_figure(path, name) for name, path in images.items() if name in _FIGURES)
+    # In _FIGURES order, so a report rendered again from report.json (whose keys are sorted) keeps its layout.
+    figures = "\n".join(_figure(images[name], name) for name in _FIGURES if name in images)
     raw = html.escape(json.dumps(report, indent=2, sort_keys=True, default=str))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>roadwork evaluation</title><style>{_STYLE}</style></head>
