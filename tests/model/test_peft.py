@@ -89,7 +89,7 @@ def test_default_targets_per_family(hf_dinov3_dir):
 
 
 def test_efficientnet_default_targets_are_exactly_its_pointwise_convolutions():
-    network = create_backbone("efficientnet_lite0", image_size=64).model
+    network = create_backbone("efficientnet_lite0", image_size=32).model
     targets = resolve_target_modules(network, None)
     pointwise = [
         name
@@ -251,7 +251,7 @@ def test_adapters_lower_a_loss_in_a_few_steps(name, method, hf_dinov3_dir):
 
     backbone.train()
     losses = []
-    for _ in range(8):
+    for _ in range(5 if name == "efficientnet_lite0" else 8):
         optimizer.zero_grad()
         value = loss()
         value.backward()
