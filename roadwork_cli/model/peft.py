@@ -335,7 +335,8 @@ def _doran(model: nn.Module, target_names: list[str], peft_settings: Any) -> Non
             if peft_settings.doran_generator_hidden > 0:
                 owner = model.get_submodule(block) if block else model
                 generator = DoranGenerator(peft_settings.rank, peft_settings.doran_generator_hidden)
-                generator.to(model.get_submodule(name).weight.device)
+                weight = model.get_submodule(name).weight
+                generator.to(device=weight.device, dtype=weight.dtype)
                 setattr(owner, _GENERATOR_ATTR, generator)
             generators[block] = generator
         layer = DoranLinear(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -172,6 +173,10 @@ def test_doran_starts_as_the_base_layer_and_trains_every_part():
         for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
             assert isinstance(layer, DoranLinear) and layer._generator[0] is generator
     assert adapted.model.blocks[0].doran_generator is not adapted.model.blocks[1].doran_generator
+    # A deep copy (the EMA model) keeps the sharing: its layers use its own generator, not the original's.
+    twin = copy.deepcopy(adapted)
+    assert twin.model.blocks[0].attn.qkv._generator[0] is twin.model.blocks[0].doran_generator
+    assert twin.model.blocks[0].doran_generator is not adapted.model.blocks[0].doran_generator
     _perturb_adapters(adapted.model)
     adapted.train()
     adapted(x).pow(2).mean().backward()
