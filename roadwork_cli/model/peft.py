@@ -137,10 +137,15 @@ def resolve_target_modules(model: nn.Module, targets: list[str] | None) -> list[
     model = _network(model)
     layers = _adaptable_layers(model)
     targets = default_target_modules(model) if targets is None else list(targets)
-    unknown = [t for t in targets if not any(_matches(name, t) for name in layers)]
-    if unknown or not targets:
+    if not targets:
         raise UsageError(
-            f"model.peft.target_modules: {', '.join(map(repr, unknown)) or 'an empty list'} "
+            "model.peft.target_modules is empty; leave it unset (null) for the backbone family's default or name "
+            f"some of: {', '.join(_candidates(layers))}."
+        )
+    unknown = [t for t in targets if not any(_matches(name, t) for name in layers)]
+    if unknown:
+        raise UsageError(
+            f"model.peft.target_modules: {', '.join(map(repr, unknown))} "
             f"{'matches' if len(unknown) == 1 else 'match'} no Linear or Conv2d layer of {type(model).__name__}. "
             f"Candidates: {', '.join(_candidates(layers))} (suffixes match inside numbered blocks; other layers "
             "by their full dotted name)."

@@ -112,6 +112,8 @@ def test_unknown_target_modules_are_a_usage_error_listing_candidates():
         apply_adapters(backbone, PeftSettings(method="lora", target_modules=["qkv", "q_proj"]))
     assert "patch_embed.proj" in str(info.value)
     assert not any(p.requires_grad for p in backbone.parameters())  # nothing was injected
+    with pytest.raises(UsageError, match=r"target_modules is empty.*qkv"):
+        apply_adapters(backbone, PeftSettings(method="dora", target_modules=[]))
 
 
 def test_no_default_targets_for_an_unknown_family():
