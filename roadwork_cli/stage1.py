@@ -5,6 +5,12 @@
 re-computed and checked against the one recorded at training time, so a head never silently runs on features it was
 not trained on.
 
+A bundle exported with ``--onnx`` also runs as an ``OnnxStage1Model``: the same graph in onnxruntime, fed by the
+torch-free half of the decode path (:mod:`roadwork_cli.data.pixels`), so ``load_bundle`` and ``predict`` start
+without importing torch. Both classes share :class:`ScoringModel`: the recipe, the calibrated rule and the prediction
+API (``predict`` / ``iter_predict`` / ``predict_proba`` / ``raw_scores``) on top of their own ``iter_raw_scores``.
+This module therefore imports torch only inside ``Stage1Model``.
+
 Example:
     >>> from roadwork_cli import load_bundle  # doctest: +SKIP
     >>> model = load_bundle("runs/demo/bundle.tar")  # doctest: +SKIP
@@ -23,17 +29,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
+from roadwork_cli.data.pixels import DecodeRecipe, iter_pixel_batches, normalize_pixels, recipe_record
 from roadwork_cli.errors import BundleError, UsageError
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.progress import progress_bar
 from roadwork_cli.io.run import RunDir
 
 if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
     from roadwork_cli.config import Settings
+    from roadwork_cli.io.bundle import BundleContents
+    from roadwork_cli.model.onnx_graph import OnnxGraph
 
 DECISIONS = ("roadwork", "no_roadwork", "defer")
 
@@ -45,7 +54,9 @@ SCALING_JSON = "scaling.json"
 SCRC_PARAMS_JSON = "scrc_params.json"
 SPLITS_JSON = "splits.json"
 METRICS_CSV = "metrics.csv"
+ONNX_GRAPH = "model.onnx"
 MODEL_FORMAT = 1
+RUNTIMES = ("auto", "onnx", "torch")
 
 
 @dataclass
@@ -81,8 +92,162 @@ def _describe(item: Any, index: int) -> str:
     return f"<image {index}>"
 
 
-class Stage1Model:
-    """Backbone + selective head + calibrated exit rule.
+class ScoringModel:
+    """What the PyTorch and ONNX runtimes share: the decode recipe, the calibrated rule and the prediction API.
+
+    Subclasses provide :meth:`iter_raw_scores`; everything that turns raw scores into ``Prediction`` records lives
+    here, once.
+
+    Args:
+        rule: ``StageRule`` that calibrates raw scores and decides roadwork / no_roadwork / defer (None: raw scores
+            only).
+        info: Provenance (backbone spec and fingerprint, head config, recipe) as written to model.json.
+        preprocessing: The backbone's input recipe.
+        jpeg_draft: Draft-decode large JPEGs; ``None`` follows the recorded recipe (on when none is recorded); a
+            value that differs from the recipe's is warned about.
+        max_pixels: Decompression-bomb limit for inputs.
+        max_file_bytes: Larger inputs are rejected unread.
+    """
+
+    runtime = "none"
+    """``torch`` or ``onnx``: what computes the scores."""
+
+    def __init__(
+        self,
+        rule: Any,
+        info: dict[str, Any] | None,
+        preprocessing: Any,
+        jpeg_draft: bool | None = None,
+        max_pixels: int = 50_000_000,
+        max_file_bytes: int = 64 * 1024 * 1024,
+    ):
+        self.info = dict(info or {})
+        self.rule = rule
+        self.preprocessing = preprocessing
+        recorded_draft = (self.recorded_recipe.get("decode") or {}).get("jpeg_draft")
+        if jpeg_draft is None:
+            jpeg_draft = True if recorded_draft is None else bool(recorded_draft)
+        elif recorded_draft is not None and bool(recorded_draft) != jpeg_draft:
+            _warn_override("JPEG draft decoding", recorded_draft, jpeg_draft)
+        self.jpeg_draft = jpeg_draft
+        self.max_pixels = max_pixels
+        self.max_file_bytes = max_file_bytes
+
+    @property
+    def recorded_recipe(self) -> dict[str, Any]:
+        """The recipe calibration's scores were computed with (``info["recipe"]``; empty when none is recorded)."""
+        recipe = self.info.get("recipe")
+        return recipe if isinstance(recipe, dict) else {}
+
+    @property
+    def recipe(self) -> DecodeRecipe:
+        """How this model decodes and preprocesses inputs (limits as currently set)."""
+        return DecodeRecipe(self.preprocessing, self.jpeg_draft, self.max_pixels, self.max_file_bytes)
+
+    @property
+    def precision(self) -> str:
+        """Compute precision tag of the forward pass (``fp32``, ``bf16``, ``fp16``)."""
+        return "fp32"
+
+    def recipe_record(self) -> dict[str, Any]:
+        """The recipe as ``model.json`` records it, with this model's compute precision."""
+        return recipe_record(self.recipe, self.precision)
+
+    def _check_precision(self) -> None:
+        recorded = self.recorded_recipe.get("compute_precision")
+        if recorded and recorded != self.precision:
+            _warn_override("compute precision", recorded, self.precision)
+
+    # ----------------------------------------------------------------------------------------------- inference
+    def iter_raw_scores(
+        self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """Raw scores batch by batch, in input order: ``(indices, p_raw, g_raw, failed)`` per batch.
+
+        ``indices`` are the positions of the inputs scored in this batch (``p_raw``/``g_raw`` shape (B,)), and
+        ``failed`` pairs each unreadable input's position with its reason. Every position of one batch is lower than
+        every position of the next, so consumers can emit results as each batch finishes.
+        """
+        raise NotImplementedError
+
+    def raw_scores(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Raw p_roadwork and gate per input (NaN where an input failed) and the failure reasons."""
+        n = len(images)
+        p_raw = np.full(n, np.nan)
+        g_raw = np.full(n, np.nan)
+        errors: list[str | None] = [None] * n
+        with progress_bar("scoring", total=n, unit="img", enabled=progress) as advance:
+            for indices, p, g, failed in self.iter_raw_scores(images, batch_size, workers):
+                for index, reason in failed:
+                    errors[index] = reason
+                p_raw[indices] = p
+                g_raw[indices] = g
+                advance(len(indices) + len(failed))
+        return p_raw, g_raw, errors
+
+    def iter_predict(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+        progress: bool = False,
+    ) -> Iterator[Prediction]:
+        """One ``Prediction`` per input, in input order, yielded as each batch finishes.
+
+        Unreadable inputs get ``error`` set, never an exception. Stopping the iteration early (or Ctrl-C) keeps
+        everything already yielded valid: each prediction depends on its own image only.
+
+        Args:
+            images: Paths (str / Path), parquet row locators (``file.parquet#row=3``), PIL images or encoded image
+                bytes.
+            batch_size: Images per forward pass.
+            workers: Decoding workers (DataLoader processes with PyTorch, threads with ONNX; 0 = in this thread).
+            progress: Show a progress bar on stderr.
+        """
+        if isinstance(images, str | os.PathLike):
+            images = [images]
+        if self.rule is None:
+            raise UsageError("This model has no calibration; run `roadwork calibrate` before predicting decisions.")
+        with progress_bar("predicting", total=len(images), unit="img", enabled=progress) as advance:
+            for indices, p_raw, g_raw, failed in self.iter_raw_scores(images, batch_size, workers):
+                done: dict[int, Prediction] = {
+                    index: Prediction(_describe(images[index], index), None, None, None, reason)
+                    for index, reason in failed
+                }
+                if indices:
+                    p_cal, g_cal = self.rule.calibrate(p_raw, g_raw)
+                    decisions = self.rule.decide(p_raw, g_raw)
+                    for j, index in enumerate(indices):
+                        done[index] = Prediction(
+                            _describe(images[index], index), float(p_cal[j]), float(g_cal[j]), str(decisions[j])
+                        )
+                advance(len(done))
+                yield from (done[index] for index in sorted(done))
+
+    def predict(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+        progress: bool = False,
+    ) -> list[Prediction]:
+        """All of :meth:`iter_predict` as a list (same arguments)."""
+        return list(self.iter_predict(images, batch_size, workers, progress))
+
+    def predict_proba(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> np.ndarray:
+        """Calibrated P(roadwork) per input, shape (N,); NaN where an input could not be read."""
+        predictions = self.predict(images, batch_size, workers)
+        return np.array([np.nan if p.p_roadwork is None else p.p_roadwork for p in predictions], dtype=np.float64)
+
+
+class Stage1Model(ScoringModel):
+    """Backbone + selective head + calibrated exit rule, run with PyTorch.
 
     Inputs are decoded and preprocessed by :mod:`roadwork_cli.data.decode`, the path the feature cache uses too, so
     the scores match those calibration saw. ``recipe`` (from the cache's ``meta.json`` or the bundle's ``model.json``)
@@ -103,6 +268,8 @@ class Stage1Model:
             differs from the recipe's is warned about.
     """
 
+    runtime = "torch"
+
     def __init__(
         self,
         backbone: torch.nn.Module,
@@ -116,43 +283,28 @@ class Stage1Model:
         precision: str = "auto",
         jpeg_draft: bool | None = None,
     ):
-        from roadwork_cli.model.device import compute_dtype, precision_tag, resolve_device
+        import torch
 
+        from roadwork_cli.model.device import compute_dtype, resolve_device
+
+        super().__init__(rule, info, backbone.preprocessing, jpeg_draft, max_pixels, max_file_bytes)
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.info = dict(info or {})
-        recorded = self.info.get("recipe") or {}
-        recorded_precision = recorded.get("compute_precision")
-        recorded_draft = (recorded.get("decode") or {}).get("jpeg_draft")
+        recorded_precision = self.recorded_recipe.get("compute_precision")
         if precision == "auto" and recorded_precision:
             precision = str(recorded_precision)
         self.compute_dtype = compute_dtype(self.device, precision)
-        if recorded_precision and precision_tag(self.compute_dtype) != recorded_precision:
-            _warn_override("compute precision", recorded_precision, precision_tag(self.compute_dtype))
-        if jpeg_draft is None:
-            jpeg_draft = True if recorded_draft is None else bool(recorded_draft)
-        elif recorded_draft is not None and bool(recorded_draft) != jpeg_draft:
-            _warn_override("JPEG draft decoding", recorded_draft, jpeg_draft)
-        self.jpeg_draft = jpeg_draft
+        self._check_precision()
         self.backbone = backbone.eval().to(self.device)
         self.head = head.eval().to(self.device)
         self.channels_last = channels_last
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.rule = rule
-        self.preprocessing = backbone.preprocessing
-        self.max_pixels = max_pixels
-        self.max_file_bytes = max_file_bytes
 
     @property
-    def recipe(self) -> DecodeRecipe:
-        """How this model decodes and preprocesses inputs (limits as currently set)."""
-        return DecodeRecipe(self.preprocessing, self.jpeg_draft, self.max_pixels, self.max_file_bytes)
-
-    def recipe_record(self) -> dict[str, Any]:
-        """The recipe as ``model.json`` records it, with this model's compute precision."""
+    def precision(self) -> str:
         from roadwork_cli.model.device import precision_tag
 
-        return recipe_record(self.recipe, precision_tag(self.compute_dtype))
+        return precision_tag(self.compute_dtype)
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -232,6 +384,188 @@ class Stage1Model:
             precision: As in the class; ``auto`` follows the bundle's recorded recipe.
             jpeg_draft: As in the class; ``None`` follows the bundle's recorded recipe.
         """
+        bundle = VerifiedBundle.read(path)
+        return cls.from_verified(
+            bundle, device=device, backbone_weights=backbone_weights, precision=precision, jpeg_draft=jpeg_draft
+        )
+
+    @classmethod
+    def from_verified(
+        cls,
+        bundle: VerifiedBundle,
+        device: str = "auto",
+        backbone_weights: str | Path | None = None,
+        precision: str = "auto",
+        jpeg_draft: bool | None = None,
+    ) -> Stage1Model:
+        """Build from an already verified bundle (arguments as in :meth:`from_bundle`)."""
+        members = bundle.contents.members
+        with tempfile.TemporaryDirectory(prefix="roadwork-bundle-") as tmp:
+            weights = Path(backbone_weights) if backbone_weights else None
+            if weights is None and BACKBONE_WEIGHTS in members:
+                weights = Path(tmp) / BACKBONE_WEIGHTS
+                weights.write_bytes(members[BACKBONE_WEIGHTS])
+            backbone = build_backbone(bundle.record["backbone"], weights_file=weights)
+        head = build_head(bundle.record, members[HEAD_WEIGHTS], backbone)
+        model = cls(
+            backbone, head, bundle.rule, info=bundle.record, device=device, precision=precision, jpeg_draft=jpeg_draft
+        )
+        model.info["manifest"] = bundle.contents.manifest.to_dict()
+        return model
+
+    # ----------------------------------------------------------------------------------------------- inference
+    def loader(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> DataLoader:
+        """A DataLoader of ``(indices, (B, H, W, 3) uint8 pixels | None, [(index, reason)])`` over ``images``."""
+        from roadwork_cli.data.decode import ImageDataset, create_loader
+
+        dataset = ImageDataset(images, self.recipe)
+        return create_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=self.device.type == "cuda")
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, D) float32 of (B, H, W, 3) uint8 pixels, computed as the feature cache does."""
+        import torch
+
+        from roadwork_cli.data.decode import to_model_input
+        from roadwork_cli.model.device import autocast
+
+        batch = to_model_input(pixels, self.preprocessing, self.device, self.channels_last)  # (B, 3, H, W)
+        with torch.inference_mode(), autocast(self.device, self.compute_dtype):
+            return self.backbone(batch).float()  # (B, D)
+
+    def iter_features(
+        self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
+    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
+        """Backbone features batch by batch: ``(indices, (B, D) features on CPU, [(index, reason)])``."""
+        import torch
+
+        for indices, pixels, failed in self.loader(images, batch_size, workers):
+            features = self.embed(pixels).cpu() if pixels is not None else torch.zeros(0, 0)
+            yield indices, features, failed
+
+    def forward_raw(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (uncalibrated) p_roadwork and gate, each (B,), for a batch of (B, H, W, 3) uint8 pixels."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.head(self.embed(pixels))
+            p = torch.sigmoid(out.cls.float()).cpu().numpy()  # (B,)
+            g = torch.sigmoid(out.gate.float()).cpu().numpy()  # (B,)
+        return p.astype(np.float64), g.astype(np.float64)
+
+    def iter_raw_scores(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """Raw scores of the PyTorch forward, batch by batch (see :meth:`ScoringModel.iter_raw_scores`)."""
+        for indices, pixels, failed in self.loader(images, batch_size, workers):
+            if pixels is None:
+                yield indices, np.zeros(0), np.zeros(0), failed
+                continue
+            p, g = self.forward_raw(pixels)
+            yield indices, p, g, failed
+
+
+class OnnxStage1Model(ScoringModel):
+    """A bundle's ``model.onnx`` (backbone + head) in onnxruntime, with the bundle's calibrated rule; no torch.
+
+    Decoding and preprocessing are :mod:`roadwork_cli.data.pixels` (PIL + numpy), whose network input is equal to the
+    PyTorch path's; the graph computes in fp32, so a bundle calibrated on reduced-precision features is warned about
+    (``load_bundle`` runs such a bundle with PyTorch unless told otherwise).
+
+    Args:
+        graph: The loaded graph.
+        rule: ``StageRule`` that calibrates raw scores and decides.
+        info: The bundle's model.json record (its recipe gives the preprocessing).
+        jpeg_draft: As in :class:`ScoringModel`.
+        max_pixels: Decompression-bomb limit for inputs.
+        max_file_bytes: Larger inputs are rejected unread.
+    """
+
+    runtime = "onnx"
+
+    def __init__(
+        self,
+        graph: OnnxGraph,
+        rule: Any,
+        info: dict[str, Any],
+        jpeg_draft: bool | None = None,
+        max_pixels: int = 50_000_000,
+        max_file_bytes: int = 64 * 1024 * 1024,
+    ):
+        from roadwork_cli.model.preprocessing import Preprocessing
+
+        recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
+        prep = recipe.get("preprocessing") or info.get("preprocessing")
+        if not isinstance(prep, dict):
+            raise BundleError("model.json records no preprocessing; re-export the bundle with `roadwork export`.")
+        super().__init__(rule, info, Preprocessing.from_dict(prep), jpeg_draft, max_pixels, max_file_bytes)
+        self.graph = graph
+        self._check_precision()
+
+    @classmethod
+    def from_bundle(
+        cls, path: str | Path, jpeg_draft: bool | None = None, threads: int | None = None
+    ) -> OnnxStage1Model:
+        """Verify ``path`` and run its ``model.onnx`` (arguments as in :func:`load_bundle`)."""
+        return cls.from_verified(VerifiedBundle.read(path), jpeg_draft=jpeg_draft, threads=threads)
+
+    @classmethod
+    def from_verified(
+        cls, bundle: VerifiedBundle, jpeg_draft: bool | None = None, threads: int | None = None
+    ) -> OnnxStage1Model:
+        """Build from an already verified bundle that holds ``model.onnx``."""
+        from roadwork_cli.model.onnx_graph import OnnxGraph
+
+        if ONNX_GRAPH not in bundle.contents.members:
+            raise UsageError(f"Bundle {bundle.path} has no {ONNX_GRAPH}; re-export it with `roadwork export --onnx`.")
+        graph = OnnxGraph(bundle.contents.members[ONNX_GRAPH], threads=threads)
+        model = cls(graph, bundle.rule, bundle.record, jpeg_draft=jpeg_draft)
+        model.info["manifest"] = bundle.contents.manifest.to_dict()
+        return model
+
+    def model_inputs(
+        self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
+    ) -> Iterator[tuple[list[int], np.ndarray | None, list[tuple[int, str]]]]:
+        """The graph's inputs batch by batch: ``(indices, (B, 3, S, S) float32 | None, [(index, reason)])``."""
+        for indices, pixels, failed in iter_pixel_batches(images, self.recipe, batch_size, workers):
+            yield indices, None if pixels is None else normalize_pixels(pixels, self.preprocessing), failed
+
+    def iter_raw_scores(
+        self,
+        images: Sequence[Any],
+        batch_size: int = 32,
+        workers: int = 0,
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        """Raw scores of the ONNX graph, batch by batch (see :meth:`ScoringModel.iter_raw_scores`)."""
+        for indices, batch, failed in self.model_inputs(images, batch_size, workers):
+            if batch is None:
+                yield indices, np.zeros(0), np.zeros(0), failed
+                continue
+            p, g = self.graph(batch)  # (B,), (B,)
+            yield indices, p.astype(np.float64), g.astype(np.float64), failed
+
+
+@dataclass
+class VerifiedBundle:
+    """A bundle read and verified in full (every member's sha256 and the manifest), with its parsed records.
+
+    Attributes:
+        path: Where it was read from.
+        contents: The verified members.
+        record: model.json.
+        rule: The calibrated rule of scaling.json + scrc_params.json.
+    """
+
+    path: Path
+    contents: BundleContents
+    record: dict[str, Any]
+    rule: Any
+
+    @classmethod
+    def read(cls, path: str | Path) -> VerifiedBundle:
+        """Verify ``path`` (checksums, versions, safe member names) and parse its records."""
         from roadwork_cli.io.bundle import read_bundle
 
         contents = read_bundle(path)
@@ -244,143 +578,13 @@ class Stage1Model:
                 f"Bundle {path} model.json format {record.get('format')} is newer than the supported {MODEL_FORMAT}."
             )
         scaling = contents.json(SCALING_JSON) if SCALING_JSON in contents.members else None
-        params = contents.json(SCRC_PARAMS_JSON)
-        with tempfile.TemporaryDirectory(prefix="roadwork-bundle-") as tmp:
-            weights = Path(backbone_weights) if backbone_weights else None
-            if weights is None and BACKBONE_WEIGHTS in contents.members:
-                weights = Path(tmp) / BACKBONE_WEIGHTS
-                weights.write_bytes(contents.members[BACKBONE_WEIGHTS])
-            backbone = build_backbone(record["backbone"], weights_file=weights)
-        head = build_head(record, contents.members[HEAD_WEIGHTS], backbone)
-        rule = _build_rule(scaling, params)
-        model = cls(backbone, head, rule, info=record, device=device, precision=precision, jpeg_draft=jpeg_draft)
-        model.info["manifest"] = contents.manifest.to_dict()
-        return model
+        rule = _build_rule(scaling, contents.json(SCRC_PARAMS_JSON))
+        return cls(Path(path), contents, record, rule)
 
-    # ----------------------------------------------------------------------------------------------- inference
-    def loader(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> DataLoader:
-        """A DataLoader of ``(indices, (B, H, W, 3) uint8 pixels | None, [(index, reason)])`` over ``images``."""
-        dataset = ImageDataset(images, self.recipe)
-        return create_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=self.device.type == "cuda")
-
-    @torch.inference_mode()
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Backbone features (B, D) float32 of (B, H, W, 3) uint8 pixels, computed as the feature cache does."""
-        from roadwork_cli.model.device import autocast
-
-        batch = to_model_input(pixels, self.preprocessing, self.device, self.channels_last)  # (B, 3, H, W)
-        with autocast(self.device, self.compute_dtype):
-            return self.backbone(batch).float()  # (B, D)
-
-    def iter_features(
-        self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
-    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
-        """Backbone features batch by batch: ``(indices, (B, D) features on CPU, [(index, reason)])``."""
-        for indices, pixels, failed in self.loader(images, batch_size, workers):
-            features = self.embed(pixels).cpu() if pixels is not None else torch.zeros(0, 0)
-            yield indices, features, failed
-
-    @torch.inference_mode()
-    def forward_raw(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (uncalibrated) p_roadwork and gate, each (B,), for a batch of (B, H, W, 3) uint8 pixels."""
-        out = self.head(self.embed(pixels))
-        p = torch.sigmoid(out.cls.float()).cpu().numpy()  # (B,)
-        g = torch.sigmoid(out.gate.float()).cpu().numpy()  # (B,)
-        return p.astype(np.float64), g.astype(np.float64)
-
-    def iter_raw_scores(
-        self,
-        images: Sequence[Any],
-        batch_size: int = 32,
-        workers: int = 0,
-    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-        """Raw scores batch by batch, in input order: ``(indices, p_raw, g_raw, failed)`` per batch.
-
-        ``indices`` are the positions of the inputs scored in this batch (``p_raw``/``g_raw`` shape (B,)), and
-        ``failed`` pairs each unreadable input's position with its reason. Every position of one batch is lower than
-        every position of the next, so consumers can emit results as each batch finishes.
-        """
-        for indices, pixels, failed in self.loader(images, batch_size, workers):
-            if pixels is None:
-                yield indices, np.zeros(0), np.zeros(0), failed
-                continue
-            p, g = self.forward_raw(pixels)
-            yield indices, p, g, failed
-
-    def raw_scores(
-        self,
-        images: Sequence[Any],
-        batch_size: int = 32,
-        workers: int = 0,
-        progress: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """Raw p_roadwork and gate per input (NaN where an input failed) and the failure reasons."""
-        n = len(images)
-        p_raw = np.full(n, np.nan)
-        g_raw = np.full(n, np.nan)
-        errors: list[str | None] = [None] * n
-        with progress_bar("scoring", total=n, unit="img", enabled=progress) as advance:
-            for indices, p, g, failed in self.iter_raw_scores(images, batch_size, workers):
-                for index, reason in failed:
-                    errors[index] = reason
-                p_raw[indices] = p
-                g_raw[indices] = g
-                advance(len(indices) + len(failed))
-        return p_raw, g_raw, errors
-
-    def iter_predict(
-        self,
-        images: Sequence[Any],
-        batch_size: int = 32,
-        workers: int = 0,
-        progress: bool = False,
-    ) -> Iterator[Prediction]:
-        """One ``Prediction`` per input, in input order, yielded as each batch finishes.
-
-        Unreadable inputs get ``error`` set, never an exception. Stopping the iteration early (or Ctrl-C) keeps
-        everything already yielded valid: each prediction depends on its own image only.
-
-        Args:
-            images: Paths (str / Path), parquet row locators (``file.parquet#row=3``), PIL images or encoded image
-                bytes.
-            batch_size: Images per forward pass.
-            workers: DataLoader worker processes that decode and resize (0 = in this process).
-            progress: Show a progress bar on stderr.
-        """
-        if isinstance(images, str | os.PathLike):
-            images = [images]
-        if self.rule is None:
-            raise UsageError("This model has no calibration; run `roadwork calibrate` before predicting decisions.")
-        with progress_bar("predicting", total=len(images), unit="img", enabled=progress) as advance:
-            for indices, p_raw, g_raw, failed in self.iter_raw_scores(images, batch_size, workers):
-                done: dict[int, Prediction] = {
-                    index: Prediction(_describe(images[index], index), None, None, None, reason)
-                    for index, reason in failed
-                }
-                if indices:
-                    p_cal, g_cal = self.rule.calibrate(p_raw, g_raw)
-                    decisions = self.rule.decide(p_raw, g_raw)
-                    for j, index in enumerate(indices):
-                        done[index] = Prediction(
-                            _describe(images[index], index), float(p_cal[j]), float(g_cal[j]), str(decisions[j])
-                        )
-                advance(len(done))
-                yield from (done[index] for index in sorted(done))
-
-    def predict(
-        self,
-        images: Sequence[Any],
-        batch_size: int = 32,
-        workers: int = 0,
-        progress: bool = False,
-    ) -> list[Prediction]:
-        """All of :meth:`iter_predict` as a list (same arguments)."""
-        return list(self.iter_predict(images, batch_size, workers, progress))
-
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> np.ndarray:
-        """Calibrated P(roadwork) per input, shape (N,); NaN where an input could not be read."""
-        predictions = self.predict(images, batch_size, workers)
-        return np.array([np.nan if p.p_roadwork is None else p.p_roadwork for p in predictions], dtype=np.float64)
+    @property
+    def recorded_precision(self) -> str | None:
+        recipe = self.record.get("recipe")
+        return recipe.get("compute_precision") if isinstance(recipe, dict) else None
 
 
 def load_bundle(
@@ -389,10 +593,38 @@ def load_bundle(
     backbone_weights: str | Path | None = None,
     precision: str = "auto",
     jpeg_draft: bool | None = None,
-) -> Stage1Model:
-    """Verify and load a bundle written by ``roadwork export`` (see ``Stage1Model.from_bundle``)."""
-    return Stage1Model.from_bundle(
-        path, device=device, backbone_weights=backbone_weights, precision=precision, jpeg_draft=jpeg_draft
+    runtime: str = "auto",
+    threads: int | None = None,
+) -> ScoringModel:
+    """Verify and load a bundle written by ``roadwork export``.
+
+    ``runtime="auto"`` runs the bundle's ``model.onnx`` with onnxruntime, without importing torch, when all of these
+    hold: the bundle has one, onnxruntime is installed, ``device`` is ``auto`` or ``cpu``, the precision is fp32
+    (``auto`` with an fp32 recipe, or ``fp32``) and no ``backbone_weights`` are given. Otherwise it builds a
+    :class:`Stage1Model` (see ``Stage1Model.from_bundle``). Either way the whole bundle is verified first.
+
+    Args:
+        path: bundle.tar from ``roadwork export``.
+        device: Where to run (PyTorch).
+        backbone_weights: Local backbone weights for a bundle exported without them (PyTorch).
+        precision: As in :class:`Stage1Model`.
+        jpeg_draft: As in :class:`ScoringModel`.
+        runtime: ``auto``, ``onnx`` (fails when the bundle has no graph or onnxruntime is missing) or ``torch``.
+        threads: onnxruntime intra-op threads (PyTorch's are set with ``torch.set_num_threads``).
+    """
+    if runtime not in RUNTIMES:
+        raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)} (got {runtime!r}).")
+    bundle = VerifiedBundle.read(path)
+    if runtime == "auto":
+        from roadwork_cli.model.onnx_graph import onnxruntime_available
+
+        fp32 = precision == "fp32" or (precision == "auto" and bundle.recorded_precision in (None, "fp32"))
+        onnx_fits = device in ("auto", "cpu") and fp32 and backbone_weights is None
+        runtime = "onnx" if onnx_fits and ONNX_GRAPH in bundle.contents.members and onnxruntime_available() else "torch"
+    if runtime == "onnx":
+        return OnnxStage1Model.from_verified(bundle, jpeg_draft=jpeg_draft, threads=threads)
+    return Stage1Model.from_verified(
+        bundle, device=device, backbone_weights=backbone_weights, precision=precision, jpeg_draft=jpeg_draft
     )
 
 
@@ -505,6 +737,8 @@ def model_record(best_json: dict[str, Any], backbone: torch.nn.Module) -> dict[s
         "preprocessing": preprocessing,
         "feature_dim": int(backbone.feature_dim),
     }
+    if isinstance(best_json.get("adapters"), dict):  # fine-tuned: adapter settings + merged weights' fingerprint
+        record["adapters"] = dict(best_json["adapters"])
     for key in ("epoch", "metric", "select_metric", "value"):
         if key in best_json:
             record.setdefault("training", {})[key] = best_json[key]

@@ -1,7 +1,8 @@
 """The one decode + preprocess path: what ``cache-features``, ``evaluate --source`` and ``predict`` run on an input.
 
 The guarantee is certified on scores computed from cached features, so the deployed model must see the pixels the
-cache saw. Every consumer therefore goes through the same three steps, in this module only:
+cache saw. Every consumer therefore goes through the same three steps, here and in :mod:`roadwork_cli.data.pixels`
+(the torch-free half, which the ONNX runtime path uses on its own and whose pixels are tested equal to these):
 
 1. :func:`load_input` reads a path, parquet row locator, encoded bytes or ``PIL.Image`` into RGB. Large JPEGs are
    decoded at 1/2, 1/4 or 1/8 scale straight from the DCT (:func:`decode_jpeg_draft`) when that still covers the
@@ -25,22 +26,25 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from roadwork_cli.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
+from roadwork_cli.data.pixels import (
+    DecodeRecipe,
+    Failure,
+    decode_jpeg_draft,
+    failure_reason,
+    jpeg_draft_size,
+    load_input,
+    recipe_record,
+)
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from roadwork_cli.model.backbones import Preprocessing
+    from roadwork_cli.model.preprocessing import Preprocessing
 
 __all__ = [
     "DecodeRecipe",
@@ -48,114 +52,12 @@ __all__ = [
     "collate",
     "create_loader",
     "decode_jpeg_draft",
+    "failure_reason",
     "jpeg_draft_size",
     "load_input",
     "recipe_record",
     "to_model_input",
 ]
-
-Failure = tuple[int, str]
-"""``(input position, reason)`` of an input that could not be read."""
-
-
-def jpeg_draft_size(preprocessing: Preprocessing) -> int:
-    """Smallest shorter side the eval transform needs before its resize (size / crop_pct, rounded up)."""
-    size = preprocessing.size
-    side = max(size) if isinstance(size, tuple | list) else int(size)
-    crop_pct = float(getattr(preprocessing, "crop_pct", 1.0) or 1.0)
-    return int(math.ceil(side / min(crop_pct, 1.0)))
-
-
-@dataclass(frozen=True)
-class DecodeRecipe:
-    """Everything that decides which pixels reach the backbone, plus the safety limits of reading.
-
-    Attributes:
-        preprocessing: The backbone's input recipe (size, mean, std, interpolation, crop_pct).
-        jpeg_draft: Decode large JPEGs at reduced size from the DCT (see :func:`decode_jpeg_draft`).
-        max_pixels: Decompression-bomb limit; larger images are rejected unread.
-        max_file_bytes: Larger files are rejected unread.
-    """
-
-    preprocessing: Preprocessing
-    jpeg_draft: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-
-    @property
-    def draft_side(self) -> int | None:
-        """Target shorter side of draft decoding, or ``None`` when it is off."""
-        return jpeg_draft_size(self.preprocessing) if self.jpeg_draft else None
-
-
-def recipe_record(recipe: DecodeRecipe, compute_precision: str) -> dict[str, Any]:
-    """JSON form of a recipe and the forward's precision, as ``meta.json`` and ``model.json`` store it."""
-    return {
-        "decode": {"jpeg_draft": recipe.jpeg_draft, "draft_side": recipe.draft_side},
-        "preprocessing": recipe.preprocessing.to_dict(),
-        "pixels": "uint8 eval transform, normalised per batch",
-        "compute_precision": compute_precision,
-    }
-
-
-def decode_jpeg_draft(data: bytes, max_pixels: int, draft_side: int) -> Image.Image | None:
-    """Decode a large JPEG at 1/2, 1/4 or 1/8 scale straight from the DCT when that still covers ``draft_side``.
-
-    JPEG decoding dominates CPU inference cost and libjpeg's DCT scaling skips most of it. PIL only picks a scale
-    whose result is at least the requested size in both dimensions, so the eval transform's resize never upsamples.
-    Anything that is not a plain, complete JPEG, or is below twice ``draft_side`` (no DCT scale applies), returns
-    ``None`` and goes through the validating ``decode_image``, which reports the reason.
-    """
-    from PIL import Image, ImageOps
-
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    try:
-        image = Image.open(io.BytesIO(data), formats=("JPEG",))
-        width, height = image.size
-        if width * height > max_pixels or min(width, height) < 2 * draft_side:
-            return None  # too large: let the validator reject it; too small: no DCT scale applies
-        image.draft("RGB", (draft_side, draft_side))
-        image.load()
-        oriented = ImageOps.exif_transpose(image)
-        return oriented if oriented.mode == "RGB" else oriented.convert("RGB")
-    except Exception:  # noqa: BLE001 - fall back to the validating decoder, which names the problem
-        return None
-
-
-def load_input(item: Any, recipe: DecodeRecipe) -> Image.Image:
-    """Read one input (path or row locator, encoded bytes, or ``PIL.Image``) as an RGB image.
-
-    Raises:
-        ImageRejected: Unreadable, too large, truncated or not an image, with the reason.
-    """
-    from PIL import Image
-
-    from roadwork_cli.data.images import ImageRejected, decode_image, read_bytes
-
-    if isinstance(item, Image.Image):
-        return item if item.mode == "RGB" else item.convert("RGB")
-    if isinstance(item, bytes | bytearray | memoryview):
-        data = bytes(item)  # an encoded image already in memory (e.g. piped to `roadwork predict -`)
-        if len(data) > recipe.max_file_bytes:
-            raise ImageRejected(f"too large: {len(data)} bytes > {recipe.max_file_bytes}")
-    else:
-        data = read_bytes(os.fspath(item), recipe.max_file_bytes)
-    side = recipe.draft_side
-    if side is not None:
-        drafted = decode_jpeg_draft(data, recipe.max_pixels, side)
-        if drafted is not None:
-            return drafted
-    return decode_image(data, recipe.max_pixels)
-
-
-def failure_reason(exc: BaseException) -> str:
-    """Short reason of a failed input: ``ImageRejected.reason`` without the locator, else the message."""
-    reason = getattr(exc, "reason", None)
-    if reason:
-        return str(reason)
-    message = str(exc).strip()
-    return f"unreadable: {type(exc).__name__}: {message}" if message else f"unreadable: {type(exc).__name__}"
 
 
 class ImageDataset(Dataset):
