@@ -229,6 +229,12 @@ class LossWeights(_Section):
         description="Cross-entropy of the gate against the probability the (detached) cls output gives the true "
         "label; keeps the gate from saturating once the training set is fit.",
     )
+    conformal: float = Field(
+        1.0,
+        ge=0,
+        description="train_crc only: weight of the conformal-training term (smoothed defer rate + smoothed error on "
+        "exits under thresholds fitted on the other half of each batch for calibration.fnr / calibration.coverage).",
+    )
 
 
 class TrainSettings(_Section):
@@ -251,6 +257,17 @@ class TrainSettings(_Section):
     ema_decay: float = Field(0.99, ge=0, lt=1, description="Decay of the weight EMA; 0 disables EMA.")
     target_coverage: float = Field(0.8, gt=0, le=1, description="Coverage the SelectiveNet gate is trained towards.")
     loss: LossWeights = Field(default_factory=LossWeights, description="Weights of the objective's parts.")
+    crc_temperature: float = Field(
+        0.5,
+        gt=0,
+        description="train_crc: temperature (in logit units) of the sigmoids that relax the thresholds, the quantiles "
+        "and the exit / decision indicators of the conformal-training term; smaller is closer to the hard rule.",
+    )
+    crc_score: Literal["gate", "softmax_response"] = Field(
+        "gate",
+        description="train_crc: the selection score the simulated rule exits on (the gate head, or max(p, 1-p)); "
+        "match calibration.gate_score.",
+    )
     select_metric: Literal["mcc", "accuracy", "auroc", "aurc"] = Field(
         "mcc", description="Model-selection metric on val_select (AURC breaks ties)."
     )

@@ -11,8 +11,12 @@ With per-sample cross-entropy ``l_i`` of the cls output, gate ``g_i = sigmoid(ga
 * ``gate``      = mean(BCE(gate logit_i, t_i)), t_i = exp(-l_i) detached: the probability the cls output gives the
                   true label (ConfidNet's "true class probability" target)
 
-``total = w_cls cls + w_sel selective + w_cov coverage + w_aux aux + w_fn fn + w_gate gate`` with weights from
-:class:`~roadwork_cli.config.LossWeights`.
+* ``conformal`` = the conformal-training term of ``train_crc`` (:mod:`roadwork_cli.training.conftr`): smoothed
+                  defer rate + smoothed error on exits under thresholds fitted on the other half of the batch; 0 in
+                  the other modes
+
+``total = w_cls cls + w_sel selective + w_cov coverage + w_aux aux + w_fn fn + w_gate gate + w_conformal conformal``
+with weights from :class:`~roadwork_cli.config.LossWeights`.
 
 Why the ``gate`` term: SelectiveNet's coverage penalty is one-sided and its selective risk only sees training errors;
 once the head fits the training set every loss is near zero, the penalty pushes all gates up together and the gate
@@ -22,21 +26,54 @@ the gate learns how sure the cls output is of the true label, which is what sele
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from roadwork_cli.model.head import HeadOutput
+from roadwork_cli.training.conftr import conformal_training_loss
 
-__all__ = ["LOSS_PARTS", "selective_loss"]
+__all__ = ["LOSS_PARTS", "ConformalTarget", "selective_loss"]
 
-LOSS_PARTS = ("total", "cls", "selective", "coverage", "aux", "fn", "gate")
+LOSS_PARTS = ("total", "cls", "selective", "coverage", "aux", "fn", "gate", "conformal")
 _EPS = 1e-6
 
 
+@dataclass(frozen=True)
+class ConformalTarget:
+    """What the conformal-training term simulates: the calibration targets and how the rule is relaxed.
+
+    Attributes:
+        alpha: False-negative rate among exits (``calibration.fnr``).
+        coverage: Exit rate xi (``calibration.coverage``).
+        temperature: Sigmoid temperature in logit units (``train.crc_temperature``).
+        score: Selection score of the rule (``train.crc_score``).
+    """
+
+    alpha: float
+    coverage: float
+    temperature: float
+    score: Literal["gate", "softmax_response"] = "gate"
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ConformalTarget:
+        """From the resolved :class:`~roadwork_cli.config.Settings` (train and calibration sections)."""
+        return cls(
+            alpha=settings.calibration.fnr,
+            coverage=settings.calibration.coverage,
+            temperature=settings.train.crc_temperature,
+            score=settings.train.crc_score,
+        )
+
+
 def selective_loss(
-    output: HeadOutput, labels: torch.Tensor, weights: Any, target_coverage: float
+    output: HeadOutput,
+    labels: torch.Tensor,
+    weights: Any,
+    target_coverage: float,
+    conformal: ConformalTarget | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Objective of one batch.
 
@@ -46,6 +83,7 @@ def selective_loss(
         weights: :class:`~roadwork_cli.config.LossWeights` (``cls``, ``selective``, ``coverage_penalty``, ``aux``,
             ``fn_weight``, ``gate_correctness``).
         target_coverage: Fraction of samples the gate should accept.
+        conformal: Targets of the conformal-training term (``train_crc``); None leaves the term out (it reads 0).
 
     Returns:
         The scalar loss to minimise and its detached parts (keys of :data:`LOSS_PARTS`, unweighted).
@@ -63,6 +101,12 @@ def selective_loss(
     # Detached target: the cls output is never pulled towards what the gate predicts about it.
     true_class_probability = torch.exp(-per_sample.detach())  # (B,)
     gate_fit = F.binary_cross_entropy_with_logits(output.gate, true_class_probability)
+    if conformal is not None and weights.conformal > 0:
+        conformal_term, _ = conformal_training_loss(
+            output, labels, conformal.alpha, conformal.coverage, conformal.temperature, conformal.score
+        )
+    else:
+        conformal_term = torch.zeros((), dtype=cls.dtype, device=cls.device)
     total = (
         weights.cls * cls
         + weights.selective * selective
@@ -70,9 +114,10 @@ def selective_loss(
         + weights.aux * aux
         + weights.fn_weight * fn
         + weights.gate_correctness * gate_fit
+        + weights.conformal * conformal_term
     )
     parts = {
         "total": total, "cls": cls, "selective": selective, "coverage": coverage, "aux": aux, "fn": fn,
-        "gate": gate_fit,
+        "gate": gate_fit, "conformal": conformal_term,
     }  # fmt: skip
     return total, {name: value.detach() for name, value in parts.items()}

@@ -1,4 +1,8 @@
-"""``train --mode train_cached``: fit the selective head on cached backbone features.
+"""``train --mode train_cached | train_crc``: fit the selective head on cached backbone features.
+
+``train_crc`` is the same loop with the conformal-training term added to the objective
+(:mod:`roadwork_cli.training.conftr`): each batch simulates the stage-1 calibration on one half and pays for the
+simulated thresholds' defer rate and error on exits on the other. Calibration afterwards is the same SCRC-I.
 
 Per epoch every training image contributes one of its cached views (view 0 = clean, 1..K = augmented), chosen with
 a generator seeded by ``(train.seed, epoch)``; the order is a seeded permutation too. Features stay in one in-memory
@@ -39,7 +43,7 @@ from roadwork_cli.metrics.classification import accuracy, auroc, mcc
 from roadwork_cli.metrics.selective import aurc
 from roadwork_cli.model.device import resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
-from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
+from roadwork_cli.training.losses import LOSS_PARTS, ConformalTarget, selective_loss
 from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler
 
 __all__ = ["SCORE_COLUMNS", "SCORE_SPLITS", "TrainSummary", "evaluate_head", "load_best_head", "train"]
@@ -226,6 +230,8 @@ class _Fit:
     data: _Data
     batch_size: int
     steps_per_epoch: int
+    conformal: ConformalTarget | None = None
+    """train_crc: what the conformal-training term simulates (None in train_cached)."""
 
 
 def _new_fit(settings: Settings, data: _Data, in_dim: int, device: torch.device) -> _Fit:
@@ -243,7 +249,8 @@ def _new_fit(settings: Settings, data: _Data, in_dim: int, device: torch.device)
     optimizer = create_optimizer(head, ts)
     scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
     ema = create_ema(head, ts.ema_decay)
-    return _Fit(head, optimizer, scheduler, ema, data, batch_size, steps_per_epoch)
+    conformal = ConformalTarget.from_settings(settings) if ts.mode == "train_crc" else None
+    return _Fit(head, optimizer, scheduler, ema, data, batch_size, steps_per_epoch, conformal)
 
 
 def _train_epoch(fit: _Fit, data: _Data, ts: Any, epoch: int) -> torch.Tensor:
@@ -254,7 +261,7 @@ def _train_epoch(fit: _Fit, data: _Data, ts: Any, epoch: int) -> torch.Tensor:
     sums = torch.zeros(len(LOSS_PARTS), device=features.device)
     for step, start in enumerate(range(0, n, fit.batch_size), start=epoch * fit.steps_per_epoch):
         xb, yb = features[start : start + fit.batch_size], labels[start : start + fit.batch_size]
-        loss, parts = selective_loss(fit.head(xb), yb, ts.loss, ts.target_coverage)
+        loss, parts = selective_loss(fit.head(xb), yb, ts.loss, ts.target_coverage, fit.conformal)
         fit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         fit.optimizer.step()
@@ -301,6 +308,8 @@ def _signature(settings: Settings, fingerprint: str, data: _Data, table: SplitTa
         "head": [settings.model.head_hidden, settings.model.head_dropout, settings.model.head_standardize],
         "splits": hashlib.sha256(json.dumps(splits).encode()).hexdigest(),
     }
+    if settings.train.mode == "train_crc":  # the term simulates these calibration targets
+        payload["crc_targets"] = [settings.calibration.fnr, settings.calibration.coverage]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -394,8 +403,10 @@ def train(
     """
 
     mode = settings.train.mode
-    if mode != "train_cached":
-        raise NotBuiltError(f"`--mode {mode}` (PEFT fine-tuning) is not built yet; use --mode train_cached")
+    if mode not in ("train_cached", "train_crc"):
+        raise NotBuiltError(
+            f"`--mode {mode}` (PEFT fine-tuning) is not built yet; use --mode train_cached or train_crc"
+        )
     started = time.perf_counter()
     device = resolve_device(settings.runtime.device)
     previous_threads = torch.get_num_threads()

@@ -1,12 +1,18 @@
-"""The conformal-training term: smooth quantiles, its gradients, and that optimising it lowers it."""
+"""The conformal-training term (smooth quantiles, gradients, optimising it lowers it) and ``train --mode train_crc``."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
+from safetensors.torch import load_file
+from train_helpers import make_cached_run, train_settings
 
+from roadwork_cli.io.run import RunDir
 from roadwork_cli.model.head import HeadOutput, SelectiveHead
 from roadwork_cli.training.conftr import conformal_training_loss, selection_score, smooth_quantile
+from roadwork_cli.training.trainer import train
 
 
 @pytest.mark.parametrize("level", [0.02, 0.2, 0.5, 0.9])
@@ -109,3 +115,40 @@ def test_softmax_response_score_is_the_absolute_cls_logit():
     assert torch.equal(selection_score(out, "softmax_response"), torch.tensor([2.0, 0.5]))
     with pytest.raises(ValueError, match="selection score"):
         selection_score(out, "nope")
+
+
+# ---------------------------------------------------------------------------------------- train --mode train_crc
+
+
+def _metrics(run: RunDir) -> list[dict[str, float]]:
+    with open(run.metrics, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def test_train_crc_lowers_its_loss_and_the_term_over_a_few_epochs(tmp_path):
+    run = make_cached_run(tmp_path / "run", counts=(320, 60, 60, 60))
+    summary = train(run, train_settings(run, mode="train_crc", epochs=8, lr=1e-2))
+    assert summary.mode == "train_crc"
+    rows = _metrics(run)
+    assert rows[-1]["loss"] < 0.3 * rows[0]["loss"]
+    # The defer rate stays near 1 - xi = 0.2 by construction; the error on exits is what falls.
+    assert 0.1 < rows[-1]["loss_conformal"] < 0.6 * rows[0]["loss_conformal"]
+    assert (run.scores / "val_calib.csv").exists()
+
+
+def test_the_term_changes_training_only_in_train_crc(tmp_path):
+    cached, crc = make_cached_run(tmp_path / "cached", signal=1.0), make_cached_run(tmp_path / "crc", signal=1.0)
+    train(cached, train_settings(cached, epochs=2))
+    train(crc, train_settings(crc, mode="train_crc", epochs=2))
+    assert all(row["loss_conformal"] == 0.0 for row in _metrics(cached))
+    a, b = load_file(cached.checkpoints / "best.safetensors"), load_file(crc.checkpoints / "best.safetensors")
+    assert not torch.equal(a["out.weight"], b["out.weight"])
+
+
+def test_a_train_crc_checkpoint_is_not_resumed_for_other_calibration_targets(tmp_path):
+    run = make_cached_run(tmp_path / "run")
+    settings = train_settings(run, mode="train_crc", epochs=2)
+    train(run, settings)
+    assert train(run, settings).resumed_from == 2  # same problem: the finished run is picked up
+    settings.calibration.fnr = 0.1
+    assert train(run, settings).resumed_from == 0

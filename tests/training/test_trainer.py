@@ -120,9 +120,10 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key])
 
 
-def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path):
+@pytest.mark.parametrize("mode", ["train_cached", "train_crc"])
+def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path, mode):
     clean, killed = make_cached_run(tmp_path / "clean"), make_cached_run(tmp_path / "killed")
-    train(clean, train_settings(clean, epochs=4))
+    train(clean, train_settings(clean, epochs=4, mode=mode))
     script = textwrap.dedent(
         f"""
         import os, signal, sys
@@ -134,13 +135,13 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path):
         def kill(epoch, metrics):
             if epoch == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(run, train_settings(run, epochs=4), on_epoch_end=kill)
+        train(run, train_settings(run, epochs=4, mode={mode!r}), on_epoch_end=kill)
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     assert torch.load(killed.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
-    summary = train(killed, train_settings(killed, epochs=4))
+    summary = train(killed, train_settings(killed, epochs=4, mode=mode))
     assert summary.resumed_from == 2
     assert (clean.checkpoints / "best.safetensors").read_bytes() == (
         killed.checkpoints / "best.safetensors"
@@ -277,8 +278,6 @@ def test_one_class_val_select_is_explained_once_without_warnings(cached_run):
 def test_unbuilt_modes_and_missing_features(tmp_path, cached_run):
     with pytest.raises(NotBuiltError, match="--mode train_cached"):
         train(cached_run, train_settings(cached_run, mode="train"))
-    with pytest.raises(NotBuiltError):
-        train(cached_run, train_settings(cached_run, mode="train_crc"))
     bare = RunDir(tmp_path / "bare").ensure()
     bare.splits.write_text(cached_run.splits.read_text())
     with pytest.raises(UsageError, match="cache-features"):
