@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--bench-dir", type=Path, default=Path("runs/bench"), help="Where the benchmarks' JSON is.")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     parser.add_argument("--rounds", type=int, default=2, help="Interleaved end-to-end rounds per image size.")
+    parser.add_argument(
+        "--render-only", action="store_true", help="Re-write the table from the saved JSON without measuring."
+    )
     args = parser.parse_args(argv)
 
     from roadwork_cli.io.atomic import atomic_write_json, atomic_write_text
@@ -254,13 +257,19 @@ def main(argv: list[str] | None = None) -> Path:
     forward = json.loads((args.bench_dir / "forward.json").read_text())
     precision_file = args.bench_dir / "precision.json"
     precision = json.loads(precision_file.read_text()) if precision_file.exists() else None
-    machine = machine_details()
-    with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
-        rows = end_to_end(Path(tmp), forward["best"], args.rounds)
-        startup_s = startup(Path(tmp))
-    os.makedirs(args.bench_dir, exist_ok=True)
-    atomic_write_json(args.bench_dir / "end_to_end.json", {"machine": machine, "rows": rows, "startup_s": startup_s})
-    atomic_write_text(args.out, render(machine, forward, precision, rows, startup_s))
+    saved = args.bench_dir / "end_to_end.json"
+    if not args.render_only:
+        os.makedirs(args.bench_dir, exist_ok=True)
+        machine = machine_details()
+        with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
+            rows = end_to_end(Path(tmp), forward["best"], args.rounds)
+            # Saved before the start-up runs: a failure there must not throw away minutes of measurements.
+            atomic_write_json(saved, {"machine": machine, "rows": rows, "startup_s": None})
+            atomic_write_json(saved, {"machine": machine, "rows": rows, "startup_s": startup(Path(tmp))})
+    measured = json.loads(saved.read_text())
+    atomic_write_text(
+        args.out, render(measured["machine"], forward, precision, measured["rows"], measured["startup_s"])
+    )
     print(args.out.read_text())
     return args.out
 
