@@ -45,9 +45,12 @@ class RateColumn(TextColumn):
 
 @contextmanager
 def progress_bar(description: str, total: int | None, unit: str = "it", enabled: bool = True) -> Iterator[Callable]:
-    """A bar with count, rate, elapsed and remaining time; yields ``advance(n=1)``."""
+    """A bar with count, rate, elapsed and remaining time; yields ``advance(n=1, description=None)``.
+
+    A ``description`` replaces the bar's label (e.g. to show the running loss); None keeps it.
+    """
     if not enabled:
-        yield lambda n=1: None
+        yield lambda n=1, description=None: None
         return
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -60,4 +63,4 @@ def progress_bar(description: str, total: int | None, unit: str = "it", enabled:
     ]
     with Progress(*columns, console=stderr_console, transient=False) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        yield lambda n=1, description=None: progress.update(task, advance=n, description=description)

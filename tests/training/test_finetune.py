@@ -1,0 +1,203 @@
+"""train --mode train: adapters and optimisers learn on live images, resume after SIGKILL, warm start, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from roadwork_cli.config import load_settings
+from roadwork_cli.errors import UsageError
+from roadwork_cli.features.cache import read_split_table
+from roadwork_cli.io.atomic import read_json
+from roadwork_cli.io.run import RunDir
+from roadwork_cli.training import finetune
+from roadwork_cli.training.losses import selective_loss
+from roadwork_cli.training.trainer import SCORE_COLUMNS, train
+
+COUNTS = {"train": 24, "val_select": 8, "val_calib": 6, "test": 6}
+
+
+@pytest.fixture(scope="module")
+def image_table(tmp_path_factory) -> dict:
+    """Small noisy images whose dominant colour (red / blue) is the label; one training file is corrupt."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    splits, samples, k = {}, {}, 0
+    for split, count in COUNTS.items():
+        splits[split] = []
+        for _ in range(count):
+            label = k % 2
+            pixels = rng.integers(0, 90, (40, 40, 3)).astype(np.uint8)
+            pixels[..., 0 if label else 2] += 120
+            path = folder / f"{k}.png"
+            Image.fromarray(pixels).save(path)
+            image_id = f"{k:064x}"
+            splits[split].append(image_id)
+            samples[image_id] = {"path": str(path), "label": label, "source": "test", "group": image_id}
+            k += 1
+    (folder / "3.png").write_bytes(b"not an image at all")  # a training image: skipped with its reason
+    return {"version": 1, "seed": 0, "splits": splits, "samples": samples}
+
+
+def make_run(root: Path, table: dict) -> RunDir:
+    run = RunDir(root).ensure()
+    run.splits.write_text(json.dumps(table))
+    return run
+
+
+def live_settings(run: RunDir, method: str = "dora", **train):
+    overrides = {
+        "runtime": {"run": str(run.root), "device": "cpu", "threads": 1},
+        "model": {
+            "backbone": "tiny_vit",
+            "head_hidden": 16,
+            "head_dropout": 0.0,
+            "peft": {"method": method, "rank": 4},
+        },
+        "features": {"workers": 0, "batch_size": 16},
+        "data": {"augment": "none"},
+        "train": {"mode": "train", "epochs": 3, "batch_size": 8, "lr": 1e-2, "ema_decay": 0.0, **train},
+    }
+    return load_settings(None, overrides, environ={})
+
+
+def training_loss(run: RunDir, settings, model: finetune.LiveModel | None = None) -> float:
+    """The objective on the clean training images: of ``model``, or of the freshly initialised one."""
+    images = finetune._Images(read_split_table(run), {})
+    setup = finetune._setup(settings, torch.device("cpu"), len(images.ids("train")), None)
+    _, labels, output = finetune._score(setup, model or setup.model, images, images.ids("train"))
+    return float(selective_loss(output, labels, settings.train.loss, settings.train.target_coverage)[0])
+
+
+@pytest.mark.parametrize(
+    ("method", "optimizer"),
+    [("lora", "adamw"), ("dora", "adamw"), ("doran", "adamw"), ("none", "adamw"), ("dora", "sam"), ("dora", "fsam")],
+)
+def test_a_few_steps_lower_the_training_loss(tmp_path, image_table, method, optimizer):
+    run = make_run(tmp_path / "run", image_table)
+    settings = live_settings(run, method, optimizer=optimizer)
+    before = training_loss(run, settings)
+    summary = train(run, settings)
+    images = finetune._Images(read_split_table(run), {})
+    setup = finetune._setup(settings, torch.device("cpu"), len(images.ids("train")), None)
+    after = training_loss(run, settings, finetune._best_model(run, setup))
+    assert after < 0.9 * before, (before, after)
+
+    assert summary.mode == "train" and summary.n_failed == 1 and "could not be read" in summary.notes[-1]
+    info = read_json(run.checkpoints / "best.json")
+    assert info["mode"] == "train" and info["recipe"]["compute_precision"] == "fp32"
+    if method == "none":  # head only: the plain backbone, nothing merged
+        assert "adapters" not in info and not (run.checkpoints / finetune.BEST_BACKBONE).exists()
+        assert info["fingerprint"] == setup.base_fingerprint
+    else:
+        assert info["adapters"]["method"] == method and info["adapters"]["base_fingerprint"] == setup.base_fingerprint
+        assert info["fingerprint"] == info["adapters"]["merged_fingerprint"] != setup.base_fingerprint
+        assert info["backbone"]["spec"]["weights"] == f"checkpoints/{finetune.BEST_BACKBONE}"
+    for split in ("val_select", "val_calib", "test"):
+        lines = (run.scores / f"{split}.csv").read_text().splitlines()
+        assert lines[0] == ",".join(SCORE_COLUMNS) and len(lines) == COUNTS[split] + 1
+    assert len((run.metrics).read_text().splitlines()) == 1 + settings.train.epochs
+
+
+def test_sigkill_resume_reproduces_the_uninterrupted_weights(tmp_path, image_table):
+    """Augmented views, F-SAM, accumulation, clipping and dropout: all of it repeats after a real SIGKILL."""
+    extra = {"optimizer": "fsam", "accumulate": 2, "grad_clip": 1.0, "ema_decay": 0.9}
+    clean, killed = make_run(tmp_path / "clean", image_table), make_run(tmp_path / "killed", image_table)
+
+    def settings_of(run):
+        settings = live_settings(run, "doran", **extra)
+        settings.data.augment = "moderate"
+        settings.model.peft.dropout = 0.1
+        settings.model.head_dropout = 0.1
+        return settings
+
+    train(clean, settings_of(clean))
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_finetune import live_settings
+        from roadwork_cli.io.run import RunDir
+        from roadwork_cli.training.trainer import train
+
+        run = RunDir(Path({str(killed.root)!r}))
+        settings = live_settings(run, "doran", **{extra!r})
+        settings.data.augment = "moderate"
+        settings.model.peft.dropout = 0.1
+        settings.model.head_dropout = 0.1
+
+        def kill(epoch, metrics):
+            if epoch == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        train(run, settings, on_epoch_end=kill)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=600)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    assert torch.load(killed.checkpoints / "last.pt", weights_only=True)["epoch"] == 2
+    summary = train(killed, settings_of(killed))
+    assert summary.resumed_from == 2 and summary.epochs_run == 1
+
+    for name in ("best.safetensors", finetune.BEST_BACKBONE):
+        a, b = load_file(str(clean.checkpoints / name)), load_file(str(killed.checkpoints / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a = torch.load(clean.checkpoints / "last.pt", weights_only=True)
+    b = torch.load(killed.checkpoints / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert (clean.scores / "test.csv").read_text() == (killed.scores / "test.csv").read_text()
+
+
+def test_warm_start_from_a_train_cached_head_on_the_same_backbone(tmp_path, image_table):
+    from safetensors.torch import save_file
+
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import create_head
+
+    run = make_run(tmp_path / "run", image_table)
+    run.checkpoints.mkdir(parents=True)
+    settings = live_settings(run, "lora", epochs=1)
+    backbone = create_backbone("tiny_vit")
+    torch.manual_seed(123)
+    head = create_head(settings.model, backbone.feature_dim)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
+    cached_info = {"head": head.config, "backbone": backbone.spec, "fingerprint": f"{backbone.fingerprint}-bf16"}
+    (run.checkpoints / "best.json").write_text(json.dumps(cached_info))
+    cached_bytes = (run.checkpoints / "best.safetensors").read_bytes()
+
+    kept = finetune._warm_start(run, settings, backbone.fingerprint, backbone.feature_dim)
+    assert kept is not None and kept.read_bytes() == cached_bytes
+    setup = finetune._setup(settings, torch.device("cpu"), COUNTS["train"], kept)
+    assert all(torch.equal(v, setup.model.head.state_dict()[k]) for k, v in head.state_dict().items())
+    train(run, settings)
+    assert read_json(run.checkpoints / "best.json")["warm_start"] is True
+    # best.* now holds the fine-tuned head (mode train); the kept copy still seeds a resumed or repeated start.
+    assert finetune._warm_start(run, settings, backbone.fingerprint, backbone.feature_dim).read_bytes() == cached_bytes
+
+    settings.train.warm_start = False
+    assert finetune._warm_start(run, settings, backbone.fingerprint, backbone.feature_dim) is None
+    other = make_run(tmp_path / "other", image_table)
+    other.checkpoints.mkdir(parents=True)
+    (other.checkpoints / "best.safetensors").write_bytes(cached_bytes)
+    (other.checkpoints / "best.json").write_text(json.dumps(dict(cached_info, fingerprint="0123456789abcdef")))
+    assert finetune._warm_start(other, live_settings(other), backbone.fingerprint, backbone.feature_dim) is None
+
+
+def test_fp16_with_sharpness_aware_optimisers_is_a_settings_error(tmp_path, image_table):
+    run = make_run(tmp_path / "run", image_table)
+    settings = live_settings(run, "lora", optimizer="fsam")
+    settings.runtime.precision = "fp16"
+    with pytest.raises(UsageError, match="bf16"):
+        train(run, settings)
