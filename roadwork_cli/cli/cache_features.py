@@ -49,8 +49,14 @@ def command(
     )
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir
+    from roadwork_cli.training.distributed import distributed_from_env
 
-    summary = cache_features(RunDir(require_run(settings)), settings, progress=True)
+    dist = distributed_from_env(settings.runtime.device)  # a torchrun job, or one process
+    if dist.enabled and dist.is_main:
+        console.print(f"cache-features: {dist.describe()}")
+    summary = cache_features(RunDir(require_run(settings)), settings, progress=dist.is_main, dist=dist)
+    if not dist.is_main:  # rank 0 reports for the job
+        return
     table = Table(title="cache-features", show_header=False)
     table.add_row("backbone", summary.backbone)
     table.add_row("fingerprint", summary.fingerprint)
@@ -60,6 +66,7 @@ def command(
     table.add_row("unreadable (skipped)", f"{summary.failed}" + (" -> failed.json" if summary.failed else ""))
     table.add_row("throughput", f"{summary.images_per_second:,.1f} img/s ({summary.seconds:.1f} s)")
     table.add_row("folder", str(summary.folder))
+    table.add_row("processes", dist.describe())
     console.print(table)
     if json_output:
         print_json(summary)

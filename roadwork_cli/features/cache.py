@@ -24,11 +24,13 @@ fingerprint and therefore a different folder: stale features are never reused.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +39,9 @@ from safetensors.torch import load_file, save_file
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
 from roadwork_cli.io.run import RunDir
+
+if TYPE_CHECKING:  # the caller passes the torchrun context in; this layer never imports training
+    from roadwork_cli.training.distributed import Distributed
 
 __all__ = [
     "CacheSummary",
@@ -231,6 +236,88 @@ def _shard_batches(n_items: int, shard_size: int, batch_size: int) -> list[list[
     return batches
 
 
+_Record = tuple[list[tuple[str, int]], torch.Tensor, dict[str, str]]
+"""What one batch gave: its keys ``[(id, view)]``, their ``(B_ok, D)`` rows, and ``{id: reason}`` of its failures."""
+
+
+def _join(records: Sequence[_Record]) -> _Record:
+    """The records of one shard's batches as one shard: keys, rows and failures in batch order."""
+    failed: dict[str, str] = {}
+    for _, _, bad in records:
+        failed.update(bad)
+    return [key for keys, _, _ in records for key in keys], torch.cat([rows for _, rows, _ in records]), failed
+
+
+class _Parts:
+    """The ranks' parts of a torchrun ``cache-features`` (``<folder>/parts/``) and rank 0's merge of them.
+
+    For each shard of the plan in which rank r computed batches it writes ``<tag>.rank<r>.safetensors`` (its rows in
+    batch order, float16 like a shard) and then ``<tag>.rank<r>.json`` (per batch: number, keys, failures), whose
+    presence marks the part complete. ``tag`` hashes the shard's keys, the batch size and the world size: a re-run of
+    the same plan after SIGKILL reuses the finished parts, any other plan ignores them. Merged shards leave the work
+    list whole (shards are merged in order), so the remaining shards keep their keys and tags.
+    """
+
+    FOLDER = "parts"
+
+    def __init__(
+        self,
+        folder: Path,
+        todo: Sequence[tuple[str, int]],
+        batches: Sequence[Sequence[int]],
+        shard_size: int,
+        rank: int,
+        world_size: int,
+    ):
+        self.folder = folder / self.FOLDER
+        self.todo, self.batches, self.shard_size = todo, batches, shard_size
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = max((len(b) for b in batches), default=0)
+
+    def shard_of(self, batch: int) -> int:
+        return self.batches[batch][0] // self.shard_size
+
+    def _paths(self, shard: int, rank: int) -> tuple[Path, Path]:
+        keys = self.todo[shard * self.shard_size : (shard + 1) * self.shard_size]
+        plan = json.dumps([keys, self.batch_size, self.world_size]).encode()
+        stem = f"{hashlib.sha256(plan).hexdigest()[:20]}.rank{rank}"
+        return self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"
+
+    def done(self, batch: int) -> bool:
+        """Whether this rank's part of ``batch``'s shard is complete on disk."""
+        return self._paths(self.shard_of(batch), self.rank)[1].exists()
+
+    def write(self, shard: int, batches: Sequence[int], records: Sequence[_Record]) -> None:
+        """This rank's part of ``shard``: the records of its ``batches`` (in order), rows first, then the record."""
+        features_path, record_path = self._paths(shard, self.rank)
+        _, rows, _ = _join(records)
+        with atomic_path(features_path) as tmp:
+            save_file({"features": rows.to(torch.float16).contiguous()}, str(tmp))
+        listing = [
+            {"batch": j, "keys": [list(k) for k in keys], "failed": bad}
+            for j, (keys, _, bad) in zip(batches, records, strict=True)
+        ]
+        atomic_write_json(record_path, {"version": 1, "batches": listing})
+
+    def merge_into(self, store: FeatureStore) -> None:
+        """Add every shard of the plan to ``store`` in order, exactly as one process adds them, then drop the parts."""
+        shards: dict[int, set[int]] = {}
+        for j in range(len(self.batches)):
+            shards.setdefault(self.shard_of(j), set()).add(j % self.world_size)
+        for shard, ranks in sorted(shards.items()):
+            batches: list[tuple[int, _Record]] = []
+            for rank in sorted(ranks):
+                features_path, record_path = self._paths(shard, rank)
+                rows = load_file(str(features_path))["features"]  # (R_part, D)
+                offset = 0
+                for entry in read_json(record_path)["batches"]:
+                    keys = [(str(i), int(v)) for i, v in entry["keys"]]
+                    batches.append((entry["batch"], (keys, rows[offset : offset + len(keys)], entry["failed"])))
+                    offset += len(keys)
+            store.add_shard(*_join([record for _, record in sorted(batches, key=lambda b: b[0])]))
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @dataclass
 class CacheSummary:
     """What ``cache_features`` did."""
@@ -255,6 +342,7 @@ def cache_features(
     progress: bool = False,
     backbone: Any = None,
     on_shard: Callable[[int], None] | None = None,
+    dist: Distributed | None = None,
 ) -> CacheSummary:
     """Extract and cache features of every split image (view 0) and K augmented views of training images.
 
@@ -263,7 +351,12 @@ def cache_features(
         settings: Resolved :class:`~roadwork_cli.config.Settings`.
         progress: Show a rich progress bar (images/s) on stderr.
         backbone: A ready :class:`~roadwork_cli.model.backbones.Backbone` (default: built from ``settings.model``).
-        on_shard: Called with the shard number after each shard is safely on disk (tests simulate crashes here).
+        on_shard: Called with the shard number after each shard is safely on disk (tests simulate crashes here);
+            under torchrun after each of this rank's parts of a shard.
+        dist: The torchrun job (:func:`~roadwork_cli.training.distributed.distributed_from_env`); None or one
+            process computes everything here. With W ranks, rank r computes batches r, r+W, ... of the one-process
+            plan and writes them as parts; rank 0 merges the parts, shard by shard, into the layout that one process
+            writes (same shards, index and bytes). The run directory must be shared by all ranks.
     """
     from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
     from roadwork_cli.data.transforms import augmentation_from_settings
@@ -294,8 +387,7 @@ def cache_features(
         fingerprint += "-fulldecode"
     folder = run.features / fingerprint
     store = FeatureStore(folder)
-    for stale in folder.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
-        stale.unlink(missing_ok=True)
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     meta = {
         "version": 1,
         "fingerprint": fingerprint,
@@ -307,7 +399,15 @@ def cache_features(
         "views": int(settings.features.views),
         "recipe": recipe_record(recipe, precision_tag(dtype)),
     }
-    atomic_write_json(store.meta_path, meta)
+    if rank == 0:
+        for stale in [*folder.glob(".*.tmp"), *folder.glob(f"{_Parts.FOLDER}/.*.tmp")]:  # writes SIGKILL cut short
+            stale.unlink(missing_ok=True)
+        atomic_write_json(store.meta_path, meta)
+    if world_size > 1 and len(set(dist.all_gather_json(fingerprint))) > 1:
+        raise UsageError(
+            "The ranks of this torchrun job built different backbones (fingerprints differ): give every node the "
+            "same --backbone, --weights file and settings."
+        )
 
     ordered: list[tuple[str, int]] = []
     seen: set[str] = set()
@@ -326,9 +426,13 @@ def cache_features(
         model = model.to(memory_format=torch.channels_last)
     shard_size = settings.features.shard_size
     batches = _shard_batches(len(todo), shard_size, settings.features.batch_size)
+    # Under torchrun rank r computes batches r, r+W, ...: the one-process batches, so the same rows come out.
+    mine = [j for j in range(len(batches)) if j % world_size == rank]
+    parts = _Parts(folder, todo, batches, shard_size, rank, world_size) if world_size > 1 else None
+    if parts is not None:
+        mine = [j for j in mine if not parts.done(j)]  # resume: this rank's finished parts of unmerged shards
     forward_passes = computed = 0
-    failed_total = 0
-    if todo:
+    if mine:
         # View 0 is the clean eval transform; view v > 0 one seeded draw of the train transform.
         dataset = ImageDataset(
             [table.paths[image_id] for image_id, _ in todo],
@@ -337,38 +441,47 @@ def cache_features(
             augment=augmentation_from_settings(settings.data, backbone.preprocessing, output="uint8"),
         )
         loader = create_loader(
-            dataset, batch_sampler=batches, workers=settings.features.workers, pin_memory=device.type == "cuda"
+            dataset,
+            batch_sampler=[batches[j] for j in mine],
+            workers=settings.features.workers,
+            pin_memory=device.type == "cuda",
         )
-        shard_keys: list[tuple[str, int]] = []
-        shard_rows: list[torch.Tensor] = []
-        shard_failed: dict[str, str] = {}
-        shard_end = min(shard_size, len(todo))
-        done = 0
-        with progress_bar("cache-features", total=len(todo), unit="img", enabled=progress) as advance:
-            for indices, batch, bad in loader:
-                for index, reason in bad:
-                    shard_failed[todo[index][0]] = reason
+        shard_of = {j: batches[j][0] // shard_size for j in mine}
+        last_of_shard = {shard: j for j, shard in shard_of.items()}
+        records: list[_Record] = []  # this rank's batches of the shard in progress
+        total = sum(len(batches[j]) for j in mine)
+        with progress_bar("cache-features", total=total, unit="img", enabled=progress) as advance:
+            for j, (indices, batch, bad) in zip(mine, loader, strict=True):
+                rows = torch.zeros(0, backbone.feature_dim)
                 if batch is not None:
                     batch = to_model_input(batch, backbone.preprocessing, device, settings.features.channels_last)
                     with torch.inference_mode(), autocast(device, dtype):
-                        feats = model(batch).float().cpu()  # (B, D)
+                        rows = model(batch).float().cpu()  # (B_ok, D)
                     forward_passes += 1
-                    shard_rows.append(feats)
-                    shard_keys += [todo[i] for i in indices]
-                n = len(indices) + len(bad)
-                done += n
-                advance(n)
-                if done == shard_end:
-                    rows = torch.cat(shard_rows) if shard_rows else torch.zeros(0, backbone.feature_dim)
-                    store.add_shard(shard_keys, rows, shard_failed)
-                    computed += len(shard_keys)
-                    failed_total += len(shard_failed)
-                    if on_shard is not None:
-                        on_shard(len(store.shards) - 1)
-                    shard_keys, shard_rows, shard_failed = [], [], {}
-                    shard_end = min(shard_end + shard_size, len(todo))
-    atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": backbone.name})
-    record(run, "cache-features", [run.splits])
+                records.append(([todo[i] for i in indices], rows, {todo[i][0]: reason for i, reason in bad}))
+                computed += len(indices)
+                advance(len(indices) + len(bad))
+                shard = shard_of[j]
+                if last_of_shard[shard] != j:
+                    continue
+                if parts is None:
+                    store.add_shard(*_join(records))
+                else:
+                    parts.write(shard, [b for b in mine if shard_of[b] == shard], records)
+                records = []
+                if on_shard is not None:
+                    on_shard(shard if parts is not None else len(store.shards) - 1)
+    if parts is not None:
+        # Every rank's parts are on disk once all have reported their counts; rank 0 then merges them.
+        counts = dist.all_gather_json([computed, forward_passes])
+        computed, forward_passes = (sum(c[i] for c in counts) for i in range(2))
+        if rank == 0:
+            parts.merge_into(store)
+        dist.barrier()
+        store = FeatureStore(folder)  # the merged index, on every rank
+    if rank == 0:
+        atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": backbone.name})
+        record(run, "cache-features", [run.splits])
     seconds = time.perf_counter() - started
     return CacheSummary(
         fingerprint=fingerprint,

@@ -1,0 +1,274 @@
+"""PyTorch's own distributed runtime for ``cache-features`` and ``train``, as launched by ``torchrun``.
+
+torchrun starts one process per rank and tells each its place through the environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). :func:`distributed_from_env` reads it and joins the default
+process group: NCCL when the work runs on CUDA (each rank on GPU ``LOCAL_RANK``), gloo on CPU. Without torchrun, or
+with one process, it returns :data:`SINGLE_PROCESS`, whose collectives do nothing, so library code calls the same
+methods either way.
+
+The launch form (docs/architecture.md, "Scale")::
+
+    torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB] \\
+        --no-python -- roadwork cache-features|train --run DIR ...
+
+The ``--`` ends torchrun's own options: without it, torchrun's parser takes roadwork's ``--run`` for an abbreviation of
+its ``--run-path`` and stops before roadwork starts.
+
+Only tensors and bytes travel between ranks: JSON for small records, ``torch.save`` bytes read back with
+``weights_only=True`` for training state. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from roadwork_cli.errors import UsageError
+
+__all__ = ["SINGLE_PROCESS", "Distributed", "distributed_from_env", "rank_slice"]
+
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> slice:
+    """The contiguous part of ``n`` ordered items that ``rank`` handles: ``ceil(n / world_size)`` items, fewer at the
+    end (possibly none), so that the parts of ranks 0..W-1 concatenate back to the original order."""
+    per_rank = -(-n // world_size)
+    return slice(min(rank * per_rank, n), min((rank + 1) * per_rank, n))
+
+
+def _all_gather_single(output: torch.Tensor, block: torch.Tensor) -> None:
+    """Equal-sized blocks of every rank into ``output``, in rank order (the newer name where torch has it)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, block)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal-sized ``(m, ...)`` blocks into ``(W * m, ...)`` in rank order, with a gradient.
+
+    Every rank computes the same loss from the gathered tensor, so the gradient of its own block is the same on every
+    rank; the all-gather's usual backward (a sum over ranks) is therefore ``W`` times the local slice, which DDP's
+    average over ranks turns back into exactly the full-batch gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, block: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:  # type: ignore[override]
+
+        ctx.rank, ctx.world_size, ctx.rows = rank, world_size, block.shape[0]
+        gathered = block.new_empty((world_size * block.shape[0], *block.shape[1:]))
+        _all_gather_single(gathered, block.contiguous())
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows] * ctx.world_size, None, None
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job, and the few collectives roadwork needs.
+
+    Attributes:
+        rank: Global rank (0 = the main process, which writes the shared artifacts).
+        world_size: Number of processes in the job (1 = not distributed; every collective is a no-op).
+        local_rank: Rank on this node (its GPU under NCCL).
+        backend: ``"nccl"``, ``"gloo"``, or None for a single process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    _wrapped: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = field(default_factory=dict, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``world size 2 (gloo, rank 0)``."""
+        if not self.enabled:
+            return "world size 1 (single process)"
+        return f"world size {self.world_size} ({self.backend}, rank {self.rank})"
+
+    @property
+    def _comm_device(self) -> torch.device:
+        """Where collective buffers live: NCCL only moves CUDA tensors."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.enabled:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.local_rank])
+            else:
+                dist.barrier()
+
+    def all_gather_bytes(self, payload: bytes) -> list[bytes]:
+        """Every rank's ``payload``, in rank order."""
+        if not self.enabled:
+            return [payload]
+
+        device = self._comm_device
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = torch.empty(self.world_size, dtype=torch.int64, device=device)
+        _all_gather_single(sizes, size)
+        longest = int(sizes.max().item())
+        block = torch.zeros(longest, dtype=torch.uint8, device=device)
+        block[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else block[:0]
+        blocks = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
+        _all_gather_single(blocks, block)
+        blocks = blocks.cpu().view(self.world_size, longest)
+        return [bytes(blocks[r, : int(sizes[r])].tolist()) for r in range(self.world_size)]
+
+    def all_gather_json(self, value: Any) -> list[Any]:
+        """Every rank's JSON-serialisable ``value``, in rank order (small records: counts, fingerprints)."""
+        return [json.loads(b) for b in self.all_gather_bytes(json.dumps(value).encode())]
+
+    def broadcast_state(self, state: dict[str, Any] | None, src: int = 0) -> dict[str, Any] | None:
+        """Rank ``src``'s ``state`` (tensors, numbers, strings, lists, dicts, or None) on every rank.
+
+        It travels as ``torch.save`` bytes read back with ``weights_only=True``: a resumed training state reaches
+        ranks on nodes that cannot read rank 0's checkpoint file.
+        """
+        if not self.enabled:
+            return state
+        buffer = io.BytesIO()
+        if self.rank == src:
+            torch.save(state, buffer)
+        payload = buffer.getvalue()
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=self._comm_device)
+        dist.broadcast(size, src)
+        data = torch.zeros(int(size.item()), dtype=torch.uint8, device=self._comm_device)
+        if self.rank == src:
+            data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(data, src)
+        if self.rank == src:
+            return state
+        return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), map_location="cpu", weights_only=True)
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` in ``DistributedDataParallel`` (one wrapper per module, made on first use); itself when alone.
+
+        DDP averages the parameters' gradients over ranks during ``backward`` and starts every rank from rank 0's
+        weights.
+        """
+        if not self.enabled:
+            return module
+        known = self._wrapped.get(id(module))
+        if known is not None and known[0] is module:
+            return known[1]
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.local_rank] if self.backend == "nccl" else None
+        wrapped = DistributedDataParallel(module, device_ids=device_ids)
+        self._wrapped[id(module)] = (module, wrapped)
+        return wrapped
+
+    def forward(self, module: torch.nn.Module, batch: torch.Tensor) -> Any:
+        """``module(batch)`` computed data-parallel: each rank runs its :func:`rank_slice` of the batch through the
+        DDP-wrapped ``module``, and the outputs are gathered back into the full batch on every rank.
+
+        A loss of the returned full-batch outputs is then the single-process loss (batch statistics such as the
+        mean gate or the conformal thresholds included), and its gradient after DDP's average is the full-batch
+        gradient: one process and N processes take the same steps, up to float summation order.
+
+        Args:
+            module: The model (unwrapped; see :meth:`wrap`).
+            batch: ``(B, ...)`` the whole global batch, identical on every rank.
+
+        Returns:
+            What ``module`` returns for the whole batch: a tensor, or a (named) tuple or dict of ``(B, ...)`` tensors.
+        """
+        if not self.enabled:
+            return module(batch)
+        n = batch.shape[0]
+        part = rank_slice(n, self.rank, self.world_size)
+        per_rank = -(-n // self.world_size)
+        block = batch[part]  # (b_r, ...)
+        if block.shape[0] < per_rank:  # equal blocks for the all-gather; the padding rows are cut away below
+            pad = block.new_zeros((per_rank - block.shape[0], *block.shape[1:]))
+            block = torch.cat([block, pad])
+        output = self.wrap(module)(block)
+        lengths = [len(range(n)[rank_slice(n, r, self.world_size)]) for r in range(self.world_size)]
+
+        def gather(value: torch.Tensor) -> torch.Tensor:
+            full = _GatherRows.apply(value, self.rank, self.world_size)  # (W * per_rank, ...)
+            return torch.cat([full[r * per_rank : r * per_rank + k] for r, k in enumerate(lengths)])  # (B, ...)
+
+        return _map_tensors(output, gather)
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (tensors, (named) tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple, e.g. HeadOutput
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, tuple | list):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+SINGLE_PROCESS = Distributed()
+"""The context of a process that torchrun did not start: rank 0 of 1, every collective a no-op."""
+
+_joined: dict[str, Distributed] = {}
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def distributed_from_env(device: str = "auto") -> Distributed:
+    """Join the torchrun job this process belongs to, or return :data:`SINGLE_PROCESS`.
+
+    Idempotent: a second call returns the same context. The process group is left at interpreter exit.
+
+    Args:
+        device: ``runtime.device``; CUDA (``auto`` with a GPU, ``cuda``) selects NCCL and GPU ``LOCAL_RANK``,
+            anything else gloo.
+
+    Raises:
+        UsageError: ``WORLD_SIZE`` > 1 without the rest of the torchrun environment.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size <= 1:
+        return SINGLE_PROCESS
+    if "job" in _joined:
+        return _joined["job"]
+    missing = [name for name in _TORCHRUN_VARIABLES if not os.environ.get(name)]
+    if missing:
+        raise UsageError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start distributed work with torchrun, e.g. "
+            "`torchrun --nproc_per_node=2 --no-python -- roadwork cache-features --run DIR` (the `--` keeps "
+            "torchrun's parser off roadwork's flags), or unset WORLD_SIZE for one process."
+        )
+    from roadwork_cli.model.device import resolve_device
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    on_cuda = resolve_device(device).type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(local_rank)  # "cuda" then means this rank's GPU everywhere in the library
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+        atexit.register(_leave)
+    context = Distributed(rank, world_size, local_rank, str(dist.get_backend()))
+    _joined["job"] = context
+    return context

@@ -1,0 +1,272 @@
+"""torchrun scale-out: the same cache and the same downstream report as one process.
+
+The fast tests run the ranks of a job one after another in this process (collectives are trivial when a rank's
+partners have already finished); the end-to-end test starts real gloo processes with ``python -m
+torch.distributed.run ... --no-python -- roadwork ...``, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from roadwork_cli.cli.app import app
+from roadwork_cli.config import load_settings
+from roadwork_cli.features.cache import cache_features, load_cached
+from roadwork_cli.io.run import RunDir
+from roadwork_cli.training.distributed import SINGLE_PROCESS, distributed_from_env, rank_slice
+
+ROADWORK = Path(sys.executable).with_name("roadwork")
+
+
+class Crash(Exception):
+    pass
+
+
+@dataclass
+class SequentialRank:
+    """Rank ``rank`` of a job whose ranks run one after another in this process, highest rank first.
+
+    A later rank finds the earlier ranks' files on disk, which is all the barriers guarantee; every rank reports the
+    same counts, so the summed counts are ``world_size`` times this rank's.
+    """
+
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None:
+        pass
+
+    def all_gather_json(self, value):
+        return [value] * self.world_size
+
+
+def _split(run: Path, n: int = 40) -> RunDir:
+    result = CliRunner().invoke(
+        app, ["split", "--source", f"synthetic:{n}", "--run", str(run), "--fractions", "0.4,0.2,0.2,0.2"]
+    )
+    assert result.exit_code == 0, result.output
+    return RunDir(run)
+
+
+def _settings(run: RunDir, **features):
+    overrides = {
+        "runtime": {"run": str(run.root), "device": "cpu", "threads": 1},
+        "model": {"backbone": "tiny_vit"},
+        "features": {"workers": 0, "batch_size": 3, "shard_size": 7, "views": 1, **features},
+    }
+    return load_settings(None, overrides, environ={})
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[RunDir, Path]:
+    """A split and its cache written by one process (the reference layout)."""
+    run = _split(tmp_path_factory.mktemp("single") / "run")
+    summary = cache_features(run, _settings(run))
+    return run, summary.folder
+
+
+def _copy_split(reference: RunDir, root: Path) -> RunDir:
+    """The reference run without its features (image paths in splits.json stay valid: they are absolute)."""
+    run = RunDir(root).ensure()
+    shutil.copy(reference.splits, run.splits)
+    return run
+
+
+def test_rank_slices_cover_the_batch_in_order():
+    for n in range(0, 12):
+        for world in range(1, 5):
+            parts = [range(n)[rank_slice(n, r, world)] for r in range(world)]
+            assert [i for part in parts for i in part] == list(range(n))
+            assert max(len(p) for p in parts) - min(len(p) for p in parts) <= max(1, -(-n // world))
+
+
+def test_single_process_context_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed_from_env("cpu") is SINGLE_PROCESS
+    head = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    assert SINGLE_PROCESS.wrap(head) is head
+    assert torch.equal(SINGLE_PROCESS.forward(head, x), head(x))
+    assert SINGLE_PROCESS.all_gather_json({"a": 1}) == [{"a": 1}]
+    state = {"w": torch.ones(2)}
+    assert SINGLE_PROCESS.broadcast_state(state) is state
+    assert SINGLE_PROCESS.describe() == "world size 1 (single process)"
+
+
+def test_world_size_without_torchrun_is_a_usage_error(monkeypatch):
+    from roadwork_cli.errors import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UsageError, match="torchrun"):
+        distributed_from_env("cpu")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_merge_into_the_one_process_cache_byte_for_byte(one_process, tmp_path, world_size):
+    reference, reference_folder = one_process
+    run = _copy_split(reference, tmp_path / "run")
+    summaries = [
+        cache_features(run, _settings(run), dist=SequentialRank(rank, world_size))
+        for rank in reversed(range(world_size))  # rank 0 last: it merges what the others wrote
+    ]
+    folder = summaries[-1].folder
+    assert folder.name == reference_folder.name
+    assert not (folder / "parts").exists()  # merged and cleaned up
+    assert _folder_bytes(folder) == _folder_bytes(reference_folder)  # meta, index, failures and every shard
+    assert (run.features / "current.json").read_bytes() == (reference.features / "current.json").read_bytes()
+    # Every rank computed a share: batches r, r+W, ... of the one-process plan.
+    assert all(s.forward_passes > 0 for s in summaries)
+
+
+def test_a_killed_rank_resumes_and_the_merge_is_unchanged(one_process, tmp_path):
+    reference, reference_folder = one_process
+    run = _copy_split(reference, tmp_path / "run")
+
+    def crash(shard):
+        raise Crash(shard)
+
+    with pytest.raises(Crash):  # rank 1 dies after its first part is on disk
+        cache_features(run, _settings(run), dist=SequentialRank(1, 2), on_shard=crash)
+    parts = sorted((run.features / reference_folder.name / "parts").glob("*.json"))
+    assert len(parts) == 1
+    before = parts[0].read_bytes()
+    written = []
+    cache_features(run, _settings(run), dist=SequentialRank(1, 2), on_shard=written.append)
+    assert parts[0].read_bytes() == before  # the finished part was reused, not recomputed
+    all_parts = sorted((run.features / reference_folder.name / "parts").glob("*.rank1.json"))
+    assert 0 not in written and len(written) == len(all_parts) - 1 > 0
+    cache_features(run, _settings(run), dist=SequentialRank(0, 2))
+    assert _folder_bytes(run.features / reference_folder.name) == _folder_bytes(reference_folder)
+    # With everything merged a re-run computes nothing on any rank.
+    again = cache_features(run, _settings(run), dist=SequentialRank(0, 2))
+    assert again.computed == 0 and again.forward_passes == 0
+
+
+def test_ranks_with_different_backbones_refuse_to_merge(one_process, tmp_path):
+    from roadwork_cli.errors import UsageError
+
+    reference, _ = one_process
+    run = _copy_split(reference, tmp_path / "run")
+
+    class Disagreeing(SequentialRank):
+        def all_gather_json(self, value):
+            return [value, "another fingerprint"]
+
+    with pytest.raises(UsageError, match="fingerprints differ"):
+        cache_features(run, _settings(run), dist=Disagreeing(0, 2))
+
+
+def test_unreadable_images_are_merged_as_one_process_reports_them(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "images"
+    for label in ("roadwork", "no_roadwork"):
+        (source / label).mkdir(parents=True)
+    for i in range(12):
+        label = "roadwork" if i % 2 else "no_roadwork"
+        Image.new("RGB", (40, 30), (20 * i, 90, 200 - 10 * i)).save(source / label / f"{i}.png")
+    result = CliRunner().invoke(app, ["split", "--source", str(source), "--run", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    single = RunDir(tmp_path / "one")
+    # Break two images after the split: cache-features must report them, on one process and on two.
+    broken = sorted(source.rglob("*.png"))[:2]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    reference = cache_features(single, _settings(single, batch_size=2, shard_size=4))
+    assert reference.failed == 2
+    run = _copy_split(single, tmp_path / "two")
+    for rank in (1, 0):
+        summary = cache_features(run, _settings(run, batch_size=2, shard_size=4), dist=SequentialRank(rank, 2))
+    assert summary.failed == 2
+    assert _folder_bytes(summary.folder) == _folder_bytes(reference.folder)
+    assert load_cached(run).failed == load_cached(single).failed
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "eval" / "report.json").read_text())
+
+
+def _invoke(*args: str) -> None:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def _torchrun(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "--no-python", "--", str(ROADWORK), *args,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_features_and_report(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text(
+        "runtime: {device: cpu, threads: 1}\n"
+        "model: {backbone: tiny_vit, head_hidden: 16, head_dropout: 0.0}\n"
+        "features: {batch_size: 4, shard_size: 10, views: 1, workers: 0}\n"
+        "train: {epochs: 4, batch_size: 16, ema_decay: 0.0}\n"
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    _split(one, n=60)
+    _copy_split(RunDir(one), two)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+
+    _invoke("cache-features", "--run", str(one), "--config", str(config))
+    done = _torchrun("cache-features", "--run", str(two), "--config", str(config), env=env)
+    assert "world size 2" in done.stderr
+    a, b = load_cached(RunDir(one)), load_cached(RunDir(two))
+    assert a.fingerprint == b.fingerprint and a.rows == b.rows
+    assert torch.equal(a.features, b.features)
+    assert _folder_bytes(one / "features" / a.fingerprint) == _folder_bytes(two / "features" / b.fingerprint)
+
+    _invoke("train", "--run", str(one), "--config", str(config))
+    done = _torchrun("train", "--run", str(two), "--config", str(config), env=env)
+    assert "world size 2" in done.stderr
+    wa = load_file(str(one / "checkpoints" / "best.safetensors"))
+    wb = load_file(str(two / "checkpoints" / "best.safetensors"))
+    assert wa.keys() == wb.keys()
+    # Same steps up to float summation order (a gradient summed from two half-batch products instead of one).
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert (
+        json.loads((one / "checkpoints" / "best.json").read_text())["epoch"]
+        == json.loads((two / "checkpoints" / "best.json").read_text())["epoch"]
+    )
+
+    for run in (one, two):
+        result = CliRunner().invoke(
+            app, ["calibrate", "--run", str(run), "--config", str(config), "--allow-infeasible"]
+        )
+        assert result.exit_code in (0, 3), result.output
+        _invoke("evaluate", "--run", str(run), "--config", str(config))
+    ra, rb = _report(one), _report(two)
+    assert ra.keys() == rb.keys()
+    exact = ("n", "accuracy", "mcc", "coverage", "accuracy_on_exits", "fnr_on_exits", "fpr_on_exits")
+    assert {k: ra[k] for k in exact} == {k: rb[k] for k in exact}
+    assert ra["guarantee"]["satisfied"] == rb["guarantee"]["satisfied"]
+    for key in ("auroc", "ece", "aurc"):
+        assert ra[key] == pytest.approx(rb[key], abs=1e-4)
