@@ -4,7 +4,11 @@ Members: ``manifest.json`` (written by the bundle layer), ``model_best.safetenso
 (only when the backbone cannot be recreated from its name: a local ``--weights`` file, or
 ``export.include_backbone_weights: always``), ``model.json`` (backbone spec + fingerprint, head config, the decode and
 preprocessing recipe with the compute precision that calibration's scores were computed with), ``scrc_params.json``,
-``scaling.json``, ``splits.json`` (sample paths made portable) and ``metrics.csv``.
+``scaling.json``, ``splits.json`` (sample paths made portable) and ``metrics.csv``; with ``export.onnx``
+(``--onnx``) also ``model.onnx``: backbone + head in one graph (input ``pixels``, the normalised ``(B, 3, S, S)``
+float32 batch; outputs ``p_roadwork_raw`` and ``gate_raw``, the raw sigmoid scores), verified against the PyTorch
+forward on sample inputs before it is packed. Its verification (max abs diff, tolerance, samples) goes into
+``model.json`` under ``onnx`` and into the manifest's ``extras``.
 
 Example:
     >>> export_bundle("runs/demo")  # doctest: +SKIP
@@ -18,7 +22,7 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from roadwork_cli.errors import UsageError
+from roadwork_cli.errors import RoadworkError, UsageError
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.stage1 import (
@@ -26,6 +30,7 @@ from roadwork_cli.stage1 import (
     HEAD_WEIGHTS,
     METRICS_CSV,
     MODEL_JSON,
+    ONNX_GRAPH,
     SCALING_JSON,
     SCRC_PARAMS_JSON,
     SPLITS_JSON,
@@ -35,19 +40,32 @@ from roadwork_cli.stage1 import (
 if TYPE_CHECKING:
     from roadwork_cli.config import Settings
 
-__all__ = ["UncertifiedExportWarning", "export_bundle", "portable_splits", "software_versions"]
+__all__ = [
+    "ONNX_TOLERANCE",
+    "UncertifiedExportWarning",
+    "export_bundle",
+    "export_onnx",
+    "portable_splits",
+    "software_versions",
+]
+
+ONNX_TOLERANCE = 1e-4
+"""Largest max abs difference of the raw scores (probabilities) between the ONNX graph and PyTorch at export."""
+
+ONNX_SAMPLES = 4
+"""Inputs the ONNX graph is verified on: test-split images when the run has them, seeded random tensors otherwise."""
 
 
 class UncertifiedExportWarning(UserWarning):
     """A bundle is being exported from a calibration that did not certify its targets."""
 
 
-def software_versions() -> dict[str, str]:
-    """Versions recorded in a bundle's manifest."""
+def software_versions(onnx: bool = False) -> dict[str, str]:
+    """Versions recorded in a bundle's manifest (with onnxruntime's when the bundle has an ONNX graph)."""
     import platform
 
     versions = {"python": platform.python_version()}
-    for module in ("torch", "numpy", "timm", "safetensors", "PIL"):
+    for module in ("torch", "numpy", "timm", "safetensors", "PIL", *(("onnxruntime",) if onnx else ())):
         try:
             versions[module] = __import__(module).__version__
         except Exception:  # noqa: BLE001 - a missing optional module is simply not recorded
@@ -124,7 +142,10 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
 
     Raises:
         StaleError: The calibration was made from inputs that changed since.
-        UsageError: The calibration is uncertified and ``export.allow_uncertified`` is off.
+        UsageError: The calibration is uncertified and ``export.allow_uncertified`` is off, or ``export.onnx`` is
+            set without onnxruntime to verify the graph.
+        RoadworkError: The backbone cannot be exported to ONNX, or the graph's scores differ from PyTorch's by more
+            than ``ONNX_TOLERANCE``.
     """
     from safetensors.torch import save as save_safetensors
 
@@ -145,18 +166,20 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
     info = {k: v for k, v in model.info.items() if k != "manifest"}
     spec = dict(info["backbone"]["spec"])
     policy = settings.export.include_backbone_weights
-    embed = policy == "always" or (policy == "auto" and bool(spec.get("weights")))
+    # Merged adapters exist nowhere else: their weights always travel in the bundle.
+    embed = policy == "always" or (policy == "auto" and bool(spec.get("weights"))) or "adapters" in info
     spec["weights"] = None  # a local path means nothing on another machine; the fingerprint identifies the weights
     info["backbone"] = {
         "spec": spec,
         "fingerprint": model.backbone.fingerprint,
         "weights_member": BACKBONE_WEIGHTS if embed else None,
     }
-    members: dict[str, bytes | Path] = {
-        MODEL_JSON: (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-        HEAD_WEIGHTS: best,
-        SCRC_PARAMS_JSON: run.scrc_params,
-    }
+    members: dict[str, bytes | Path] = {HEAD_WEIGHTS: best, SCRC_PARAMS_JSON: run.scrc_params}
+    extras: dict[str, Any] = {}
+    if settings.export.onnx:
+        members[ONNX_GRAPH], info["onnx"] = export_onnx(model, run)
+        extras["onnx"] = info["onnx"]
+    members[MODEL_JSON] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
     if embed:
         state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.model.state_dict().items()}
         members[BACKBONE_WEIGHTS] = save_safetensors(state)
@@ -166,6 +189,105 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
     for name, path in ((SCALING_JSON, run.scaling), (METRICS_CSV, run.metrics)):
         if path.exists():
             members[name] = path
-    write_bundle(out, members, versions=software_versions())
+    write_bundle(out, members, versions=software_versions(onnx=settings.export.onnx), extras=extras)
     verify_bundle(out)
     return out
+
+
+def export_onnx(model: Stage1Model, run: RunDir | None = None, tolerance: float = ONNX_TOLERANCE) -> tuple[bytes, dict]:
+    """The model's backbone + head as one ONNX graph, verified against its PyTorch forward.
+
+    The graph and the fp32 PyTorch module it was exported from score the same inputs: up to ``ONNX_SAMPLES``
+    test-split images of ``run`` decoded as predict decodes them (seeded random inputs make up the rest), as one
+    batch and again as a batch of one (the batch axis is dynamic).
+
+    Args:
+        model: A model on the CPU.
+        run: The run whose test split gives the sample images; None: seeded random inputs only.
+        tolerance: Largest allowed max abs difference of the raw scores.
+
+    Returns:
+        The serialised graph and its ``onnx`` record (member, opset, input/outputs, compute precision, and
+        ``verification``: max_abs_diff, tolerance, samples from the test split and random).
+
+    Raises:
+        UsageError: onnxruntime is not installed (it is needed to verify the graph).
+        RoadworkError: The export fails, or a difference exceeds ``tolerance``.
+    """
+    import numpy as np
+    import torch
+
+    from roadwork_cli.model.onnx_graph import (
+        INPUT_NAME,
+        OPSET,
+        OUTPUT_NAMES,
+        OnnxGraph,
+        export_scores_graph,
+        onnxruntime_available,
+        scores_module,
+    )
+
+    if not onnxruntime_available():
+        raise UsageError(
+            "export --onnx verifies the graph with onnxruntime, which is not installed: pip install "
+            "'roadwork-cli[onnx]', or export without --onnx."
+        )
+    size = int(model.preprocessing.size)
+    data = export_scores_graph(model.backbone, model.head, size)
+    batch, from_split = _verification_batch(model, run, ONNX_SAMPLES)  # (N, 3, S, S)
+    with torch.inference_mode():
+        expected = [t.numpy() for t in scores_module(model.backbone, model.head)(batch)]  # 2 x (N,)
+    graph = OnnxGraph(data)
+    whole = graph(batch.numpy())
+    single = graph(batch[:1].numpy())
+    diffs = [np.abs(got - want).max() for got, want in zip(whole, expected, strict=True)]
+    diffs += [np.abs(got - want[:1]).max() for got, want in zip(single, expected, strict=True)]
+    max_diff = float(max(diffs))
+    if not np.isfinite(max_diff) or max_diff > tolerance:
+        raise RoadworkError(
+            f"The ONNX graph of backbone {model.backbone.name!r} does not reproduce PyTorch: its raw scores differ by "
+            f"up to {max_diff:.3g} (tolerance {tolerance:g}) on {len(batch)} sample inputs. Export without --onnx; "
+            "predict then runs the bundle with PyTorch."
+        )
+    return data, {
+        "member": ONNX_GRAPH,
+        "opset": OPSET,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
+        "outputs": list(OUTPUT_NAMES),
+        "compute_precision": "fp32",
+        "verification": {
+            "max_abs_diff": max_diff,
+            "tolerance": tolerance,
+            "samples": len(batch),
+            "test_split_images": from_split,
+            "seeded_random_inputs": len(batch) - from_split,
+        },
+    }
+
+
+def _verification_batch(model: Stage1Model, run: RunDir | None, n: int) -> tuple[Any, int]:
+    """``((n, 3, S, S) float32 inputs, how many are test-split images)``; seeded random inputs fill the rest."""
+    import torch
+
+    from roadwork_cli.data.decode import to_model_input
+
+    size = int(model.preprocessing.size)
+    locators: list[str] = []
+    if run is not None and run.splits.exists():
+        document = read_json(run.splits)
+        samples = document.get("samples") or {}
+        for image_id in (document.get("splits") or {}).get("test", [])[: 2 * n]:  # spares for unreadable ones
+            path = str((samples.get(image_id) or {}).get("path") or "")
+            file = Path(path.partition("#")[0])
+            if path and not file.is_absolute() and not file.exists() and (run.root / file).exists():
+                path = str(run.root / path)
+            if path:
+                locators.append(path)
+    parts = []
+    for _, pixels, _ in model.loader(locators):
+        if pixels is not None:
+            parts.append(to_model_input(pixels[:n], model.preprocessing, torch.device("cpu"), channels_last=False))
+    real = torch.cat(parts)[:n] if parts else torch.zeros(0, 3, size, size)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(n - len(real), 3, size, size, generator=generator)  # roughly the normalised pixel scale
+    return torch.cat([real, noise]).contiguous(), len(real)

@@ -32,6 +32,15 @@ def command(
             show_default=False,
         ),
     ] = None,
+    onnx: Annotated[
+        bool | None,
+        typer.Option(
+            "--onnx",
+            help="Also write model.onnx (backbone + head, verified against PyTorch); predict then runs without torch "
+            "when roadwork-cli[onnx] is installed.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
@@ -45,6 +54,8 @@ def command(
         overrides["export"] = {"out": out}
     if allow_uncertified:
         overrides.setdefault("export", {})["allow_uncertified"] = True
+    if onnx:
+        overrides.setdefault("export", {})["onnx"] = True
     settings = resolve_settings(config, overrides)
     run_dir = RunDir(require_run(settings))
 
@@ -61,6 +72,9 @@ def command(
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     manifest = verify_bundle(path)
     console.print(bundle_table(path, manifest))
+    line = onnx_line(manifest.extras.get("onnx"))
+    if line:
+        console.print(line, soft_wrap=True)
     console.print(f"bundle: {path}  (try: roadwork predict IMAGE --bundle {path})")
     if json_output:
         print_json({"bundle": path} | manifest.to_dict())
@@ -77,3 +91,15 @@ def bundle_table(path: Path, manifest):
     for name, entry in sorted(manifest.members.items()):
         table.add_row(name, f"{entry.size:,}", entry.sha256[:16] + "…")
     return table
+
+
+def onnx_line(record: dict | None) -> str | None:
+    """How the bundle's ONNX graph was verified at export, in one line (None when it has none)."""
+    if not record:
+        return None
+    check = record.get("verification") or {}
+    return (
+        f"model.onnx: verified against PyTorch on {check.get('samples')} inputs ({check.get('test_split_images')} "
+        f"test-split images): max abs diff {check.get('max_abs_diff', float('nan')):.2g} "
+        f"(tolerance {check.get('tolerance', float('nan')):g})"
+    )

@@ -55,6 +55,8 @@ class Manifest:
         versions: Software versions the writer passed in (python, torch, timm, ...).
         created: ISO-8601 UTC time of writing.
         members: Name -> sha256 and size of every member except the manifest itself.
+        extras: JSON facts the writer attached (e.g. ``onnx``: how the ONNX graph was verified at export); written
+            only when non-empty.
     """
 
     format_version: int
@@ -62,15 +64,19 @@ class Manifest:
     versions: dict[str, str]
     created: str
     members: dict[str, MemberInfo]
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format_version": self.format_version,
             "roadwork_version": self.roadwork_version,
             "versions": dict(self.versions),
             "created": self.created,
             "members": {name: {"sha256": m.sha256, "size": m.size} for name, m in sorted(self.members.items())},
         }
+        if self.extras:
+            data["extras"] = json.loads(json.dumps(self.extras))
+        return data
 
 
 @dataclass
@@ -114,6 +120,7 @@ def write_bundle(
     members: Mapping[str, bytes | str | os.PathLike[str]],
     versions: Mapping[str, str] | None = None,
     created: datetime | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a bundle atomically: ``manifest.json`` first, then ``members`` in sorted order.
 
@@ -122,6 +129,7 @@ def write_bundle(
         members: Member name -> content, either bytes or a path of a file to copy in.
         versions: Software versions to record (python, torch, timm, ...).
         created: Creation time to record (default: now, UTC).
+        extras: JSON-able facts to record in the manifest beside the checksums (``Manifest.extras``).
 
     Returns:
         The bundle path.
@@ -147,6 +155,7 @@ def write_bundle(
         versions={str(k): str(v) for k, v in (versions or {}).items()},
         created=when.isoformat(timespec="seconds"),
         members={name: info for name, (info, _) in entries.items()},
+        extras=json.loads(json.dumps(dict(extras or {}), allow_nan=False)),  # JSON now, not at a reader
     )
     manifest_bytes = dumps_json(manifest.to_dict()).encode("utf-8")
     mtime = int(when.timestamp())
@@ -202,12 +211,16 @@ def _parse_manifest(data: bytes) -> Manifest:
             raise BundleError(f"Manifest entry of bundle member {name!r} needs a sha256 hex string and a size.")
         members[name] = MemberInfo(sha.lower(), size)
     versions = raw.get("versions") or {}
+    extras = raw.get("extras") or {}
+    if not isinstance(extras, dict):
+        raise BundleError(f"Bundle member {MANIFEST_NAME!r} has 'extras' that are not a JSON object.")
     return Manifest(
         format_version=version,
         roadwork_version=str(raw.get("roadwork_version", "unknown")),
         versions={str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {},
         created=str(raw.get("created", "")),
         members=members,
+        extras=extras,
     )
 
 

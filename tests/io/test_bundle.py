@@ -180,3 +180,20 @@ def test_writer_refuses_unsafe_names(tmp_path):
     with pytest.raises(BundleError):
         write_bundle(tmp_path / "b.tar", {MANIFEST_NAME: b"{}"})
     assert not (tmp_path / "b.tar").exists()
+
+
+def test_manifest_extras_round_trip_and_stay_out_when_empty(tmp_path):
+    extras = {"onnx": {"verification": {"max_abs_diff": 1.5e-7, "samples": 4}}}
+    path = write_bundle(tmp_path / "b.tar", MEMBERS, extras=extras)
+    manifest = read_bundle(path).manifest
+    assert manifest.extras == extras and manifest.to_dict()["extras"] == extras
+    assert verify_bundle(path) == manifest
+    plain = write_bundle(tmp_path / "plain.tar", MEMBERS)
+    assert "extras" not in read_bundle(plain).manifest.to_dict()
+    with pytest.raises(ValueError):
+        write_bundle(tmp_path / "nan.tar", MEMBERS, extras={"diff": float("nan")})  # not JSON: refused at writing
+    bad = tmp_path / "bad.tar"
+    manifest_bytes = json.loads(_manifest_for(MEMBERS)) | {"extras": [1, 2]}
+    _hand_tar(bad, [(MANIFEST_NAME, json.dumps(manifest_bytes).encode()), *MEMBERS.items()])
+    with pytest.raises(BundleError, match="extras"):
+        read_bundle(bad)
