@@ -362,6 +362,11 @@ class ExportSettings(_Section):
         description="Export a run whose calibration did not certify its targets (feasible: false); refused "
         "otherwise, and warned about when allowed: such a bundle carries no guarantee.",
     )
+    onnx: bool = Field(
+        False,
+        description="Also write model.onnx (backbone + head in one graph, verified against PyTorch at export), which "
+        "predict runs with onnxruntime, without importing torch, when the 'onnx' extra is installed.",
+    )
 
 
 class PredictSettings(_Section):
