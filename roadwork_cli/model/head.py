@@ -32,14 +32,14 @@ class HeadOutput(NamedTuple):
 
 
 class SelectiveHead(nn.Module):
-    """LayerNorm (or per-feature standardisation) -> [Linear -> GELU] -> Dropout -> Linear(3): one output matmul.
+    """[Standardise] -> LayerNorm -> [Linear -> GELU] -> Dropout -> Linear(3): one matmul for all three outputs.
 
     Args:
         in_dim: Feature dimension D of the backbone.
         hidden: Width of the shared hidden layer; 0 gives three linear heads on the normalised features.
         dropout: Dropout before the output layer.
         standardize: Standardise each feature with the training set's mean and standard deviation (buffers set by
-            :meth:`set_standardization`, saved with the weights) instead of the LayerNorm.
+            :meth:`set_standardization`, saved with the weights) before the LayerNorm.
     """
 
     def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1, standardize: bool = False):
@@ -50,9 +50,7 @@ class SelectiveHead(nn.Module):
             self.register_buffer("feature_mean", torch.zeros(self.in_dim))  # (D,)
             self.register_buffer("feature_scale", torch.ones(self.in_dim))  # (D,)
         # Features of different backbones live on very different scales; normalising keeps one learning rate usable.
-        # Per-feature standardisation replaces the LayerNorm: a per-sample normalisation discards each image's overall
-        # feature scale, which on low-dimensional features bends a linear class boundary.
-        layers: list[nn.Module] = [] if self.standardize else [nn.LayerNorm(self.in_dim)]
+        layers: list[nn.Module] = [nn.LayerNorm(self.in_dim)]
         width = self.in_dim
         if self.hidden > 0:
             layers += [nn.Linear(self.in_dim, self.hidden), nn.GELU()]
