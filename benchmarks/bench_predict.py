@@ -9,8 +9,14 @@ Measured in one process, on the same backbone and batch size:
 
 The goal is predict / bare >= 0.85.
 
+``--onnx-out FILE`` (``make bench`` writes ``runs/bench/onnx.json``, which ``write_results.py`` renders) instead
+compares the two runtimes of one bundle exported with ``--onnx``: ``roadwork predict`` start-up on one image (fresh
+subprocess, best of 3; goal <= 1.5 s for ONNX) and images/s of ``predict`` on 640x480 JPEGs and of the bare
+backbone + head forward, eager PyTorch vs onnxruntime in alternating rounds (goal: ONNX >= eager).
+
 Usage:
     python benchmarks/bench_predict.py [--images 256] [--batch-size 32] [--workers 2] [--backbone efficientnet_lite0]
+    python benchmarks/bench_predict.py --onnx-out runs/bench/onnx.json [--images 128] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -99,6 +105,70 @@ def predict_path(model, paths: list[Path], batch_size: int, workers: int, jpeg_d
     return len(paths) / seconds
 
 
+def bare_onnx(model, batch_size: int, batches: int) -> float:
+    """img/s of the bundle's ONNX graph (backbone + head) on in-memory, preprocessed arrays."""
+    from roadwork_cli.data.pixels import normalize_pixels
+
+    size = model.preprocessing.size
+    pixels = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    data = normalize_pixels(pixels, model.preprocessing)  # (B, 3, S, S)
+    model.graph(data)  # warm-up
+    started = time.perf_counter()
+    for _ in range(batches):
+        model.graph(data)
+    return batch_size * batches / (time.perf_counter() - started)
+
+
+def onnx_vs_eager(work: Path, images: int, batch_size: int, workers: int, rounds: int, backbone: str) -> dict:
+    """Start-up and images/s of one ``--onnx`` bundle run by onnxruntime and by eager PyTorch (module docstring)."""
+    from roadwork_cli.config import Settings
+    from roadwork_cli.export import export_bundle
+    from roadwork_cli.stage1 import load_bundle
+
+    run = make_run(work / "run", backbone)
+    bundles = {
+        "torch": export_bundle(run, work / "torch.tar", Settings()),
+        "onnx": export_bundle(run, work / "onnx.tar", Settings(export={"onnx": True})),
+    }
+    paths = make_jpegs(work / "images", images)
+    startup = {name: round(startup_seconds(bundle, paths[0]), 2) for name, bundle in bundles.items()}
+    models = {
+        "torch": load_bundle(bundles["onnx"], runtime="torch", device="cpu"),
+        "onnx": load_bundle(bundles["onnx"]),
+    }
+    assert models["onnx"].runtime == "onnx"
+    batches = max(2, images // batch_size)
+    predict = {"torch": [], "onnx": []}
+    bare = {"torch": [], "onnx": []}
+    for _ in range(rounds):  # alternating: a drifting machine load hits both runtimes alike
+        for name, model in models.items():
+            predict[name].append(predict_path(model, paths, batch_size, workers, jpeg_draft=True))
+        bare["torch"].append(bare_forward(models["torch"], batch_size, batches))
+        bare["onnx"].append(bare_onnx(models["onnx"], batch_size, batches))
+    ratio = [o / t for o, t in zip(predict["onnx"], predict["torch"], strict=True)]
+    bare_ratio = [o / t for o, t in zip(bare["onnx"], bare["torch"], strict=True)]
+    verification = models["onnx"].info["onnx"]["verification"]
+    return {
+        "backbone": backbone,
+        "images": images,
+        "image_size": "640x480 JPEG q90",
+        "batch_size": batch_size,
+        "workers": workers,
+        "rounds": rounds,
+        "startup_s": startup,
+        "startup_goal_s": 1.5,
+        "predict_img_s": {name: round(float(np.median(v)), 1) for name, v in predict.items()},
+        "predict_onnx_over_eager": round(float(np.median(ratio)), 3),
+        "predict_ratio_per_round": [round(r, 3) for r in ratio],
+        "bare_img_s": {name: round(float(np.median(v)), 1) for name, v in bare.items()},
+        "bare_onnx_over_eager": round(float(np.median(bare_ratio)), 3),
+        "bare_ratio_per_round": [round(r, 3) for r in bare_ratio],
+        "export_max_abs_diff": verification["max_abs_diff"],
+        "cpu_count": os.cpu_count(),
+        "loadavg_1_5_15": list(os.getloadavg()),
+    }
+
+
 def decode_ms(model, paths: list[Path]) -> dict[str, float]:
     """Decode + resize + crop cost per image in this process, with and without the JPEG draft decode."""
     from dataclasses import replace
@@ -137,9 +207,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved measurement rounds (medians reported).")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads in the main process.")
     parser.add_argument("--out", type=Path, default=None, help="Also write the results JSON here.")
+    parser.add_argument(
+        "--onnx-out", type=Path, default=None, help="Compare the ONNX and eager runtimes instead; write JSON here."
+    )
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.onnx_out:
+        with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+            results = onnx_vs_eager(Path(tmp), args.images, args.batch_size, args.workers, args.rounds, args.backbone)
+        text = json.dumps(results, indent=2)
+        print(text)
+        args.onnx_out.parent.mkdir(parents=True, exist_ok=True)
+        args.onnx_out.write_text(text + "\n")
+        return results
 
     from roadwork_cli.export import export_bundle
     from roadwork_cli.stage1 import Stage1Model

@@ -45,6 +45,7 @@ __all__ = [
     "UncertifiedExportWarning",
     "export_bundle",
     "export_onnx",
+    "onnx_backbone_session",
     "portable_splits",
     "software_versions",
 ]
@@ -291,3 +292,17 @@ def _verification_batch(model: Stage1Model, run: RunDir | None, n: int) -> tuple
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(n - len(real), 3, size, size, generator=generator)  # roughly the normalised pixel scale
     return torch.cat([real, noise]).contiguous(), len(real)
+
+
+def onnx_backbone_session(backbone_name: str) -> tuple[Any, int]:
+    """An onnxruntime session of a registry backbone alone (input ``pixels``, output ``features``) and its input side.
+
+    For benchmarks: the bare forward of the ONNX runtime beside the eager one, on the same (B, 3, S, S) tensors.
+    """
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.onnx_graph import create_session, export_graph
+
+    backbone = create_backbone(backbone_name).eval()
+    size = int(backbone.preprocessing.size)
+    data = export_graph(backbone, size, ("features",), backbone_name)
+    return create_session(data), size

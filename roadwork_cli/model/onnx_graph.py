@@ -29,6 +29,8 @@ __all__ = [
     "OPSET",
     "OUTPUT_NAMES",
     "OnnxGraph",
+    "create_session",
+    "export_graph",
     "export_scores_graph",
     "onnxruntime_available",
     "scores_module",
@@ -45,6 +47,30 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def create_session(data: bytes, threads: int | None = None):
+    """An onnxruntime CPU ``InferenceSession`` of serialised ONNX ``data``.
+
+    Raises:
+        UsageError: onnxruntime is not installed.
+        BundleError: The bytes are not a loadable ONNX model.
+    """
+    if not onnxruntime_available():
+        raise UsageError(
+            "This needs onnxruntime, which is not installed: pip install 'roadwork-cli[onnx]' (or run the "
+            "bundle with PyTorch)."
+        )
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its graph-optimisation notes are not the user's concern
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any load failure means the member is not a usable graph
+        raise BundleError(f"model.onnx cannot be loaded by onnxruntime: {exc}") from None
+
+
 class OnnxGraph:
     """An exported stage-1 graph in an onnxruntime CPU session.
 
@@ -58,21 +84,7 @@ class OnnxGraph:
     """
 
     def __init__(self, data: bytes, threads: int | None = None):
-        if not onnxruntime_available():
-            raise UsageError(
-                "This needs onnxruntime, which is not installed: pip install 'roadwork-cli[onnx]' (or run the "
-                "bundle with PyTorch)."
-            )
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: its graph-optimisation notes are not the user's concern
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - any load failure means the member is not a usable graph
-            raise BundleError(f"model.onnx cannot be loaded by onnxruntime: {exc}") from None
+        self.session = create_session(data, threads)
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= set(outputs):
@@ -112,34 +124,51 @@ def export_scores_graph(
 ) -> bytes:
     """Serialise backbone + head as one ONNX graph with a dynamic batch axis (see the module docstring).
 
-    Uses PyTorch's TorchScript-based exporter, which needs no package beyond torch.
-
     Raises:
         RoadworkError: The backbone uses an operation the exporter cannot express; the message names the backbone
             and says that an export without ``--onnx`` still works.
     """
+    name = getattr(backbone, "name", type(backbone).__name__)
+    return export_graph(scores_module(backbone, head), image_size, OUTPUT_NAMES, name, opset)
+
+
+def export_graph(
+    module: torch.nn.Module, image_size: int, outputs: tuple[str, ...], name: str, opset: int = OPSET
+) -> bytes:
+    """Serialise ``module`` (input ``pixels``, ``(B, 3, S, S)`` float32, dynamic B) as an ONNX graph.
+
+    Uses PyTorch's TorchScript-based exporter, which needs no package beyond torch.
+
+    Args:
+        module: The fp32 module to export.
+        image_size: Input side S.
+        outputs: Names of its outputs, each with a dynamic batch axis.
+        name: What to call it in an error (the backbone's name).
+        opset: ONNX opset.
+
+    Raises:
+        RoadworkError: The exporter cannot express the module.
+    """
     import torch
 
-    module = scores_module(backbone, head)
     example = torch.zeros(2, 3, image_size, image_size)
     buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    axes = {axis_of: {0: "batch"} for axis_of in (INPUT_NAME, *outputs)}
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's concern
             torch.onnx.export(
-                module,
+                module.eval(),
                 (example,),
                 buffer,
                 dynamo=False,
                 input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
+                output_names=list(outputs),
                 dynamic_axes=axes,
                 opset_version=opset,
                 do_constant_folding=True,
             )
     except Exception as exc:  # noqa: BLE001 - any exporter failure gets one clear message
-        name = getattr(backbone, "name", type(backbone).__name__)
         raise RoadworkError(
             f"Backbone {name!r} cannot be exported to ONNX (opset {opset}): {type(exc).__name__}: {exc}. "
             "Export without --onnx still works; predict then runs the bundle with PyTorch."
