@@ -3,8 +3,10 @@
 Layout of a cache folder::
 
     meta.json                 backbone spec, fingerprint, feature_dim, preprocessing, views, recipe (decode +
-                              preprocessing + compute precision, which predict and evaluate --source follow)
-    index.json                {"shards": [{"file", "rows"}], "entries": {id: {view: [shard, row]}}}
+                              preprocessing + compute precision, which predict and evaluate --source follow),
+                              augmentation (spec and fingerprint of the views >= 1)
+    index.json                {"shards": [{"file", "rows"}], "entries": {id: {view: [shard, row]}},
+                               "augmentation": fingerprint the views >= 1 were drawn with}
     failed.json               {id: reason} for images that could not be read (skipped, never retried silently)
     shard_00000.safetensors   "features": (rows, D) float16
 
@@ -18,7 +20,8 @@ Resume: the work list is the fixed, ordered list of (id, view) pairs not yet in 
 ``features.shard_size`` rows. Each shard is written atomically, then the index; a SIGKILL loses at most the shard
 in flight, and the re-run recomputes exactly that shard with the same batches (hence identical features). A re-run
 with nothing missing does no forward pass at all. A different backbone, weights or preprocessing has a different
-fingerprint and therefore a different folder: stale features are never reused.
+fingerprint and therefore a different folder: stale features are never reused. Another ``data.augment`` (or NATIX
+level mix) keeps the folder and its clean views but forgets the augmented ones, which the run then recomputes.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class FeatureStore:
         self.shards: list[dict[str, Any]] = list(index.get("shards", []))
         self.entries: dict[str, dict[str, list[int]]] = dict(index.get("entries", {}))
         self.failed: dict[str, str] = dict(index.get("failed", {}))
+        self.augmentation: str | None = index.get("augmentation")
 
     @property
     def index_path(self) -> Path:
@@ -118,6 +122,30 @@ class FeatureStore:
 
     def has(self, image_id: str, view: int) -> bool:
         return str(view) in self.entries.get(image_id, {})
+
+    def keep_views_of(self, augmentation: str) -> int:
+        """Forget the augmented views (>= 1) drawn under another augmentation fingerprint; returns how many.
+
+        The clean views stay. The forgotten rows stay in their shard files, unreferenced. An index that names no
+        augmentation (written before it was recorded) counts as another one: its views are recomputed. The change
+        is in memory until the index is next written (:meth:`write_index`).
+        """
+        if self.augmentation == augmentation:
+            return 0
+        dropped = 0
+        for views in self.entries.values():
+            for view in [v for v in views if v != "0"]:
+                del views[view]
+                dropped += 1
+        self.augmentation = augmentation
+        return dropped
+
+    def write_index(self) -> None:
+        """Write ``index.json`` (shards, entries, failures, augmentation) atomically."""
+        index = {"version": 1, "shards": self.shards, "entries": self.entries, "failed": self.failed}
+        if self.augmentation is not None:
+            index["augmentation"] = self.augmentation
+        atomic_write_json(self.index_path, index)
 
     def add_shard(self, keys: Sequence[tuple[str, int]], features: torch.Tensor, failed: dict[str, str]) -> None:
         """Write one shard atomically, then the index (entries and failures in one atomic write).
@@ -138,8 +166,7 @@ class FeatureStore:
             for row, (image_id, view) in enumerate(keys):
                 self.entries.setdefault(image_id, {})[str(view)] = [number, row]
         self.failed.update(failed)
-        index = {"version": 1, "shards": self.shards, "entries": self.entries, "failed": self.failed}
-        atomic_write_json(self.index_path, index)
+        self.write_index()
         if failed:
             atomic_write_json(self.failed_path, self.failed)
 
@@ -388,6 +415,11 @@ def cache_features(
     folder = run.features / fingerprint
     store = FeatureStore(folder)
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    augmentation = augmentation_from_settings(settings.data, backbone.preprocessing, output="uint8")
+    # Views drawn under another augmentation are other pixels. Every rank drops them from the index it read (rank 0
+    # persists that), so all ranks plan the same work whichever version of the index they saw.
+    if store.keep_views_of(augmentation.fingerprint) and rank == 0:
+        store.write_index()
     meta = {
         "version": 1,
         "fingerprint": fingerprint,
@@ -398,6 +430,7 @@ def cache_features(
         "compute_precision": precision_tag(dtype),
         "views": int(settings.features.views),
         "recipe": recipe_record(recipe, precision_tag(dtype)),
+        "augmentation": {"spec": augmentation.spec, "fingerprint": augmentation.fingerprint},
     }
     if rank == 0:
         for stale in [*folder.glob(".*.tmp"), *folder.glob(f"{_Parts.FOLDER}/.*.tmp")]:  # writes SIGKILL cut short
@@ -438,7 +471,7 @@ def cache_features(
             [table.paths[image_id] for image_id, _ in todo],
             recipe,
             seeds=[None if view == 0 else view_seed(image_id, view) for image_id, view in todo],
-            augment=augmentation_from_settings(settings.data, backbone.preprocessing, output="uint8"),
+            augment=augmentation,
         )
         loader = create_loader(
             dataset,

@@ -167,3 +167,39 @@ def test_cache_records_its_recipe_and_its_inputs_for_stale_run_detection(tiny_ru
     tiny_run.splits.write_text(tiny_run.splits.read_text() + "\n")  # a re-split, as far as the bytes go
     with pytest.raises(StaleError, match="cache-features"):
         check(tiny_run, "cache-features", "cache-features")
+
+
+def test_another_augmentation_recomputes_the_augmented_views_only(tiny_run):
+    from roadwork_cli.config import load_settings
+    from roadwork_cli.data.transforms import augmentation_from_settings
+    from roadwork_cli.io.atomic import atomic_write_json
+
+    def settings_with(augment):
+        base = tiny_settings(tiny_run, views=1).model_dump(mode="json")
+        return load_settings(None, base | {"data": base["data"] | {"augment": augment}}, environ={})
+
+    n_train = len(read_split_table(tiny_run).ids("train"))
+    moderate = cache_features(tiny_run, settings_with("moderate"))
+    before = load_cached(tiny_run)
+    meta = read_json(moderate.folder / "meta.json")["augmentation"]
+    expected = augmentation_from_settings(settings_with("moderate").data, create_backbone("tiny_vit").preprocessing)
+    assert meta == {"spec": expected.spec, "fingerprint": expected.fingerprint} and meta["spec"]["name"] == "moderate"
+
+    backbone, calls = _counting(create_backbone("tiny_vit"))
+    natix = cache_features(tiny_run, settings_with("natix"), backbone=backbone)
+    after = load_cached(tiny_run)
+    assert natix.fingerprint == moderate.fingerprint  # same folder: the clean views are reused
+    assert natix.computed == sum(calls) == n_train and natix.reused == moderate.total - n_train
+    assert read_json(natix.folder / "meta.json")["augmentation"]["spec"]["name"] == "natix"
+    assert read_json(natix.folder / "index.json")["augmentation"] != meta["fingerprint"]
+    for image_id, rows in after.rows.items():
+        assert torch.equal(after.features[rows[0]], before.features[before.rows[image_id][0]])
+        if 1 in rows:  # a new draw under the natix levels, not the moderate one
+            assert not torch.equal(after.features[rows[1]], before.features[before.rows[image_id][1]])
+    again = cache_features(tiny_run, settings_with("natix"), backbone=backbone)
+    assert again.computed == 0 and sum(calls) == n_train
+
+    # An index from before augmentations were recorded: its views are of unknown pixels and are recomputed.
+    index = read_json(natix.folder / "index.json")
+    atomic_write_json(natix.folder / "index.json", {k: v for k, v in index.items() if k != "augmentation"})
+    assert cache_features(tiny_run, settings_with("natix"), backbone=backbone).computed == n_train
