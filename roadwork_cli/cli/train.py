@@ -44,9 +44,15 @@ def command(
         },
     )
     from roadwork_cli.io.run import RunDir
+    from roadwork_cli.training.distributed import distributed_from_env
     from roadwork_cli.training.trainer import train
 
-    summary = train(RunDir(require_run(settings)), settings, progress=True)
+    dist = distributed_from_env(settings.runtime.device)  # a torchrun job (DDP), or one process
+    if dist.enabled and dist.is_main:
+        console.print(f"train: {dist.describe()}")
+    summary = train(RunDir(require_run(settings)), settings, progress=dist.is_main)
+    if not dist.is_main:  # rank 0 reports for the job
+        return
     table = Table(title=f"train ({summary.mode})", show_header=False)
     table.add_row("training images", str(summary.n_train))
     resumed = f" (resumed after epoch {summary.resumed_from})" if summary.resumed_from else ""
@@ -58,6 +64,7 @@ def command(
     table.add_row("features", f"{summary.backbone} ({summary.fingerprint})")
     table.add_row("scores", ", ".join(str(p) for p in summary.scores.values()))
     table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("processes", dist.describe())
     console.print(table)
     if json_output:
         print_json(summary)

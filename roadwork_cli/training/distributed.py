@@ -21,19 +21,29 @@ Only tensors and bytes travel between ranks: JSON for small records, ``torch.sav
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ParamSpec
 
 import torch
 import torch.distributed as dist
 
 from roadwork_cli.errors import UsageError
 
-__all__ = ["SINGLE_PROCESS", "Distributed", "distributed_from_env", "rank_slice"]
+__all__ = [
+    "SINGLE_PROCESS",
+    "Distributed",
+    "current_distributed",
+    "distributed_from_env",
+    "main_process_only",
+    "rank_slice",
+]
+
+P = ParamSpec("P")
 
 _TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -73,7 +83,7 @@ class _GatherRows(torch.autograd.Function):
         return grad[start : start + ctx.rows] * ctx.world_size, None, None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Distributed:
     """This process's place in a torchrun job, and the few collectives roadwork needs.
 
@@ -88,7 +98,9 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
-    _wrapped: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = field(default_factory=dict, repr=False)
+    _wrapped: dict[int, tuple[torch.nn.Module, torch.nn.Module]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def enabled(self) -> bool:
@@ -178,38 +190,53 @@ class Distributed:
         self._wrapped[id(module)] = (module, wrapped)
         return wrapped
 
-    def forward(self, module: torch.nn.Module, batch: torch.Tensor) -> Any:
-        """``module(batch)`` computed data-parallel: each rank runs its :func:`rank_slice` of the batch through the
-        DDP-wrapped ``module``, and the outputs are gathered back into the full batch on every rank.
+    def part(self, n: int) -> slice:
+        """This rank's :func:`rank_slice` of a global batch of ``n`` items (all of it in one process)."""
+        return rank_slice(n, self.rank, self.world_size)
 
-        A loss of the returned full-batch outputs is then the single-process loss (batch statistics such as the
-        mean gate or the conformal thresholds included), and its gradient after DDP's average is the full-batch
-        gradient: one process and N processes take the same steps, up to float summation order.
+    def gather(self, output: Any, n: int) -> Any:
+        """This rank's outputs for :meth:`part` of a global batch of ``n`` items -> the outputs of the whole batch, on
+        every rank, in batch order, with gradients flowing back to each rank's own rows.
+
+        ``output`` is a tensor or a (named) tuple, list or dict of ``(b_r, ...)`` tensors. A loss of the result is the
+        single-process loss of the batch (batch statistics such as the mean gate or the conformal thresholds
+        included), and its gradient after DDP's average over ranks is the full-batch gradient: one process and N
+        processes take the same steps, up to float summation order. A live-image loop decodes only ``part(n)`` of
+        each batch, runs it through :meth:`wrap`'s model and calls this on the result.
+        """
+        if not self.enabled:
+            return output
+        per_rank = -(-n // self.world_size)
+        lengths = [len(range(n)[rank_slice(n, r, self.world_size)]) for r in range(self.world_size)]
+
+        def gather_rows(value: torch.Tensor) -> torch.Tensor:
+            if value.shape[0] < per_rank:  # all-gather needs equal blocks; the padding rows are cut away below
+                value = torch.cat([value, value.new_zeros((per_rank - value.shape[0], *value.shape[1:]))])
+            full = _GatherRows.apply(value, self.rank, self.world_size)  # (W * per_rank, ...)
+            return torch.cat([full[r * per_rank : r * per_rank + k] for r, k in enumerate(lengths)])  # (n, ...)
+
+        return _map_tensors(output, gather_rows)
+
+    def forward(self, module: torch.nn.Module, batch: torch.Tensor) -> Any:
+        """``module(batch)`` computed data-parallel when the whole batch is at hand on every rank (cached features).
+
+        Each rank runs its :meth:`part` of ``batch``, zero-padded to ``ceil(B / W)`` rows so that every rank draws the
+        same amount of randomness (dropout) and the saved RNG state resumes every rank, through the DDP-wrapped
+        ``module``; :meth:`gather` returns the outputs of the whole batch.
 
         Args:
             module: The model (unwrapped; see :meth:`wrap`).
             batch: ``(B, ...)`` the whole global batch, identical on every rank.
-
-        Returns:
-            What ``module`` returns for the whole batch: a tensor, or a (named) tuple or dict of ``(B, ...)`` tensors.
         """
         if not self.enabled:
             return module(batch)
         n = batch.shape[0]
-        part = rank_slice(n, self.rank, self.world_size)
+        block = batch[self.part(n)]  # (b_r, ...)
         per_rank = -(-n // self.world_size)
-        block = batch[part]  # (b_r, ...)
-        if block.shape[0] < per_rank:  # equal blocks for the all-gather; the padding rows are cut away below
-            pad = block.new_zeros((per_rank - block.shape[0], *block.shape[1:]))
-            block = torch.cat([block, pad])
-        output = self.wrap(module)(block)
-        lengths = [len(range(n)[rank_slice(n, r, self.world_size)]) for r in range(self.world_size)]
-
-        def gather(value: torch.Tensor) -> torch.Tensor:
-            full = _GatherRows.apply(value, self.rank, self.world_size)  # (W * per_rank, ...)
-            return torch.cat([full[r * per_rank : r * per_rank + k] for r, k in enumerate(lengths)])  # (B, ...)
-
-        return _map_tensors(output, gather)
+        if block.shape[0] < per_rank:
+            block = torch.cat([block, block.new_zeros((per_rank - block.shape[0], *block.shape[1:]))])
+        own = len(range(n)[self.part(n)])
+        return self.gather(_map_tensors(self.wrap(module)(block), lambda value: value[:own]), n)
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -229,6 +256,25 @@ SINGLE_PROCESS = Distributed()
 """The context of a process that torchrun did not start: rank 0 of 1, every collective a no-op."""
 
 _joined: dict[str, Distributed] = {}
+
+
+def current_distributed() -> Distributed:
+    """The torchrun job this process joined with :func:`distributed_from_env`, else :data:`SINGLE_PROCESS`."""
+    return _joined.get("job", SINGLE_PROCESS)
+
+
+def main_process_only(write: Callable[P, None]) -> Callable[P, None]:
+    """Make ``write`` (an artifact writer: checkpoints, metrics, scores) do nothing on ranks other than 0.
+
+    Every rank holds the same weights after each DDP step, so one copy of each artifact is written, by rank 0.
+    """
+
+    @functools.wraps(write)
+    def on_main(*args: P.args, **kwargs: P.kwargs) -> None:
+        if current_distributed().is_main:
+            write(*args, **kwargs)
+
+    return on_main
 
 
 def _leave() -> None:
