@@ -172,7 +172,9 @@ def score_levels(
     folder.mkdir(parents=True, exist_ok=True)
     paths = {level: folder / f"level_{level}.csv" for level in levels}
 
-    model = _load_model(run, settings)
+    from roadwork_cli.stage1 import Stage1Model
+
+    model = Stage1Model.from_settings(run, settings)
     key = _cache_key(run, ids, labels, model)
     meta = folder / "meta.json"
     if not meta.exists() or read_json(meta) != key:
@@ -187,21 +189,6 @@ def score_levels(
             _write_level(path, ids, locators, labels, p_raw, g_raw, errors)
         tables[level] = read_scores_csv(path)
     return tables
-
-
-def _load_model(run: RunDir, settings: Settings) -> Stage1Model:
-    from roadwork_cli.stage1 import Stage1Model
-
-    model = Stage1Model.from_run(
-        run,
-        device=settings.runtime.device,
-        calibrated=False,
-        precision=settings.runtime.precision,
-        jpeg_draft=settings.data.jpeg_draft,
-    )
-    model.max_pixels = settings.data.max_image_pixels
-    model.max_file_bytes = settings.data.max_file_bytes
-    return model
 
 
 def robustness_block(tables: dict[int, ScoreTable], rule: StageRule, n_images: int | None = None) -> dict[str, Any]:
