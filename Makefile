@@ -37,6 +37,7 @@ bench: $(STAMP)
 	# The table of benchmarks/RESULTS.md: bare forward, bf16 verdict, then end-to-end paths measured beside them.
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_forward.py --out runs/bench/forward.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out runs/bench/precision.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_predict.py --onnx-out runs/bench/onnx.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/write_results.py --bench-dir runs/bench --out benchmarks/RESULTS.md
 
 clean:

@@ -121,8 +121,15 @@ def _fmt(value, digits: int = 1, unit: str = "") -> str:
     return "not measured" if value is None else f"{value:,.{digits}f}{unit}"
 
 
-def render(machine: dict, forward: dict, precision: dict | None, rows: list[dict], startup_s: float | None) -> str:
-    """RESULTS.md from the collected figures."""
+def render(
+    machine: dict,
+    forward: dict,
+    precision: dict | None,
+    rows: list[dict],
+    startup_s: float | None,
+    onnx: dict | None = None,
+) -> str:
+    """RESULTS.md from the collected figures (``onnx``: ``bench_predict.py --onnx-out``'s JSON, if measured)."""
     best = forward["best"]
     layout = f"{'channels-last' if best['channels_last'] else 'contiguous'}, batch {best['batch_size']}"
     load = machine["loadavg_1_5_15"]
@@ -203,9 +210,35 @@ def render(machine: dict, forward: dict, precision: dict | None, rows: list[dict
         "",
         "`roadwork predict one.jpg --bundle B --format jsonl` as a fresh subprocess (imports, bundle verification and "
         f"load, one 640x480 image), best of 3: **{_fmt(startup_s, 2, ' s')}** with the torch path "
-        f"(bundle exported without ONNX). The goal of {STARTUP_GOAL_S} s is the ONNX path's, whose start-up this "
-        "table does not measure yet.",
+        f"(bundle exported without ONNX). The goal of {STARTUP_GOAL_S} s is the ONNX path's: "
+        + (
+            "not measured (run `benchmarks/bench_predict.py --onnx-out runs/bench/onnx.json`)."
+            if onnx is None
+            else f"**{onnx['startup_s']['onnx']:.2f} s** with the bundle's model.onnx in onnxruntime, torch never "
+            f"imported ({'met' if onnx['startup_s']['onnx'] <= STARTUP_GOAL_S else 'MISSED'}; same bundle run by "
+            f"PyTorch in that run: {onnx['startup_s']['torch']:.2f} s; load average "
+            f"{' / '.join(f'{v:.1f}' for v in onnx['loadavg_1_5_15'])} at its end)."
+        ),
     ]
+    if onnx is not None:
+        lines += [
+            "",
+            "## ONNX runtime vs eager PyTorch (one bundle, alternating rounds)",
+            "",
+            f"`{onnx['backbone']}` bundle exported with `--onnx` (export check: max abs diff "
+            f"{onnx['export_max_abs_diff']:.2g} of the raw scores); {onnx['images']} {onnx['image_size']}, batch "
+            f"{onnx['batch_size']}, {onnx['workers']} decode workers (DataLoader processes for eager, threads for "
+            f"ONNX); medians of {onnx['rounds']} rounds. Goal: ONNX >= eager.",
+            "",
+            "| | eager images/s | ONNX images/s | ONNX / eager | per round |",
+            "|---|---|---|---|---|",
+        ]
+        for label, key in (("predict end to end", "predict"), ("bare forward (backbone + head)", "bare")):
+            rounds = ", ".join(f"{r:.3f}" for r in onnx[f"{key}_ratio_per_round"])
+            lines.append(
+                f"| {label} | {onnx[f'{key}_img_s']['torch']} | {onnx[f'{key}_img_s']['onnx']} | "
+                f"{onnx[f'{key}_onnx_over_eager']:.3f} | {rounds} |"
+            )
     lines += ["", "## bf16 verdict", ""]
     if precision is None:
         lines.append("not measured (run `benchmarks/bench_precision.py --out runs/bench/precision.json`).")
@@ -257,6 +290,8 @@ def main(argv: list[str] | None = None) -> Path:
     forward = json.loads((args.bench_dir / "forward.json").read_text())
     precision_file = args.bench_dir / "precision.json"
     precision = json.loads(precision_file.read_text()) if precision_file.exists() else None
+    onnx_file = args.bench_dir / "onnx.json"
+    onnx = json.loads(onnx_file.read_text()) if onnx_file.exists() else None
     saved = args.bench_dir / "end_to_end.json"
     if not args.render_only:
         os.makedirs(args.bench_dir, exist_ok=True)
@@ -268,7 +303,7 @@ def main(argv: list[str] | None = None) -> Path:
             atomic_write_json(saved, {"machine": machine, "rows": rows, "startup_s": startup(Path(tmp))})
     measured = json.loads(saved.read_text())
     atomic_write_text(
-        args.out, render(measured["machine"], forward, precision, measured["rows"], measured["startup_s"])
+        args.out, render(measured["machine"], forward, precision, measured["rows"], measured["startup_s"], onnx)
     )
     print(args.out.read_text())
     return args.out
