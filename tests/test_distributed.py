@@ -225,17 +225,28 @@ def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_afte
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
+    from roadwork_cli.model.head import SelectiveHead
     from roadwork_cli.training.trainer import train
 
     def crash(epoch, _metrics):
         if epoch == crash_after:
             raise Crash(epoch)
 
+    rows_seen: list[int] = []  # rows of each training forward on this rank
+    forward = SelectiveHead.forward
+
+    def counting_forward(self, x):
+        if self.training:
+            rows_seen.append(int(x.shape[0]))
+        return forward(self, x)
+
+    SelectiveHead.forward = counting_forward
     run = RunDir(run_root)
     try:
         train(run, _train_settings(run), on_epoch_end=crash)
     except Crash:
         pass  # SIGKILL stand-in: the job stops after this epoch's checkpoint is on disk
+    (run.root / f"rows_rank{rank}.json").write_text(json.dumps(rows_seen))
 
 
 def _spawn_ranks(run: RunDir, crash_after: int = 0, world_size: int = 2) -> None:
@@ -261,6 +272,8 @@ def test_ddp_training_matches_one_process_and_resumes(one_process, tmp_path):
     assert len((ranks.metrics).read_text().splitlines()) == 1 + 2
     _spawn_ranks(ranks)  # resumes from epoch 2 on both ranks
     assert len((ranks.metrics).read_text().splitlines()) == 1 + 4
+    for rank in range(2):  # each rank ran its part of each batch (4 rows of a batch of 7), never a whole batch
+        assert max(json.loads((ranks.root / f"rows_rank{rank}.json").read_text())) == 4
     a = load_file(str(single.checkpoints / "best.safetensors"))
     b = load_file(str(ranks.checkpoints / "best.safetensors"))
     # The same steps up to float summation order: a gradient summed from two part-batch products instead of one.
