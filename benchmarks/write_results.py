@@ -214,10 +214,15 @@ def render(
         + (
             "not measured (run `benchmarks/bench_predict.py --onnx-out runs/bench/onnx.json`)."
             if onnx is None
-            else f"**{onnx['startup_s']['onnx']:.2f} s** with the bundle's model.onnx in onnxruntime, torch never "
-            f"imported ({'met' if onnx['startup_s']['onnx'] <= STARTUP_GOAL_S else 'MISSED'}; same bundle run by "
-            f"PyTorch in that run: {onnx['startup_s']['torch']:.2f} s; load average "
-            f"{' / '.join(f'{v:.1f}' for v in onnx['loadavg_1_5_15'])} at its end)."
+            else f"**{onnx['startup_s']['onnx']:.2f} s** wall, {onnx['startup_cpu_s']['onnx']:.2f} s of CPU (user + "
+            "sys), with the bundle's model.onnx in onnxruntime, torch never imported (wall "
+            f"{'met' if onnx['startup_s']['onnx'] <= STARTUP_GOAL_S else 'MISSED'}, CPU "
+            f"{'met' if onnx['startup_cpu_s']['onnx'] <= STARTUP_GOAL_S else 'MISSED'}); the same bundle run by "
+            f"PyTorch in that run: {onnx['startup_s']['torch']:.2f} s wall, "
+            f"{onnx['startup_cpu_s']['torch']:.2f} s CPU. "
+            f"Load average {' / '.join(f'{v:.1f}' for v in onnx['loadavg_1_5_15'])} on {onnx['cpu_count']} cores at "
+            "the end of that run: where it exceeds the cores, wall time mostly waits for a core, and the CPU time is "
+            "what an idle machine's wall time would be, give or take."
         ),
     ]
     if onnx is not None:
