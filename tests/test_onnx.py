@@ -136,6 +136,19 @@ def test_export_writes_a_verified_graph_and_records_the_check(onnx_run):
     assert "model.onnx" not in plain.members and "onnx" not in plain.json("model.json")
 
 
+def test_the_cli_flag_exports_the_graph_and_reports_its_check(tmp_path):
+    from typer.testing import CliRunner
+
+    from roadwork_cli.cli.app import app
+    from roadwork_cli.io.bundle import read_bundle
+
+    run = make_tiny_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["export", "--run", str(run.root), "--onnx", "--out", str(tmp_path / "b.tar")])
+    assert result.exit_code == 0, result.output
+    assert "model.onnx: verified against PyTorch on 4 inputs" in " ".join(result.output.split())
+    assert "model.onnx" in read_bundle(tmp_path / "b.tar").members
+
+
 def test_export_verifies_on_random_inputs_without_a_test_split(tmp_path):
     from roadwork_cli.config import Settings
     from roadwork_cli.export import export_bundle
@@ -214,7 +227,7 @@ def test_onnx_predictions_equal_pytorch_ones_on_the_same_bundle(onnx_run, tmp_pa
 
 
 def test_predict_with_the_onnx_bundle_never_imports_torch(onnx_run, tmp_path):
-    """Library and CLI, in a fresh interpreter: one image predicted, and torch is not in sys.modules."""
+    """Library and CLI (with --threads), in a fresh interpreter: one image predicted, torch not in sys.modules."""
     _, bundle, _, photos = onnx_run
     script = f"""
 import json, sys
@@ -222,7 +235,8 @@ from roadwork_cli import load_bundle
 model = load_bundle({str(bundle)!r})
 prediction = model.predict([{str(photos[0])!r}])[0]
 from roadwork_cli.cli.app import main
-sys.argv = ["roadwork", "predict", {str(photos[1])!r}, "--bundle", {str(bundle)!r}, "--format", "jsonl"]
+sys.argv = ["roadwork", "predict", {str(photos[1])!r}, "--bundle", {str(bundle)!r}, "--format", "jsonl",
+            "--threads", "1"]
 try:
     main()
 except SystemExit as exit:

@@ -136,15 +136,17 @@ def command(
     expanded = expand_inputs(inputs, skipped=skipped)
 
     started = time.perf_counter()
-    from roadwork_cli.stage1 import load_bundle  # heavy (torch) import only once the arguments are valid
+    from roadwork_cli.stage1 import load_bundle  # torch is imported only if the bundle runs with PyTorch
 
-    apply_threads(settings)
     model = load_bundle(
         bundle,
         device=settings.runtime.device,
         precision=settings.runtime.precision,
         jpeg_draft=settings.data.jpeg_draft,  # None: decode as calibration did (the bundle's recipe)
+        threads=settings.runtime.threads,  # onnxruntime's; an ONNX bundle must not import torch to set them
     )
+    if model.runtime == "torch":
+        apply_threads(settings)
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
     loaded = time.perf_counter()
