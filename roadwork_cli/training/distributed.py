@@ -89,7 +89,7 @@ class Distributed:
 
     Attributes:
         rank: Global rank (0 = the main process, which writes the shared artifacts).
-        world_size: Number of processes in the job (1 = not distributed; every collective is a no-op).
+        world_size: Number of processes in the job.
         local_rank: Rank on this node (its GPU under NCCL).
         backend: ``"nccl"``, ``"gloo"``, or None for a single process.
     """
@@ -104,7 +104,8 @@ class Distributed:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether this process is in a process group (torchrun started it), even as its only member."""
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -285,7 +286,8 @@ def _leave() -> None:
 def distributed_from_env(device: str = "auto") -> Distributed:
     """Join the torchrun job this process belongs to, or return :data:`SINGLE_PROCESS`.
 
-    Idempotent: a second call returns the same context. The process group is left at interpreter exit.
+    A process that torchrun started joins its process group even alone (``--nproc_per_node=1``), so one GPU runs the
+    NCCL path too. Idempotent: a second call returns the same context. The process group is left at interpreter exit.
 
     Args:
         device: ``runtime.device``; CUDA (``auto`` with a GPU, ``cuda``) selects NCCL and GPU ``LOCAL_RANK``,
@@ -294,12 +296,12 @@ def distributed_from_env(device: str = "auto") -> Distributed:
     Raises:
         UsageError: ``WORLD_SIZE`` > 1 without the rest of the torchrun environment.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_size <= 1:
-        return SINGLE_PROCESS
     if "job" in _joined:
         return _joined["job"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     missing = [name for name in _TORCHRUN_VARIABLES if not os.environ.get(name)]
+    if world_size <= 1 and missing:  # not started by torchrun
+        return SINGLE_PROCESS
     if missing:
         raise UsageError(
             f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: start distributed work with torchrun, e.g. "
