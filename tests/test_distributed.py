@@ -95,6 +95,20 @@ def test_rank_slices_cover_the_batch_in_order():
             assert max(len(p) for p in parts) - min(len(p) for p in parts) <= max(1, -(-n // world))
 
 
+def test_torchrun_needs_the_double_dash_before_roadwork_flags(capsys):
+    from torch.distributed.run import parse_args
+
+    roadwork = ["roadwork", "cache-features", "--run", "DIR", "--batch-size", "8"]
+    with pytest.raises(SystemExit):  # the failure: --run taken for an abbreviation of --run-path
+        parse_args(["--nproc_per_node=2", "--no-python", *roadwork])
+    assert "--run-path" in capsys.readouterr().err
+    multi_node = ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=host0:29400", "--rdzv-id=job7"]
+    for launcher in (["--nproc_per_node=2"], ["--nproc_per_node=4", *multi_node]):
+        args = parse_args([*launcher, "--no-python", "--", *roadwork])
+        assert [args.training_script, *args.training_script_args] == roadwork  # roadwork's argv, unchanged
+        assert args.no_python and not args.run_path
+
+
 def test_single_process_context_is_a_no_op(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert distributed_from_env("cpu") is SINGLE_PROCESS
