@@ -201,6 +201,13 @@ class ModelSettings(_Section):
     head_standardize: bool = Field(
         False, description="Standardise each feature with the training set's mean and std before the head."
     )
+    head_gate: Literal["shared", "crossfit"] = Field(
+        "shared",
+        description="shared: the gate is an output of the shared head layer, trained with the other losses. crossfit: "
+        "the gate is its own layer on the detached hidden features and cls logit, fit after training on the "
+        "out-of-fold correctness of train.gate_folds heads trained on folds of train (no gate loss reaches the cls "
+        "output, and its targets are errors the head did not fit).",
+    )
     compile: bool = Field(False, description="Wrap the head with torch.compile (falls back cleanly when unavailable).")
     peft: PeftSettings = Field(default_factory=PeftSettings, description="Backbone adapters.")
 
@@ -262,6 +269,9 @@ class TrainSettings(_Section):
         gt=0,
         description="train_crc: temperature (in logit units) of the sigmoids that relax the thresholds, the quantiles "
         "and the exit / decision indicators of the conformal-training term; smaller is closer to the hard rule.",
+    )
+    gate_folds: int = Field(
+        5, ge=2, description="model.head_gate=crossfit: folds of train, one extra head each, for out-of-fold targets."
     )
     crc_score: Literal["gate", "softmax_response"] = Field(
         "gate",

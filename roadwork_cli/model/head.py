@@ -40,12 +40,23 @@ class SelectiveHead(nn.Module):
         dropout: Dropout before the output layer.
         standardize: Standardise each feature with the training set's mean and standard deviation (buffers set by
             :meth:`set_standardization`, saved with the weights) before the LayerNorm.
+        gate: ``"shared"``: the gate is the second output of the shared layer. ``"crossfit"``: the gate is its own
+            linear layer on the detached hidden features, cls logit and ``|cls logit|`` (``gate_out``), so no gate
+            loss reaches the trunk or the cls output; the trainer fits it on out-of-fold correctness
+            (:attr:`GATE_KINDS`).
     """
 
-    def __init__(self, in_dim: int, hidden: int = 256, dropout: float = 0.1, standardize: bool = False):
+    GATE_KINDS = ("shared", "crossfit")
+
+    def __init__(
+        self, in_dim: int, hidden: int = 256, dropout: float = 0.1, standardize: bool = False, gate: str = "shared"
+    ):
         super().__init__()
+        if gate not in self.GATE_KINDS:
+            raise ValueError(f"unknown gate kind {gate!r}; expected one of {self.GATE_KINDS}")
         self.in_dim, self.hidden, self.dropout = int(in_dim), int(hidden), float(dropout)
         self.standardize = bool(standardize)
+        self.gate = gate
         if self.standardize:
             self.register_buffer("feature_mean", torch.zeros(self.in_dim))  # (D,)
             self.register_buffer("feature_scale", torch.ones(self.in_dim))  # (D,)
@@ -58,6 +69,8 @@ class SelectiveHead(nn.Module):
         layers.append(nn.Dropout(self.dropout))
         self.trunk = nn.Sequential(*layers)
         self.out = nn.Linear(width, 3)
+        if self.gate == "crossfit":
+            self.gate_out = nn.Linear(width + 2, 1)
         # Plain flag, so deepcopy/state_dict stay those of an ordinary module (see enable_compile).
         self.compiled = False
 
@@ -105,6 +118,8 @@ class SelectiveHead(nn.Module):
         config = {"type": "SelectiveHead", "in_dim": self.in_dim, "hidden": self.hidden, "dropout": self.dropout}
         if self.standardize:  # only when set, so heads saved before the option existed keep the same config
             config["standardize"] = True
+        if self.gate != "shared":  # likewise
+            config["gate"] = self.gate
         return config
 
     @classmethod
@@ -115,15 +130,34 @@ class SelectiveHead(nn.Module):
             hidden=int(config["hidden"]),
             dropout=float(config["dropout"]),
             standardize=bool(config.get("standardize", False)),
+            gate=str(config.get("gate", "shared")),
         )
+
+    def hidden_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` features -> ``(B, W)`` output of the shared trunk (what every output layer reads)."""
+        if self.standardize:
+            features = (features - self.feature_mean) / self.feature_scale  # (B, D)
+        return self.trunk(features)
+
+    def crossfit_gate(self, hidden: torch.Tensor, cls_logit: torch.Tensor) -> torch.Tensor:
+        """Gate logit ``(B,)`` of a ``gate="crossfit"`` head from ``(B, W)`` hidden features and ``(B,)`` cls logits.
+
+        Both inputs are detached: the gate ranks what the cls output decided and never trains it. The trainer calls
+        this with out-of-fold cls logits to fit ``gate_out``; forward calls it with the head's own.
+        """
+        z = cls_logit.detach()[:, None]  # (B, 1)
+        return self.gate_out(torch.cat([hidden.detach(), z, z.abs()], dim=1))[:, 0]
 
 
 def _head_logits(head: SelectiveHead, features: torch.Tensor) -> torch.Tensor:
     """``(B, D)`` -> ``(B, 3)`` logits of ``head``: a free function of (module, input), so one compiled version
     serves every head instance, each with its own weights (dynamo guards on the module it is given)."""
-    if head.standardize:
-        features = (features - head.feature_mean) / head.feature_scale  # (B, D)
-    return head.out(head.trunk(features))
+    hidden = head.hidden_features(features)  # (B, W)
+    logits = head.out(hidden)  # (B, 3)
+    if head.gate == "crossfit":
+        gate = head.crossfit_gate(hidden, logits[:, 0])  # (B,)
+        logits = torch.stack([logits[:, 0], gate, logits[:, 2]], dim=1)
+    return logits
 
 
 _COMPILED: list[Any] = []
@@ -137,12 +171,14 @@ def _compiled_logits() -> Any:
 
 
 def create_head(model_settings: Any, in_dim: int) -> SelectiveHead:
-    """Head from ``ModelSettings`` (``head_hidden``, ``head_dropout``, ``head_standardize``, ``compile``)."""
+    """Head from ``ModelSettings`` (``head_hidden``, ``head_dropout``, ``head_standardize``, ``head_gate``,
+    ``compile``)."""
     head = SelectiveHead(
         in_dim,
         hidden=model_settings.head_hidden,
         dropout=model_settings.head_dropout,
         standardize=getattr(model_settings, "head_standardize", False),
+        gate=getattr(model_settings, "head_gate", "shared"),
     )
     if getattr(model_settings, "compile", False):
         head.enable_compile()
