@@ -145,7 +145,7 @@ def command(
         jpeg_draft=settings.data.jpeg_draft,  # None: decode as calibration did (the bundle's recipe)
         threads=settings.runtime.threads,  # onnxruntime's; an ONNX bundle must not import torch to set them
     )
-    if model.runtime == "torch":
+    if getattr(model, "runtime", "torch") == "torch":
         apply_threads(settings)
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
