@@ -119,9 +119,7 @@ def scores_module(backbone: torch.nn.Module, head: torch.nn.Module) -> torch.nn.
     return ScoresGraph().eval().float()
 
 
-def export_scores_graph(
-    backbone: torch.nn.Module, head: torch.nn.Module, image_size: int, opset: int = OPSET
-) -> bytes:
+def export_scores_graph(backbone: torch.nn.Module, head: torch.nn.Module, image_size: int, opset: int = OPSET) -> bytes:
     """Serialise backbone + head as one ONNX graph with a dynamic batch axis (see the module docstring).
 
     Raises:
