@@ -24,7 +24,7 @@ from roadwork_cli.cli.app import app
 from roadwork_cli.config import load_settings
 from roadwork_cli.features.cache import cache_features, load_cached
 from roadwork_cli.io.run import RunDir
-from roadwork_cli.training.distributed import SINGLE_PROCESS, distributed_from_env, rank_slice
+from roadwork_cli.training.distributed import SINGLE_PROCESS, Distributed, distributed_from_env, rank_slice
 
 ROADWORK = Path(sys.executable).with_name("roadwork")
 
@@ -224,6 +224,45 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _join_as(rank: int, world_size: int, port: int) -> Distributed:
+    """The environment torchrun gives rank ``rank``, then the library's join."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    return distributed_from_env("cpu")
+
+
+def _live_rank(rank: int, world_size: int, port: int) -> None:
+    """A live-image-style step: ranks hold different numbers of rows (rank 1 none: its images failed)."""
+    dist = _join_as(rank, world_size, port)
+    assert dist.all_gather_json({"rank": rank}) == [{"rank": r} for r in range(world_size)]
+    state = dist.broadcast_state({"w": torch.arange(3.0), "epoch": 7} if dist.is_main else None)
+    assert state["epoch"] == 7 and torch.equal(state["w"], torch.arange(3.0))
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 4, generator=generator), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    alone = torch.nn.Linear(4, 1)
+    alone.load_state_dict(model.state_dict())
+    own = slice(0, 3) if rank == 0 else slice(3, 3)
+    # Only a batch statistic (the mean) couples the rows: the full-batch loss needs every rank's rows.
+    logits = dist.gather(dist.wrap(model)(x[own]).squeeze(1))
+    labels = dist.gather(y[own])
+    assert torch.equal(labels, y[:3])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels) + logits.mean() ** 2
+    loss.backward()
+    reference = alone(x[:3]).squeeze(1)
+    (torch.nn.functional.binary_cross_entropy_with_logits(reference, y[:3]) + reference.mean() ** 2).backward()
+    for p, q in zip(model.parameters(), alone.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), (p.grad, q.grad)
+
+
+def test_gather_handles_uneven_and_empty_parts_with_the_full_batch_gradient():
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_live_rank, args=(2, _free_port()), nprocs=2, join=True, start_method="spawn")
+
+
 def _train_settings(run: RunDir, epochs: int = 4):
     overrides = {
         "runtime": {"run": str(run.root), "device": "cpu", "threads": 1},
@@ -235,10 +274,8 @@ def _train_settings(run: RunDir, epochs: int = 4):
 
 
 def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_after: int) -> None:
-    """One torchrun-like rank: the environment torchrun sets, then the library's ``train``."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    """One torchrun-like rank running the library's ``train``."""
+    _join_as(rank, world_size, port)
     from roadwork_cli.model.head import SelectiveHead
     from roadwork_cli.training.trainer import train
 

@@ -136,10 +136,8 @@ class Distributed:
             return [payload]
 
         device = self._comm_device
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-        sizes = torch.empty(self.world_size, dtype=torch.int64, device=device)
-        _all_gather_single(sizes, size)
-        longest = int(sizes.max().item())
+        sizes = self.row_counts(len(payload))
+        longest = max(sizes)
         block = torch.zeros(longest, dtype=torch.uint8, device=device)
         block[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else block[:0]
         blocks = torch.empty(self.world_size * longest, dtype=torch.uint8, device=device)
@@ -192,38 +190,56 @@ class Distributed:
         return wrapped
 
     def part(self, n: int) -> slice:
-        """This rank's :func:`rank_slice` of a global batch of ``n`` items (all of it in one process)."""
+        """This rank's :func:`rank_slice` of a global batch of ``n`` items (all of it in one process): what a
+        live-image loop decodes and runs through :meth:`wrap`'s model before :meth:`gather`."""
         return rank_slice(n, self.rank, self.world_size)
 
-    def gather(self, output: Any, n: int) -> Any:
-        """This rank's outputs for :meth:`part` of a global batch of ``n`` items -> the outputs of the whole batch, on
-        every rank, in batch order, with gradients flowing back to each rank's own rows.
+    def row_counts(self, rows: int) -> list[int]:
+        """Every rank's ``rows``, in rank order."""
+        if not self.enabled:
+            return [rows]
+        counts = torch.empty(self.world_size, dtype=torch.int64, device=self._comm_device)
+        _all_gather_single(counts, torch.tensor([rows], dtype=torch.int64, device=self._comm_device))
+        return [int(c) for c in counts.tolist()]
 
-        ``output`` is a tensor or a (named) tuple, list or dict of ``(b_r, ...)`` tensors. A loss of the result is the
-        single-process loss of the batch (batch statistics such as the mean gate or the conformal thresholds
-        included), and its gradient after DDP's average over ranks is the full-batch gradient: one process and N
-        processes take the same steps, up to float summation order. A live-image loop decodes only ``part(n)`` of
-        each batch, runs it through :meth:`wrap`'s model and calls this on the result.
+    def gather(self, output: Any, counts: list[int] | None = None) -> Any:
+        """This rank's rows of a global batch -> the rows of every rank, in rank order, on every rank, with gradients
+        flowing back to each rank's own rows.
+
+        ``output`` is a tensor or a (named) tuple, list or dict of ``(b_r, ...)`` tensors; ranks may hold different
+        numbers of rows (a live-image batch whose images failed to decode on one rank), none included. A loss of the
+        result is the single-process loss of the batch (batch statistics such as the mean gate or the conformal
+        thresholds included), and its gradient after DDP's average over ranks is the full-batch gradient: one process
+        and N processes take the same steps, up to float summation order. Every rank must call it for every batch.
+
+        Args:
+            output: This rank's outputs (or labels: tensors without gradients are gathered the same way).
+            counts: Every rank's row count when known (:meth:`row_counts`); asked of the ranks otherwise.
         """
         if not self.enabled:
             return output
-        per_rank = -(-n // self.world_size)
-        lengths = [len(range(n)[rank_slice(n, r, self.world_size)]) for r in range(self.world_size)]
+        if counts is None:
+            rows: list[int] = []  # of each tensor in output; they share the batch dimension
+            _map_tensors(output, lambda value: rows.append(int(value.shape[0])) or value)
+            counts = self.row_counts(rows[0] if rows else 0)
+        per_rank = max(counts)
 
         def gather_rows(value: torch.Tensor) -> torch.Tensor:
             if value.shape[0] < per_rank:  # all-gather needs equal blocks; the padding rows are cut away below
                 value = torch.cat([value, value.new_zeros((per_rank - value.shape[0], *value.shape[1:]))])
             full = _GatherRows.apply(value, self.rank, self.world_size)  # (W * per_rank, ...)
-            return torch.cat([full[r * per_rank : r * per_rank + k] for r, k in enumerate(lengths)])  # (n, ...)
+            return torch.cat(
+                [full[r * per_rank : r * per_rank + k] for r, k in enumerate(counts)]
+            )  # (sum(counts), ...)
 
         return _map_tensors(output, gather_rows)
 
     def forward(self, module: torch.nn.Module, batch: torch.Tensor) -> Any:
         """``module(batch)`` computed data-parallel when the whole batch is at hand on every rank (cached features).
 
-        Each rank runs its :meth:`part` of ``batch``, zero-padded to ``ceil(B / W)`` rows so that every rank draws the
-        same amount of randomness (dropout) and the saved RNG state resumes every rank, through the DDP-wrapped
-        ``module``; :meth:`gather` returns the outputs of the whole batch.
+        Each rank runs its :meth:`part` of ``batch`` through the DDP-wrapped ``module``, zero-padded to
+        ``ceil(B / W)`` rows so that every rank draws the same amount of randomness (dropout), which lets rank 0's
+        saved RNG state resume every rank; :meth:`gather` returns the outputs of the whole batch.
 
         Args:
             module: The model (unwrapped; see :meth:`wrap`).
@@ -232,12 +248,12 @@ class Distributed:
         if not self.enabled:
             return module(batch)
         n = batch.shape[0]
+        counts = [len(range(n)[rank_slice(n, r, self.world_size)]) for r in range(self.world_size)]
         block = batch[self.part(n)]  # (b_r, ...)
-        per_rank = -(-n // self.world_size)
-        if block.shape[0] < per_rank:
-            block = torch.cat([block, block.new_zeros((per_rank - block.shape[0], *block.shape[1:]))])
-        own = len(range(n)[self.part(n)])
-        return self.gather(_map_tensors(self.wrap(module)(block), lambda value: value[:own]), n)
+        if block.shape[0] < max(counts):
+            block = torch.cat([block, block.new_zeros((max(counts) - block.shape[0], *block.shape[1:]))])
+        own = counts[self.rank]
+        return self.gather(_map_tensors(self.wrap(module)(block), lambda value: value[:own]), counts)
 
 
 def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
