@@ -9,6 +9,7 @@ Layout of a cache folder::
                                "augmentation": fingerprint the views >= 1 were drawn with}
     failed.json               {id: reason} for images that could not be read (skipped, never retried silently)
     shard_00000.safetensors   "features": (rows, D) float16
+    parts/                    under torchrun only, until rank 0 has merged them: each rank's rows of each shard
 
 Images are read through :mod:`roadwork_cli.data.decode`, the one decode path that predict and evaluate --source
 use too (draft decoding of large JPEGs included; ``data.jpeg_draft: false`` caches into a ``-fulldecode`` folder).
@@ -22,6 +23,9 @@ in flight, and the re-run recomputes exactly that shard with the same batches (h
 with nothing missing does no forward pass at all. A different backbone, weights or preprocessing has a different
 fingerprint and therefore a different folder: stale features are never reused. Another ``data.augment`` (or NATIX
 level mix) keeps the folder and its clean views but forgets the augmented ones, which the run then recomputes.
+
+Under torchrun (``dist``), rank r of W computes batches r, r+W, ... of that same plan and writes them as parts; rank 0
+merges the parts shard by shard into exactly the folder one process writes (same shards, index and bytes).
 """
 
 from __future__ import annotations
