@@ -173,6 +173,22 @@ def test_a_killed_rank_resumes_and_the_merge_is_unchanged(one_process, tmp_path)
     assert again.computed == 0 and again.forward_passes == 0
 
 
+def test_parts_of_another_augmentation_are_not_reused(one_process, tmp_path):
+    reference, _ = one_process
+    run = _copy_split(reference, tmp_path / "run")
+
+    def crash(shard):
+        raise Crash(shard)
+
+    with pytest.raises(Crash):
+        cache_features(run, _settings(run), dist=SequentialRank(1, 2), on_shard=crash)
+    other = _settings(run)
+    other.data.augment = "aggressive"  # views >= 1 become other pixels: the finished part is stale
+    written = []
+    cache_features(run, other, dist=SequentialRank(1, 2), on_shard=written.append)
+    assert 0 in written
+
+
 def test_ranks_with_different_backbones_refuse_to_merge(one_process, tmp_path):
     from roadwork_cli.errors import UsageError
 

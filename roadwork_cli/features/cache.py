@@ -284,9 +284,10 @@ class _Parts:
 
     For each shard of the plan in which rank r computed batches it writes ``<tag>.rank<r>.safetensors`` (its rows in
     batch order, float16 like a shard) and then ``<tag>.rank<r>.json`` (per batch: number, keys, failures), whose
-    presence marks the part complete. ``tag`` hashes the shard's keys, the batch size and the world size: a re-run of
-    the same plan after SIGKILL reuses the finished parts, any other plan ignores them. Merged shards leave the work
-    list whole (shards are merged in order), so the remaining shards keep their keys and tags.
+    presence marks the part complete. ``tag`` hashes the shard's keys, the batch size, the world size and the
+    augmentation fingerprint (views >= 1 are its draws): a re-run of the same plan after SIGKILL reuses the finished
+    parts, any other plan ignores them. Merged shards leave the work list whole (shards are merged in order), so the
+    remaining shards keep their keys and tags.
     """
 
     FOLDER = "parts"
@@ -299,8 +300,10 @@ class _Parts:
         shard_size: int,
         rank: int,
         world_size: int,
+        augmentation: str,
     ):
         self.folder = folder / self.FOLDER
+        self.augmentation = augmentation
         self.todo, self.batches, self.shard_size = todo, batches, shard_size
         self.rank, self.world_size = rank, world_size
         self.batch_size = max((len(b) for b in batches), default=0)
@@ -310,7 +313,7 @@ class _Parts:
 
     def _paths(self, shard: int, rank: int) -> tuple[Path, Path]:
         keys = self.todo[shard * self.shard_size : (shard + 1) * self.shard_size]
-        plan = json.dumps([keys, self.batch_size, self.world_size]).encode()
+        plan = json.dumps([keys, self.batch_size, self.world_size, self.augmentation]).encode()
         stem = f"{hashlib.sha256(plan).hexdigest()[:20]}.rank{rank}"
         return self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"
 
@@ -465,7 +468,11 @@ def cache_features(
     batches = _shard_batches(len(todo), shard_size, settings.features.batch_size)
     # Under torchrun rank r computes batches r, r+W, ...: the one-process batches, so the same rows come out.
     mine = [j for j in range(len(batches)) if j % world_size == rank]
-    parts = _Parts(folder, todo, batches, shard_size, rank, world_size) if world_size > 1 else None
+    parts = (
+        _Parts(folder, todo, batches, shard_size, rank, world_size, augmentation.fingerprint)
+        if world_size > 1
+        else None
+    )
     if parts is not None:
         mine = [j for j in mine if not parts.done(j)]  # resume: this rank's finished parts of unmerged shards
     forward_passes = computed = 0
