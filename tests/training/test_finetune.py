@@ -108,6 +108,17 @@ def test_a_few_steps_lower_the_training_loss(tmp_path, image_table, method, opti
         assert lines[0] == ",".join(SCORE_COLUMNS) and len(lines) == COUNTS[split] + 1
     assert len((run.metrics).read_text().splitlines()) == 1 + settings.train.epochs
 
+    # The model that calibrate / export build follows the recipe the scores were computed with, not a feature
+    # cache's (here a made-up bf16 one without draft decoding).
+    from roadwork_cli.stage1 import Stage1Model
+
+    (run.features / "cache").mkdir(parents=True)
+    (run.features / "current.json").write_text(json.dumps({"fingerprint": "cache"}))
+    recipe = {"compute_precision": "bf16", "decode": {"jpeg_draft": False}}
+    (run.features / "cache" / "meta.json").write_text(json.dumps({"recipe": recipe}))
+    rebuilt = Stage1Model.from_run(run, device="cpu", calibrated=False)
+    assert rebuilt.info["recipe"]["compute_precision"] == "fp32" and rebuilt.jpeg_draft is True
+
 
 def test_sigkill_resume_reproduces_the_uninterrupted_weights(tmp_path, image_table):
     """Augmented views, F-SAM, accumulation, clipping and dropout: all of it repeats after a real SIGKILL."""
