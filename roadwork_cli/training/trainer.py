@@ -44,6 +44,7 @@ from roadwork_cli.metrics.classification import accuracy, auroc, mcc
 from roadwork_cli.metrics.selective import aurc
 from roadwork_cli.model.device import resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
+from roadwork_cli.training.distributed import SINGLE_PROCESS, Distributed, distributed_from_env, main_process_only
 from roadwork_cli.training.losses import LOSS_PARTS, ConformalTarget, selective_loss
 from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler
 
@@ -233,6 +234,8 @@ class _Fit:
     steps_per_epoch: int
     conformal: ConformalTarget | None = None
     """train_crc: what the conformal-training term simulates (None in train_cached)."""
+    dist: Distributed = SINGLE_PROCESS
+    """The torchrun job: each step runs this rank's part of the batch through DDP (one process: all of it)."""
 
 
 def _new_fit(settings: Settings, data: _Data, in_dim: int, device: torch.device) -> _Fit:
@@ -251,7 +254,8 @@ def _new_fit(settings: Settings, data: _Data, in_dim: int, device: torch.device)
     scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
     ema = create_ema(head, ts.ema_decay)
     conformal = ConformalTarget.from_settings(settings) if ts.mode == "train_crc" else None
-    return _Fit(head, optimizer, scheduler, ema, data, batch_size, steps_per_epoch, conformal)
+    dist = distributed_from_env(settings.runtime.device)
+    return _Fit(head, optimizer, scheduler, ema, data, batch_size, steps_per_epoch, conformal, dist)
 
 
 def _train_epoch(fit: _Fit, data: _Data, ts: Any, epoch: int) -> torch.Tensor:
@@ -262,7 +266,7 @@ def _train_epoch(fit: _Fit, data: _Data, ts: Any, epoch: int) -> torch.Tensor:
     sums = torch.zeros(len(LOSS_PARTS), device=features.device)
     for step, start in enumerate(range(0, n, fit.batch_size), start=epoch * fit.steps_per_epoch):
         xb, yb = features[start : start + fit.batch_size], labels[start : start + fit.batch_size]
-        loss, parts = selective_loss(fit.head(xb), yb, ts.loss, ts.target_coverage, fit.conformal)
+        loss, parts = selective_loss(fit.dist.forward(fit.head, xb), yb, ts.loss, ts.target_coverage, fit.conformal)
         fit.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         fit.optimizer.step()
@@ -332,6 +336,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+@main_process_only
 def _save_last(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -417,6 +422,7 @@ def fit_crossfit_gate(
     return float(optimizer.step(closure).detach())
 
 
+@main_process_only
 def _write_best(run: RunDir, head: torch.nn.Module, info: dict[str, Any]) -> None:
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
     with atomic_path(run.checkpoints / "best.safetensors") as tmp:
@@ -435,6 +441,7 @@ def load_best_head(run: RunDir) -> tuple[SelectiveHead, dict[str, Any]]:
     return head.eval(), info
 
 
+@main_process_only
 def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
@@ -444,6 +451,7 @@ def _write_metrics_csv(path: Path, history: list[dict[str, float]]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+@main_process_only
 def _write_scores(path: Path, ids: list[str], labels: torch.Tensor, output: HeadOutput) -> None:
     columns = [
         torch.sigmoid(output.cls).tolist(),
@@ -606,6 +614,7 @@ def _train(
             best_head, gate_data.features[rows], oof, gate_data.train_labels, settings.calibration.fnr, ts.seed
         )
         _write_best(run, best_head.eval(), dict(info, gate=f"crossfit over {ts.gate_folds} folds"))
+    fit.dist.barrier()  # rank 0 has written best.safetensors before any rank reads it
     best_head, _ = load_best_head(run)
     best_head = best_head.to(device)
     scores = {}
@@ -615,7 +624,8 @@ def _train(
             output = best_head(data.features[data.split_rows[split]])
             scores[split] = run.scores / f"{split}.csv"
             _write_scores(scores[split], data.split_ids[split], data.split_labels[split], output)
-    provenance.record(run, "train", [run.splits, run.features / CURRENT_FILE])
+    if fit.dist.is_main:
+        provenance.record(run, "train", [run.splits, run.features / CURRENT_FILE])
     notes = val_select_notes(data.split_labels["val_select"])
     if data.failed:
         notes.append(
