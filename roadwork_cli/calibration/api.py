@@ -142,20 +142,29 @@ def fit_scaling(select: ScoreTable | None, settings) -> dict[str, Any]:
     gate_scaler = fit_gate_scaler(settings.gate_scaling, select.gate, p_select, select.label)
     scaling = {"cls": cls_scaler.to_dict(), "gate": gate_scaler.to_dict(), "gate_score": settings.gate_score}
     if settings.gate_score == "auto":
-        scaling.update(choose_selection_score(p_select, gate_scaler.transform(select.gate), select.label))
+        scaling.update(
+            choose_selection_score(p_select, gate_scaler.transform(select.gate), select.label, alpha=settings.fnr)
+        )
     return scaling
 
 
-def choose_selection_score(p_select: np.ndarray, g_select: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def choose_selection_score(
+    p_select: np.ndarray, g_select: np.ndarray, labels: np.ndarray, alpha: float | None = None
+) -> dict[str, Any]:
     """Pick the selection score (gate head or softmax response) with the lower AURC on val_select.
 
+    The errors ranked are those of the decision the rule will make: with ``alpha`` (the FNR target), p >= the
+    alpha-quantile of the positives' p on val_select, which is about where SCRC-I puts tau; without it, p >= 0.5.
+    Ranking errors at 0.5 favours max(p, 1 - p), which is symmetric around 0.5, even when the rule decides far below it.
     The choice uses val_select only, so it is fixed before val_calib is seen and the SCRC-I guarantee still holds.
     A gate head that learnt nothing (e.g. saturated because the training set was fit perfectly) loses to max(p, 1-p).
     """
-    losses = ((p_select >= 0.5).astype(int) != labels).astype(float)
+    positives = p_select[labels == 1]
+    threshold = float(np.quantile(positives, alpha)) if alpha is not None and positives.size else 0.5
+    losses = ((p_select >= threshold).astype(int) != labels).astype(float)
     candidates = {"gate": aurc(g_select, losses), "softmax_response": aurc(softmax_response(p_select), losses)}
     chosen = min(candidates, key=lambda name: (candidates[name], name != "gate"))  # ties keep the gate head
-    return {"gate_score": chosen, "gate_score_aurc_select": candidates}
+    return {"gate_score": chosen, "gate_score_aurc_select": candidates, "gate_score_threshold": threshold}
 
 
 def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings, source: dict[str, Any]) -> dict:

@@ -151,7 +151,9 @@ def _write_select_with_gate(path: Path, gate_from_correct, seed: int = 5, n: int
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < 0.5).astype(int)
     p = 1 / (1 + np.exp(-((2 * y - 1) * 1.5 + rng.normal(0, 1.5, n))))
-    correct = ((p >= 0.5).astype(int) == y).astype(float)
+    # Right or wrong as the rule decides: roadwork iff p >= about where SCRC-I puts tau (the positives' FNR-quantile).
+    threshold = np.quantile(p[y == 1], SETTINGS.fnr)
+    correct = ((p >= threshold).astype(int) == y).astype(float)
     gate = np.clip(gate_from_correct(correct, rng), 1e-6, 1 - 1e-6)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -163,7 +165,8 @@ def _write_select_with_gate(path: Path, gate_from_correct, seed: int = 5, n: int
 @pytest.mark.parametrize(
     ("gate_from_correct", "expected"),
     [
-        # An oracle gate (high exactly when the decision is right) ranks better than max(p, 1-p).
+        # An oracle gate (high exactly when the rule's decision is right) ranks better than max(p, 1-p), which is
+        # symmetric around 0.5 and so ranks the errors of a low-threshold decision badly.
         (lambda correct, rng: 0.2 + 0.6 * correct + rng.uniform(-0.05, 0.05, correct.size), "gate"),
         # A saturated, uninformative gate (what an over-fit SelectiveNet head gives) loses to the softmax response.
         (lambda correct, rng: 0.9999 + rng.uniform(-1e-5, 1e-5, correct.size), "softmax_response"),
