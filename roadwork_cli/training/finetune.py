@@ -44,7 +44,7 @@ from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, 
 from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import SplitTable, read_split_table
 from roadwork_cli.io import provenance
-from roadwork_cli.io.atomic import atomic_path, atomic_write_json, json_safe, read_json
+from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.model.backbones import Backbone, create_backbone
 from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
@@ -56,16 +56,16 @@ from roadwork_cli.training.param_groups import create_finetune_optimizer
 from roadwork_cli.training.trainer import (
     SCORE_SPLITS,
     TrainSummary,
-    _rng_state,
-    _save_last,
-    _score_key,
-    _set_rng_state,
     _write_best,
     _write_metrics_csv,
     _write_scores,
+    best_info,
     epoch_row,
     evaluate_head,
     load_best_head,
+    resume_last,
+    save_last,
+    select_epoch,
     val_select_notes,
 )
 
@@ -159,7 +159,8 @@ def _setup(settings: Settings, device: torch.device, n_train: int, warm_head: Pa
     apply_adapters(backbone, peft_settings)
     head = create_head(settings.model, backbone.feature_dim)
     if warm_head is not None:
-        head.load_state_dict(load_file(str(warm_head)))
+        # A train.cls_fit=logistic_cv head's cls_linear fits the frozen features only; the trunk's cls output trains on.
+        head.load_state_dict({k: v for k, v in load_file(str(warm_head)).items() if not k.startswith("cls_linear.")})
     model = LiveModel(backbone, head).to(device)
     if settings.features.channels_last:
         model.backbone = model.backbone.to(memory_format=torch.channels_last)
@@ -477,19 +478,12 @@ def train_live(
         last_path = run.checkpoints / "last.pt"
         start_epoch, history = 0, []
         best: dict[str, Any] = {"epoch": -1, "key": [-math.inf, -math.inf], "metrics": {}}
-        if last_path.exists():
-            state = torch.load(last_path, map_location=device, weights_only=True)
-            if state.get("signature") == signature:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                if ema is not None:
-                    ema.load_state_dict(state["ema"])
-                if setup.scaler is not None and state.get("scaler"):
-                    setup.scaler.load_state_dict(state["scaler"])
-                images.failed.update(state.get("failed", {}))
-                start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-                _set_rng_state(state["rng"])
+        state = resume_last(last_path, signature, device, model, optimizer, scheduler, ema)
+        if state is not None:
+            if setup.scaler is not None and state.get("scaler"):
+                setup.scaler.load_state_dict(state["scaler"])
+            images.failed.update(state.get("failed", {}))
+            start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
         resumed_from = start_epoch
         val_ids = images.ids("val_select")
 
@@ -502,31 +496,16 @@ def train_live(
             metrics = evaluate_head(output, labels)
             row = epoch_row(epoch, (sums / max(used, 1)).tolist(), metrics, float(optimizer.param_groups[0]["lr"]))
             history.append(row)
-            # Without val_select images there is nothing to select on: the last epoch wins.
-            key = list(_score_key(metrics, ts.select_metric)) if kept else [float(epoch), 0.0]
-            if best["epoch"] < 0 or key > best["key"]:
-                best = {"epoch": epoch + 1, "key": key, "metrics": metrics}
-                info = dict(base_info, epoch=epoch + 1, select_metric=ts.select_metric, ema=ema is not None)
-                info["metric"] = json_safe(metrics).get(ts.select_metric)
-                info["val_select"] = json_safe(metrics)
-                _write_live_best(run, setup, evaluated, info)
+            selected = select_epoch(best, metrics, ts.select_metric, epoch, has_val=bool(kept))
+            if selected is not None:
+                best = selected
+                _write_live_best(run, setup, evaluated, best_info(base_info, best, ts.select_metric, ema is not None))
             _write_metrics_csv(run.metrics, history)
-            _save_last(
-                last_path,
-                {
-                    "signature": signature,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": setup.scaler.state_dict() if setup.scaler is not None else {},
-                    "rng": _rng_state(),
-                    "history": history,
-                    "best": best,
-                    "failed": dict(images.failed),
-                },
-            )
+            scaler = setup.scaler.state_dict() if setup.scaler is not None else {}
+            save_last(
+                last_path, signature, epoch, model, optimizer, scheduler, ema, history, best,
+                scaler=scaler, failed=dict(images.failed),
+            )  # fmt: skip
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, metrics)
 
@@ -538,7 +517,7 @@ def train_live(
             scores[split] = run.scores / f"{split}.csv"
             _write_scores(scores[split], kept, labels, output)
         provenance.record(run, "train", [run.splits])
-        best_info = read_json(run.checkpoints / "best.json")
+        written = read_json(run.checkpoints / "best.json")
         notes = val_select_notes(images.labels(val_ids))
         if images.failed:
             sample = "; ".join(f"{i[:12]}: {reason}" for i, reason in list(images.failed.items())[:3])
@@ -555,7 +534,7 @@ def train_live(
             select_metric=ts.select_metric,
             best_value=float(best["metrics"].get(ts.select_metric, float("nan"))),
             best_metrics=dict(best["metrics"]),
-            fingerprint=str(best_info.get("fingerprint", setup.base_fingerprint)),
+            fingerprint=str(written.get("fingerprint", setup.base_fingerprint)),
             backbone=str(settings.model.backbone),
             n_train=n_train,
             n_val_select=len(val_ids),
