@@ -338,7 +338,8 @@ class Stage1Model(ScoringModel):
         backbone = build_backbone(backbone_record(best_json), weights_file=weights)
         head = build_head(best_json, best.read_bytes(), backbone)
         info = model_record(best_json, backbone)
-        cached = cached_recipe(run)
+        # A fine-tuned run records the recipe its scores were computed with; train_cached follows its cache's.
+        cached = best_json.get("recipe") or cached_recipe(run)
         if cached is not None:
             info["recipe"] = cached
         model = cls(backbone, head, rule, info=info, device=device, precision=precision, jpeg_draft=jpeg_draft)
