@@ -142,7 +142,10 @@ def _create_backbone(settings: Settings) -> Backbone:
     return create_backbone(model.backbone, weights=model.weights, image_size=model.image_size)
 
 
-def _setup(settings: Settings, device: torch.device, n_train: int, warm_head: Path | None) -> _Setup:
+def _setup(
+    settings: Settings, device: torch.device, n_train: int, warm_head: Path | None, backbone: Backbone | None = None
+) -> _Setup:
+    """Adapted backbone (``backbone`` or a new one), head (from ``warm_head`` if given), optimiser and the rest."""
     ts = settings.train
     dtype = compute_dtype(device, settings.runtime.precision)
     if dtype == torch.float16 and ts.optimizer != "adamw":
@@ -150,7 +153,7 @@ def _setup(settings: Settings, device: torch.device, n_train: int, warm_head: Pa
             f"train.optimizer {ts.optimizer} with runtime.precision fp16 is not supported: the gradient scaler cannot "
             "unscale the two gradients of a sharpness-aware step. Use runtime.precision bf16 (or fp32)."
         )
-    backbone = _create_backbone(settings)
+    backbone = backbone if backbone is not None else _create_backbone(settings)
     base_fingerprint = backbone.fingerprint
     peft_settings = settings.model.peft
     adapting = peft_settings.method != "none"
@@ -459,10 +462,9 @@ def train_live(
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         for stale in run.checkpoints.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
             stale.unlink(missing_ok=True)
-        probe = _create_backbone(settings)
-        warm = _warm_start(run, settings, probe.fingerprint, probe.feature_dim)
-        del probe
-        setup = _setup(settings, device, n_train, warm)
+        backbone = _create_backbone(settings)
+        warm = _warm_start(run, settings, backbone.fingerprint, backbone.feature_dim)
+        setup = _setup(settings, device, n_train, warm, backbone)
         model, optimizer, scheduler, ema = setup.model, setup.optimizer, setup.scheduler, setup.ema
         signature = _signature(settings, setup, table, warm)
         recipe = recipe_record(setup.recipe, precision_tag(setup.dtype))
