@@ -212,3 +212,30 @@ def test_fp16_with_sharpness_aware_optimisers_is_a_settings_error(tmp_path, imag
     settings.runtime.precision = "fp16"
     with pytest.raises(UsageError, match="bf16"):
         train(run, settings)
+
+
+def test_efficientnet_pointwise_convs_adapt_while_batchnorm_statistics_stay_frozen(tmp_path, image_table, monkeypatch):
+    """The default efficientnet targets are its 1x1 convolutions; no BatchNorm running statistic moves in training."""
+    from roadwork_cli.model.backbones import create_backbone
+
+    created = {}
+
+    def tiny_efficientnet(settings):
+        torch.manual_seed(0)
+        backbone = create_backbone("timm:tf_efficientnet_lite0", pretrained=False, image_size=32)
+        created["state"] = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+        return backbone
+
+    monkeypatch.setattr(finetune, "_create_backbone", tiny_efficientnet)
+    run = make_run(tmp_path / "run", image_table)
+    train(run, live_settings(run, "dora", epochs=1, lr=0.05))
+    info = read_json(run.checkpoints / "best.json")
+    targets = info["adapters"]["target_modules"]
+    assert targets and all(name.rsplit(".", 1)[-1] in ("conv_pw", "conv_pwl", "conv_head") for name in targets)
+    merged, base = load_file(str(run.checkpoints / finetune.BEST_BACKBONE)), created["state"]
+    assert merged.keys() == base.keys()
+    stats = [k for k in base if "running_" in k]
+    assert stats and all(torch.equal(merged[k], base[k]) for k in stats)
+    adapted = {f"{name}.weight" for name in targets}
+    assert any(not torch.equal(merged[k], base[k]) for k in adapted)  # the merged adapters changed them
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in adapted)  # and nothing else
