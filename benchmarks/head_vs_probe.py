@@ -10,7 +10,8 @@ features, and fits:
 * probe: scikit-learn ``LogisticRegression`` on standardised features, C chosen by 5-fold cross-validation on
   train + val_select, fit on train + val_select.
 
-Both are calibrated the same way: Platt scaling fit on val_select (what ``calibration.scaling: platt`` does). Reported
+Both are calibrated the same way: Platt scaling fit on val_select (what ``calibration.scaling: platt`` does), on
+out-of-fold scores, since both final fits saw val_select. Reported
 per cell as mean +- standard deviation over seeds: test AUROC, MCC at calibrated p >= 0.5 and AURC (softmax response
 as the selection score; lower is better). The last column says whether the cell passes (head AUROC >= probe AUROC -
 0.002 and head MCC >= probe MCC, averaged over seeds).
@@ -142,20 +143,34 @@ def head_cell(run, overrides: dict | None = None) -> dict[str, float]:
 
 
 def probe_cell(features: np.ndarray, rows: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
-    """Standardised L2 logistic regression, C by 5-fold CV on train + val_select, fit there, Platt on val_select."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
+    """Standardised L2 logistic regression, C by 5-fold CV on train + val_select, fit there, Platt on val_select.
+
+    The folds are those the head's ``train.cls_fit=logistic_cv`` draws (``stratified_folds`` with the default
+    ``train.seed``), a paired design: with independently drawn folds the two differ by fold noise alone (the C picked
+    and the Platt fit), which on 5 seeds is as large as the margins compared. Both are solved to tight tolerance.
+    Platt is fit on val_select's out-of-fold probabilities at the chosen C, not on those of the final fit, which saw
+    val_select: the same held-out treatment the head's ``scores/val_select.csv`` gets.
+    """
+    import torch
+    from scipy.special import expit
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import PredefinedSplit, cross_val_predict
     from sklearn.preprocessing import StandardScaler
 
     from roadwork_cli.calibration.scaling import create_scaler
+    from roadwork_cli.training.logistic import C_GRID, stratified_folds
 
-    x_fit = features[np.concatenate([rows["train"], rows["val_select"]])]
+    x_fit = features[np.concatenate([rows["train"], rows["val_select"]])].astype(np.float64)
     y_fit = np.concatenate([labels["train"], labels["val_select"]])
-    search = LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5, max_iter=2000, scoring="neg_log_loss")
-    probe = make_pipeline(StandardScaler(), search)
-    probe.fit(x_fit, y_fit)
-    p_select = probe.predict_proba(features[rows["val_select"]])[:, 1]
-    p_test = probe.predict_proba(features[rows["test"]])[:, 1]
+    folds = PredefinedSplit(stratified_folds(torch.from_numpy(y_fit), 5, seed=0).numpy())
+    scaler = StandardScaler().fit(x_fit)
+    z_fit = scaler.transform(x_fit)
+    solver = {"max_iter": 10_000, "tol": 1e-8}
+    probe = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, scoring="neg_log_loss", **solver).fit(z_fit, y_fit)
+    held_out = LogisticRegression(C=float(probe.C_[0]), **solver)
+    oof = cross_val_predict(held_out, z_fit, y_fit, cv=folds, method="decision_function")
+    p_select = expit(oof[len(rows["train"]) :])
+    p_test = probe.predict_proba(scaler.transform(features[rows["test"]].astype(np.float64)))[:, 1]
     scaler = create_scaler("platt").fit(p_select, labels["val_select"])
     return _selective_metrics(labels["test"], p_test, scaler.transform(p_test))
 

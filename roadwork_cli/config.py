@@ -261,6 +261,13 @@ class TrainSettings(_Section):
         description="After selecting the best epoch on val_select, retrain on train + val_select for that many "
         "epochs and keep that head (val_calib is never used).",
     )
+    cls_fit: Literal["logistic_cv", "sgd"] = Field(
+        "logistic_cv",
+        description="How the head's cls (roadwork) logit is fit in train_cached / train_crc. logistic_cv: an L2 "
+        "logistic regression on the standardised features, solved exactly, its strength chosen by 5-fold "
+        "cross-validation on train + val_select and refit there (never val_calib); gate and aux stay those of the "
+        "trained head. sgd: the cls output of the trained head (the loss terms fn_weight etc. shape it).",
+    )
     ema_decay: float = Field(0.99, ge=0, lt=1, description="Decay of the weight EMA; 0 disables EMA.")
     target_coverage: float = Field(0.8, gt=0, le=1, description="Coverage the SelectiveNet gate is trained towards.")
     loss: LossWeights = Field(default_factory=LossWeights, description="Weights of the objective's parts.")

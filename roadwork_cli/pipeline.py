@@ -41,7 +41,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # val_calib (6 seeds) accuracy on exits 0.70 -> 0.75 and FPR on exits 0.63 -> 0.57 at the same coverage, for
     # 3 points of accuracy at p >= 0.5 (0.92 -> 0.89). The gate term is off here: it shares the trunk and cost 1.5
     # points of accuracy on exits with fn_weight 10, while calibration picks softmax response over the gate anyway.
-    "train": {"loss": {"fn_weight": 10.0, "gate_correctness": 0.0}},
+    # The SGD-trained cls, not the default cross-validated logistic regression (train.cls_fit): the logistic fit ranks
+    # as well overall but puts the hardest roadwork lower, so the certified tau cuts deeper. On the demo's val_calib
+    # (seed 0) accuracy on exits 0.758 (sgd) vs 0.660 (logistic_cv) at the same certified FNR and coverage >= 0.8.
+    "train": {"loss": {"fn_weight": 10.0, "gate_correctness": 0.0}, "cls_fit": "sgd"},
 }
 """Demo settings that sit between the global defaults and the user's YAML / environment / flags."""
 

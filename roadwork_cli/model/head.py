@@ -44,19 +44,32 @@ class SelectiveHead(nn.Module):
             linear layer on the detached hidden features, cls logit and ``|cls logit|`` (``gate_out``), so no gate
             loss reaches the trunk or the cls output; the trainer fits it on out-of-fold correctness
             (:attr:`GATE_KINDS`).
+        cls: ``"shared"``: the cls logit is the first output of the shared layer. ``"linear"``: it is its own linear
+            layer on the raw features (``cls_linear``), which the trainer sets to a cross-validated L2 logistic
+            regression (``train.cls_fit``); gate and aux stay on the trunk (:attr:`CLS_KINDS`).
     """
 
     GATE_KINDS = ("shared", "crossfit")
+    CLS_KINDS = ("shared", "linear")
 
     def __init__(
-        self, in_dim: int, hidden: int = 256, dropout: float = 0.1, standardize: bool = False, gate: str = "shared"
+        self,
+        in_dim: int,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        standardize: bool = False,
+        gate: str = "shared",
+        cls: str = "shared",
     ):
         super().__init__()
         if gate not in self.GATE_KINDS:
             raise ValueError(f"unknown gate kind {gate!r}; expected one of {self.GATE_KINDS}")
+        if cls not in self.CLS_KINDS:
+            raise ValueError(f"unknown cls kind {cls!r}; expected one of {self.CLS_KINDS}")
         self.in_dim, self.hidden, self.dropout = int(in_dim), int(hidden), float(dropout)
         self.standardize = bool(standardize)
         self.gate = gate
+        self.cls = cls
         if self.standardize:
             self.register_buffer("feature_mean", torch.zeros(self.in_dim))  # (D,)
             self.register_buffer("feature_scale", torch.ones(self.in_dim))  # (D,)
@@ -71,6 +84,8 @@ class SelectiveHead(nn.Module):
         self.out = nn.Linear(width, 3)
         if self.gate == "crossfit":
             self.gate_out = nn.Linear(width + 2, 1)
+        if self.cls == "linear":
+            self.cls_linear = nn.Linear(self.in_dim, 1)
         # Plain flag, so deepcopy/state_dict stay those of an ordinary module (see enable_compile).
         self.compiled = False
 
@@ -120,6 +135,8 @@ class SelectiveHead(nn.Module):
             config["standardize"] = True
         if self.gate != "shared":  # likewise
             config["gate"] = self.gate
+        if self.cls != "shared":  # likewise
+            config["cls"] = self.cls
         return config
 
     @classmethod
@@ -131,6 +148,7 @@ class SelectiveHead(nn.Module):
             dropout=float(config["dropout"]),
             standardize=bool(config.get("standardize", False)),
             gate=str(config.get("gate", "shared")),
+            cls=str(config.get("cls", "shared")),
         )
 
     def hidden_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -154,6 +172,8 @@ def _head_logits(head: SelectiveHead, features: torch.Tensor) -> torch.Tensor:
     serves every head instance, each with its own weights (dynamo guards on the module it is given)."""
     hidden = head.hidden_features(features)  # (B, W)
     logits = head.out(hidden)  # (B, 3)
+    if head.cls == "linear":
+        logits = torch.cat([head.cls_linear(features), logits[:, 1:]], dim=1)
     if head.gate == "crossfit":
         gate = head.crossfit_gate(hidden, logits[:, 0])  # (B,)
         logits = torch.stack([logits[:, 0], gate, logits[:, 2]], dim=1)

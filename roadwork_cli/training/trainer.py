@@ -45,6 +45,7 @@ from roadwork_cli.metrics.selective import aurc
 from roadwork_cli.model.device import resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 from roadwork_cli.training.distributed import SINGLE_PROCESS, Distributed, distributed_from_env, main_process_only
+from roadwork_cli.training.logistic import fit_logistic_cv
 from roadwork_cli.training.losses import LOSS_PARTS, ConformalTarget, selective_loss
 from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler
 
@@ -422,6 +423,44 @@ def fit_crossfit_gate(
     return float(optimizer.step(closure).detach())
 
 
+def _fit_logistic_cls(
+    run: RunDir, settings: Settings, data: _Data, cached: CachedFeatures, table: SplitTable, device: torch.device
+) -> torch.Tensor:
+    """``train.cls_fit=logistic_cv``: give the best head a cls logit that is an exact, cross-validated L2 logistic
+    regression on the clean features of train + val_select (never val_calib); returns val_select's out-of-fold logits.
+
+    The fit set is the linear probe's, so the head ranks at least as well as that probe. Calibration fits its scaling
+    on val_select, which the refit has seen; the out-of-fold logits (each from the fold model that did not see the
+    image, at the chosen C) are what ``scores/val_select.csv`` holds instead, so the scaling is fit on held-out scores.
+    A ``gate="crossfit"`` head's gate is refit on the same out-of-fold logits (the cls it ranks changed).
+    """
+    ts = settings.train
+    train_ids = [i for i in table.ids("train") if 0 in cached.rows.get(i, {})]  # the order of data.train_labels
+    rows = torch.cat([torch.tensor([cached.rows[i][0] for i in train_ids], dtype=torch.long, device=device),
+                      data.split_rows["val_select"]])  # fmt: skip
+    labels = torch.cat([data.train_labels, data.split_labels["val_select"]])  # (N,)
+    features = data.features[rows]  # (N, D)
+    fit = fit_logistic_cv(features, labels, folds=5, seed=ts.seed)
+    head, info = load_best_head(run)
+    linear = SelectiveHead.from_config(dict(head.config, cls="linear"))
+    linear.load_state_dict(head.state_dict(), strict=False)  # cls_linear is new (or replaced just below)
+    with torch.no_grad():
+        linear.cls_linear.weight.copy_(fit.weight[None, :].float())
+        linear.cls_linear.bias.fill_(fit.bias)
+    linear = linear.to(device)
+    if linear.gate == "crossfit":
+        oof = fit.oof_logits.to(device)
+        fit_crossfit_gate(linear, features, oof, labels, settings.calibration.fnr, ts.seed)
+        info["gate"] = f"crossfit on the out-of-fold logits of the {fit.folds}-fold logistic regression"
+    info = dict(info, head=linear.config)
+    info["cls_fit"] = {
+        "method": "logistic_cv", "solver": "lbfgs (float64, full batch)", "C": fit.c, "folds": fit.folds,
+        "fit_on": "train+val_select", "cv_log_loss": {f"{c:.4g}": v for c, v in fit.cv_log_loss.items()},
+    }  # fmt: skip
+    _write_best(run, linear.eval(), info)
+    return fit.oof_logits[len(train_ids) :].to(device)
+
+
 @main_process_only
 def _write_best(run: RunDir, head: torch.nn.Module, info: dict[str, Any]) -> None:
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
@@ -614,6 +653,10 @@ def _train(
             best_head, gate_data.features[rows], oof, gate_data.train_labels, settings.calibration.fnr, ts.seed
         )
         _write_best(run, best_head.eval(), dict(info, gate=f"crossfit over {ts.gate_folds} folds"))
+    oof_select = None
+    if ts.cls_fit == "logistic_cv" and best["epoch"] > 0:
+        fit.dist.barrier()  # every rank reads the head that rank 0 wrote last
+        oof_select = _fit_logistic_cls(run, settings, data, cached, table, device)
     fit.dist.barrier()  # rank 0 has written best.safetensors before any rank reads it
     best_head, _ = load_best_head(run)
     best_head = best_head.to(device)
@@ -622,6 +665,8 @@ def _train(
     with torch.inference_mode():
         for split in SCORE_SPLITS:
             output = best_head(data.features[data.split_rows[split]])
+            if split == "val_select" and oof_select is not None:
+                output = output._replace(cls=oof_select.to(output.cls.dtype))  # held-out scores for the scaling
             scores[split] = run.scores / f"{split}.csv"
             _write_scores(scores[split], data.split_ids[split], data.split_labels[split], output)
     if fit.dist.is_main:

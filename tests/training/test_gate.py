@@ -63,7 +63,7 @@ def test_the_fitted_gate_beats_the_softmax_response_where_errors_are_flagged_by_
 
 def test_training_with_a_crossfit_gate_fits_it_after_training_and_repeats_exactly(tmp_path):
     run = make_cached_run(tmp_path / "run")
-    settings = train_settings(run, epochs=3, gate_folds=3)
+    settings = train_settings(run, epochs=3, gate_folds=3, cls_fit="sgd")  # the SGD cls: its own out-of-fold heads
     settings.model.head_gate = "crossfit"
     train(run, settings)
     info = read_json(run.checkpoints / "best.json")

@@ -5,32 +5,24 @@ from __future__ import annotations
 import csv
 
 import numpy as np
-import pytest
 from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.features.cache import load_cached, read_split_table
 from roadwork_cli.metrics.classification import auroc
-from roadwork_cli.training.trainer import train
+from roadwork_cli.training.trainer import load_best_head, train
 
-AUROC_MARGIN = 0.01
-"""Head AUROC >= probe AUROC - this, on 400 test images (the AUROC's own sampling sd here is ~0.012, but both
-models score the same images, so their difference varies far less)."""
+AUROC_MARGIN = 0.005
+"""Head AUROC >= probe AUROC - this, on 400 test images. The default head's cls is a cross-validated logistic
+regression itself (on standardised features, another C grid than this unstandardised probe's), so only the C picked
+separates them: measured 0.9076 vs 0.9070. The SGD-trained cls of wave 1 reached 0.83-0.87 here."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 10 open): the head reaches AUROC ~0.83-0.87 where the probe reaches 0.91 on this problem; "
-    "benchmarks/head_vs_probe.py measures the same gap on efficientnet_lite0 features at n <= 1000",
-)
 def test_head_matches_a_logistic_regression_probe_on_gaussian_features(tmp_path):
     from sklearn.linear_model import LogisticRegressionCV
 
     # Two Gaussians 2 sd apart along one direction of 16: the Bayes boundary is linear, so the probe is near optimal.
     run = make_cached_run(tmp_path / "run", counts=(300, 60, 0, 400), views=0, seed=3, signal=1.0)
-    settings = train_settings(run)
-    # The best variant measured so far (standardise + LayerNorm, refit, >= 8 steps per epoch); defaults are worse.
-    settings.train = type(settings.train)(refit=True, min_steps_per_epoch=8)
-    settings.model.head_standardize = True
+    settings = train_settings(run)  # the default train.cls_fit (logistic_cv)
     train(run, settings)
     table = read_split_table(run)
     cached = load_cached(run)
@@ -49,3 +41,11 @@ def test_head_matches_a_logistic_regression_probe_on_gaussian_features(tmp_path)
     head_auroc = auroc([int(r["label"]) for r in rows], [float(r["p_roadwork"]) for r in rows])
     assert 0.85 < probe_auroc < 0.99  # a problem where ranking quality is not saturated
     assert head_auroc >= probe_auroc - AUROC_MARGIN, (head_auroc, probe_auroc)
+
+
+def test_sgd_cls_fit_keeps_the_trunk_output(tmp_path):
+    # train.cls_fit=sgd is the head trained by the loop alone: no linear cls layer, no cls_fit record.
+    run = make_cached_run(tmp_path / "run", counts=(120, 40, 20, 20), views=0, seed=4)
+    train(run, train_settings(run, cls_fit="sgd"))
+    head, info = load_best_head(run)
+    assert head.cls == "shared" and "cls" not in info["head"] and "cls_fit" not in info

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import make_cached_run, train_settings
 
-from roadwork_cli.errors import NotBuiltError, UsageError
+from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import FeatureStore, load_cached, read_split_table
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.run import RunDir
@@ -40,7 +40,9 @@ def test_writes_every_artifact(cached_run):
     ckpt = cached_run.checkpoints
     info = read_json(ckpt / "best.json")
     assert info["epoch"] == summary.best_epoch and info["select_metric"] == "mcc"
-    assert info["head"] == {"type": "SelectiveHead", "in_dim": 16, "hidden": 16, "dropout": 0.1}
+    head_config = {"type": "SelectiveHead", "in_dim": 16, "hidden": 16, "dropout": 0.1}
+    assert info["head"] == dict(head_config, cls="linear")  # train.cls_fit=logistic_cv, the default
+    assert info["cls_fit"]["C"] > 0 and info["cls_fit"]["fit_on"] == "train+val_select"
     assert info["fingerprint"] == "testfingerprint0" and info["backbone"]["name"] == "tiny_vit"
     head, _ = load_best_head(cached_run)
     assert set(load_file(str(ckpt / "best.safetensors"))) == set(head.state_dict())
@@ -275,9 +277,7 @@ def test_one_class_val_select_is_explained_once_without_warnings(cached_run):
     assert read_json(cached_run.checkpoints / "best.json")["val_select"]["auroc"] is None
 
 
-def test_unbuilt_modes_and_missing_features(tmp_path, cached_run):
-    with pytest.raises(NotBuiltError, match="--mode train_cached"):
-        train(cached_run, train_settings(cached_run, mode="train"))
+def test_missing_features(tmp_path, cached_run):
     bare = RunDir(tmp_path / "bare").ensure()
     bare.splits.write_text(cached_run.splits.read_text())
     with pytest.raises(UsageError, match="cache-features"):
