@@ -228,9 +228,9 @@ def _resolve_fingerprint(run: RunDir, fingerprint: str | None) -> str:
     current = run.features / CURRENT_FILE
     if current.exists():
         return str(read_json(current)["fingerprint"])
-    folders = [p.name for p in run.features.glob("*/meta.json")] if run.features.exists() else []
+    folders = [p.parent.name for p in run.features.glob("*/meta.json")] if run.features.exists() else []
     if len(folders) == 1:
-        return Path(folders[0]).parent.name
+        return folders[0]
     raise UsageError(f"No cached features in {run.features}; run `roadwork cache-features --run {run.root}` first.")
 
 

@@ -203,3 +203,14 @@ def test_another_augmentation_recomputes_the_augmented_views_only(tiny_run):
     index = read_json(natix.folder / "index.json")
     atomic_write_json(natix.folder / "index.json", {k: v for k, v in index.items() if k != "augmentation"})
     assert cache_features(tiny_run, settings_with("natix"), backbone=backbone).computed == n_train
+
+
+def test_without_current_json_the_only_cache_folder_is_loaded(tmp_path):
+    from roadwork_cli.features.cache import write_feature_cache
+    from roadwork_cli.io.run import RunDir
+
+    run = RunDir(tmp_path / "run").ensure()
+    meta = {"fingerprint": "onlyone", "backbone": {"name": "tiny_vit"}, "feature_dim": 2, "views": 0}
+    write_feature_cache(run.features / "onlyone", meta, [("a" * 64, 0)], torch.ones(1, 2), shard_size=8)
+    # No current.json (e.g. a cache copied by hand): the single folder is the one, named by its folder.
+    assert load_cached(run).fingerprint == "onlyone"
