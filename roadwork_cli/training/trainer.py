@@ -658,7 +658,7 @@ def _train(
         fit.dist.barrier()  # every rank reads the head that rank 0 wrote last
         oof_select = _fit_logistic_cls(run, settings, data, cached, table, device)
     fit.dist.barrier()  # rank 0 has written best.safetensors before any rank reads it
-    best_head, _ = load_best_head(run)
+    best_head, written = load_best_head(run)
     best_head = best_head.to(device)
     scores = {}
     run.scores.mkdir(parents=True, exist_ok=True)
@@ -672,6 +672,13 @@ def _train(
     if fit.dist.is_main:
         provenance.record(run, "train", [run.splits, run.features / CURRENT_FILE])
     notes = val_select_notes(data.split_labels["val_select"])
+    if "cls_fit" in written:
+        cls_fit = written["cls_fit"]
+        notes.append(
+            f"cls: L2 logistic regression, C {cls_fit['C']:.3g} chosen by {cls_fit['folds']}-fold cross-validation on "
+            "train + val_select and refit there (train.cls_fit); the val_select metrics are the trained head's at "
+            "its selected epoch, and scores/val_select.csv holds out-of-fold cls scores."
+        )
     if data.failed:
         notes.append(
             f"{data.failed} split image(s) failed to decode at cache-features time and are left out of training and "

@@ -43,6 +43,7 @@ def test_writes_every_artifact(cached_run):
     head_config = {"type": "SelectiveHead", "in_dim": 16, "hidden": 16, "dropout": 0.1}
     assert info["head"] == dict(head_config, cls="linear")  # train.cls_fit=logistic_cv, the default
     assert info["cls_fit"]["C"] > 0 and info["cls_fit"]["fit_on"] == "train+val_select"
+    assert any("logistic regression" in note for note in summary.notes)  # the table says which cls it shows
     assert info["fingerprint"] == "testfingerprint0" and info["backbone"]["name"] == "tiny_vit"
     head, _ = load_best_head(cached_run)
     assert set(load_file(str(ckpt / "best.safetensors"))) == set(head.state_dict())
