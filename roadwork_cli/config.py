@@ -311,6 +311,11 @@ class TrainSettings(_Section):
         None, gt=0, description="Peak learning rate of the backbone adapters (before layer decay); None = train.lr."
     )
     accumulate: int = Field(1, ge=1, description="Batches whose gradients are summed before one optimiser step.")
+    warm_start: bool = Field(
+        True,
+        description="train mode: start the head from the run's finished train_cached head when it was trained on "
+        "the same backbone (same fingerprint); False starts from a fresh head.",
+    )
     grad_clip: float | None = Field(
         None, gt=0, description="Clip the global gradient norm of the trainable parameters to this; None = off."
     )

@@ -133,6 +133,15 @@ def val_select_notes(labels: torch.Tensor) -> list[str]:
     return []
 
 
+def epoch_row(epoch: int, losses: list[float], metrics: dict[str, float], lr: float) -> dict[str, float]:
+    """One ``metrics.csv`` row (columns of ``METRIC_COLUMNS``): mean loss parts, val_select metrics, learning rate."""
+    row: dict[str, float] = {"epoch": epoch + 1}
+    row.update({("loss" if p == "total" else f"loss_{p}"): v for p, v in zip(LOSS_PARTS, losses, strict=True)})
+    row.update({f"val_{k}": v for k, v in metrics.items()})
+    row["lr"] = lr
+    return row
+
+
 def _score_key(metrics: dict[str, float], select: str) -> tuple[float, float]:
     """Sort key, larger is better: (selection metric, -AURC); NaN ranks lowest."""
 
@@ -461,6 +470,83 @@ def _fit_logistic_cls(
     return fit.oof_logits[len(train_ids) :].to(device)
 
 
+def resume_last(
+    path: Path,
+    signature: str,
+    device: torch.device,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: torch.nn.Module | None,
+) -> dict[str, Any] | None:
+    """Restore a ``last.pt`` written for the same ``signature`` into the objects and the RNGs.
+
+    Returns:
+        Its state (``epoch``, ``history``, ``best`` and any extra keys), or None to start fresh.
+    """
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    if state.get("signature") != signature:
+        return None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    _set_rng_state(state["rng"])
+    return state
+
+
+def save_last(
+    path: Path,
+    signature: str,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: torch.nn.Module | None,
+    history: list[dict[str, float]],
+    best: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Write ``last.pt`` after epoch ``epoch`` (0-based): everything :func:`resume_last` restores, plus ``extra``."""
+    state = {
+        "signature": signature,
+        "epoch": epoch + 1,
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else {},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "history": history,
+        "best": best,
+    }
+    _save_last(path, {**state, **extra})
+
+
+def select_epoch(
+    best: dict[str, Any], metrics: dict[str, float], select_metric: str, epoch: int, has_val: bool
+) -> dict[str, Any] | None:
+    """The new ``best`` record when epoch ``epoch`` (0-based) beats ``best`` on val_select, else None.
+
+    Without val_select images there is nothing to compare: every epoch beats the previous one (the last one wins).
+    """
+    key = list(_score_key(metrics, select_metric)) if has_val else [float(epoch), 0.0]
+    if best["epoch"] < 0 or key > best["key"]:
+        return {"epoch": epoch + 1, "key": key, "metrics": metrics}
+    return None
+
+
+def best_info(base: dict[str, Any], best: dict[str, Any], select_metric: str, ema: bool) -> dict[str, Any]:
+    """``best.json`` of the selected epoch: ``base`` (head config, backbone, ...) + epoch, metric and val_select."""
+    info = dict(base, epoch=best["epoch"], select_metric=select_metric)
+    info["metric"] = json_safe(best["metrics"]).get(select_metric)
+    info["val_select"] = json_safe(best["metrics"])
+    info["ema"] = ema
+    return info
+
+
 @main_process_only
 def _write_best(run: RunDir, head: torch.nn.Module, info: dict[str, Any]) -> None:
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
@@ -516,7 +602,10 @@ def train(
     progress: bool = False,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainSummary:
-    """Train the head per ``settings.train`` (only ``mode="train_cached"`` is built) and write its artifacts.
+    """Train the head per ``settings.train`` and write its artifacts.
+
+    Modes ``train_cached`` and ``train_crc`` train on the feature cache here; ``train`` fine-tunes backbone adapters
+    on live images in :func:`roadwork_cli.training.finetune.train_live` (same artifacts).
 
     Args:
         run: Run directory with ``splits.json`` and cached features.
@@ -525,13 +614,17 @@ def train(
         on_epoch_end: Called as ``fn(epoch, metrics)`` after each epoch's checkpoints are on disk.
 
     Raises:
-        NotBuiltError: ``train`` / ``train_crc`` modes.
+        NotBuiltError: A mode that is not built.
         UsageError: No splits, or split images without cached features (trains on those of the last
             ``cache-features``; images that failed to decode there are left out and counted in ``n_failed``).
         StaleError: The inputs of ``cache-features`` changed since it ran.
     """
 
     mode = settings.train.mode
+    if mode == "train":  # live images through the adapted backbone: same artifacts, own loop
+        from roadwork_cli.training.finetune import train_live
+
+        return train_live(run, settings, progress, on_epoch_end)
     if mode not in ("train_cached", "train_crc"):
         raise NotBuiltError(
             f"`--mode {mode}` (PEFT fine-tuning) is not built yet; use --mode train_cached or train_crc"
@@ -578,16 +671,9 @@ def _train(
         stale.unlink(missing_ok=True)
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "key": [-math.inf, -math.inf], "metrics": {}}
-    if last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=True)
-        if state.get("signature") == signature:
-            head.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-            _set_rng_state(state["rng"])
+    state = resume_last(last_path, signature, device, head, optimizer, scheduler, ema)
+    if state is not None:
+        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
     resumed_from = start_epoch
 
     with progress_bar(f"train ({mode})", total=ts.epochs, unit="epoch", enabled=progress) as advance:
@@ -600,35 +686,13 @@ def _train(
                 val_rows = data.split_rows["val_select"]
                 metrics = evaluate_head(evaluated(data.features[val_rows]), data.split_labels["val_select"])
             losses = (sums / n_train).tolist()
-            row = {"epoch": epoch + 1}
-            row.update({("loss" if p == "total" else f"loss_{p}"): v for p, v in zip(LOSS_PARTS, losses, strict=True)})
-            row.update({f"val_{k}": v for k, v in metrics.items()})
-            row["lr"] = float(optimizer.param_groups[0]["lr"])
-            history.append(row)
-            # Without val_select images there is nothing to select on: the last epoch wins.
-            key = list(_score_key(metrics, ts.select_metric)) if val_rows.numel() else [float(epoch), 0.0]
-            if best["epoch"] < 0 or key > best["key"]:
-                best = {"epoch": epoch + 1, "key": key, "metrics": metrics}
-                info = dict(head_info, epoch=epoch + 1, select_metric=ts.select_metric)
-                info["metric"] = json_safe(metrics).get(ts.select_metric)
-                info["val_select"] = json_safe(metrics)
-                info["ema"] = ema is not None
-                _write_best(run, evaluated, info)
+            history.append(epoch_row(epoch, losses, metrics, float(optimizer.param_groups[0]["lr"])))
+            selected = select_epoch(best, metrics, ts.select_metric, epoch, has_val=bool(val_rows.numel()))
+            if selected is not None:
+                best = selected
+                _write_best(run, evaluated, best_info(head_info, best, ts.select_metric, ema is not None))
             _write_metrics_csv(run.metrics, history)
-            _save_last(
-                last_path,
-                {
-                    "signature": signature,
-                    "epoch": epoch + 1,
-                    "model": head.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else {},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "best": best,
-                },
-            )
+            save_last(last_path, signature, epoch, head, optimizer, scheduler, ema, history, best)
             advance(1)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, metrics)
@@ -638,20 +702,20 @@ def _train(
         refit = _new_fit(settings, _with_val_select(data), cached.feature_dim, device)
         for epoch in range(int(best["epoch"])):
             _train_epoch(refit, refit.data, ts, epoch)
-        info = dict(head_info, epoch=int(best["epoch"]), select_metric=ts.select_metric, refit=True)
-        info["metric"] = json_safe(best["metrics"]).get(ts.select_metric)
-        info["val_select"] = json_safe(best["metrics"])  # of the selected epoch, before the refit saw val_select
-        info["ema"] = ema is not None
+        # metric and val_select are those of the selected epoch, before the refit saw val_select
+        info = best_info(dict(head_info, refit=True), best, ts.select_metric, ema is not None)
         _write_best(run, (refit.ema.module if refit.ema is not None else refit.head).eval(), info)
     if head.gate == "crossfit" and best["epoch"] > 0:
         # Deterministic from the seed like the refit, so a re-run after SIGKILL ends with the same gate.
         gate_data = _with_val_select(data) if ts.refit and data.split_ids["val_select"] else data
         rows, oof = _out_of_fold_logits(settings, gate_data, cached.feature_dim, device, int(best["epoch"]))
+        fit.dist.barrier()
         best_head, info = load_best_head(run)
         best_head = best_head.to(device)
         fit_crossfit_gate(
             best_head, gate_data.features[rows], oof, gate_data.train_labels, settings.calibration.fnr, ts.seed
         )
+        fit.dist.barrier()  # every rank has read the head before rank 0 replaces it
         _write_best(run, best_head.eval(), dict(info, gate=f"crossfit over {ts.gate_folds} folds"))
     oof_select = None
     if ts.cls_fit == "logistic_cv" and best["epoch"] > 0:
