@@ -168,6 +168,19 @@ class ScoringModel:
         ``failed`` pairs each unreadable input's position with its reason. Every position of one batch is lower than
         every position of the next, so consumers can emit results as each batch finishes.
         """
+        for indices, batch, failed in self.model_inputs(images, batch_size, workers):
+            if batch is None:
+                yield indices, np.zeros(0), np.zeros(0), failed
+                continue
+            p, g = self.score_batch(batch)
+            yield indices, p, g, failed
+
+    def model_inputs(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> Iterator[tuple]:
+        """The runtime's inputs batch by batch: ``(indices, batch | None, [(index, reason)])``."""
+        raise NotImplementedError
+
+    def score_batch(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (uncalibrated) p_roadwork and gate, each (B,) float64, for one batch of :meth:`model_inputs`."""
         raise NotImplementedError
 
     def raw_scores(
@@ -443,6 +456,16 @@ class Stage1Model(ScoringModel):
             features = self.embed(pixels).cpu() if pixels is not None else torch.zeros(0, 0)
             yield indices, features, failed
 
+    def model_inputs(
+        self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
+    ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+        """Decoded ``(B, H, W, 3)`` uint8 pixels batch by batch (DataLoader workers when ``workers`` > 0)."""
+        yield from self.loader(images, batch_size, workers)
+
+    def score_batch(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The PyTorch forward of one pixel batch (see :meth:`forward_raw`)."""
+        return self.forward_raw(batch)
+
     def forward_raw(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated) p_roadwork and gate, each (B,), for a batch of (B, H, W, 3) uint8 pixels."""
         import torch
@@ -452,20 +475,6 @@ class Stage1Model(ScoringModel):
             p = torch.sigmoid(out.cls.float()).cpu().numpy()  # (B,)
             g = torch.sigmoid(out.gate.float()).cpu().numpy()  # (B,)
         return p.astype(np.float64), g.astype(np.float64)
-
-    def iter_raw_scores(
-        self,
-        images: Sequence[Any],
-        batch_size: int = 32,
-        workers: int = 0,
-    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-        """Raw scores of the PyTorch forward, batch by batch (see :meth:`ScoringModel.iter_raw_scores`)."""
-        for indices, pixels, failed in self.loader(images, batch_size, workers):
-            if pixels is None:
-                yield indices, np.zeros(0), np.zeros(0), failed
-                continue
-            p, g = self.forward_raw(pixels)
-            yield indices, p, g, failed
 
 
 class OnnxStage1Model(ScoringModel):
@@ -533,19 +542,10 @@ class OnnxStage1Model(ScoringModel):
         for indices, pixels, failed in iter_pixel_batches(images, self.recipe, batch_size, workers):
             yield indices, None if pixels is None else normalize_pixels(pixels, self.preprocessing), failed
 
-    def iter_raw_scores(
-        self,
-        images: Sequence[Any],
-        batch_size: int = 32,
-        workers: int = 0,
-    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
-        """Raw scores of the ONNX graph, batch by batch (see :meth:`ScoringModel.iter_raw_scores`)."""
-        for indices, batch, failed in self.model_inputs(images, batch_size, workers):
-            if batch is None:
-                yield indices, np.zeros(0), np.zeros(0), failed
-                continue
-            p, g = self.graph(batch)  # (B,), (B,)
-            yield indices, p.astype(np.float64), g.astype(np.float64), failed
+    def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ONNX graph on one normalised ``(B, 3, S, S)`` batch."""
+        p, g = self.graph(batch)  # (B,), (B,)
+        return p.astype(np.float64), g.astype(np.float64)
 
 
 @dataclass
