@@ -17,7 +17,8 @@ as the selection score; lower is better). The last column says whether the cell 
 0.002 and head MCC >= probe MCC, averaged over seeds).
 
 Data: the built-in synthetic scenes only; no real street images are available offline. The pool (7000 scenes) takes
-about 15 minutes to cache on 2 busy CPU cores, once; the grid then takes about 75 s with ``--jobs 16``.
+about 15 minutes to cache on 2 busy CPU cores, once; the grid (8 cells x 5 seeds) then took 1949 s with ``--jobs 2``
+on 2 shared, busy CPU cores (load ~6), most of it the probe solved to tolerance 1e-8 at n >= 1000.
 
 Usage:
     python benchmarks/head_vs_probe.py                    # full grid (n 100..3000, 2 ratios, 5 seeds)
