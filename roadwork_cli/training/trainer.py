@@ -433,7 +433,13 @@ def fit_crossfit_gate(
 
 
 def _fit_logistic_cls(
-    run: RunDir, settings: Settings, data: _Data, cached: CachedFeatures, table: SplitTable, device: torch.device
+    run: RunDir,
+    settings: Settings,
+    data: _Data,
+    cached: CachedFeatures,
+    table: SplitTable,
+    device: torch.device,
+    dist: Distributed,
 ) -> torch.Tensor:
     """``train.cls_fit=logistic_cv``: give the best head a cls logit that is an exact, cross-validated L2 logistic
     regression on the clean features of train + val_select (never val_calib); returns val_select's out-of-fold logits.
@@ -451,6 +457,7 @@ def _fit_logistic_cls(
     features = data.features[rows]  # (N, D)
     fit = fit_logistic_cv(features, labels, folds=5, seed=ts.seed)
     head, info = load_best_head(run)
+    dist.barrier()  # every rank has read the head before rank 0 replaces it
     linear = SelectiveHead.from_config(dict(head.config, cls="linear"))
     linear.load_state_dict(head.state_dict(), strict=False)  # cls_linear is new (or replaced just below)
     with torch.no_grad():
@@ -720,7 +727,7 @@ def _train(
     oof_select = None
     if ts.cls_fit == "logistic_cv" and best["epoch"] > 0:
         fit.dist.barrier()  # every rank reads the head that rank 0 wrote last
-        oof_select = _fit_logistic_cls(run, settings, data, cached, table, device)
+        oof_select = _fit_logistic_cls(run, settings, data, cached, table, device, fit.dist)
     fit.dist.barrier()  # rank 0 has written best.safetensors before any rank reads it
     best_head, written = load_best_head(run)
     best_head = best_head.to(device)
