@@ -248,7 +248,24 @@ def _join_as(rank: int, world_size: int, port: int) -> Distributed:
     return distributed_from_env("cpu")
 
 
+def _leave_together() -> None:
+    """End a spawned rank: multiprocessing children skip atexit, and a rank that exits while its peer still tears down
+    gloo's connections aborts that peer (seen as a SIGABRT flake), so every rank waits for the others first."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def _live_rank(rank: int, world_size: int, port: int) -> None:
+    try:
+        _live_step(rank, world_size, port)
+    finally:
+        _leave_together()
+
+
+def _live_step(rank: int, world_size: int, port: int) -> None:
     """A live-image-style step: ranks hold different numbers of rows (rank 1 none: its images failed)."""
     dist = _join_as(rank, world_size, port)
     assert dist.all_gather_json({"rank": rank}) == [{"rank": r} for r in range(world_size)]
@@ -314,6 +331,7 @@ def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_afte
     except Crash:
         pass  # SIGKILL stand-in: the job stops after this epoch's checkpoint is on disk
     (run.root / f"rows_rank{rank}.json").write_text(json.dumps(rows_seen))
+    _leave_together()
 
 
 def _spawn_ranks(run: RunDir, crash_after: int = 0, world_size: int = 2) -> None:
