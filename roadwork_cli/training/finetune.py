@@ -527,20 +527,16 @@ def train_live(
                 f"{len(images.failed)} split image(s) could not be read and are left out of training and of the "
                 f"score files (e.g. {sample})."
             )
-        return TrainSummary(
-            mode="train",
-            epochs=ts.epochs,
-            epochs_run=ts.epochs - resumed_from,
-            resumed_from=resumed_from,
-            best_epoch=int(best["epoch"]),
-            select_metric=ts.select_metric,
-            best_value=float(best["metrics"].get(ts.select_metric, float("nan"))),
-            best_metrics=dict(best["metrics"]),
+        return TrainSummary.of_run(
+            "train",
+            ts,
+            resumed_from,
+            best,
+            started,
             fingerprint=str(written.get("fingerprint", setup.base_fingerprint)),
             backbone=str(settings.model.backbone),
             n_train=n_train,
             n_val_select=len(val_ids),
-            seconds=time.perf_counter() - started,
             scores=scores,
             n_failed=len(images.failed),
             notes=notes,

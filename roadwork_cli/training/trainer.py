@@ -90,6 +90,25 @@ class TrainSummary:
     notes: list[str] = field(default_factory=list)
     """One line per thing the user should know, e.g. why a val_select metric is undefined (NaN)."""
 
+    @classmethod
+    def of_run(
+        cls, mode: str, train_settings: Any, resumed_from: int, best: dict[str, Any], started: float, **facts: Any
+    ) -> TrainSummary:
+        """The summary of a finished run from its ``best`` record (epoch, metrics); ``facts`` fill the other fields."""
+        ts = train_settings
+        return cls(
+            mode=mode,
+            epochs=ts.epochs,
+            epochs_run=ts.epochs - resumed_from,
+            resumed_from=resumed_from,
+            best_epoch=int(best["epoch"]),
+            select_metric=ts.select_metric,
+            best_value=float(best["metrics"].get(ts.select_metric, float("nan"))),
+            best_metrics=dict(best["metrics"]),
+            seconds=time.perf_counter() - started,
+            **facts,
+        )
+
 
 # ------------------------------------------------------------------------------------------------------- metrics
 
@@ -755,20 +774,16 @@ def _train(
             f"{data.failed} split image(s) failed to decode at cache-features time and are left out of training and "
             f"of the score files (reasons in {run.features / cached.fingerprint / 'failed.json'})."
         )
-    return TrainSummary(
-        mode=mode,
-        epochs=ts.epochs,
-        epochs_run=ts.epochs - resumed_from,
-        resumed_from=resumed_from,
-        best_epoch=int(best["epoch"]),
-        select_metric=ts.select_metric,
-        best_value=float(best["metrics"].get(ts.select_metric, float("nan"))),
-        best_metrics=dict(best["metrics"]),
+    return TrainSummary.of_run(
+        mode,
+        ts,
+        resumed_from,
+        best,
+        started,
         fingerprint=cached.fingerprint,
         backbone=str(cached.meta.get("backbone", {}).get("name", "?")),
         n_train=n_train,
         n_val_select=len(data.split_ids["val_select"]),
-        seconds=time.perf_counter() - started,
         scores=scores,
         n_failed=data.failed,
         notes=notes,
