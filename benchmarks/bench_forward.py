@@ -214,12 +214,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=2.0, help="Measuring time per row.")
     parser.add_argument("--out", type=Path, default=None, help="Also write the results JSON here.")
     args = parser.parse_args(argv)
-    results = run(args.backbone, args.seconds)
+    return print_results(run(args.backbone, args.seconds), args.out)
+
+
+def print_results(results: dict, out: Path | None) -> dict:
+    """Print a benchmark's results as JSON, and write them to ``out`` too when given (for write_results.py)."""
     text = json.dumps(results, indent=2)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     return results
 
 

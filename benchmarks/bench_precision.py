@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_forward import images_per_second, machine_details  # noqa: E402
+from bench_forward import images_per_second, machine_details, print_results  # noqa: E402
 
 # Targets a small run can certify: with 500 scenes per class, val_calib holds ~150 positives, enough for FNR <= 10 %
 # at 80 % coverage but not for the full demo's 2 % (that needs ~260 exited positives even with no miss).
@@ -168,12 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "decisions": decisions,
         "verdict": verdict(speed, decisions, built["certified"]),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    return results
+    return print_results(results, args.out)
 
 
 if __name__ == "__main__":
