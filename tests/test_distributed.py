@@ -249,13 +249,10 @@ def _join_as(rank: int, world_size: int, port: int) -> Distributed:
 
 
 def _leave_together() -> None:
-    """End a spawned rank: multiprocessing children skip atexit, and a rank that exits while its peer still tears down
-    gloo's connections aborts that peer (seen as a SIGABRT flake), so every rank waits for the others first."""
-    import torch.distributed as torch_dist
+    """End a spawned rank the way a torchrun process ends: multiprocessing children skip atexit handlers."""
+    from roadwork_cli.training.distributed import leave
 
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
-        torch_dist.destroy_process_group()
+    leave()
 
 
 def _live_rank(rank: int, world_size: int, port: int) -> None:

@@ -21,6 +21,7 @@ Only tensors and bytes travel between ranks: JSON for small records, ``torch.sav
 from __future__ import annotations
 
 import atexit
+import datetime
 import functools
 import io
 import json
@@ -294,9 +295,22 @@ def main_process_only(write: Callable[P, None]) -> Callable[P, None]:
     return on_main
 
 
-def _leave() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def leave() -> None:
+    """Leave the process group together with the other ranks (registered at exit; idempotent).
+
+    A rank that tears down its gloo connections while a peer still uses them aborts that peer, so every rank first
+    waits for the others; gloo's monitored barrier gives up after a minute if a peer is gone (its job failed anyway).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for, still release the group
+        pass
+    dist.destroy_process_group()
 
 
 def distributed_from_env(device: str = "auto") -> Distributed:
@@ -332,7 +346,7 @@ def distributed_from_env(device: str = "auto") -> Distributed:
         torch.cuda.set_device(local_rank)  # "cuda" then means this rank's GPU everywhere in the library
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_cuda else "gloo")
-        atexit.register(_leave)
+        atexit.register(leave)
     context = Distributed(rank, world_size, local_rank, str(dist.get_backend()))
     _joined["job"] = context
     return context
