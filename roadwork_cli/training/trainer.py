@@ -475,8 +475,7 @@ def _fit_logistic_cls(
     labels = torch.cat([data.train_labels, data.split_labels["val_select"]])  # (N,)
     features = data.features[rows]  # (N, D)
     fit = fit_logistic_cv(features, labels, folds=5, seed=ts.seed)
-    head, info = load_best_head(run)
-    dist.barrier()  # every rank has read the head before rank 0 replaces it
+    head, info = read_best_before_replacing(run, dist)
     linear = SelectiveHead.from_config(dict(head.config, cls="linear"))
     linear.load_state_dict(head.state_dict(), strict=False)  # cls_linear is new (or replaced just below)
     with torch.no_grad():
@@ -580,6 +579,14 @@ def _write_best(run: RunDir, head: torch.nn.Module, info: dict[str, Any]) -> Non
         # One metadata key only: safetensors writes a multi-key map in hash order, which would break byte equality.
         save_file(weights, str(tmp), metadata={"format": "pt"})
     atomic_write_json(run.checkpoints / "best.json", info)
+
+
+def read_best_before_replacing(run: RunDir, dist: Distributed) -> tuple[SelectiveHead, dict[str, Any]]:
+    """The selected head, read by every rank after rank 0's last write and before rank 0 writes its replacement."""
+    dist.barrier()  # rank 0's last best.* is on disk
+    head, info = load_best_head(run)
+    dist.barrier()  # every rank has read it before rank 0 replaces it
+    return head, info
 
 
 def load_best_head(run: RunDir) -> tuple[SelectiveHead, dict[str, Any]]:
@@ -735,17 +742,14 @@ def _train(
         # Deterministic from the seed like the refit, so a re-run after SIGKILL ends with the same gate.
         gate_data = _with_val_select(data) if ts.refit and data.split_ids["val_select"] else data
         rows, oof = _out_of_fold_logits(settings, gate_data, cached.feature_dim, device, int(best["epoch"]))
-        fit.dist.barrier()
-        best_head, info = load_best_head(run)
+        best_head, info = read_best_before_replacing(run, fit.dist)
         best_head = best_head.to(device)
         fit_crossfit_gate(
             best_head, gate_data.features[rows], oof, gate_data.train_labels, settings.calibration.fnr, ts.seed
         )
-        fit.dist.barrier()  # every rank has read the head before rank 0 replaces it
         _write_best(run, best_head.eval(), dict(info, gate=f"crossfit over {ts.gate_folds} folds"))
     oof_select = None
     if ts.cls_fit == "logistic_cv" and best["epoch"] > 0:
-        fit.dist.barrier()  # every rank reads the head that rank 0 wrote last
         oof_select = _fit_logistic_cls(run, settings, data, cached, table, device, fit.dist)
     fit.dist.barrier()  # rank 0 has written best.safetensors before any rank reads it
     best_head, written = load_best_head(run)
