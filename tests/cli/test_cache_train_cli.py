@@ -17,7 +17,7 @@ runner = CliRunner()
 
 
 def _make_run(root: Path, per_split: int = 6) -> Path:
-    """splits.json (the format of docs/architecture.md) over small PNGs whose red channel carries the label, plus one broken file."""
+    """splits.json (format: docs/architecture.md) over small PNGs whose red channel is the label, plus a broken file."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     splits: dict[str, list[str]] = {}
