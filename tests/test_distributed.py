@@ -293,17 +293,25 @@ def test_gather_handles_uneven_and_empty_parts_with_the_full_batch_gradient():
     mp.start_processes(_live_rank, args=(2, _free_port()), nprocs=2, join=True, start_method="spawn")
 
 
-def _train_settings(run: RunDir, epochs: int = 4):
+def _train_settings(run: RunDir, epochs: int = 4, mode: str = "train_crc"):
+    if mode == "train":  # live images through LoRA adapters, two batches per F-SAM step (collectives in the closure)
+        train = {"mode": "train", "epochs": 3, "batch_size": 7, "accumulate": 2, "optimizer": "fsam", "lr": 1e-2}
+        peft = {"method": "lora", "rank": 4, "dropout": 0.0}  # dropout masks would depend on the rows per rank
+        features = {"workers": 0, "batch_size": 5}  # scoring batches: each rank scores its part of a split
+    else:
+        # batch 7 over 2 ranks: parts of 4 and 3 rows, and a last batch of 2 (16 = 7 + 7 + 2)
+        train = {"mode": mode, "epochs": epochs, "batch_size": 7, "refit": True}
+        peft, features = {"method": "none"}, {}
     overrides = {
         "runtime": {"run": str(run.root), "device": "cpu", "threads": 1},
-        "model": {"backbone": "tiny_vit", "head_hidden": 16, "head_dropout": 0.0},
-        # batch 7 over 2 ranks: parts of 4 and 3 rows, and a last batch of 2 (16 = 7 + 7 + 2)
-        "train": {"mode": "train_crc", "epochs": epochs, "batch_size": 7, "ema_decay": 0.0, "refit": True},
+        "model": {"backbone": "tiny_vit", "head_hidden": 16, "head_dropout": 0.0, "peft": peft},
+        "features": features,
+        "train": {"ema_decay": 0.0, **train},
     }
     return load_settings(None, overrides, environ={})
 
 
-def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_after: int) -> None:
+def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_after: int, mode: str) -> None:
     """One torchrun-like rank running the library's ``train``."""
     _join_as(rank, world_size, port)
     from roadwork_cli.model.head import SelectiveHead
@@ -324,18 +332,18 @@ def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_afte
     SelectiveHead.forward = counting_forward
     run = RunDir(run_root)
     try:
-        train(run, _train_settings(run), on_epoch_end=crash)
+        train(run, _train_settings(run, mode=mode), on_epoch_end=crash)
     except Crash:
         pass  # SIGKILL stand-in: the job stops after this epoch's checkpoint is on disk
     (run.root / f"rows_rank{rank}.json").write_text(json.dumps(rows_seen))
     _leave_together()
 
 
-def _spawn_ranks(run: RunDir, crash_after: int = 0, world_size: int = 2) -> None:
+def _spawn_ranks(run: RunDir, crash_after: int = 0, world_size: int = 2, mode: str = "train_crc") -> None:
     import torch.multiprocessing as mp
 
     mp.start_processes(
-        _train_rank, args=(world_size, _free_port(), str(run.root), crash_after), nprocs=world_size, join=True,
+        _train_rank, args=(world_size, _free_port(), str(run.root), crash_after, mode), nprocs=world_size, join=True,
         start_method="spawn",
     )  # fmt: skip
 
@@ -367,6 +375,42 @@ def test_ddp_training_matches_one_process_and_resumes(one_process, tmp_path):
         pa = torch.tensor([float(r.split(",")[2]) for r in rows_a[1:]])
         pb = torch.tensor([float(r.split(",")[2]) for r in rows_b[1:]])
         assert torch.allclose(pa, pb, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_live_training_matches_one_process_and_resumes(tmp_path):
+    """train --mode train: each rank decodes its part of every batch, an unreadable image included."""
+    from roadwork_cli.training.trainer import train
+
+    reference = _split(tmp_path / "reference")
+    table = json.loads(reference.splits.read_text())
+    broken = Path(table["samples"][table["splits"]["train"][3]]["path"])
+    broken.write_bytes(b"not an image")  # a training image that fails to decode on whichever rank reads it
+    single, ranks = RunDir(tmp_path / "single"), RunDir(tmp_path / "ranks")
+    for run in (single, ranks):
+        _copy_split(reference, run.root)
+    summary = train(single, _train_settings(single, mode="train"))
+    assert summary.n_failed == 1
+    _spawn_ranks(ranks, crash_after=1, mode="train")  # both ranks stop after epoch 1; rank 0 wrote last.pt
+    assert len(ranks.metrics.read_text().splitlines()) == 1 + 1
+    _spawn_ranks(ranks, mode="train")  # resumes from epoch 1 on both ranks
+    assert len(ranks.metrics.read_text().splitlines()) == 1 + 3
+    for rank in range(2):  # each rank ran its part of each batch (4 rows of a batch of 7), never a whole batch
+        assert max(json.loads((ranks.root / f"rows_rank{rank}.json").read_text())) == 4
+    for name in ("best.safetensors", "best_backbone.safetensors"):  # head; backbone with the adapters merged
+        a, b = load_file(str(single.checkpoints / name)), load_file(str(ranks.checkpoints / name))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+    assert single.metrics.read_text().splitlines()[0] == ranks.metrics.read_text().splitlines()[0]
+    for split in ("val_select", "val_calib", "test"):
+        rows_a = (single.scores / f"{split}.csv").read_text().splitlines()
+        rows_b = (ranks.scores / f"{split}.csv").read_text().splitlines()
+        assert [r.split(",")[:2] for r in rows_a] == [r.split(",")[:2] for r in rows_b]  # ids and labels, in order
+        pa = torch.tensor([float(r.split(",")[2]) for r in rows_a[1:]])
+        pb = torch.tensor([float(r.split(",")[2]) for r in rows_b[1:]])
+        assert torch.allclose(pa, pb, atol=1e-5)
+    state = torch.load(ranks.checkpoints / "last.pt", weights_only=True)
+    assert list(state["failed"]) == [table["splits"]["train"][3]]  # rank 1's failure, recorded by rank 0
 
 
 # ------------------------------------------------------------------------------------------------ end to end

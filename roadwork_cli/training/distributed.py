@@ -21,12 +21,13 @@ Only tensors and bytes travel between ranks: JSON for small records, ``torch.sav
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec
 
@@ -130,6 +131,15 @@ class Distributed:
                 dist.barrier(device_ids=[self.local_rank])
             else:
                 dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (writing a shared file, say), then the other ranks run it (and find it)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
     def all_gather_bytes(self, payload: bytes) -> list[bytes]:
         """Every rank's ``payload``, in rank order."""

@@ -10,6 +10,10 @@ What is particular to live images:
 * Every epoch decodes the training images through :mod:`roadwork_cli.data.decode` (DataLoader workers =
   ``features.workers``) with one ``data.augment`` draw per image seeded by ``(image id, epoch)``, in a permutation
   seeded by ``(train.seed, epoch)``: an epoch is the same whatever the workers, so a resumed run repeats exactly.
+* Under torchrun (:mod:`roadwork_cli.training.distributed`) each rank decodes and runs its part of every global
+  batch through the DDP-wrapped model; the head outputs and labels of all ranks are gathered, so every rank computes
+  the single-process loss of the whole batch and DDP's gradient average is its gradient. One process and N processes
+  take the same steps (up to float summation order); rank 0 writes the artifacts, and scoring is shared the same way.
 * ``train.accumulate`` batches are summed into one optimiser step; ``train.grad_clip`` clips their global norm;
   SAM / F-SAM (``train.optimizer``) re-run the same batches at the perturbed point; ``runtime.precision`` picks the
   autocast dtype (fp16 adds a gradient scaler on CUDA); the backbone runs channels-last (``features.channels_last``).
@@ -25,6 +29,7 @@ What is particular to live images:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -50,6 +55,7 @@ from roadwork_cli.model.backbones import Backbone, create_backbone
 from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 from roadwork_cli.model.peft import apply_adapters, merge_adapters, resolve_target_modules
+from roadwork_cli.training.distributed import Distributed, distributed_from_env, main_process_only
 from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
 from roadwork_cli.training.optim import create_ema, create_scheduler
 from roadwork_cli.training.param_groups import create_finetune_optimizer
@@ -77,7 +83,10 @@ _WARM_START = "warm_start"
 
 
 class LiveModel(nn.Module):
-    """Backbone (possibly with adapters) + selective head: ``(B, 3, H, W)`` normalised images -> HeadOutput."""
+    """Backbone (possibly with adapters) + selective head: ``(B, 3, H, W)`` normalised images -> HeadOutput.
+
+    A backbone without trainable parameters (``model.peft.method: none``) runs without a graph: nothing to keep.
+    """
 
     def __init__(self, backbone: Backbone, head: SelectiveHead):
         super().__init__()
@@ -85,7 +94,10 @@ class LiveModel(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> HeadOutput:
-        return self.head(self.backbone(images).float())  # (B, D) -> 3 x (B,)
+        adapting = any(p.requires_grad for p in self.backbone.parameters())
+        with contextlib.nullcontext() if adapting else torch.no_grad():
+            features = self.backbone(images).float()  # (B, D)
+        return self.head(features)  # 3 x (B,)
 
 
 @dataclass
@@ -103,6 +115,12 @@ class _Images:
 
     def labels(self, ids: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.table.labels[i] for i in ids], dtype=torch.float32)  # (N,)
+
+    def share_failures(self, dist: Distributed) -> None:
+        """Every rank's unreadable images (each rank only decodes its part) in ``failed`` on every rank."""
+        for failed in dist.all_gather_json(self.failed):
+            for image_id, reason in failed.items():
+                self.failed.setdefault(image_id, reason)
 
 
 @dataclass
@@ -124,6 +142,7 @@ class _Setup:
     adapting: bool
     base_fingerprint: str
     targets: list[str]
+    dist: Distributed
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -186,7 +205,7 @@ def _setup(
     augmentation = augmentation_from_settings(settings.data, backbone.preprocessing, output="uint8")
     return _Setup(
         settings, device, dtype, recipe, augmentation, model, optimizer, scheduler, ema, scaler, batch_size,
-        steps_per_epoch, adapting, base_fingerprint, targets,
+        steps_per_epoch, adapting, base_fingerprint, targets, distributed_from_env(settings.runtime.device),
     )  # fmt: skip
 
 
@@ -240,30 +259,63 @@ def _loader(setup: _Setup, paths: list[str], seeds: list[int | None] | None, bat
     return create_loader(dataset, batch_sampler=batches, workers=workers, pin_memory=setup.device.type == "cuda")
 
 
-def _backward(setup: _Setup, group: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+@dataclass
+class _Part:
+    """This rank's part of one global batch, as the loss of the whole batch needs it.
+
+    Attributes:
+        pixels: ``(b_r, S, S, 3)`` uint8 of this rank's images that decoded, or None when none did.
+        labels: ``(b_r,)`` their labels.
+        counts: Every rank's ``b_r``, in rank order (one collective per batch).
+        rows: Rows every rank runs through the model: ``ceil(batch / world size)``, zero-padded, so that every rank
+            draws the same randomness (adapter dropout) and rank 0's saved RNG state resumes them all.
+    """
+
+    pixels: torch.Tensor | None
+    labels: torch.Tensor
+    counts: list[int]
+    rows: int
+
+    @property
+    def total(self) -> int:
+        """Images of the whole global batch that decoded, over all ranks."""
+        return sum(self.counts)
+
+
+def _padded_input(setup: _Setup, part: _Part) -> torch.Tensor:
+    """``(part.rows, 3, S, S)`` model input: this rank's images, then zero rows."""
+    size = setup.model.backbone.preprocessing.size
+    pixels = part.pixels if part.pixels is not None else torch.zeros((0, size, size, 3), dtype=torch.uint8)
+    if pixels.shape[0] < part.rows:
+        pixels = torch.cat([pixels, pixels.new_zeros((part.rows - pixels.shape[0], *pixels.shape[1:]))])
+    return to_model_input(pixels, setup.model.backbone.preprocessing, setup.device, setup.channels_last)
+
+
+def _backward(setup: _Setup, group: list[_Part]) -> torch.Tensor:
     """Forward + backward of one accumulation group (gradients summed, each batch weighted by its share of images).
+
+    Each batch's loss is computed from the gathered outputs of every rank, i.e. it is the single-process loss of the
+    whole batch (batch statistics such as the mean gate included); DDP averages the gradients once per group.
 
     Returns:
         The per-part loss sums ``(len(LOSS_PARTS),)`` over the group's images.
     """
-    ts = setup.settings.train
-    total = sum(int(labels.shape[0]) for _, labels in group)
+    ts, dist = setup.settings.train, setup.dist
+    model = dist.wrap(setup.model)
+    total = sum(part.total for part in group)
     sums = torch.zeros(len(LOSS_PARTS))
-    for pixels, labels in group:
-        images = to_model_input(pixels, setup.model.backbone.preprocessing, setup.device, setup.channels_last)
-        labels = labels.to(setup.device)
-        with autocast(setup.device, setup.dtype):
-            if setup.adapting:
-                features = setup.model.backbone(images).float()  # (B, D)
-            else:
-                with torch.no_grad():  # frozen backbone: no graph to keep
-                    features = setup.model.backbone(images).float()
-            output = setup.model.head(features)
-        output = HeadOutput(*(t.float() for t in output))
-        loss, parts = selective_loss(output, labels, ts.loss, ts.target_coverage)
-        loss = loss * (labels.shape[0] / total)
-        (setup.scaler.scale(loss) if setup.scaler is not None else loss).backward()
-        sums += torch.stack([parts[p].detach().float().cpu() for p in LOSS_PARTS]) * labels.shape[0]
+    for k, part in enumerate(group):
+        own = part.counts[dist.rank]
+        last = k == len(group) - 1
+        with model.no_sync() if dist.enabled and not last else contextlib.nullcontext():
+            with autocast(setup.device, setup.dtype):
+                output = model(_padded_input(setup, part))  # 3 x (rows,)
+            output = dist.gather(HeadOutput(*(t.float()[:own] for t in output)), part.counts)  # 3 x (total,)
+            labels = dist.gather(part.labels.to(setup.device), part.counts)  # (total,)
+            loss, parts = selective_loss(output, labels, ts.loss, ts.target_coverage)
+            loss = loss * (part.total / total)
+            (setup.scaler.scale(loss) if setup.scaler is not None else loss).backward()
+        sums += torch.stack([parts[p].detach().float().cpu() for p in LOSS_PARTS]) * part.total
     return sums
 
 
@@ -275,7 +327,7 @@ def _clip(setup: _Setup) -> None:
         torch.nn.utils.clip_grad_norm_(setup.trainable, clip)
 
 
-def _step(setup: _Setup, group: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> torch.Tensor:
+def _step(setup: _Setup, group: list[_Part], step: int) -> torch.Tensor:
     """One optimiser step over an accumulation group; returns the loss-part sums at the unperturbed weights."""
     setup.optimizer.zero_grad(set_to_none=True)
     sums = _backward(setup, group)
@@ -302,7 +354,7 @@ def _step(setup: _Setup, group: list[tuple[torch.Tensor, torch.Tensor]], step: i
 
 def _train_epoch(setup: _Setup, images: _Images, epoch: int, advance: Callable[..., None]) -> tuple[torch.Tensor, int]:
     """One pass over the training images (fresh augmentation); returns the loss-part sums and the images used."""
-    ts = setup.settings.train
+    ts, dist = setup.settings.train, setup.dist
     train_ids = images.ids("train")
     setup.model.train()
     view = 1  # epoch 0 draws what the feature cache's view 1 holds; later epochs other draws
@@ -313,19 +365,22 @@ def _train_epoch(setup: _Setup, images: _Images, epoch: int, advance: Callable[.
     labels_all = images.labels(train_ids)
     sums, used, group = torch.zeros(len(LOSS_PARTS)), 0, []
     step = epoch * setup.steps_per_epoch
-    loader = _loader(setup, images.paths(train_ids), seeds, batches)
-    for b, (indices, pixels, failed) in enumerate(loader):
+    parts = [batch[dist.part(len(batch))] for batch in batches]  # what this rank decodes (all, in one process)
+    loader = _loader(setup, images.paths(train_ids), seeds, parts)
+    for b, (batch, (indices, pixels, failed)) in enumerate(zip(batches, loader, strict=True)):
         for index, reason in failed:
             images.failed.setdefault(train_ids[index], reason)
-        if pixels is not None:
-            group.append((pixels, labels_all[indices]))
+        part = _Part(pixels, labels_all[indices], dist.row_counts(len(indices)), -(-len(batch) // dist.world_size))
+        if part.total:  # a batch none of whose images decoded on any rank is skipped by every rank
+            group.append(part)
         if group and (len(group) == ts.accumulate or b == len(batches) - 1):
             sums += _step(setup, group, step)
             step += 1
-            used += sum(int(labels.shape[0]) for _, labels in group)
+            used += sum(part.total for part in group)
             group = []
             advance(0, description=f"train epoch {epoch + 1}/{ts.epochs} loss {float(sums[0]) / max(used, 1):.4f}")
-        advance(len(indices) + len(failed))
+        advance(len(batch))
+    images.share_failures(dist)
     return sums, used
 
 
@@ -338,12 +393,16 @@ def _score(
 ) -> tuple[list[str], torch.Tensor, HeadOutput]:
     """Clean-view scores of ``ids`` as ``predict`` computes them (backbone under autocast, head in fp32).
 
+    Under torchrun each rank scores its contiguous part of ``ids`` and every rank gets all the scores, in order.
+
     Returns:
         The ids that could be read, their labels ``(N,)`` and the head's output (each ``(N,)``, on CPU).
     """
+    dist = setup.dist
     model.eval()
+    own = range(len(ids))[dist.part(len(ids))]
     batch = setup.settings.features.batch_size
-    batches = [list(range(s, min(s + batch, len(ids)))) for s in range(0, len(ids), batch)]
+    batches = [list(range(s, min(s + batch, own.stop))) for s in range(own.start, own.stop, batch)]
     kept: list[str] = []
     outputs: list[HeadOutput] = []
     for indices, pixels, failed in _loader(setup, images.paths(ids), None, batches):
@@ -354,12 +413,14 @@ def _score(
         x = to_model_input(pixels, model.backbone.preprocessing, setup.device, setup.channels_last)
         with autocast(setup.device, setup.dtype):
             features = model.backbone(x).float()  # (B, D)
-        outputs.append(HeadOutput(*(t.float().cpu() for t in model.head(features))))
+        outputs.append(HeadOutput(*(t.float() for t in model.head(features))))  # 3 x (B,)
         kept += [ids[i] for i in indices]
-    if not outputs:
-        empty = torch.zeros(0)
-        return kept, empty, HeadOutput(empty, empty, empty)
-    return kept, images.labels(kept), HeadOutput(*(torch.cat(parts) for parts in zip(*outputs, strict=True)))
+    empty = torch.zeros(0, device=setup.device)
+    output = HeadOutput(*(torch.cat(parts) for parts in zip(*outputs, strict=True))) if outputs else None
+    output = dist.gather(output or HeadOutput(empty, empty, empty))  # 3 x (N,) of every rank, in rank order
+    kept = [i for part in dist.all_gather_json(kept) for i in part]
+    images.share_failures(dist)
+    return kept, images.labels(kept), HeadOutput(*(t.cpu() for t in output))
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
@@ -380,6 +441,7 @@ def _merged_backbone(model: LiveModel) -> Backbone:
     return merge_adapters(backbone)
 
 
+@main_process_only
 def _write_live_best(run: RunDir, setup: _Setup, model: LiveModel, info: dict[str, Any]) -> None:
     """best_backbone.safetensors (merged; adapted runs only), then best.safetensors + best.json (trainer's writer)."""
     if setup.adapting:
@@ -460,10 +522,13 @@ def train_live(
         if n_train == 0:
             raise UsageError(f"splits.json of {run.root} has no training images; re-run `roadwork split`.")
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-        for stale in run.checkpoints.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
-            stale.unlink(missing_ok=True)
+        dist = distributed_from_env(settings.runtime.device)
         backbone = _create_backbone(settings)
-        warm = _warm_start(run, settings, backbone.fingerprint, backbone.feature_dim)
+        with dist.main_first():  # rank 0 tidies up and keeps the warm-start head; the others then find its copy
+            if dist.is_main:
+                for stale in run.checkpoints.glob(".*.tmp"):  # temp files of a write that SIGKILL interrupted
+                    stale.unlink(missing_ok=True)
+            warm = _warm_start(run, settings, backbone.fingerprint, backbone.feature_dim)
         setup = _setup(settings, device, n_train, warm, backbone)
         model, optimizer, scheduler, ema = setup.model, setup.optimizer, setup.scheduler, setup.ema
         signature = _signature(settings, setup, table, warm)
@@ -480,7 +545,7 @@ def train_live(
         last_path = run.checkpoints / "last.pt"
         start_epoch, history = 0, []
         best: dict[str, Any] = {"epoch": -1, "key": [-math.inf, -math.inf], "metrics": {}}
-        state = resume_last(last_path, signature, device, model, optimizer, scheduler, ema)
+        state = resume_last(last_path, signature, model, optimizer, scheduler, ema, dist)
         if state is not None:
             if setup.scaler is not None and state.get("scaler"):
                 setup.scaler.load_state_dict(state["scaler"])
@@ -511,6 +576,7 @@ def train_live(
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, metrics)
 
+        dist.barrier()  # rank 0's best.* is on disk
         best_model = _best_model(run, setup)
         scores = {}
         run.scores.mkdir(parents=True, exist_ok=True)
@@ -518,7 +584,8 @@ def train_live(
             kept, labels, output = _score(setup, best_model, images, images.ids(split))
             scores[split] = run.scores / f"{split}.csv"
             _write_scores(scores[split], kept, labels, output)
-        provenance.record(run, "train", [run.splits])
+        if dist.is_main:
+            provenance.record(run, "train", [run.splits])
         written = read_json(run.checkpoints / "best.json")
         notes = val_select_notes(images.labels(val_ids))
         if images.failed:

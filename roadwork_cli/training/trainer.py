@@ -498,21 +498,25 @@ def _fit_logistic_cls(
 def resume_last(
     path: Path,
     signature: str,
-    device: torch.device,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: torch.nn.Module | None,
+    dist: Distributed = SINGLE_PROCESS,
 ) -> dict[str, Any] | None:
     """Restore a ``last.pt`` written for the same ``signature`` into the objects and the RNGs.
+
+    Under torchrun rank 0 reads the file and sends its state to the other ranks, which need not see rank 0's disk;
+    every rank then holds the same weights, optimiser state and RNG state.
 
     Returns:
         Its state (``epoch``, ``history``, ``best`` and any extra keys), or None to start fresh.
     """
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state.get("signature") != signature:
+    state = None
+    if dist.is_main and path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors move to the objects' devices below
+    state = dist.broadcast_state(state)
+    if state is None or state.get("signature") != signature:
         return None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -704,7 +708,7 @@ def _train(
         stale.unlink(missing_ok=True)
     start_epoch, history = 0, []
     best: dict[str, Any] = {"epoch": -1, "key": [-math.inf, -math.inf], "metrics": {}}
-    state = resume_last(last_path, signature, device, head, optimizer, scheduler, ema)
+    state = resume_last(last_path, signature, head, optimizer, scheduler, ema, fit.dist)
     if state is not None:
         start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
     resumed_from = start_epoch
