@@ -31,7 +31,7 @@ import torch
 SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 """``lscpu`` flags that decide which kernels oneDNN / BLAS can use (bf16 needs avx512_bf16 or amx_bf16)."""
 
-BATCH_SIZES = (1, 32, 64)
+BATCH_SIZES = (1, 8, 32, 64)
 
 
 def lscpu() -> dict[str, str]:

@@ -52,8 +52,12 @@ def make_jpegs(folder: Path, n: int, size=(640, 480), seed: int = 0) -> list[Pat
     return paths
 
 
-def make_run(root: Path, backbone_name: str):
-    """A run with a random head and fixed thresholds: enough for export and predict."""
+def make_run(root: Path, backbone_name: str, random_weights: bool = False):
+    """A run with a random head and fixed thresholds: enough for export and predict.
+
+    ``random_weights`` builds the backbone without its pretrained weights (which cannot be downloaded here) and saves
+    them into the run, for speed measurements of architectures such as DINOv3's, whose cost does not depend on them.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -63,7 +67,13 @@ def make_run(root: Path, backbone_name: str):
     from roadwork_cli.model.head import SelectiveHead
 
     run = RunDir(root).ensure()
-    backbone = create_backbone(backbone_name)
+    weights = None
+    if random_weights:
+        torch.manual_seed(0)
+        module = create_backbone(backbone_name, pretrained=False).model
+        weights = run.root / "backbone.safetensors"
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
+    backbone = create_backbone(backbone_name, weights=weights)
     torch.manual_seed(0)
     head = SelectiveHead(backbone.feature_dim, hidden=256, dropout=0.0)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -168,6 +178,18 @@ def onnx_vs_eager(work: Path, images: int, batch_size: int, workers: int, rounds
         "cpu_count": os.cpu_count(),
         "loadavg_1_5_15": list(os.getloadavg()),
     }
+
+
+def decode_cpu_ms(model, paths: list[Path]) -> float:
+    """CPU milliseconds per image of ``model``'s decode path (load, draft decode, resize, crop) in this process."""
+    from roadwork_cli.data.decode import ImageDataset, load_input
+
+    transform = ImageDataset([], model.recipe).clean  # (H, W, 3) uint8; normalisation is per batch
+    transform(load_input(paths[0], model.recipe))  # warm-up
+    started = time.process_time()
+    for path in paths:
+        transform(load_input(path, model.recipe))
+    return (time.process_time() - started) / len(paths) * 1000
 
 
 def decode_ms(model, paths: list[Path]) -> dict[str, float]:

@@ -7,6 +7,12 @@ Measures, in this process and interleaved so that a drifting machine load hits b
   640x480 and on 4032x3024 JPEGs, each against the bare backbone forward at its best layout (batch size and memory
   format from ``bench_forward.py``) measured right before and right after it; the ratio is taken per round and the
   median over rounds is reported;
+* the decode bound of each row: on C cores the forward costs F = C x 1000 / (bare images/s) core-milliseconds per
+  image and the decode path D (measured in this process, CPU time), so no overlap of the two on the same cores can go
+  beyond F / (F + D) of the bare forward;
+* ``predict`` on 4032x3024 JPEGs with the DINOv3 ViT-S/16 and ViT-B/16 architectures (random weights: none can be
+  downloaded here, and the cost does not depend on them), the product's backbones, whose heavier forward leaves the
+  decode a smaller share;
 * ``roadwork predict one.jpg --bundle B`` start-up as a fresh subprocess, best of 3;
 
 and writes a Markdown table from those figures plus ``runs/bench/forward.json`` (``bench_forward.py``) and
@@ -29,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_forward import images_per_second, machine_details  # noqa: E402
-from bench_predict import make_jpegs, make_run, predict_path, startup_seconds  # noqa: E402
+from bench_predict import decode_cpu_ms, make_jpegs, make_run, predict_path, startup_seconds  # noqa: E402
 
 SIZES = {"640x480": ((640, 480), 128, 128), "4032x3024": ((4032, 3024), 12, 64)}
 """Label -> (size, distinct JPEGs written, images per pass). Large photos are repeated to fill a pass: writing
@@ -39,6 +45,12 @@ GOALS = {("predict", "640x480"): 0.9, ("predict", "4032x3024"): 0.85}
 """Issue goals: end-to-end images/s as a fraction of the bare forward."""
 
 STARTUP_GOAL_S = 1.5
+
+SMALL_BATCH = 8
+"""A second batch size for the end-to-end rows (the defaults are sized for GPUs)."""
+
+PRODUCT_BACKBONES = {"dinov3_vits16": 16, "dinov3_vitb16": 8}
+"""DINOv3 architectures measured on 4032x3024 JPEGs (random weights) -> batch size."""
 
 
 def write_split(root: Path, paths: list[Path]):
@@ -57,11 +69,17 @@ def write_split(root: Path, paths: list[Path]):
 
 
 def end_to_end(work: Path, best: dict, rounds: int) -> list[dict]:
-    """Predict and cache-features vs the bare forward, per image size (rows of the table)."""
-    from roadwork_cli.config import load_settings
+    """Predict and cache-features vs the bare forward, per image size and batch size (rows of the table).
+
+    The end-to-end paths run at their default batch size (what a user gets) and at ``SMALL_BATCH`` (small batches
+    keep a small CNN's activations in cache on CPU); the bare forward at its best layout.
+    """
+    from roadwork_cli.config import Settings, load_settings
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.stage1 import Stage1Model
 
+    defaults = Settings()
+    batches = {"predict": (defaults.predict.batch_size, SMALL_BATCH), "cache-features": (defaults.features.batch_size,)}
     batch_size, channels_last = best["batch_size"], best["channels_last"]
     model = Stage1Model.from_run(make_run(work / "model", "efficientnet_lite0"), device="cpu")
     rows = []
@@ -74,33 +92,84 @@ def end_to_end(work: Path, best: dict, rounds: int) -> list[dict]:
             {
                 "runtime": {"run": str(run.root), "device": "cpu"},
                 "model": {"backbone": "efficientnet_lite0"},
-                "features": {"batch_size": batch_size, "channels_last": channels_last},
+                "features": {"channels_last": channels_last},
             },
             environ={},
         )
-        measured = {"predict": [], "cache-features": []}
+        decode_ms = decode_cpu_ms(model, files)
+        measured: dict[tuple[str, int], list[tuple[float, float]]] = {
+            (path, b): [] for path, sizes in batches.items() for b in sizes
+        }
         for _ in range(rounds):
-            before = images_per_second(model.backbone, batch_size, channels_last)
-            predict = predict_path(model, paths, batch_size, settings.predict.workers, jpeg_draft=True)
-            shutil.rmtree(run.features, ignore_errors=True)
-            cached = cache_features(run, settings, backbone=model.backbone).images_per_second
-            after = images_per_second(model.backbone, batch_size, channels_last)
-            bare = (before + after) / 2
-            measured["predict"].append((predict, bare))
-            measured["cache-features"].append((cached, bare))
-        for path, pairs in measured.items():
+            for path, b in measured:
+                before = images_per_second(model.backbone, batch_size, channels_last)
+                if path == "predict":
+                    speed = predict_path(model, paths, b, settings.predict.workers, jpeg_draft=True)
+                else:
+                    shutil.rmtree(run.features, ignore_errors=True)
+                    settings.features.batch_size = b
+                    speed = cache_features(run, settings, backbone=model.backbone).images_per_second
+                after = images_per_second(model.backbone, batch_size, channels_last)
+                measured[(path, b)].append((speed, (before + after) / 2))
+        for (path, b), pairs in measured.items():
             rows.append(
                 {
                     "path": path,
+                    "batch_size": b,
                     "size": label,
                     "img_s": round(statistics.median(p for p, _ in pairs), 1),
-                    "bare_img_s": round(statistics.median(b for _, b in pairs), 1),
-                    "ratio": round(statistics.median(p / b for p, b in pairs), 3),
-                    "ratio_per_round": [round(p / b, 3) for p, b in pairs],
+                    "bare_img_s": round(statistics.median(x for _, x in pairs), 1),
+                    "ratio": round(statistics.median(p / x for p, x in pairs), 3),
+                    "ratio_per_round": [round(p / x, 3) for p, x in pairs],
                     "goal": GOALS.get((path, label)),
                     "workers": settings.predict.workers if path == "predict" else settings.features.workers,
+                    **decode_bound(decode_ms, statistics.median(x for _, x in pairs)),
                 }
             )
+    return rows
+
+
+def decode_bound(decode_ms: float, bare_img_s: float) -> dict:
+    """The decode's CPU cost per image and the ratio no overlap with the forward on these cores can exceed."""
+    import torch
+
+    forward_ms = torch.get_num_threads() * 1000 / bare_img_s  # core-milliseconds per image
+    return {
+        "decode_cpu_ms": round(decode_ms, 1),
+        "forward_cpu_ms": round(forward_ms, 1),
+        "bound": round(forward_ms / (forward_ms + decode_ms), 3),
+    }
+
+
+def product_backbones(work: Path, rounds: int) -> list[dict]:
+    """``predict`` on 4032x3024 JPEGs vs the bare forward, DINOv3 architectures (channels-last, random weights)."""
+    from roadwork_cli.stage1 import Stage1Model
+
+    size, distinct, _ = SIZES["4032x3024"]
+    files = make_jpegs(work / "4032x3024", distinct, size=size)
+    rows = []
+    for name, batch_size in PRODUCT_BACKBONES.items():
+        model = Stage1Model.from_run(make_run(work / name, name, random_weights=True), device="cpu")
+        paths = [files[k % distinct] for k in range(4 * batch_size)]
+        pairs = []
+        for _ in range(rounds):
+            before = images_per_second(model.backbone, batch_size, True)
+            predict = predict_path(model, paths, batch_size, 2, jpeg_draft=True)
+            after = images_per_second(model.backbone, batch_size, True)
+            pairs.append((predict, (before + after) / 2))
+        bare = statistics.median(b for _, b in pairs)
+        rows.append(
+            {
+                "backbone": name,
+                "batch_size": batch_size,
+                "img_s": round(statistics.median(p for p, _ in pairs), 2),
+                "bare_img_s": round(bare, 2),
+                "ratio": round(statistics.median(p / b for p, b in pairs), 3),
+                "ratio_per_round": [round(p / b, 3) for p, b in pairs],
+                "goal": GOALS[("predict", "4032x3024")],
+                **decode_bound(decode_cpu_ms(model, files), bare),
+            }
+        )
     return rows
 
 
@@ -121,6 +190,19 @@ def _fmt(value, digits: int = 1, unit: str = "") -> str:
     return "not measured" if value is None else f"{value:,.{digits}f}{unit}"
 
 
+def _ratio_row(label: str, row: dict) -> str:
+    """One table row of an end-to-end / bare ratio with its decode bound (older JSON without the bound: blank)."""
+    goal = "" if row["goal"] is None else f">= {row['goal']} ({'met' if row['ratio'] >= row['goal'] else 'MISSED'})"
+    bound = row.get("bound")
+    cells = [
+        label, str(row["img_s"]), str(row["bare_img_s"]), f"{row['ratio']:.3f}",
+        ", ".join(f"{r:.3f}" for r in row["ratio_per_round"]),
+        _fmt(row.get("decode_cpu_ms")) if bound else "", _fmt(row.get("forward_cpu_ms")) if bound else "",
+        f"{bound:.3f}" if bound else "", f"{row['ratio'] / bound:.2f}" if bound else "", goal,
+    ]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
 def render(
     machine: dict,
     forward: dict,
@@ -128,6 +210,7 @@ def render(
     rows: list[dict],
     startup_s: float | None,
     onnx: dict | None = None,
+    product: list[dict] | None = None,
 ) -> str:
     """RESULTS.md from the collected figures (``onnx``: ``bench_predict.py --onnx-out``'s JSON, if measured)."""
     best = forward["best"]
@@ -159,17 +242,32 @@ def render(
         "## End to end vs the bare forward (same run, interleaved rounds)",
         "",
         f"Bare forward = backbone alone on in-memory tensors at its best layout ({layout}). Ratio = median over rounds "
-        "of (end-to-end images/s) / (bare images/s measured right before and after it).",
+        "of (end-to-end images/s) / (bare images/s measured right before and after it). Decode bound: the forward "
+        f"costs F = {machine['threads']} threads x 1000 / (bare images/s) core-ms per image and the decode path "
+        "(read, DCT-scaled JPEG decode, resize, crop) D core-ms, measured as CPU time; when both share the same cores "
+        "no overlap can go beyond F / (F + D) of the bare forward.",
         "",
-        "| path | JPEG size | images/s | bare forward images/s | ratio | per round | goal |",
-        "|---|---|---|---|---|---|---|",
+        "| path | JPEG size | images/s | bare forward images/s | ratio | per round | decode CPU ms/img | forward CPU "
+        "ms/img | decode bound | ratio / bound | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        goal = "" if row["goal"] is None else f">= {row['goal']} ({'met' if row['ratio'] >= row['goal'] else 'MISSED'})"
-        lines.append(
-            f"| {row['path']} ({row['workers']} workers) | {row['size']} | {row['img_s']} | {row['bare_img_s']} | "
-            f"{row['ratio']:.3f} | {', '.join(f'{r:.3f}' for r in row['ratio_per_round'])} | {goal} |"
-        )
+    lines += [
+        _ratio_row(f"{row['path']} (batch {row.get('batch_size', '?')}, {row['workers']} workers) | {row['size']}", row)
+        for row in rows
+    ]
+    if product:
+        lines += [
+            "",
+            "## predict on 4032x3024 JPEGs with the product's backbones (DINOv3 architectures)",
+            "",
+            "The same measurement with `dinov3_vits16` and `dinov3_vitb16` (random weights, channels-last; 2 decode "
+            "workers). The decode costs the same; the heavier forward leaves it a smaller share of the CPU.",
+            "",
+            "| backbone (batch) | images/s | bare forward images/s | ratio | per round | decode CPU ms/img | forward "
+            "CPU ms/img | decode bound | ratio / bound | goal |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [_ratio_row(f"{row['backbone']} ({row['batch_size']})", row) for row in product]
     lines += [
         "",
         "## Bare forward by layout (fp32, eager)",
@@ -303,13 +401,18 @@ def main(argv: list[str] | None = None) -> Path:
         machine = machine_details()
         with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
             rows = end_to_end(Path(tmp), forward["best"], args.rounds)
-            # Saved before the start-up runs: a failure there must not throw away minutes of measurements.
-            atomic_write_json(saved, {"machine": machine, "rows": rows, "startup_s": None})
-            atomic_write_json(saved, {"machine": machine, "rows": rows, "startup_s": startup(Path(tmp))})
+            # Saved after each step: a failure later must not throw away minutes of measurements.
+            measured = {"machine": machine, "rows": rows, "startup_s": None, "product": None}
+            atomic_write_json(saved, measured)
+            measured["product"] = product_backbones(Path(tmp), args.rounds)
+            atomic_write_json(saved, measured)
+            measured["startup_s"] = startup(Path(tmp))
+            atomic_write_json(saved, measured)
     measured = json.loads(saved.read_text())
-    atomic_write_text(
-        args.out, render(measured["machine"], forward, precision, measured["rows"], measured["startup_s"], onnx)
+    table = render(
+        measured["machine"], forward, precision, measured["rows"], measured["startup_s"], onnx, measured.get("product")
     )
+    atomic_write_text(args.out, table)
     print(args.out.read_text())
     return args.out
 

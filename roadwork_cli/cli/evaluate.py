@@ -84,7 +84,7 @@ def command(
 
         run_dir = RunDir(require_run(settings))
         if source is not None:
-            report = evaluation.evaluate_source(run_dir, source, settings)
+            report = evaluation.evaluate_source(run_dir, source, settings, progress=True)
             written = evaluation.source_report_path(run_dir, source)
         else:
             report = evaluation.evaluate_run(run_dir, settings, split=split or "test")
@@ -95,6 +95,13 @@ def command(
                 report = evaluate_robustness(run_dir, settings, split=split or "test", progress=True)
     console.print(report_table(report, title=f"evaluation ({report.get('split') or report.get('source') or scores})"))
     console.print(f"guarantee: {report['guarantee']['verdict']}")
+    rejected = report.get("rejected") or {}
+    if rejected.get("count"):
+        reasons = ", ".join(f"{kind} {n}" for kind, n in rejected["by_reason"].items())
+        console.print(
+            f"[yellow]{rejected['count']} input(s) could not be read and are not in this report ({reasons}); "
+            f"each with its reason in {Path(written).parent / rejected['file']}[/yellow]"
+        )
     if "robustness" in report:
         from roadwork_cli.robustness import robustness_table
 

@@ -47,6 +47,7 @@ __all__ = [
     "load_input",
     "normalize_pixels",
     "read_pixels",
+    "reason_kind",
     "recipe_record",
 ]
 
@@ -167,6 +168,14 @@ def failure_reason(exc: BaseException) -> str:
         return str(reason)
     message = str(exc).strip()
     return f"unreadable: {type(exc).__name__}: {message}" if message else f"unreadable: {type(exc).__name__}"
+
+
+def reason_kind(reason: str) -> str:
+    """The reason without its details, for summary counts ("unreadable: ..." -> "unreadable")."""
+    for sep in (":", " ("):
+        if sep in reason:
+            return reason.split(sep, 1)[0]
+    return reason
 
 
 def eval_pixels(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:

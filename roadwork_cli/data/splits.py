@@ -41,6 +41,7 @@ from pathlib import Path
 
 from roadwork_cli.config import DataSettings
 from roadwork_cli.data.images import ImageRejected, decode_image, parse_locator, read_bytes
+from roadwork_cli.data.pixels import reason_kind
 from roadwork_cli.data.sources import Source, SourceRecord, SourceRejection, create_source
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import atomic_write_json, atomic_write_text, read_json
@@ -532,7 +533,7 @@ def build_splits(
         n_rejected=len(rejected),
         n_duplicates=n_duplicates,
         rejected_path=run.rejected,
-        rejected_reasons=dict(Counter(_reason_kind(reason) for _, reason in rejected)),
+        rejected_reasons=dict(Counter(reason_kind(reason) for _, reason in rejected)),
     )
     if not samples:
         summary.seconds = time.perf_counter() - started
@@ -558,11 +559,3 @@ def _stratified_units(samples: dict[str, Sample], unit_of: dict[str, str], setti
 
 def _jsonl_line(obj: dict) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _reason_kind(reason: str) -> str:
-    """The reason without its details, for summary counts ("unreadable: ..." -> "unreadable")."""
-    for sep in (":", " ("):
-        if sep in reason:
-            return reason.split(sep, 1)[0]
-    return reason

@@ -10,8 +10,10 @@ whether calibration certified them. Only a certified run is ever shown as having
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from roadwork_cli.calibration.api import ScoreTable, read_scores_csv
 from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.calibration.scaling import softmax_response
 from roadwork_cli.calibration.stats import clopper_pearson_lower, clopper_pearson_upper
-from roadwork_cli.errors import NotBuiltError, RoadworkError, UsageError
+from roadwork_cli.errors import RoadworkError, UsageError
 from roadwork_cli.io.atomic import atomic_write_json, json_safe
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics import classification as cm
@@ -274,23 +276,35 @@ def source_report_path(run: RunDir, source: str) -> Path:
     return run.eval / f"source-{source_slug(source)}" / "report.json"
 
 
-def evaluate_source(run: RunDir | str | Path, source: str, settings) -> dict[str, Any]:
+def evaluate_source(run: RunDir | str | Path, source: str, settings, progress: bool = False) -> dict[str, Any]:
     """Score any data source with the run's model (``scoring.score_source``) and evaluate those scores.
 
-    Writes ``eval/source-<slug>/report.json`` (with its scores, plots and HTML), beside the test split's report.
+    Writes ``eval/source-<slug>/report.json`` (with its scores, plots and HTML), beside the test split's report. Inputs
+    that could not be read are counted in the report's ``rejected`` block (per reason) and listed with their reasons in
+    ``scores.rejected.jsonl`` beside it.
+
+    Args:
+        run: Trained and calibrated run directory.
+        source: Any ``--source`` that ``roadwork split`` accepts.
+        settings: Resolved settings (data section for reading the source, predict section for batching).
+        progress: Show a progress bar on stderr while scoring.
     """
+    from roadwork_cli.data.pixels import reason_kind
+    from roadwork_cli.scoring import score_source
+
     run = run if isinstance(run, RunDir) else RunDir(run)
-    try:
-        from roadwork_cli.scoring import score_source
-    except ImportError:
-        raise NotBuiltError("Evaluating a --source needs roadwork_cli.scoring.score_source, not built yet.") from None
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
     report_path = source_report_path(run, source)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     scores = report_path.parent / "scores.csv"
-    score_source(run, source, settings, scores)
+    score_source(run, source, settings, scores, progress=progress)
+    rejected_file = scores.with_suffix(".rejected.jsonl")
+    reasons = [json.loads(line)["reason"] for line in rejected_file.read_text().splitlines() if line.strip()]
+    by_reason = dict(Counter(map(reason_kind, reasons)))
+    rejected = {"count": len(reasons), "by_reason": by_reason, "file": rejected_file.name}
     table = read_scores_csv(scores)
-    return _evaluate(table, rule, report_path, run, {"split": None, "source": source, "scores": str(scores)})
+    extra = {"split": None, "source": source, "scores": str(scores), "rejected": rejected}
+    return _evaluate(table, rule, report_path, run, extra)
 
 
 def evaluate_scores(

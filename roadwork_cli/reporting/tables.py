@@ -176,11 +176,14 @@ def calibration_table(params: dict[str, Any], title: str = "calibration") -> Tab
     rows: list[tuple[str, Any, Any]] = [
         ("calibration images n (positives)", f"{params.get('n')} ({params.get('n_pos')})", None),
         ("rule", rule_in_words(thresholds, params.get("gate_score")), None),
-        ("selection score", params.get("gate_score"), None),
-        ("lambda", thresholds.get("lambda"), None),
-        ("tau", thresholds.get("tau"), None),
-        ("b", thresholds.get("b"), None),
     ]
+    # Only what the rule uses: the band rule has no selection score and no lambda, the gate rule no b.
+    rows += [(name, value, None) for name, value in (
+        ("selection score", params.get("gate_score")),
+        ("lambda", thresholds.get("lambda")),
+        ("tau", thresholds.get("tau")),
+        ("b", thresholds.get("b")),
+    ) if value is not None]  # fmt: skip
     if thresholds.get("sets"):
         rows.append(("set thresholds", thresholds["sets"], None))
     rows += [

@@ -46,6 +46,10 @@ def test_evaluate_source_scores_readable_images_beside_the_test_report(tmp_path)
     rejected = [json.loads(line) for line in (out_dir / "scores.rejected.jsonl").read_text().splitlines()]
     assert {r["path"] for r in rejected} == unreadable
     assert all(isinstance(r["reason"], str) and r["reason"].strip() for r in rejected)
+    # Counted in the report and said on the terminal, not only in the file beside it.
+    assert report["rejected"]["count"] == 3 and sum(report["rejected"]["by_reason"].values()) == 3
+    assert report["rejected"]["file"] == "scores.rejected.jsonl"
+    assert "3 input(s) could not be read" in " ".join(result.output.split())
 
 
 def test_evaluate_source_with_nothing_readable_is_bad_input(tmp_path):

@@ -157,6 +157,8 @@ def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypa
     def fake_score_source(run_dir, source, settings, out_csv, progress=False):
         calls.append(source)
         p, g, y = synthetic_scores(300, 11)
+        rejected = [{"path": "a.jpg", "reason": "truncated (12 bytes)"}, {"path": "b.png", "reason": "unreadable: x"}]
+        Path(out_csv).with_suffix(".rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
         return write_csv(Path(out_csv), [f"s{i}" for i in range(300)], p, g, y)
 
     monkeypatch.setitem(sys.modules, "roadwork_cli.scoring", types.SimpleNamespace(score_source=fake_score_source))
@@ -164,6 +166,9 @@ def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypa
     report = evaluate_source(run, "synthetic:300", None)
     assert calls == ["synthetic:300"]
     assert report["n"] == 300 and report["source"] == "synthetic:300"
+    assert report["rejected"] == {
+        "count": 2, "by_reason": {"truncated": 1, "unreadable": 1}, "file": "scores.rejected.jsonl"
+    }  # fmt: skip
     beside = run.eval / "source-synthetic-300"
     assert json.loads((beside / "report.json").read_text())["source"] == "synthetic:300"
     assert (beside / "report.html").exists() and (beside / "scores.csv").exists()
@@ -171,15 +176,18 @@ def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypa
     assert json.loads(run.report.read_text()) == json.loads(json.dumps(test_report))
 
 
-def test_evaluate_source_without_the_model_layer_is_not_built(run: RunDir, monkeypatch) -> None:
-    import sys
+def test_calibration_table_lists_only_the_thresholds_its_rule_uses() -> None:
+    from rich.console import Console
 
-    from roadwork_cli.errors import NotBuiltError
-    from roadwork_cli.reporting.evaluate import evaluate_source
+    def rows(params: dict) -> list[str]:
+        console = Console(record=True, width=200)
+        console.print(calibration_table(params))
+        return [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.startswith("│")]
 
-    monkeypatch.setitem(sys.modules, "roadwork_cli.scoring", None)  # import fails as if the module were missing
-    with pytest.raises(NotBuiltError):
-        evaluate_source(run, "synthetic:4", None)
+    band = rows({"method": "scrc", "rule": "band", "feasible": True, "thresholds": {"tau": 0.01, "b": 0.05}})
+    assert {"tau", "b"} <= set(band) and "lambda" not in band and "selection score" not in band
+    gate = rows({"method": "scrc", "feasible": True, "gate_score": "gate", "thresholds": {"lambda": 0.3, "tau": 0.5}})
+    assert {"lambda", "tau", "selection score"} <= set(gate) and "b" not in gate
 
 
 def _visible(html_text: str) -> str:
