@@ -46,9 +46,6 @@ GOALS = {("predict", "640x480"): 0.9, ("predict", "4032x3024"): 0.85}
 
 STARTUP_GOAL_S = 1.5
 
-SMALL_BATCH = 8
-"""A second batch size for the end-to-end rows (the defaults are sized for GPUs)."""
-
 PRODUCT_BACKBONES = {"dinov3_vits16": 16, "dinov3_vitb16": 8}
 """DINOv3 architectures measured on 4032x3024 JPEGs (random weights) -> batch size."""
 
@@ -71,17 +68,17 @@ def write_split(root: Path, paths: list[Path]):
 def end_to_end(work: Path, best: dict, rounds: int) -> list[dict]:
     """Predict and cache-features vs the bare forward, per image size and batch size (rows of the table).
 
-    The end-to-end paths run at their default batch size (what a user gets) and at ``SMALL_BATCH`` (small batches
-    keep a small CNN's activations in cache on CPU); the bare forward at its best layout.
+    The end-to-end paths run at their default batch sizes on the CPU (what a user gets; predict also at 32, its GPU
+    default), the bare forward at its best layout.
     """
     from roadwork_cli.config import Settings, load_settings
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.stage1 import Stage1Model
 
-    defaults = Settings()
-    batches = {"predict": (defaults.predict.batch_size, SMALL_BATCH), "cache-features": (defaults.features.batch_size,)}
     batch_size, channels_last = best["batch_size"], best["channels_last"]
     model = Stage1Model.from_run(make_run(work / "model", "efficientnet_lite0"), device="cpu")
+    # predict at its CPU default and at the GPU default; cache-features at its default
+    batches = {"predict": (model.default_batch_size, 32), "cache-features": (Settings().features.batch_size,)}
     rows = []
     for label, (size, distinct, count) in SIZES.items():
         files = make_jpegs(work / label, distinct, size=size)

@@ -184,7 +184,7 @@ def score_levels(
     tables = {}
     for level, path in paths.items():
         if not path.exists():
-            batch, workers = settings.predict.batch_size, settings.predict.workers
+            batch, workers = settings.predict.batch_size or model.default_batch_size, settings.predict.workers
             p_raw, g_raw, errors = _score_level(model, locators, ids, level, batch, workers, progress)
             _write_level(path, ids, locators, labels, p_raw, g_raw, errors)
         tables[level] = read_scores_csv(path)

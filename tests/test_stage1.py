@@ -190,3 +190,18 @@ def test_recorded_recipe_is_followed_and_overrides_are_warned_about():
     with pytest.warns(UserWarning, match="compute precision: calibration used 'fp32'"):
         Stage1Model(backbone, head, None, info={"recipe": recipe}, device="cpu", precision="bf16")
     assert Stage1Model(backbone, head, None, device="cpu").jpeg_draft is True  # nothing recorded: the default
+
+
+def test_unset_batch_size_is_small_on_the_cpu(model, tmp_path):
+    """predict.batch_size unset: batches of 8 on the CPU (a small model's activations stay in cache), 32 on a GPU."""
+    from roadwork_cli.config import Settings
+
+    assert Settings().predict.batch_size is None
+    paths = [jpeg(tmp_path / f"{i}.jpg", colour=(10 * i, 90, 40)) for i in range(19)]
+    assert model.default_batch_size == 8
+    assert [len(indices) for indices, *_ in model.iter_raw_scores(paths)] == [8, 8, 3]
+    whole = [p.p_roadwork for p in model.predict(paths, batch_size=19)]
+    assert [p.p_roadwork for p in model.predict(paths)] == pytest.approx(whole, abs=1e-6)
+    gpu = type(model).__new__(type(model))  # a model on a GPU, as far as the batch size goes
+    gpu.device = type(model.device)("cuda")
+    assert gpu.default_batch_size == 32
