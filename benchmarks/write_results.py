@@ -68,17 +68,17 @@ def write_split(root: Path, paths: list[Path]):
 def end_to_end(work: Path, best: dict, rounds: int) -> list[dict]:
     """Predict and cache-features vs the bare forward, per image size and batch size (rows of the table).
 
-    The end-to-end paths run at their default batch sizes on the CPU (what a user gets; predict also at 32, its GPU
-    default), the bare forward at its best layout.
+    The end-to-end paths run at their default batch size on the CPU (what a user gets) and at their GPU default,
+    the bare forward at its best layout.
     """
-    from roadwork_cli.config import Settings, load_settings
+    from roadwork_cli.config import CPU_BATCH_SIZE, load_settings
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.stage1 import Stage1Model
 
     batch_size, channels_last = best["batch_size"], best["channels_last"]
     model = Stage1Model.from_run(make_run(work / "model", "efficientnet_lite0"), device="cpu")
-    # predict at its CPU default and at the GPU default; cache-features at its default
-    batches = {"predict": (model.default_batch_size, 32), "cache-features": (Settings().features.batch_size,)}
+    # each path at its CPU default batch size and at its GPU default
+    batches = {"predict": (model.default_batch_size, 32), "cache-features": (CPU_BATCH_SIZE, 64)}
     rows = []
     for label, (size, distinct, count) in SIZES.items():
         files = make_jpegs(work / label, distinct, size=size)

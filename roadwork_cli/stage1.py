@@ -161,12 +161,10 @@ class ScoringModel:
     # ----------------------------------------------------------------------------------------------- inference
     @property
     def default_batch_size(self) -> int:
-        """Images per forward pass when none is asked for: 8 on the CPU, 32 on a GPU.
+        """Images per forward pass when none is asked for: 8 on the CPU (see ``config.CPU_BATCH_SIZE``), 32 on a GPU."""
+        from roadwork_cli.config import resolve_batch_size
 
-        On the CPU small batches keep a small backbone's activations in cache: with efficientnet_lite0 on 2 cores,
-        ``predict`` ran 34 % more images/s at 8 than at 32 (benchmarks/RESULTS.md).
-        """
-        return 8 if self.device_type == "cpu" else 32
+        return resolve_batch_size(None, self.device_type, gpu=32)
 
     @property
     def device_type(self) -> str:

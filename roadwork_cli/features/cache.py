@@ -392,6 +392,7 @@ def cache_features(
             plan and writes them as parts; rank 0 merges the parts, shard by shard, into the layout that one process
             writes (same shards, index and bytes). The run directory must be shared by all ranks.
     """
+    from roadwork_cli.config import resolve_batch_size
     from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
     from roadwork_cli.data.transforms import augmentation_from_settings
     from roadwork_cli.io.progress import progress_bar
@@ -465,7 +466,7 @@ def cache_features(
     if settings.features.channels_last:
         model = model.to(memory_format=torch.channels_last)
     shard_size = settings.features.shard_size
-    batches = _shard_batches(len(todo), shard_size, settings.features.batch_size)
+    batches = _shard_batches(len(todo), shard_size, resolve_batch_size(settings.features.batch_size, device.type, 64))
     # Under torchrun rank r computes batches r, r+W, ...: the one-process batches, so the same rows come out.
     mine = [j for j in range(len(batches)) if j % world_size == rank]
     parts = (

@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from roadwork_cli.config import Settings
+from roadwork_cli.config import Settings, resolve_batch_size
 from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
 from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import SplitTable, read_split_table
@@ -401,7 +401,7 @@ def _score(
     dist = setup.dist
     model.eval()
     own = range(len(ids))[dist.part(len(ids))]
-    batch = setup.settings.features.batch_size
+    batch = resolve_batch_size(setup.settings.features.batch_size, setup.device.type, gpu=64)
     batches = [list(range(s, min(s + batch, own.stop))) for s in range(own.start, own.stop, batch)]
     kept: list[str] = []
     outputs: list[HeadOutput] = []

@@ -214,3 +214,13 @@ def test_without_current_json_the_only_cache_folder_is_loaded(tmp_path):
     write_feature_cache(run.features / "onlyone", meta, [("a" * 64, 0)], torch.ones(1, 2), shard_size=8)
     # No current.json (e.g. a cache copied by hand): the single folder is the one, named by its folder.
     assert load_cached(run).fingerprint == "onlyone"
+
+
+def test_unset_batch_size_runs_batches_of_eight_on_the_cpu(tiny_run):
+    """features.batch_size unset: 8 images per forward on the CPU (64 on a GPU), within each shard."""
+    settings = tiny_settings(tiny_run, batch_size=None, shard_size=64)
+    assert settings.features.batch_size is None
+    backbone, calls = _counting(create_backbone("tiny_vit"))
+    summary = cache_features(tiny_run, settings, backbone=backbone)
+    n = summary.computed
+    assert n > 8 and calls == [8] * (n // 8) + ([n % 8] if n % 8 else [])
