@@ -90,8 +90,10 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
         "aurc_softmax_response": sm.aurc(softmax_response(p), losses),
         "decisions": {d: int(np.sum(decisions == d)) for d in ("roadwork", "no_roadwork", "defer")},
         "decision_counts": {
-            d: {"roadwork": int(np.sum((decisions == d) & (labels == 1))),
-                "no_roadwork": int(np.sum((decisions == d) & (labels == 0)))}
+            d: {
+                "roadwork": int(np.sum((decisions == d) & (labels == 1))),
+                "no_roadwork": int(np.sum((decisions == d) & (labels == 0))),
+            }
             for d in ("roadwork", "no_roadwork", "defer")
         },  # fmt: skip
         "thresholds": dict(params.get("thresholds", {})),

@@ -17,22 +17,43 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("coverage", "the fraction of images that exit stage 1; the target xi is its minimum."),
     ("FNR on exits", "missed roadwork among the roadwork images that exit; the target alpha is its maximum."),
     ("FPR on exits", "false alarms among the no_roadwork images that exit."),
-    ("certified", "calibration proved, from the val_calib images, that FNR on exits <= alpha and coverage >= xi hold "
-                  "with probability at least 1 - delta (SCRC-I); assumes independent images (or groups)."),
-    ("satisfied (observed)", "the rates measured on this data are within the targets; a statement about this data "
-                             "only, not a guarantee."),
-    ("CP bound", "Clopper-Pearson: an exact binomial confidence bound on a rate from k events in m trials, at level "
-                 "delta. On test data with fixed thresholds it is a valid bound for that rate."),
-    ("pointwise bound", "a CP bound at thresholds chosen after looking at the same data; it is not part of the "
-                        "certificate, which is FNR <= alpha."),
-    ("risk-coverage curve", "the error on exits when only the images with the highest selection score exit, for "
-                            "every exit rate."),
-    ("AURC", "area under the risk-coverage curve: the mean error over all exit rates (lower = the score ranks "
-             "right decisions first)."),
-    ("selection score g", "the score that orders images for exiting: the calibrated gate head or max(p, 1 - p) "
-                          "(softmax response)."),
-    ("set size", "prediction-set view of stage 1: an exit is a set of one class, a deferral the set {0, 1}; the "
-                 "average set size is 1 + the deferral rate."),
+    (
+        "certified",
+        "calibration proved, from the val_calib images, that FNR on exits <= alpha and coverage >= xi hold "
+        "with probability at least 1 - delta (SCRC-I); assumes independent images (or groups).",
+    ),
+    (
+        "satisfied (observed)",
+        "the rates measured on this data are within the targets; a statement about this data only, not a guarantee.",
+    ),
+    (
+        "CP bound",
+        "Clopper-Pearson: an exact binomial confidence bound on a rate from k events in m trials, at level "
+        "delta. On test data with fixed thresholds it is a valid bound for that rate.",
+    ),
+    (
+        "pointwise bound",
+        "a CP bound at thresholds chosen after looking at the same data; it is not part of the "
+        "certificate, which is FNR <= alpha.",
+    ),
+    (
+        "risk-coverage curve",
+        "the error on exits when only the images with the highest selection score exit, for every exit rate.",
+    ),
+    (
+        "AURC",
+        "area under the risk-coverage curve: the mean error over all exit rates (lower = the score ranks "
+        "right decisions first).",
+    ),
+    (
+        "selection score g",
+        "the score that orders images for exiting: the calibrated gate head or max(p, 1 - p) (softmax response).",
+    ),
+    (
+        "set size",
+        "prediction-set view of stage 1: an exit is a set of one class, a deferral the set {0, 1}; the "
+        "average set size is 1 + the deferral rate.",
+    ),
     ("ECE", "expected calibration error: the mean gap between predicted p and the observed roadwork rate."),
     ("MCC", "Matthews correlation coefficient of the p >= 0.5 decision on every image."),
 )
@@ -177,7 +198,7 @@ def calibration_table(params: dict[str, Any], title: str = "calibration") -> Tab
         ("calibration images n (positives)", f"{params.get('n')} ({params.get('n_pos')})", None),
         ("rule", rule_in_words(thresholds, params.get("gate_score")), None),
     ]
-    # Only what the rule uses: the band rule has no selection score and no lambda, the gate rule no b.
+    # Only the thresholds the rule has (the band rule has no lambda, the gate rule no b); no empty rows.
     rows += [(name, value, None) for name, value in (
         ("selection score", params.get("gate_score")),
         ("lambda", thresholds.get("lambda")),
