@@ -29,7 +29,10 @@ def mcc(labels, predictions) -> float:
     """Matthews correlation coefficient (0 when it is undefined, as sklearn does)."""
     from sklearn.metrics import matthews_corrcoef
 
-    return float(matthews_corrcoef(np.asarray(labels).astype(int), np.asarray(predictions).astype(int)))
+    labels, predictions = np.asarray(labels).astype(int), np.asarray(predictions).astype(int)
+    if np.unique(np.concatenate([labels, predictions])).size < 2:
+        return 0.0  # one label in both (a one-class split): sklearn's value, without its warning on every epoch
+    return float(matthews_corrcoef(labels, predictions))
 
 
 def auroc(labels, probs) -> float:

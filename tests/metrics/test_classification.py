@@ -47,3 +47,13 @@ def test_ece_is_zero_for_perfectly_calibrated_bins() -> None:
     assert cm.ece(labels, probs, 4) == pytest.approx(0.0)
     bins = cm.reliability_bins(labels, probs, 4)
     assert bins.counts.tolist() == [0, 4, 0, 4]
+
+
+def test_mcc_of_one_label_is_zero_without_a_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn warns "A single label was found"; the trainer calls this per epoch
+        assert cm.mcc([1, 1, 1], [1, 1, 1]) == 0.0
+        assert cm.mcc([0, 0], [0, 0]) == 0.0
+    assert cm.mcc([1, 1, 0], [1, 1, 1]) == pytest.approx(skm.matthews_corrcoef([1, 1, 0], [1, 1, 1]))
