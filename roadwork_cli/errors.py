@@ -24,10 +24,6 @@ class UsageError(RoadworkError):
     exit_code = 2
 
 
-class NotBuiltError(UsageError):
-    """A layer of the pipeline that this version does not have yet (exit 2)."""
-
-
 class InfeasibleError(RoadworkError):
     """Calibration targets cannot be certified on this data (exit 3)."""
 

@@ -31,21 +31,6 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def hf_dinov3_dir(tmp_path_factory) -> Path:
-    """A tiny transformers DINOv3 ViT saved locally (random weights), used as ``hf:<dir>``."""
-    import torch
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-    path = tmp_path_factory.mktemp("hf_dinov3")
-    config = DINOv3ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16
-    )
-    torch.manual_seed(0)
-    DINOv3ViTModel(config).eval().save_pretrained(path)
-    return path
-
-
 def write_config(path: Path, backbone: str, method: str, run: Path) -> Path:
     config = {
         "data": {"augment": "moderate", "fractions": [0.5, 0.15, 0.2, 0.15]},

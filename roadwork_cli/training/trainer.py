@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from roadwork_cli.config import Settings
-from roadwork_cli.errors import NotBuiltError, UsageError
+from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import CURRENT_FILE, CachedFeatures, SplitTable, load_cached, read_split_table
 from roadwork_cli.io import provenance
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text, json_safe
@@ -651,21 +651,15 @@ def train(
         on_epoch_end: Called as ``fn(epoch, metrics)`` after each epoch's checkpoints are on disk.
 
     Raises:
-        NotBuiltError: A mode that is not built.
         UsageError: No splits, or split images without cached features (trains on those of the last
             ``cache-features``; images that failed to decode there are left out and counted in ``n_failed``).
         StaleError: The inputs of ``cache-features`` changed since it ran.
     """
 
-    mode = settings.train.mode
-    if mode == "train":  # live images through the adapted backbone: same artifacts, own loop
+    if settings.train.mode == "train":  # live images through the adapted backbone: same artifacts, own loop
         from roadwork_cli.training.finetune import train_live
 
         return train_live(run, settings, progress, on_epoch_end)
-    if mode not in ("train_cached", "train_crc"):
-        raise NotBuiltError(
-            f"`--mode {mode}` (PEFT fine-tuning) is not built yet; use --mode train_cached or train_crc"
-        )
     started = time.perf_counter()
     device = resolve_device(settings.runtime.device)
     previous_threads = torch.get_num_threads()

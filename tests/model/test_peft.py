@@ -24,20 +24,6 @@ from roadwork_cli.model.peft import (
 )
 
 
-@pytest.fixture(scope="module")
-def hf_dinov3_dir(tmp_path_factory):
-    """A tiny transformers DINOv3 ViT saved locally, loaded as ``hf:<dir>``."""
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-    path = tmp_path_factory.mktemp("hf_dinov3")
-    config = DINOv3ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16
-    )
-    torch.manual_seed(0)
-    DINOv3ViTModel(config).eval().save_pretrained(path)
-    return path
-
-
 def _backbone(name: str, hf_dir=None):
     if name == "hf":
         return create_backbone(f"hf:{hf_dir}")
