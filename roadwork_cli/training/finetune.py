@@ -92,10 +92,10 @@ class LiveModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.adapting = any(p.requires_grad for p in backbone.parameters())  # adapters are in place by now
 
     def forward(self, images: torch.Tensor) -> HeadOutput:
-        adapting = any(p.requires_grad for p in self.backbone.parameters())
-        with contextlib.nullcontext() if adapting else torch.no_grad():
+        with contextlib.nullcontext() if self.adapting else torch.no_grad():
             features = self.backbone(images).float()  # (B, D)
         return self.head(features)  # 3 x (B,)
 
@@ -415,9 +415,11 @@ def _score(
             features = model.backbone(x).float()  # (B, D)
         outputs.append(HeadOutput(*(t.float() for t in model.head(features))))  # 3 x (B,)
         kept += [ids[i] for i in indices]
-    empty = torch.zeros(0, device=setup.device)
-    output = HeadOutput(*(torch.cat(parts) for parts in zip(*outputs, strict=True))) if outputs else None
-    output = dist.gather(output or HeadOutput(empty, empty, empty))  # 3 x (N,) of every rank, in rank order
+    if outputs:
+        output = HeadOutput(*(torch.cat(parts) for parts in zip(*outputs, strict=True)))  # 3 x (n_r,)
+    else:  # nothing of this rank's part decoded (or it has none): it still joins the gather
+        output = HeadOutput(*(torch.zeros(0, device=setup.device) for _ in HeadOutput._fields))
+    output = dist.gather(output)  # 3 x (N,) of every rank, in rank order
     kept = [i for part in dist.all_gather_json(kept) for i in part]
     images.share_failures(dist)
     return kept, images.labels(kept), HeadOutput(*(t.cpu() for t in output))
