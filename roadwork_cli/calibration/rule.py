@@ -101,16 +101,13 @@ class StageRule:
 
     @property
     def certified(self) -> bool:
-        """Whether calibration certified the targets with probability >= 1 - delta (SCRC-I and feasible)."""
-        stated = (self.params.get("certified") or {}).get("targets")
-        if stated is not None:
-            return bool(stated)
-        return self.feasible and create_method(str(self.params.get("method") or "scrc")).high_probability
+        """Whether calibration certified the targets with probability >= 1 - delta (:func:`is_certified`)."""
+        return is_certified(self.params)
 
     @property
     def defers_everything(self) -> bool:
-        """An infeasible calibration defers every image unless its params ask for the fallback thresholds."""
-        return not self.feasible and self.params.get("infeasible_decisions", "defer") != "fallback"
+        """Whether this rule defers every image (:func:`defers_everything`)."""
+        return defers_everything(self.params)
 
     def calibrate(self, p_raw, gate_raw) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated p(roadwork) and selection score g, both shape (N,)."""
@@ -136,3 +133,20 @@ class StageRule:
         if self.defers_everything:
             return np.full(p.shape, "defer").astype(str)
         return self.decision_rule.decide(p, g)
+
+
+def is_certified(params: dict[str, Any]) -> bool:
+    """Whether the calibration in ``params`` (``scrc_params.json``) certified its targets with probability >= 1 - delta.
+
+    The recorded certificate decides; older files without one count as certified when feasible under a
+    high-probability method (SCRC-I), never under CRC, whose bound holds in expectation only.
+    """
+    stated = (params.get("certified") or {}).get("targets")
+    if stated is not None:
+        return bool(stated)
+    return bool(params.get("feasible", True)) and create_method(str(params.get("method") or "scrc")).high_probability
+
+
+def defers_everything(params: dict[str, Any]) -> bool:
+    """An infeasible calibration defers every image unless its params ask for the fallback thresholds."""
+    return not params.get("feasible", True) and params.get("infeasible_decisions", "defer") != "fallback"

@@ -37,9 +37,6 @@ ThreadsOption = Annotated[
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-UNCERTIFIED = "no guarantee (targets not certified)"
-"""What every command says of a calibration whose targets were not certified (``"feasible": false``)."""
-
 
 _SETTINGS_DEBUG = {"on": False}
 """``runtime.debug`` from YAML or the environment, noted by :func:`resolve_settings` so that errors honour it too."""

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from roadwork_cli.cli.common import UNCERTIFIED, DebugOption, JsonOption, console, handle_errors, print_json
+from roadwork_cli.cli.common import DebugOption, JsonOption, console, handle_errors, print_json
 
 
 def bundle_info(path: Path) -> dict[str, Any]:
@@ -16,7 +16,9 @@ def bundle_info(path: Path) -> dict[str, Any]:
     Args:
         path: bundle.tar from ``roadwork export``.
     """
+    from roadwork_cli.calibration.rule import is_certified
     from roadwork_cli.io.bundle import read_bundle
+    from roadwork_cli.reporting.tables import guarantee_statement
 
     contents = read_bundle(path)  # verifies every member's checksum before anything is shown
     manifest = contents.manifest
@@ -42,12 +44,13 @@ def bundle_info(path: Path) -> dict[str, Any]:
             "adapters": model.get("adapters"),
             "training": model.get("training"),
         },
+        "guarantee": guarantee_statement(params),
         "calibration": {
             "method": params.get("method"),
             "thresholds": params.get("thresholds"),
             "gate_score": params.get("gate_score"),
             "feasible": feasible,
-            "certified": feasible is True,
+            "certified": feasible is not None and is_certified(params),
             "targets": params.get("targets"),
             "certified_bounds": params.get("certified"),
             "calibration_images": params.get("n"),
@@ -86,15 +89,9 @@ def info_table(info: dict[str, Any]):
     model, cal, data = info["model"], info["calibration"], info["data"]
     thresholds = {k: v for k, v in (cal["thresholds"] or {}).items() if v is not None}
     targets = cal["targets"] or {}
-    if cal["feasible"] is None:
-        guarantee = "not recorded"
-    elif cal["certified"]:
-        guarantee = (
-            f"certified: FNR on exits <= {targets.get('alpha')} and coverage >= {targets.get('xi')} "
-            f"with probability >= 1 - {targets.get('delta')}"
-        )
-    else:
-        guarantee = f"[yellow]{UNCERTIFIED}[/]"
+    guarantee = info["guarantee"] or "not recorded"
+    if not cal["certified"]:
+        guarantee = f"[yellow]{guarantee}[/]"
     rows = [
         ("backbone", f"{model['backbone']} ({model['fingerprint']})"),
         ("feature dim", str(model["feature_dim"])),

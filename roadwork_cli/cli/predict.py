@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import typer
 
 from roadwork_cli.cli.common import (
-    UNCERTIFIED,
     ConfigOption,
     DebugOption,
     DeviceOption,
@@ -71,17 +70,11 @@ def band_caption(rule: Any) -> str:
 
 
 def guarantee_line(rule: Any) -> str | None:
-    """The summary's word on the guarantee: certified targets, ``UNCERTIFIED``, or nothing when not recorded."""
-    params = getattr(rule, "params", None) or {}
-    if "feasible" not in params:
-        return None
-    if not params["feasible"]:
-        return f"[yellow]{UNCERTIFIED}[/]: decisions follow the fallback thresholds of an infeasible calibration"
-    targets = params.get("targets") or {}
-    return (
-        f"certified: FNR on exits <= {targets.get('alpha', float('nan')):g} and coverage >= "
-        f"{targets.get('xi', float('nan')):g} with probability >= {1 - targets.get('delta', float('nan')):g}"
-    )
+    """The summary's word on the guarantee (``guarantee_statement``), in yellow when there is none."""
+    from roadwork_cli.reporting.tables import NO_GUARANTEE, guarantee_statement
+
+    statement = guarantee_statement(getattr(rule, "params", None) or {})
+    return f"[yellow]{statement}[/]" if statement and statement.startswith(NO_GUARANTEE) else statement
 
 
 def choose_format(requested: str | None, setting: str, out: Path | None, is_tty: bool) -> str:

@@ -74,6 +74,26 @@ def _percent(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f} %" if whole else "–"
 
 
+def guarantee_statement(params: dict[str, Any]) -> str | None:
+    """What a calibration (``scrc_params.json``) promises, in one line: the certified targets, or no guarantee and
+    what stage 1 then does; None when the file records no outcome (no ``feasible`` key)."""
+    from roadwork_cli.calibration.rule import defers_everything, is_certified
+
+    if "feasible" not in params:
+        return None
+    if is_certified(params):
+        targets = params.get("targets") or {}
+        return (
+            f"certified: FNR on exits <= {targets.get('alpha')} and coverage >= {targets.get('xi')} with probability "
+            f">= {1 - float(targets.get('delta') or 0):.4g}"
+        )
+    if defers_everything(params):
+        return f"{NO_GUARANTEE}: every image is deferred (infeasible calibration)"
+    if not params["feasible"]:
+        return f"{NO_GUARANTEE}: decisions follow the fallback thresholds of an infeasible calibration"
+    return f"{NO_GUARANTEE}: method {params.get('method')} does not certify with probability >= 1 - delta"
+
+
 def guarantee_verdict(guarantee: dict[str, Any]) -> str:
     """The guarantee in words: no guarantee unless certified, then whether this data's rates meet the targets."""
     if not guarantee.get("certified"):

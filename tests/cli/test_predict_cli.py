@@ -17,7 +17,7 @@ from cli_helpers import make_tiny_run, write_images
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
-from roadwork_cli.cli.common import UNCERTIFIED
+from roadwork_cli.reporting.tables import NO_GUARANTEE
 from roadwork_cli.stage1 import Prediction
 
 runner = CliRunner()
@@ -128,15 +128,18 @@ def test_ctrl_c_on_stdout_keeps_the_lines_already_printed(fake_model):
     assert "2 records kept in stdout" in " ".join(result.output.split())
 
 
-@pytest.mark.parametrize("feasible", [False, True, None])
-def test_summary_says_no_guarantee_only_when_not_certified(fake_model, feasible):
+@pytest.mark.parametrize(("feasible", "method"), [(False, "scrc"), (True, "scrc"), (None, "scrc"), (True, "crc")])
+def test_summary_says_no_guarantee_only_when_not_certified(fake_model, feasible, method):
     fake_model.rule = FakeRule(feasible=feasible)
+    fake_model.rule.params["method"] = method  # CRC bounds the FNR in expectation: feasible, yet not certified
     result = runner.invoke(app, ["predict", "a.jpg", "--bundle", "b.tar", "--format", "jsonl"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert (UNCERTIFIED in output) == (feasible is False)
-    assert ("certified: FNR on exits <= 0.02" in output) == (feasible is True)
-    assert UNCERTIFIED not in result.stdout  # stdout stays machine-readable
+    certified = feasible is True and method == "scrc"
+    assert (NO_GUARANTEE in output) == (feasible is not None and not certified)
+    assert ("certified: FNR on exits <= 0.02" in output) == certified
+    assert ("every image is deferred" in output) == (feasible is False)  # what an infeasible calibration decides
+    assert NO_GUARANTEE not in result.stdout  # stdout stays machine-readable
 
 
 def test_band_rule_table_hides_the_gate_and_says_why(fake_model):

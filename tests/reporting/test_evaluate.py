@@ -176,6 +176,23 @@ def test_evaluate_source_scores_through_stage1_and_reports(run: RunDir, monkeypa
     assert json.loads(run.report.read_text()) == json.loads(json.dumps(test_report))
 
 
+def test_guarantee_statement_claims_only_what_was_certified() -> None:
+    from roadwork_cli.reporting.tables import NO_GUARANTEE, guarantee_statement
+
+    targets = {"alpha": 0.02, "xi": 0.8, "delta": 0.1}
+    certified = guarantee_statement({"method": "scrc", "feasible": True, "targets": targets})
+    assert certified == "certified: FNR on exits <= 0.02 and coverage >= 0.8 with probability >= 0.9"
+    for params, then in (
+        ({"method": "crc", "feasible": True}, "does not certify"),  # a bound in expectation only
+        ({"method": "scrc", "feasible": False}, "every image is deferred"),  # the default infeasible decisions
+        ({"method": "scrc", "feasible": False, "infeasible_decisions": "fallback"}, "fallback thresholds"),
+        ({"method": "scrc", "feasible": True, "certified": {"targets": False}}, ""),  # the recorded certificate
+    ):
+        statement = guarantee_statement({**params, "targets": targets})
+        assert statement.startswith(NO_GUARANTEE) and then in statement and "certified:" not in statement
+    assert guarantee_statement({"method": "scrc"}) is None  # no outcome recorded
+
+
 def test_calibration_table_lists_only_the_thresholds_its_rule_uses() -> None:
     from rich.console import Console
 
