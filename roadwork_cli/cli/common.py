@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -108,27 +106,9 @@ def apply_threads(settings) -> None:
         torch.set_num_threads(settings.runtime.threads)
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data: dataclasses and mappings become objects, paths strings, NaN/inf ``null``."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        items = sorted(value, key=str) if isinstance(value, set | frozenset) else value
-        return [jsonable(v) for v in items]
-    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:
-        value = value.item()  # numpy / torch scalars
-    elif hasattr(value, "tolist"):
-        return jsonable(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    return str(value)  # paths, enums and anything else printable
-
-
 def print_json(summary: Any) -> None:
     """Write ``summary`` as ONE JSON object on stdout (the ``--json`` contract: nothing else goes to stdout)."""
-    sys.stdout.write(json.dumps(jsonable(summary), ensure_ascii=False, allow_nan=False) + "\n")
+    from roadwork_cli.io.atomic import json_safe
+
+    sys.stdout.write(json.dumps(json_safe(summary, printable=True), ensure_ascii=False, allow_nan=False) + "\n")
     sys.stdout.flush()

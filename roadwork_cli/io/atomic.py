@@ -6,6 +6,7 @@ write.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -77,19 +78,32 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
 
 
-def json_safe(value: Any) -> Any:
+def json_safe(value: Any, printable: bool = False) -> Any:
     """``value`` with NaN/inf turned into None and numpy scalars into Python ones, recursively through dicts/lists.
 
     JSON has no NaN; None ("not defined here", e.g. an AUROC on one class) is what readers of our files expect.
+
+    Args:
+        value: Data to write.
+        printable: Also turn what the ``--json`` summaries hold into JSON (dataclasses and sets, arrays, keys and
+            anything else as strings); artifacts leave it off, so an unexpected object fails loudly.
     """
+    if printable and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
+        return {(str(key) if printable else key): json_safe(item, printable) for key, item in value.items()}
+    if printable and isinstance(value, set | frozenset):
+        value = sorted(value, key=str)
     if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
+        return [json_safe(item, printable) for item in value]
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
-        value = value.item()  # numpy scalar / 0-d array
+        value = value.item()  # numpy / torch scalar, 0-d array
+    elif printable and hasattr(value, "tolist"):
+        return json_safe(value.tolist(), printable)
     if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
         return None
+    if printable and not (value is None or isinstance(value, bool | int | float | str)):
+        return str(value)  # paths, enums and anything else printable
     return value
 
 

@@ -54,3 +54,32 @@ def test_json_round_trip_is_stable(tmp_path):
     b = atomic_write_json(tmp_path / "b.json", {"a": [1, 2], "b": 1})
     assert a.read_bytes() == b.read_bytes()
     assert read_json(a) == {"a": [1, 2], "b": 1}
+
+
+def test_json_safe_writes_artifacts_strictly_and_summaries_printably():
+    import dataclasses
+    import json
+    import math
+    from pathlib import Path
+
+    import numpy as np
+
+    from roadwork_cli.io.atomic import json_safe
+
+    @dataclasses.dataclass
+    class Summary:
+        folder: Path
+        kinds: set
+        scores: np.ndarray
+
+    assert json_safe({"auroc": math.nan, "n": np.int64(3), "xs": (1.0, math.inf)}) == {
+        "auroc": None,
+        "n": 3,
+        "xs": [1.0, None],
+    }
+    path = Path("runs/x")
+    assert json_safe({"p": path})["p"] is path  # an artifact keeps what JSON cannot hold, so writing it fails loudly
+    summary = Summary(path, {"b", "a"}, np.array([0.5, np.nan]))
+    printed = json_safe({1: summary}, printable=True)
+    assert printed == {"1": {"folder": "runs/x", "kinds": ["a", "b"], "scores": [0.5, None]}}
+    json.dumps(printed, allow_nan=False)
