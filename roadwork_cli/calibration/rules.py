@@ -51,7 +51,6 @@ from roadwork_cli.calibration.stats import binomial_pvalue, check_delta_split, c
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import json_safe
 
-DECISIONS = ("roadwork", "no_roadwork", "defer")
 OBJECTIVES = ("accuracy", "coverage", "mcc")
 
 
@@ -440,13 +439,18 @@ class Rule:
         raise NotImplementedError
 
     @classmethod
-    def certify(cls, method: str, p, g, y, grid, targets: Targets) -> CalibrationOutcome:
-        """Choose thresholds on val_calib with ``method`` (one of ``cls.certifiers``)."""
+    def check_method(cls, method: str) -> None:
+        """Raise UsageError unless ``method`` is one of ``cls.certifiers``."""
         if method not in cls.certifiers:
             raise UsageError(
                 f"calibration.rule={cls.name} is certified by method={' or method='.join(cls.certifiers)} only "
                 f"(not {method})."
             )
+
+    @classmethod
+    def certify(cls, method: str, p, g, y, grid, targets: Targets) -> CalibrationOutcome:
+        """Choose thresholds on val_calib with ``method`` (one of ``cls.certifiers``)."""
+        cls.check_method(method)
         return cls.certifiers[method](cls, p, g, y, grid, targets)
 
     @classmethod
@@ -725,8 +729,7 @@ class SelectiveConformal:
         self.targets = Targets(alpha, delta, xi, delta_coverage_share, objective)
         self.method = method
         self.rule_cls = rule_for(method, rule)
-        if method not in self.rule_cls.certifiers:
-            self.rule_cls.certify(method, [0.0], None, [0], [], self.targets)  # raises the registry's UsageError
+        self.rule_cls.check_method(method)
         self.grid_size = grid_size
         self.grid_: np.ndarray | None = None
         self.outcome_: CalibrationOutcome | None = None
@@ -765,7 +768,6 @@ class SelectiveConformal:
 
 
 __all__ = [
-    "DECISIONS",
     "BandRule",
     "CalibrationOutcome",
     "Coverage",

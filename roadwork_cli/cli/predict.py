@@ -117,11 +117,8 @@ def command(
     """Run stage 1 on images and write one record per input, as each batch finishes."""
     from roadwork_cli.cli.common import resolve_settings
 
-    # Only flags that were given override lower layers (a nested None would be validated as a value).
-    overrides: dict[str, Any] = {"runtime": runtime_overrides(device=device, threads=threads)}
-    if format is not None:
-        overrides["predict"] = {"format": format}
-    settings = resolve_settings(config, overrides, write_to_run=False)
+    overrides = {"runtime": runtime_overrides(device=device, threads=threads), "predict": {"format": format}}
+    settings = resolve_settings(config, overrides, write_to_run=False)  # flags not given (None) are skipped
     fmt = (
         "probability" if probability_only else choose_format(format, settings.predict.format, out, sys.stdout.isatty())
     )
