@@ -47,7 +47,8 @@ def _calibrate_and_evaluate(run: RunDir, settings: Any) -> dict[str, Any]:
     report = evaluate_run(run, settings, split="test")
     report = report if isinstance(report, dict) else json.loads((run.root / "eval" / "report.json").read_text())
     out = {key: report.get(key) for key in REPORT_KEYS}
-    out["certified"] = bool((report.get("guarantee") or {}).get("satisfied"))
+    guarantee = report.get("guarantee") or {}
+    out["certified"], out["satisfied"] = bool(guarantee.get("certified")), bool(guarantee.get("satisfied"))
     return out
 
 

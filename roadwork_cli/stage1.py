@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from roadwork_cli.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from roadwork_cli.data.pixels import DecodeRecipe, iter_pixel_batches, normalize_pixels, recipe_record
 from roadwork_cli.errors import BundleError, UsageError
 from roadwork_cli.io.atomic import read_json
@@ -118,8 +119,8 @@ class ScoringModel:
         info: dict[str, Any] | None,
         preprocessing: Any,
         jpeg_draft: bool | None = None,
-        max_pixels: int = 50_000_000,
-        max_file_bytes: int = 64 * 1024 * 1024,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ):
         self.info = dict(info or {})
         self.rule = rule
@@ -303,8 +304,8 @@ class Stage1Model(ScoringModel):
         rule: Any,
         info: dict[str, Any] | None = None,
         device: str | torch.device = "auto",
-        max_pixels: int = 50_000_000,
-        max_file_bytes: int = 64 * 1024 * 1024,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         channels_last: bool = True,
         precision: str = "auto",
         jpeg_draft: bool | None = None,
@@ -464,16 +465,6 @@ class Stage1Model(ScoringModel):
         with torch.inference_mode(), autocast(self.device, self.compute_dtype):
             return self.backbone(batch).float()  # (B, D)
 
-    def iter_features(
-        self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
-    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
-        """Backbone features batch by batch: ``(indices, (B, D) features on CPU, [(index, reason)])``."""
-        import torch
-
-        for indices, pixels, failed in self.loader(images, batch_size, workers):
-            features = self.embed(pixels).cpu() if pixels is not None else torch.zeros(0, 0)
-            yield indices, features, failed
-
     def model_inputs(
         self, images: Sequence[Any], batch_size: int = 32, workers: int = 0
     ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
@@ -519,8 +510,8 @@ class OnnxStage1Model(ScoringModel):
         rule: Any,
         info: dict[str, Any],
         jpeg_draft: bool | None = None,
-        max_pixels: int = 50_000_000,
-        max_file_bytes: int = 64 * 1024 * 1024,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ):
         from roadwork_cli.model.preprocessing import Preprocessing
 
@@ -658,7 +649,9 @@ def _warn_override(what: str, recorded: Any, used: Any) -> None:
 
 def cached_recipe(run: RunDir) -> dict[str, Any] | None:
     """The recipe recorded in the run's current feature cache (``features/current.json`` -> ``meta.json``)."""
-    current = run.features / "current.json"
+    from roadwork_cli.features.cache import CURRENT_FILE  # the torch path only: the cache module imports torch
+
+    current = run.features / CURRENT_FILE
     if not current.exists():
         return None
     meta = run.features / str(read_json(current).get("fingerprint", "")) / "meta.json"

@@ -72,10 +72,7 @@ _PIL_FILTERS = {
 
 def jpeg_draft_size(preprocessing: Preprocessing) -> int:
     """Smallest shorter side the eval transform needs before its resize (size / crop_pct, rounded up)."""
-    size = preprocessing.size
-    side = max(size) if isinstance(size, tuple | list) else int(size)
-    crop_pct = float(getattr(preprocessing, "crop_pct", 1.0) or 1.0)
-    return int(math.ceil(side / min(crop_pct, 1.0)))
+    return int(math.ceil(int(preprocessing.size) / min(float(preprocessing.crop_pct), 1.0)))
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,6 @@ __all__ = [
     "cache_features",
     "load_cached",
     "read_split_table",
-    "view_seed",
 ]
 
 CURRENT_FILE = "current.json"
@@ -94,11 +93,6 @@ def read_split_table(run: RunDir) -> SplitTable:
 
 
 # ---------------------------------------------------------------------------------------------------------- store
-
-
-def view_seed(image_id: str, view: int) -> int:
-    """Seed of the augmentation of ``view`` of ``image_id`` (independent of batch, worker and run)."""
-    return int.from_bytes(hashlib.sha256(f"{image_id}:{view}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 class FeatureStore:
@@ -394,7 +388,7 @@ def cache_features(
     """
     from roadwork_cli.config import resolve_batch_size
     from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
-    from roadwork_cli.data.transforms import augmentation_from_settings
+    from roadwork_cli.data.transforms import augment_seed, augmentation_from_settings
     from roadwork_cli.io.progress import progress_bar
     from roadwork_cli.io.provenance import record
     from roadwork_cli.model.backbones import create_backbone
@@ -482,7 +476,7 @@ def cache_features(
         dataset = ImageDataset(
             [table.paths[image_id] for image_id, _ in todo],
             recipe,
-            seeds=[None if view == 0 else view_seed(image_id, view) for image_id, view in todo],
+            seeds=[None if view == 0 else augment_seed(image_id, view) for image_id, view in todo],
             augment=augmentation,
         )
         loader = create_loader(

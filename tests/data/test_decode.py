@@ -142,9 +142,9 @@ def cached_and_predicted(run, ids, files, jpeg_draft):
     head = SelectiveHead(backbone.feature_dim, hidden=0, dropout=0.0)
     model = Stage1Model(backbone, head, None, info={"recipe": cached.meta["recipe"]}, device="cpu")
     predicted = torch.zeros_like(rows)
-    for indices, features, failed in model.iter_features(files, batch_size=3):  # predict's loader and forward
+    for indices, pixels, failed in model.loader(files, batch_size=3):  # predict's loader and forward
         assert failed == []
-        predicted[indices] = features
+        predicted[indices] = model.embed(pixels).cpu()
     return rows, predicted, cached.meta["recipe"]
 
 
