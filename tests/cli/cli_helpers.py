@@ -5,6 +5,7 @@ A plain module (not a conftest) so that tests import what they use by name.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from roadwork_cli.io.run import RunDir
@@ -55,3 +56,21 @@ def write_images(folder: Path, n: int = 3, size=(96, 72)) -> list[Path]:
         Image.new("RGB", size, (40 * i, 100, 200 - 30 * i)).save(path, quality=90)
         paths.append(path)
     return paths
+
+
+def export_tiny_bundle(root: Path) -> Path:
+    """``roadwork export`` of :func:`make_tiny_run` under ``root``: the bundle's path."""
+    from typer.testing import CliRunner
+
+    from roadwork_cli.cli.app import app
+
+    run = make_tiny_run(root / "run")
+    result = CliRunner().invoke(app, ["export", "--run", str(run.root)])
+    assert result.exit_code == 0, result.output
+    assert run.bundle.is_file()
+    return run.bundle
+
+
+def jsonl_records(text: str) -> list[dict]:
+    """The JSON Lines records of ``text`` (blank lines skipped)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

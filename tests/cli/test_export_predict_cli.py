@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from cli_helpers import make_tiny_run, write_images
+from cli_helpers import export_tiny_bundle, jsonl_records, make_tiny_run, write_images
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
@@ -18,16 +18,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    run = make_tiny_run(root / "run")
-    result = runner.invoke(app, ["export", "--run", str(run.root)])
-    assert result.exit_code == 0, result.output
-    assert run.bundle.is_file()
-    return run.bundle
-
-
-def _jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return export_tiny_bundle(tmp_path_factory.mktemp("run"))
 
 
 def test_export_writes_contract_members(bundle):
@@ -49,7 +40,7 @@ def test_good_inputs_exit_0_with_one_record_each(bundle, tmp_path):
     paths = write_images(tmp_path / "imgs")
     result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(bundle), "--format", "jsonl"])
     assert result.exit_code == 0, result.output
-    records = _jsonl(result.stdout)
+    records = jsonl_records(result.stdout)
     assert [r["path"] for r in records] == [str(p) for p in paths]
     for r in records:
         assert set(r) == {"path", "p_roadwork", "gate", "decision", "error"}
@@ -66,7 +57,7 @@ def test_decisions_follow_the_thresholds(tmp_path):
         assert runner.invoke(app, ["export", "--run", str(run.root)]).exit_code == 0
         result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(run.bundle), "--format", "jsonl"])
         assert result.exit_code == 0, result.output
-        assert {r["decision"] for r in _jsonl(result.stdout)} == {expected}
+        assert {r["decision"] for r in jsonl_records(result.stdout)} == {expected}
 
 
 def test_broken_and_missing_files_get_error_records_and_exit_1(bundle, tmp_path):
@@ -77,7 +68,7 @@ def test_broken_and_missing_files_get_error_records_and_exit_1(bundle, tmp_path)
     args = [str(good[0]), str(broken), str(missing), str(good[1])]
     result = runner.invoke(app, ["predict", *args, "--bundle", str(bundle), "--format", "jsonl"])
     assert result.exit_code == 1
-    records = _jsonl(result.stdout)
+    records = jsonl_records(result.stdout)
     assert [r["path"] for r in records] == args
     assert records[0]["error"] is None and records[3]["error"] is None
     for bad in records[1:3]:
@@ -96,12 +87,12 @@ def test_folder_glob_stdin_and_csv(bundle, tmp_path):
 
     pattern = str(tmp_path / "imgs" / "**" / "*.jpg")
     result = runner.invoke(app, ["predict", pattern, "--bundle", str(bundle), "--format", "jsonl"])
-    assert [r["path"] for r in _jsonl(result.stdout)] == [str(p) for p in paths]
+    assert [r["path"] for r in jsonl_records(result.stdout)] == [str(p) for p in paths]
 
     stdin = "\n".join(str(p) for p in paths) + "\n"
     result = runner.invoke(app, ["predict", "-", "--bundle", str(bundle), "--format", "jsonl"], input=stdin)
     assert result.exit_code == 0, result.output
-    assert [r["path"] for r in _jsonl(result.stdout)] == [str(p) for p in paths]
+    assert [r["path"] for r in jsonl_records(result.stdout)] == [str(p) for p in paths]
 
     result = runner.invoke(app, ["predict", str(tmp_path / "none_*.jpg"), "--bundle", str(bundle)])
     assert result.exit_code == 1
@@ -113,9 +104,9 @@ def test_image_bytes_on_stdin(bundle, tmp_path):
     by_path = runner.invoke(app, ["predict", str(image), "--bundle", str(bundle), "--format", "jsonl"])
     piped = runner.invoke(app, ["predict", "-", "--bundle", str(bundle), "--format", "jsonl"], input=image.read_bytes())
     assert piped.exit_code == 0, piped.output
-    (record,) = _jsonl(piped.stdout)
+    (record,) = jsonl_records(piped.stdout)
     assert record["path"] == "<stdin>"
-    assert record["p_roadwork"] == pytest.approx(_jsonl(by_path.stdout)[0]["p_roadwork"], abs=1e-6)
+    assert record["p_roadwork"] == pytest.approx(jsonl_records(by_path.stdout)[0]["p_roadwork"], abs=1e-6)
     broken = runner.invoke(app, ["predict", "-", "--bundle", str(bundle)], input=image.read_bytes()[:100])
     assert broken.exit_code == 1
 
@@ -125,7 +116,7 @@ def test_out_file_and_probability_only(bundle, tmp_path):
     out = tmp_path / "preds.jsonl"
     result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(bundle), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    records = _jsonl(out.read_text())
+    records = jsonl_records(out.read_text())
     assert len(records) == 2
     result = runner.invoke(app, ["predict", *map(str, paths), "--bundle", str(bundle), "--probability-only"])
     assert result.exit_code == 0

@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from cli_helpers import make_tiny_run, write_images
+from cli_helpers import export_tiny_bundle, jsonl_records, write_images
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
@@ -25,14 +25,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    run = make_tiny_run(tmp_path_factory.mktemp("run") / "run")
-    result = runner.invoke(app, ["export", "--run", str(run.root)])
-    assert result.exit_code == 0, result.output
-    return run.bundle
-
-
-def _jsonl(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return export_tiny_bundle(tmp_path_factory.mktemp("run"))
 
 
 class FakeRule:
@@ -90,7 +83,7 @@ def test_records_reach_the_out_file_before_the_next_input_is_computed(fake_model
     result = runner.invoke(app, ["predict", *inputs, "--bundle", "b.tar", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert seen == [0, 1, 2, 3, 4]  # record i-1 was on disk when input i was computed
-    assert [r["path"] for r in _jsonl(out.read_text())] == inputs
+    assert [r["path"] for r in jsonl_records(out.read_text())] == inputs
     assert not partial.exists()
 
 
@@ -124,7 +117,7 @@ def test_ctrl_c_on_stdout_keeps_the_lines_already_printed(fake_model):
     fake_model.stop_at = 2
     result = runner.invoke(app, ["predict", "a.jpg", "b.jpg", "c.jpg", "--bundle", "b.tar", "--format", "jsonl"])
     assert result.exit_code == 130
-    assert [r["path"] for r in _jsonl(result.stdout)] == ["a.jpg", "b.jpg"]
+    assert [r["path"] for r in jsonl_records(result.stdout)] == ["a.jpg", "b.jpg"]
     assert "2 records kept in stdout" in " ".join(result.output.split())
 
 
@@ -155,7 +148,7 @@ def test_band_rule_table_hides_the_gate_and_says_why(fake_model):
     # The jsonl contract keeps the gate key whatever the rule.
     fake_model.rule = FakeRule(rule="band")
     result = runner.invoke(app, ["predict", "a.jpg", "--bundle", "b.tar", "--format", "jsonl"])
-    assert _jsonl(result.stdout)[0]["gate"] == 0.75
+    assert jsonl_records(result.stdout)[0]["gate"] == 0.75
     assert "band rule: decided on p alone" in " ".join(result.output.split())  # said on stderr in every format
 
 
@@ -174,7 +167,7 @@ def test_skipped_non_image_files_are_counted_and_listed_with_debug(fake_model, t
     (folder / "data.parquet").write_bytes(b"PAR1")
     result = runner.invoke(app, ["predict", str(folder), "--bundle", "b.tar", "--format", "jsonl"])
     assert result.exit_code == 0, result.output
-    assert len(_jsonl(result.stdout)) == 2
+    assert len(jsonl_records(result.stdout)) == 2
     assert "skipped non-image files: 2" in " ".join(result.output.split())
     result = runner.invoke(app, ["predict", str(folder), "--bundle", "b.tar", "--format", "jsonl", "--debug"])
     assert str(folder / "notes.txt") in result.output.replace("\n", "")
@@ -192,7 +185,7 @@ def test_manifests_and_parquet_are_inputs(bundle, tmp_path):
     inputs = [str(tmp_path / name) for name in ("list.csv", "list.jsonl", "set.parquet")]
     result = runner.invoke(app, ["predict", *inputs, "--bundle", str(bundle), "--format", "jsonl"])
     assert result.exit_code == 0, result.output
-    records = _jsonl(result.stdout)
+    records = jsonl_records(result.stdout)
     parquet = str(tmp_path / "set.parquet")
     assert [r["path"] for r in records] == [
         str(tmp_path / "imgs" / "img_0.jpg"),

@@ -65,7 +65,13 @@ def test_training_with_a_crossfit_gate_fits_it_after_training_and_repeats_exactl
     run = make_cached_run(tmp_path / "run")
     settings = train_settings(run, epochs=3, gate_folds=3, cls_fit="sgd")  # the SGD cls: its own out-of-fold heads
     settings.model.head_gate = "crossfit"
-    train(run, settings)
+    selected: dict[int, dict[str, torch.Tensor]] = {}  # best.safetensors as each epoch that was selected wrote it
+
+    def keep_selected(epoch, _metrics):
+        if read_json(run.checkpoints / "best.json")["epoch"] == epoch:
+            selected[epoch] = load_file(run.checkpoints / "best.safetensors")
+
+    train(run, settings, on_epoch_end=keep_selected)
     info = read_json(run.checkpoints / "best.json")
     assert info["gate"] == "crossfit over 3 folds" and info["head"]["gate"] == "crossfit"
     first = run.checkpoints.joinpath("best.safetensors").read_bytes()
@@ -74,7 +80,8 @@ def test_training_with_a_crossfit_gate_fits_it_after_training_and_repeats_exactl
     # A re-run (as after SIGKILL once the epochs are done) refits the gate from the same seed: identical bytes.
     assert train(run, settings).resumed_from == 3
     assert run.checkpoints.joinpath("best.safetensors").read_bytes() == first
-    # The cls output is that of the selected epoch: the gate stage changed gate_out only.
-    last = torch.load(run.checkpoints / "last.pt", weights_only=True)
-    best = load_file(run.checkpoints / "best.safetensors")
-    assert set(best) == set(last["ema"]) or set(best) == set(last["model"])
+    # The head is that of the selected epoch: the gate stage changed gate_out only.
+    best, at_selection = load_file(run.checkpoints / "best.safetensors"), selected[info["epoch"]]
+    assert set(best) == set(at_selection)
+    assert all(torch.equal(best[k], at_selection[k]) for k in best if not k.startswith("gate_out."))
+    assert any(not torch.equal(best[k], at_selection[k]) for k in best if k.startswith("gate_out."))
