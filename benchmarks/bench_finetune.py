@@ -39,6 +39,13 @@ def _settings(base: Any, run: Path, overrides: dict[str, Any]) -> Any:
     return load_settings(None, layered, environ={})
 
 
+def _seconds_per_epoch(epoch_ends: list[float]) -> float | None:
+    """Mean time between consecutive epoch ends: one epoch's training and val_select scoring, the same way for both
+    modes (set-up, the first epoch's warm-up and the final scoring of every split left out); None under 2 epochs run."""
+    steps = [b - a for a, b in zip(epoch_ends, epoch_ends[1:], strict=False)]
+    return sum(steps) / len(steps) if steps else None
+
+
 def _calibrate_and_evaluate(run: RunDir, settings: Any) -> dict[str, Any]:
     from roadwork_cli.calibration.api import calibrate_run
     from roadwork_cli.reporting.evaluate import evaluate_run
@@ -96,11 +103,14 @@ def main() -> None:
     started = time.perf_counter()
     cache_features(cached, cached_settings, progress=True)
     results["cache_features_s"] = time.perf_counter() - started
-    summary = train(cached, cached_settings, progress=True)
+    cached_ends: list[float] = []
+    summary = train(
+        cached, cached_settings, progress=True, on_epoch_end=lambda e, m: cached_ends.append(time.perf_counter())
+    )
     results["train_cached"] = {
         "epochs": cached_settings.train.epochs,
         "n_train": summary.n_train,
-        "seconds_per_epoch": summary.seconds / max(summary.epochs_run, 1),
+        "seconds_per_epoch": _seconds_per_epoch(cached_ends),
         "seconds_per_epoch_with_cache": (summary.seconds + results["cache_features_s"]) / cached_settings.train.epochs,
         **_calibrate_and_evaluate(cached, cached_settings),
     }
@@ -123,16 +133,12 @@ def main() -> None:
         },
     }
     live_settings = _settings(base, args.root / "live", deep_merge(common, live_overrides))
-    epoch_ends: list[float] = []
-    started = time.perf_counter()
-    summary = train(
-        live, live_settings, progress=True, on_epoch_end=lambda e, m: epoch_ends.append(time.perf_counter())
-    )
-    steps = [b - a for a, b in zip([started, *epoch_ends], epoch_ends, strict=False)]
+    live_ends: list[float] = []
+    summary = train(live, live_settings, progress=True, on_epoch_end=lambda e, m: live_ends.append(time.perf_counter()))
     results["train"] = {
         "epochs": args.epochs,
         "n_train": summary.n_train,
-        "seconds_per_epoch": sum(steps) / max(len(steps), 1),
+        "seconds_per_epoch": _seconds_per_epoch(live_ends),
         "seconds_total": summary.seconds,
         "adapters": f"dora rank {args.rank} on conv_pw/conv_pwl/conv_head",
         **_calibrate_and_evaluate(live, live_settings),
