@@ -226,11 +226,12 @@ def _warm_start(run: RunDir, settings: Settings, base_fingerprint: str, feature_
         info = read_json(best_json)
         fingerprint = str(info.get("fingerprint", "")).split("-")[0]
         head = info.get("head") or {}
-        same_head = (head.get("in_dim"), head.get("hidden"), bool(head.get("standardize", False))) == (
-            feature_dim,
-            settings.model.head_hidden,
-            settings.model.head_standardize,
-        )
+        same_head = (
+            head.get("in_dim"),
+            head.get("hidden"),
+            bool(head.get("standardize", False)),
+            head.get("gate", "shared"),
+        ) == (feature_dim, settings.model.head_hidden, settings.model.head_standardize, settings.model.head_gate)
         if info.get("mode", "train_cached") != "train" and fingerprint == base_fingerprint and same_head:
             data = (run.checkpoints / "best.safetensors").read_bytes()
             if not kept.exists() or kept.read_bytes() != data:
@@ -458,8 +459,8 @@ def _write_live_best(run: RunDir, setup: _Setup, model: LiveModel, info: dict[st
     _write_best(run, model.head, info)
 
 
-def _best_model(run: RunDir, setup: _Setup) -> LiveModel:
-    """The selected model rebuilt from disk the way ``Stage1Model.from_run`` rebuilds it."""
+def _best_model(run: RunDir, setup: _Setup) -> tuple[LiveModel, dict[str, Any]]:
+    """The selected model rebuilt from disk the way ``Stage1Model.from_run`` rebuilds it, and its ``best.json``."""
     head, info = load_best_head(run)
     if setup.adapting:
         spec = info["backbone"]["spec"]
@@ -469,7 +470,7 @@ def _best_model(run: RunDir, setup: _Setup) -> LiveModel:
     model = LiveModel(backbone, head).to(setup.device)
     if setup.channels_last:
         model.backbone = model.backbone.to(memory_format=torch.channels_last)
-    return model.eval()
+    return model.eval(), info
 
 
 def _signature(settings: Settings, setup: _Setup, table: SplitTable, warm: Path | None) -> str:
@@ -579,7 +580,7 @@ def train_live(
                 on_epoch_end(epoch + 1, metrics)
 
         dist.barrier()  # rank 0's best.* is on disk
-        best_model = _best_model(run, setup)
+        best_model, written = _best_model(run, setup)
         scores = {}
         run.scores.mkdir(parents=True, exist_ok=True)
         for split in SCORE_SPLITS:
@@ -588,7 +589,6 @@ def train_live(
             _write_scores(scores[split], kept, labels, output)
         if dist.is_main:
             provenance.record(run, "train", [run.splits])
-        written = read_json(run.checkpoints / "best.json")
         notes = val_select_notes(images.labels(val_ids))
         if images.failed:
             sample = "; ".join(f"{i[:12]}: {reason}" for i, reason in list(images.failed.items())[:3])

@@ -5,6 +5,7 @@ Everything here is a thin configuration of torch / timm building blocks, so thei
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,19 +32,29 @@ def create_optimizer(model: nn.Module, train_settings: Any) -> torch.optim.AdamW
         return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), foreach=True)
 
 
+FINAL_LR_FACTOR = 0.01
+"""The cosine ends at this fraction of each parameter group's own peak learning rate."""
+
+
 def create_scheduler(
     optimizer: torch.optim.Optimizer, train_settings: Any, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``warmup_epochs`` then cosine decay to 1 % of the peak, stepped once per batch."""
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to 1 % of the peak, stepped once per batch.
+
+    One factor scales every group from its own peak, so per-group rates (``head_lr``, ``adapter_lr``, layer decay)
+    keep their ratios to the end; an absolute floor (CosineAnnealingLR's ``eta_min``) would lift the small ones.
+    """
     total = max(1, train_settings.epochs * steps_per_epoch)
     warmup = min(int(round(train_settings.warmup_epochs * steps_per_epoch)), total - 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total - warmup), eta_min=train_settings.lr * 0.01
-    )
-    if warmup <= 0:
-        return cosine
-    linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+    decay_steps = max(1, total - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(step - warmup, decay_steps) / decay_steps
+        return FINAL_LR_FACTOR + (1 - FINAL_LR_FACTOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def create_ema(model: nn.Module, decay: float) -> nn.Module | None:

@@ -350,15 +350,20 @@ def _signature(settings: Settings, fingerprint: str, data: _Data, table: SplitTa
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
         "python": random.getstate(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on the GPU draws from its generator
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
     keys = state["numpy"]["keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy"]["pos"], 0, 0.0))
     version, internal, gauss = state["python"]
@@ -736,8 +741,10 @@ def _train(
         # metric and val_select are those of the selected epoch, before the refit saw val_select
         info = best_info(dict(head_info, refit=True), best, ts.select_metric, ema is not None)
         _write_best(run, (refit.ema.module if refit.ema is not None else refit.head).eval(), info)
-    if head.gate == "crossfit" and best["epoch"] > 0:
-        # Deterministic from the seed like the refit, so a re-run after SIGKILL ends with the same gate.
+    if head.gate == "crossfit" and best["epoch"] > 0 and ts.cls_fit == "sgd":
+        # The SGD cls's gate: on the out-of-fold logits of heads trained like it (logistic_cv fits the gate on the
+        # logistic regression's own out-of-fold logits below). Deterministic from the seed like the refit, so a
+        # re-run after SIGKILL ends with the same gate.
         gate_data = _with_val_select(data) if ts.refit and data.split_ids["val_select"] else data
         rows, oof = _out_of_fold_logits(settings, gate_data, cached.feature_dim, device, int(best["epoch"]))
         best_head, info = read_best_before_replacing(run, fit.dist)

@@ -90,7 +90,7 @@ def test_a_few_steps_lower_the_training_loss(tmp_path, image_table, method, opti
     summary = train(run, settings)
     images = finetune._Images(read_split_table(run), {})
     setup = finetune._setup(settings, torch.device("cpu"), len(images.ids("train")), None)
-    after = training_loss(run, settings, finetune._best_model(run, setup))
+    after = training_loss(run, settings, finetune._best_model(run, setup)[0])
     assert after < 0.9 * before, (before, after)
 
     assert summary.mode == "train" and summary.n_failed == 1 and "could not be read" in summary.notes[-1]
@@ -204,6 +204,12 @@ def test_warm_start_from_a_train_cached_head_on_the_same_backbone(tmp_path, imag
     (other.checkpoints / "best.safetensors").write_bytes(cached_bytes)
     (other.checkpoints / "best.json").write_text(json.dumps(dict(cached_info, fingerprint="0123456789abcdef")))
     assert finetune._warm_start(other, live_settings(other), backbone.fingerprint, backbone.feature_dim) is None
+    # A head of another gate kind has other weights (gate_out): no warm start rather than a failed load.
+    third = make_run(tmp_path / "third", image_table)
+    third.checkpoints.mkdir(parents=True)
+    (third.checkpoints / "best.safetensors").write_bytes(cached_bytes)
+    (third.checkpoints / "best.json").write_text(json.dumps(dict(cached_info, head=dict(head.config, gate="crossfit"))))
+    assert finetune._warm_start(third, live_settings(third), backbone.fingerprint, backbone.feature_dim) is None
 
 
 def test_fp16_with_sharpness_aware_optimisers_is_a_settings_error(tmp_path, image_table):

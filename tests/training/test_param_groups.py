@@ -85,3 +85,24 @@ def test_finetune_optimizer_steps_and_wraps_fsam():
     optimizer.step(closure)
     after = [p.detach() for g in optimizer.param_groups for p in g["params"]]
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_schedule_keeps_each_group_at_its_own_share_of_the_peak():
+    """Warm-up, then cosine down to 1 % of each group's own rate: layer decay holds to the last step."""
+    from roadwork_cli.training.optim import create_scheduler
+
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    peaks = [1e-3, 1e-3 * 0.65**13, 5e-3]  # e.g. the base rate, a deep layer under layer decay, a head rate
+    optimizer = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(params, peaks, strict=True)])
+    scheduler = create_scheduler(optimizer, TrainSettings(epochs=4, warmup_epochs=1.0, lr=1e-3), steps_per_epoch=5)
+    rates = []
+    for _ in range(20):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    rates.append([group["lr"] for group in optimizer.param_groups])
+    for k, peak in enumerate(peaks):
+        assert rates[0][k] == pytest.approx(peak / 6)  # warm-up over 5 steps starts at 1/6
+        assert max(r[k] for r in rates) == pytest.approx(peak)
+        assert rates[-1][k] == pytest.approx(0.01 * peak)
+    assert all(r[1] / r[0] == pytest.approx(peaks[1] / peaks[0]) for r in rates)
