@@ -296,8 +296,8 @@ class TrainSettings(_Section):
     seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
     optimizer: Literal["adamw", "sam", "fsam"] = Field(
         "adamw",
-        description="adamw; sam (sharpness-aware: AdamW step at the worst point within radius sam_rho); fsam (Friendly "
-        "SAM: the ascent direction drops the gradient's running-mean component).",
+        description="train mode: adamw; sam (sharpness-aware: AdamW step at the worst point within radius sam_rho); "
+        "fsam (Friendly SAM: the ascent direction drops the gradient's running-mean component).",
     )
     sam_rho: float = Field(0.05, gt=0, description="SAM / F-SAM: radius rho of the weight perturbation.")
     fsam_sigma: float = Field(
@@ -308,21 +308,29 @@ class TrainSettings(_Section):
         None,
         gt=0,
         le=1,
-        description="Layer-wise LR decay of the backbone's trainable parameters: a layer k groups below the top gets "
-        "lr * layer_decay**k; None or 1.0 = off.",
+        description="train mode: layer-wise LR decay of the backbone's trainable parameters: a layer k groups below "
+        "the top gets lr * layer_decay**k; None or 1.0 = off.",
     )
-    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of the head; None = train.lr.")
+    head_lr: float | None = Field(
+        None, gt=0, description="train mode: peak learning rate of the head; None = train.lr."
+    )
     adapter_lr: float | None = Field(
-        None, gt=0, description="Peak learning rate of the backbone adapters (before layer decay); None = train.lr."
+        None,
+        gt=0,
+        description="train mode: peak learning rate of the backbone adapters (before layer decay); None = train.lr.",
     )
-    accumulate: int = Field(1, ge=1, description="Batches whose gradients are summed before one optimiser step.")
+    accumulate: int = Field(
+        1, ge=1, description="train mode: batches whose gradients are summed before one optimiser step."
+    )
     warm_start: bool = Field(
         True,
         description="train mode: start the head from the run's finished train_cached head when it was trained on "
         "the same backbone (same fingerprint); False starts from a fresh head.",
     )
     grad_clip: float | None = Field(
-        None, gt=0, description="Clip the global gradient norm of the trainable parameters to this; None = off."
+        None,
+        gt=0,
+        description="train mode: clip the global gradient norm of the trainable parameters to this; None = off.",
     )
 
 

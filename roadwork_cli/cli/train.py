@@ -66,5 +66,7 @@ def command(
     table.add_row("time", f"{summary.seconds:.1f} s")
     table.add_row("processes", dist.describe())
     console.print(table)
+    for note in summary.notes:  # why a metric is undefined, images left out, settings this mode does not use
+        console.print(f"[yellow]note:[/] {note}")
     if json_output:
         print_json(summary)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from roadwork_cli.config import Settings
+from roadwork_cli.config import Settings, TrainSettings
 from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import CURRENT_FILE, CachedFeatures, SplitTable, load_cached, read_split_table
 from roadwork_cli.io import provenance
@@ -111,6 +111,10 @@ class TrainSummary:
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
+
+
+LIVE_ONLY = ("optimizer", "accumulate", "head_lr", "adapter_lr", "layer_decay", "grad_clip")
+"""Settings of the live fine-tuning loop (``--mode train``) that the cached modes do not use; set, they get a note."""
 
 
 def evaluate_head(output: HeadOutput, labels: torch.Tensor) -> dict[str, float]:
@@ -771,6 +775,9 @@ def _train(
     if fit.dist.is_main:
         provenance.record(run, "train", [run.splits, run.features / CURRENT_FILE])
     notes = val_select_notes(data.split_labels["val_select"])
+    ignored = [f"train.{name}" for name in LIVE_ONLY if getattr(ts, name) != TrainSettings.model_fields[name].default]
+    if ignored:
+        notes.append(f"{', '.join(ignored)} apply to --mode train only; {mode} fits the head with AdamW at train.lr.")
     if "cls_fit" in written:
         cls_fit = written["cls_fit"]
         notes.append(

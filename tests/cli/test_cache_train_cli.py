@@ -63,6 +63,7 @@ def test_cache_features_then_train_cached(tmp_path):
     result = runner.invoke(app, ["train", "--run", str(run), "--mode", "train_cached", "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert "best epoch" in result.output
+    assert "note: 1 split image(s) failed to decode at cache-features time" in " ".join(result.output.split())
     for name in ("best.safetensors", "best.json", "last.pt"):
         assert (run / "checkpoints" / name).exists()
     with open(run / "metrics.csv", newline="") as handle:

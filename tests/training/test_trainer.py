@@ -302,3 +302,11 @@ def test_without_val_select_the_last_epoch_is_kept(tmp_path):
     assert sum("val_select is empty" in note for note in summary.notes) == 1
     assert read_json(run.checkpoints / "best.json")["metric"] is None
     assert len(_rows(run.scores / "val_select.csv")) == 0 and len(_rows(run.scores / "test.csv")) == 20
+
+
+def test_live_loop_settings_in_a_cached_mode_are_named_not_silently_ignored(cached_run):
+    plain = trainer.train(cached_run, train_settings(cached_run, epochs=1))
+    assert not any("--mode train only" in note for note in plain.notes)
+    settings = train_settings(cached_run, epochs=1, optimizer="fsam", grad_clip=1.0)
+    notes = [note for note in trainer.train(cached_run, settings).notes if "--mode train only" in note]
+    assert len(notes) == 1 and "train.optimizer, train.grad_clip" in notes[0]
