@@ -649,9 +649,7 @@ def _warn_override(what: str, recorded: Any, used: Any) -> None:
 
 def cached_recipe(run: RunDir) -> dict[str, Any] | None:
     """The recipe recorded in the run's current feature cache (``features/current.json`` -> ``meta.json``)."""
-    from roadwork_cli.features.cache import CURRENT_FILE  # the torch path only: the cache module imports torch
-
-    current = run.features / CURRENT_FILE
+    current = run.features / "current.json"  # features.cache.CURRENT_FILE; stage1 stays off the cache's layer
     if not current.exists():
         return None
     meta = run.features / str(read_json(current).get("fingerprint", "")) / "meta.json"
