@@ -126,7 +126,7 @@ def images_per_second(
 
     The model is converted to the layout here (and back by the next call), so one backbone serves every row.
     """
-    from roadwork_cli.model.device import autocast
+    from roadwork_cli.runtime.device import autocast
 
     size = backbone.preprocessing.size
     layout = torch.channels_last if channels_last else torch.contiguous_format

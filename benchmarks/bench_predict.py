@@ -88,7 +88,7 @@ def bare_forward(model, batch_size: int, batches: int) -> float:
     import torch
 
     from roadwork_cli.data.decode import to_model_input
-    from roadwork_cli.model.device import autocast
+    from roadwork_cli.runtime.device import autocast
 
     size = model.preprocessing.size
     pixels = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8)

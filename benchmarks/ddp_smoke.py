@@ -33,7 +33,7 @@ import torch
 
 from roadwork_cli.config import load_settings
 from roadwork_cli.model.head import SelectiveHead
-from roadwork_cli.training.distributed import distributed_from_env
+from roadwork_cli.runtime.distributed import distributed_from_env
 from roadwork_cli.training.losses import ConformalTarget, selective_loss
 
 

@@ -312,7 +312,7 @@ class Stage1Model(ScoringModel):
     ):
         import torch
 
-        from roadwork_cli.model.device import compute_dtype, resolve_device
+        from roadwork_cli.runtime.device import compute_dtype, resolve_device
 
         super().__init__(rule, info, backbone.preprocessing, jpeg_draft, max_pixels, max_file_bytes)
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -329,7 +329,7 @@ class Stage1Model(ScoringModel):
 
     @property
     def precision(self) -> str:
-        from roadwork_cli.model.device import precision_tag
+        from roadwork_cli.runtime.device import precision_tag
 
         return precision_tag(self.compute_dtype)
 
@@ -459,7 +459,7 @@ class Stage1Model(ScoringModel):
         import torch
 
         from roadwork_cli.data.decode import to_model_input
-        from roadwork_cli.model.device import autocast
+        from roadwork_cli.runtime.device import autocast
 
         batch = to_model_input(pixels, self.preprocessing, self.device, self.channels_last)  # (B, 3, H, W)
         with torch.inference_mode(), autocast(self.device, self.compute_dtype):
@@ -513,7 +513,7 @@ class OnnxStage1Model(ScoringModel):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ):
-        from roadwork_cli.model.preprocessing import Preprocessing
+        from roadwork_cli.data.preprocessing import Preprocessing
 
         recipe = info.get("recipe") if isinstance(info.get("recipe"), dict) else {}
         prep = recipe.get("preprocessing") or info.get("preprocessing")

@@ -49,7 +49,7 @@ def command(
     )
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.training.distributed import distributed_from_env
+    from roadwork_cli.runtime.distributed import distributed_from_env
 
     dist = distributed_from_env(settings.runtime.device)  # a torchrun job, or one process
     if dist.enabled and dist.is_main:

@@ -44,7 +44,7 @@ def command(
         },
     )
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.training.distributed import distributed_from_env
+    from roadwork_cli.runtime.distributed import distributed_from_env
     from roadwork_cli.training.trainer import train
 
     dist = distributed_from_env(settings.runtime.device)  # a torchrun job (DDP), or one process

@@ -44,7 +44,7 @@ from roadwork_cli.data.pixels import (
 )
 
 if TYPE_CHECKING:
-    from roadwork_cli.model.preprocessing import Preprocessing
+    from roadwork_cli.data.preprocessing import Preprocessing
 
 __all__ = [
     "DecodeRecipe",

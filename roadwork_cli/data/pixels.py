@@ -34,7 +34,7 @@ from roadwork_cli.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 if TYPE_CHECKING:
     from PIL import Image
 
-    from roadwork_cli.model.preprocessing import Preprocessing
+    from roadwork_cli.data.preprocessing import Preprocessing
 
 __all__ = [
     "DecodeRecipe",

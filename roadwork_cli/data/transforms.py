@@ -19,7 +19,7 @@ Every augmentation is called as ``augmentation(image, seed)``; the same seed giv
 process, worker or batch, and :func:`augment_seed` derives the seed of one (image id, view, epoch).
 
 Example:
-    >>> from roadwork_cli.model.backbones import Preprocessing
+    >>> from roadwork_cli.data.preprocessing import Preprocessing
     >>> transform = eval_transform(Preprocessing(size=224))
     >>> natix = create_augmentation("natix", Preprocessing(size=224), levels=(0.1, 0.3, 0.3, 0.3))
     >>> # x = natix(image, seed=augment_seed(image_id, view=1, epoch=3))  # (3, 224, 224)
@@ -44,7 +44,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 if TYPE_CHECKING:
-    from roadwork_cli.model.backbones import Preprocessing
+    from roadwork_cli.data.preprocessing import Preprocessing
 
 __all__ = [
     "Augmentation",

@@ -48,7 +48,7 @@ from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
 from roadwork_cli.io.run import RunDir
 
 if TYPE_CHECKING:  # the caller passes the torchrun context in; this layer never imports training
-    from roadwork_cli.training.distributed import Distributed
+    from roadwork_cli.runtime.distributed import Distributed
 
 __all__ = [
     "CacheSummary",
@@ -381,7 +381,7 @@ def cache_features(
         backbone: A ready :class:`~roadwork_cli.model.backbones.Backbone` (default: built from ``settings.model``).
         on_shard: Called with the shard number after each shard is safely on disk (tests simulate crashes here);
             under torchrun after each of this rank's parts of a shard.
-        dist: The torchrun job (:func:`~roadwork_cli.training.distributed.distributed_from_env`); None or one
+        dist: The torchrun job (:func:`~roadwork_cli.runtime.distributed.distributed_from_env`); None or one
             process computes everything here. With W ranks, rank r computes batches r, r+W, ... of the one-process
             plan and writes them as parts; rank 0 merges the parts, shard by shard, into the layout that one process
             writes (same shards, index and bytes). The run directory must be shared by all ranks.
@@ -392,7 +392,7 @@ def cache_features(
     from roadwork_cli.io.progress import progress_bar
     from roadwork_cli.io.provenance import record
     from roadwork_cli.model.backbones import create_backbone
-    from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
+    from roadwork_cli.runtime.device import autocast, compute_dtype, precision_tag, resolve_device
 
     started = time.perf_counter()
     table = read_split_table(run)

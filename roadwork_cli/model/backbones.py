@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from roadwork_cli.errors import UsageError
-from roadwork_cli.model.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from roadwork_cli.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 __all__ = [
     "Backbone",

@@ -10,7 +10,7 @@ What is particular to live images:
 * Every epoch decodes the training images through :mod:`roadwork_cli.data.decode` (DataLoader workers =
   ``features.workers``) with one ``data.augment`` draw per image seeded by ``(image id, epoch)``, in a permutation
   seeded by ``(train.seed, epoch)``: an epoch is the same whatever the workers, so a resumed run repeats exactly.
-* Under torchrun (:mod:`roadwork_cli.training.distributed`) each rank decodes and runs its part of every global
+* Under torchrun (:mod:`roadwork_cli.runtime.distributed`) each rank decodes and runs its part of every global
   batch through the DDP-wrapped model; the head outputs and labels of all ranks are gathered, so every rank computes
   the single-process loss of the whole batch and DDP's gradient average is its gradient. One process and N processes
   take the same steps (up to float summation order); rank 0 writes the artifacts, and scoring is shared the same way.
@@ -52,10 +52,10 @@ from roadwork_cli.io import provenance
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.model.backbones import Backbone, create_backbone
-from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
+from roadwork_cli.runtime.device import autocast, compute_dtype, precision_tag, resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 from roadwork_cli.model.peft import apply_adapters, merge_adapters, resolve_target_modules
-from roadwork_cli.training.distributed import Distributed, distributed_from_env, main_process_only
+from roadwork_cli.runtime.distributed import Distributed, distributed_from_env, main_process_only
 from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
 from roadwork_cli.training.optim import create_ema, create_scheduler
 from roadwork_cli.training.param_groups import create_finetune_optimizer

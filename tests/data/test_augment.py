@@ -34,7 +34,7 @@ from roadwork_cli.data.transforms import (
     normalize_batch,
     sample_natix_params,
 )
-from roadwork_cli.model.backbones import Preprocessing
+from roadwork_cli.data.preprocessing import Preprocessing
 
 PRE = Preprocessing(size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear", crop_pct=0.875)
 DRAWS = 4000

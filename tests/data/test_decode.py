@@ -20,7 +20,7 @@ from roadwork_cli.data.decode import (
     to_model_input,
 )
 from roadwork_cli.data.images import decode_image
-from roadwork_cli.model.backbones import Preprocessing
+from roadwork_cli.data.preprocessing import Preprocessing
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:

@@ -24,7 +24,7 @@ from roadwork_cli.cli.app import app
 from roadwork_cli.config import load_settings
 from roadwork_cli.features.cache import cache_features, load_cached
 from roadwork_cli.io.run import RunDir
-from roadwork_cli.training.distributed import SINGLE_PROCESS, Distributed, distributed_from_env, rank_slice
+from roadwork_cli.runtime.distributed import SINGLE_PROCESS, Distributed, distributed_from_env, rank_slice
 
 ROADWORK = Path(sys.executable).with_name("roadwork")
 
@@ -251,7 +251,7 @@ def _join_as(rank: int, world_size: int, port: int) -> Distributed:
 
 def _leave_together() -> None:
     """End a spawned rank the way a torchrun process ends: multiprocessing children skip atexit handlers."""
-    from roadwork_cli.training.distributed import leave
+    from roadwork_cli.runtime.distributed import leave
 
     leave()
 

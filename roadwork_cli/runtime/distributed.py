@@ -348,7 +348,7 @@ def distributed_from_env(device: str = "auto") -> Distributed:
             "`torchrun --nproc_per_node=2 --no-python -- roadwork cache-features --run DIR` (the `--` keeps "
             "torchrun's parser off roadwork's flags), or unset WORLD_SIZE for one process."
         )
-    from roadwork_cli.model.device import resolve_device
+    from roadwork_cli.runtime.device import resolve_device
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = resolve_device(device).type == "cuda"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from roadwork_cli.model.device import autocast, compute_dtype, precision_tag, resolve_device
+from roadwork_cli.runtime.device import autocast, compute_dtype, precision_tag, resolve_device
 
 
 def test_auto_is_fp32_on_cpu_and_explicit_precisions_are_honoured():
