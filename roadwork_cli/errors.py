@@ -34,3 +34,9 @@ class BundleError(RoadworkError):
     """A bundle failed verification (exit 2: the input is bad)."""
 
     exit_code = 2
+
+
+class UnknownNameError(UsageError):
+    """A name that no registry entry has (exit 2); the message lists the choices and the closest match."""
+
+    exit_code = 2

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "config": 0,
     "errors": 0,
     "version": 0,
+    "registry": 0,
 }
 
 SAME_LAYER_EDGES: set[tuple[str, str]] = {
@@ -60,6 +61,7 @@ SAME_LAYER_EDGES: set[tuple[str, str]] = {
     ("io", "errors"),
     ("io", "version"),
     ("config", "errors"),
+    ("registry", "errors"),
 }
 
 

@@ -17,9 +17,9 @@ from cli.cli_helpers import make_tiny_run
 from PIL import Image
 
 from roadwork_cli.data.pixels import DecodeRecipe, eval_pixels, iter_pixel_batches, normalize_pixels
+from roadwork_cli.data.preprocessing import Preprocessing
 from roadwork_cli.data.transforms import eval_transform, normalize_batch
 from roadwork_cli.errors import BundleError, RoadworkError, UsageError
-from roadwork_cli.data.preprocessing import Preprocessing
 
 pytest.importorskip("onnxruntime")
 

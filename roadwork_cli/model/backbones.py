@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from roadwork_cli.errors import UsageError
 from roadwork_cli.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from roadwork_cli.errors import UsageError
 
 __all__ = [
     "Backbone",

@@ -1,1 +1,1 @@
-"""Where the code runs: the compute device and precision (``device``) and the torchrun process group (``distributed``)."""
+"""Where the code runs: compute device and precision (``device``), the torchrun process group (``distributed``)."""

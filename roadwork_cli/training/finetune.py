@@ -52,9 +52,9 @@ from roadwork_cli.io import provenance
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.model.backbones import Backbone, create_backbone
-from roadwork_cli.runtime.device import autocast, compute_dtype, precision_tag, resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 from roadwork_cli.model.peft import apply_adapters, merge_adapters, resolve_target_modules
+from roadwork_cli.runtime.device import autocast, compute_dtype, precision_tag, resolve_device
 from roadwork_cli.runtime.distributed import Distributed, distributed_from_env, main_process_only
 from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
 from roadwork_cli.training.optim import create_ema, create_scheduler

@@ -42,8 +42,8 @@ from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics.classification import accuracy, auroc, mcc
 from roadwork_cli.metrics.selective import aurc
-from roadwork_cli.runtime.device import resolve_device
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
+from roadwork_cli.runtime.device import resolve_device
 from roadwork_cli.runtime.distributed import SINGLE_PROCESS, Distributed, distributed_from_env, main_process_only
 from roadwork_cli.training.logistic import fit_logistic_cv
 from roadwork_cli.training.losses import LOSS_PARTS, ConformalTarget, selective_loss

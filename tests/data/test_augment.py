@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import stats
 
 from roadwork_cli.config import DataSettings
+from roadwork_cli.data.preprocessing import Preprocessing
 from roadwork_cli.data.transforms import (
     CHALLENGE_JPEG_QUALITY,
     NATIX_BLUR_SIGMA,
@@ -34,7 +35,6 @@ from roadwork_cli.data.transforms import (
     normalize_batch,
     sample_natix_params,
 )
-from roadwork_cli.data.preprocessing import Preprocessing
 
 PRE = Preprocessing(size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear", crop_pct=0.875)
 DRAWS = 4000

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from roadwork_cli.data.transforms import eval_transform, normalize_batch, train_transform
 from roadwork_cli.data.preprocessing import Preprocessing
+from roadwork_cli.data.transforms import eval_transform, normalize_batch, train_transform
 
 PRE = Preprocessing(size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear", crop_pct=0.8)
 
