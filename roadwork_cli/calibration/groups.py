@@ -114,7 +114,8 @@ def risk_pvalues(misses, exited_positives, positive_groups, largest: int, alpha:
         largest: c, frames in the largest group.
         alpha: FNR target.
     """
-    k, m, g_pos = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (misses, exited_positives, positive_groups)))
+    arrays = (np.asarray(a, dtype=float) for a in (misses, exited_positives, positive_groups))
+    k, m, g_pos = np.broadcast_arrays(*arrays)
     total = (k - alpha * m) / largest + alpha * g_pos
     return hoeffding_bentkus_pvalue(total, g_pos, alpha)
 
