@@ -86,16 +86,32 @@ class LiveModel(nn.Module):
     """Backbone (possibly with adapters) + selective head: ``(B, 3, H, W)`` normalised images -> HeadOutput.
 
     A backbone without trainable parameters (``model.peft.method: none``) runs without a graph: nothing to keep.
+
+    With adapters, a training forward keeps what backward needs of every layer of every image: about 80-120 MB per
+    224-pixel image for efficientnet_lite0, and the optimiser batch (``train.batch_size``, 256 by default) is the whole
+    training set of a small run. So the backbone runs in checkpointed chunks of ``chunk`` images: only each chunk's
+    input is kept, and backward recomputes one chunk's activations at a time (with the same dropout draws). The
+    gradient is the whole batch's, as the selective loss (a batch statistic) needs; memory no longer grows with the
+    batch, at the price of a second backbone forward per chunk.
     """
 
-    def __init__(self, backbone: Backbone, head: SelectiveHead):
+    def __init__(self, backbone: Backbone, head: SelectiveHead, chunk: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.adapting = any(p.requires_grad for p in backbone.parameters())  # adapters are in place by now
+        self.chunk = chunk
 
     def forward(self, images: torch.Tensor) -> HeadOutput:
-        with contextlib.nullcontext() if self.adapting else torch.no_grad():
+        if not self.adapting:
+            with torch.no_grad():
+                features = self.backbone(images).float()  # (B, D)
+        elif torch.is_grad_enabled() and self.chunk is not None and images.shape[0] > self.chunk:
+            from torch.utils.checkpoint import checkpoint
+
+            parts = [checkpoint(self.backbone, part, use_reentrant=False) for part in images.split(self.chunk)]
+            features = torch.cat(parts).float()  # (B, D)
+        else:
             features = self.backbone(images).float()  # (B, D)
         return self.head(features)  # 3 x (B,)
 
@@ -183,7 +199,9 @@ def _setup(
     if warm_head is not None:
         # A train.cls_fit=logistic_cv head's cls_linear fits the frozen features only; the trunk's cls output trains on.
         head.load_state_dict({k: v for k, v in load_file(str(warm_head)).items() if not k.startswith("cls_linear.")})
-    model = LiveModel(backbone, head).to(device)
+    # The images whose activations a training forward holds at once: the forward batch of scoring and the cache.
+    chunk = resolve_batch_size(settings.features.batch_size, device.type, gpu=64)
+    model = LiveModel(backbone, head, chunk).to(device)
     if settings.features.channels_last:
         model.backbone = model.backbone.to(memory_format=torch.channels_last)
     accumulate = ts.accumulate
