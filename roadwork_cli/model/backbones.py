@@ -37,12 +37,13 @@ __all__ = [
     "list_backbones",
     "load_state_dict_file",
     "register_backbone",
+    "state_dict_sha256",
 ]
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def _state_dict_sha256(module: nn.Module) -> str:
+def state_dict_sha256(module: nn.Module) -> str:
     """Hash of every parameter and buffer (name, dtype, shape, bytes): identifies the weights actually in use."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -96,7 +97,7 @@ class Backbone(nn.Module):
         self.frozen = True
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.weights_sha256 = _state_dict_sha256(self.model)
+        self.weights_sha256 = state_dict_sha256(self.model)
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.preprocessing.size, self.preprocessing.size)
             self.feature_dim = int(self.forward(probe).shape[-1])

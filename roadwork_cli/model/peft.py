@@ -445,9 +445,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     if network is not model:
-        from roadwork_cli.model.backbones import _state_dict_sha256
+        from roadwork_cli.model.backbones import state_dict_sha256
 
         model.frozen = True
         model.eval()
-        model.weights_sha256 = _state_dict_sha256(network)
+        model.weights_sha256 = state_dict_sha256(network)
     return model
