@@ -75,7 +75,7 @@ def main() -> None:
 
     from roadwork_cli.data.splits import build_splits
     from roadwork_cli.features.cache import cache_features
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     fractions = [float(f) for f in args.fractions.split(",")]
     base = demo_settings(None, per_class=args.per_class, run=args.root / "cached", device="cpu", threads=args.threads)

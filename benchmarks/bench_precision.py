@@ -44,7 +44,7 @@ def build_run(work: Path, per_class: int, progress: bool = False) -> tuple[objec
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.pipeline import demo_settings
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     work.mkdir(parents=True, exist_ok=True)
     overrides = work / "overrides.yaml"

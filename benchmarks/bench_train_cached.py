@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from roadwork_cli.config import load_settings
-from roadwork_cli.features.cache import CURRENT_FILE, write_feature_cache
-from roadwork_cli.io.atomic import atomic_write_json
+from roadwork_cli.features.cache import write_feature_cache
+from roadwork_cli.io.records import CurrentFeatures, write_current
 from roadwork_cli.io.run import RunDir
-from roadwork_cli.training.trainer import train
+from roadwork_cli.training.api import train
 
 
 def write_random_cache(root: Path, n_train: int, n_eval: int, dim: int, seed: int = 0) -> RunDir:
@@ -48,7 +48,7 @@ def write_random_cache(root: Path, n_train: int, n_eval: int, dim: int, seed: in
     fingerprint = "bench0000000000"
     meta = {"fingerprint": fingerprint, "backbone": {"name": "efficientnet_lite0"}, "feature_dim": dim, "views": 0}
     write_feature_cache(run.features / fingerprint, meta, [(i, 0) for i in ids], features, shard_size=4096)
-    atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": "efficientnet_lite0"})
+    write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone="efficientnet_lite0"))
     return run
 
 

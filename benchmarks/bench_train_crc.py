@@ -68,7 +68,7 @@ def run_variant(work: Path, seed: int, name: str, rules: list[str]) -> list[dict
     from roadwork_cli.errors import InfeasibleError
     from roadwork_cli.pipeline import DEMO_DEFAULTS
     from roadwork_cli.reporting.evaluate import compute_report
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     loaded = _load_pool(POOL)
     splits = demo_splits(loaded["table"], loaded["ids"], seed)

@@ -81,7 +81,7 @@ def main() -> None:
     from roadwork_cli.config import load_settings
     from roadwork_cli.io.atomic import read_json
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu for a smoke run")

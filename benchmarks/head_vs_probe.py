@@ -6,7 +6,7 @@ A pool of synthetic scenes (``synthetic:N``) is split and cached ONCE with the d
 ``data.fractions``) and a fixed-size test set, writes them as a ``splits.json`` of a small run that links the pool's
 features, and fits:
 
-* head: :func:`roadwork_cli.training.trainer.train` with the default settings (what ``roadwork train`` does);
+* head: :func:`roadwork_cli.training.api.train` with the default settings (what ``roadwork train`` does);
 * probe: scikit-learn ``LogisticRegression`` on standardised features, C chosen by 5-fold cross-validation on
   train + val_select, fit on train + val_select.
 
@@ -64,8 +64,7 @@ def build_pool(pool: Path, n_images: int) -> Path:
 
 def _run_with_splits(root: Path, pool: Path, fingerprint: str, table, splits: dict[str, list[str]]):
     """A run whose splits.json holds ``splits`` (ids of the pool) and whose features are the pool's (linked)."""
-    from roadwork_cli.features.cache import CURRENT_FILE
-    from roadwork_cli.io.atomic import atomic_write_json
+    from roadwork_cli.io.records import CurrentFeatures, write_current
     from roadwork_cli.io.run import RunDir
 
     if root.exists():
@@ -75,8 +74,8 @@ def _run_with_splits(root: Path, pool: Path, fingerprint: str, table, splits: di
     samples = {i: {"path": table.paths[i], "label": table.labels[i], "source": "synthetic", "group": i} for i in ids}
     run.splits.write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
     run.features.mkdir()
-    (run.features / fingerprint).symlink_to((pool / "features" / fingerprint).resolve(), target_is_directory=True)
-    atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": "efficientnet_lite0"})
+    run.feature_cache(fingerprint).symlink_to((pool / "features" / fingerprint).resolve(), target_is_directory=True)
+    write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone="efficientnet_lite0"))
     return run
 
 
@@ -132,7 +131,7 @@ def head_cell(run, overrides: dict | None = None) -> dict[str, float]:
     """The product's train_cached head with default settings (plus ``overrides``), Platt on val_select."""
     from roadwork_cli.calibration.scaling import create_scaler
     from roadwork_cli.config import deep_merge, load_settings
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     flags = deep_merge({"runtime": {"run": str(run.root), "device": "cpu"}}, overrides or {})
     settings = load_settings(None, flags, environ={})

@@ -89,7 +89,7 @@ def _train_and_evaluate(run: RunDir, settings, seconds: dict, label: str) -> dic
     from roadwork_cli.calibration.api import calibrate_run
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.reporting.evaluate import evaluate_run
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     started = time.perf_counter()
     cache_features(run, settings, progress=True)  # only the views this run lacks

@@ -157,7 +157,7 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
     settings = settings or Settings()
     run = run if isinstance(run, RunDir) else RunDir(run)
     out = Path(out or settings.export.out or run.bundle)
-    best = run.require(run.checkpoints / "best.safetensors", "train")
+    best = run.require(run.best_weights, "train")
     params = read_json(run.require(run.scrc_params, "calibrate"))
     check(run, "calibrate", "calibrate")
     _check_certified(params, settings.export.allow_uncertified)

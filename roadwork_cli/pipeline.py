@@ -129,7 +129,7 @@ def run_demo(
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.reporting.evaluate import evaluate_run
     from roadwork_cli.stage1 import load_bundle
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     if settings.runtime.run is None:
         from roadwork_cli.errors import UsageError

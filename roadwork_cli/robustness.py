@@ -33,6 +33,7 @@ from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text, read_json
 from roadwork_cli.io.progress import progress_bar
+from roadwork_cli.io.records import read_best_record
 from roadwork_cli.io.run import RunDir
 
 if TYPE_CHECKING:
@@ -77,13 +78,13 @@ def _cache_key(run: RunDir, ids: list[str], labels: list[int], model: Stage1Mode
     """What decides a level's raw scores: the trained head, the backbone, the images, the challenge."""
     from roadwork_cli.data.transforms import create_augmentation
 
-    best = run.require(run.checkpoints / "best.safetensors", "train")
-    best_json = read_json(run.require(run.checkpoints / "best.json", "train"))
+    best = run.require(run.best_weights, "train")
+    best_json = read_best_record(run)
     images = hashlib.sha256("\n".join(f"{i}:{y}" for i, y in zip(ids, labels, strict=True)).encode()).hexdigest()
     key = {
         "format": CACHE_FORMAT,
         "head": hashlib.sha256(best.read_bytes()).hexdigest(),
-        "backbone": (best_json.get("backbone") or {}).get("fingerprint") or best_json.get("fingerprint"),
+        "backbone": (best_json.backbone or {}).get("fingerprint") or best_json.fingerprint,
         "images": images,
         "recipe": model.recipe_record(),
         "natix": {k: create_augmentation("natix", model.preprocessing, level=k).spec for k in LEVELS},

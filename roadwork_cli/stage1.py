@@ -35,6 +35,7 @@ from roadwork_cli.data.pixels import DecodeRecipe, iter_pixel_batches, normalize
 from roadwork_cli.errors import BundleError, UsageError
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.progress import progress_bar
+from roadwork_cli.io.records import read_best_record, read_current
 from roadwork_cli.io.run import RunDir
 
 if TYPE_CHECKING:
@@ -354,8 +355,8 @@ class Stage1Model(ScoringModel):
             jpeg_draft: As in the class; ``None`` follows the run's feature cache.
         """
         run = run if isinstance(run, RunDir) else RunDir(run)
-        best = run.require(run.checkpoints / "best.safetensors", "train")
-        best_json = read_json(run.require(run.checkpoints / "best.json", "train"))
+        best = run.require(run.best_weights, "train")
+        best_json = read_best_record(run).to_json()
         rule = None
         if calibrated or run.scrc_params.exists():
             params = read_json(run.require(run.scrc_params, "calibrate"))
@@ -649,10 +650,10 @@ def _warn_override(what: str, recorded: Any, used: Any) -> None:
 
 def cached_recipe(run: RunDir) -> dict[str, Any] | None:
     """The recipe recorded in the run's current feature cache (``features/current.json`` -> ``meta.json``)."""
-    current = run.features / "current.json"  # features.cache.CURRENT_FILE; stage1 stays off the cache's layer
-    if not current.exists():
+    current = read_current(run)
+    if current is None:
         return None
-    meta = run.features / str(read_json(current).get("fingerprint", "")) / "meta.json"
+    meta = run.feature_meta(current.fingerprint)
     recipe = read_json(meta).get("recipe") if meta.exists() else None
     return recipe if isinstance(recipe, dict) else None
 

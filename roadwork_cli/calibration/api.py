@@ -273,8 +273,8 @@ def calibrate_run(run: RunDir | str | Path, settings) -> CalibrationResult:
     """
     settings = getattr(settings, "calibration", settings)
     run = run if isinstance(run, RunDir) else RunDir(run)
-    select_path = run.require(run.scores / "val_select.csv", "train")
-    calib_path = run.require(run.scores / "val_calib.csv", "train")
+    select_path = run.require(run.score_file("val_select"), "train")
+    calib_path = run.require(run.score_file("val_calib"), "train")
     select, calib = read_scores_csv(select_path), read_scores_csv(calib_path)
     scaling = fit_scaling(select, settings)
     outcome = _conformalize(select, calib, settings, scaling)

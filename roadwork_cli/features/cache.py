@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
+from roadwork_cli.io.records import CurrentFeatures, read_current, write_current
 from roadwork_cli.io.run import RunDir
 
 if TYPE_CHECKING:  # the caller passes the torchrun context in; this layer never imports training
@@ -59,8 +60,6 @@ __all__ = [
     "load_cached",
     "read_split_table",
 ]
-
-CURRENT_FILE = "current.json"
 
 
 # --------------------------------------------------------------------------------------------------------- splits
@@ -219,9 +218,9 @@ class CachedFeatures:
 def _resolve_fingerprint(run: RunDir, fingerprint: str | None) -> str:
     if fingerprint is not None:
         return fingerprint
-    current = run.features / CURRENT_FILE
-    if current.exists():
-        return str(read_json(current)["fingerprint"])
+    current = read_current(run)
+    if current is not None:
+        return current.fingerprint
     folders = [p.parent.name for p in run.features.glob("*/meta.json")] if run.features.exists() else []
     if len(folders) == 1:
         return folders[0]
@@ -231,8 +230,8 @@ def _resolve_fingerprint(run: RunDir, fingerprint: str | None) -> str:
 def load_cached(run: RunDir, fingerprint: str | None = None) -> CachedFeatures:
     """Load one cache folder (default: the one the last ``cache-features`` wrote) into memory as float32."""
     fingerprint = _resolve_fingerprint(run, fingerprint)
-    folder = run.features / fingerprint
-    if not (folder / "meta.json").exists():
+    folder = run.feature_cache(fingerprint)
+    if not run.feature_meta(fingerprint).exists():
         raise UsageError(
             f"No cached features for fingerprint {fingerprint} in {run.features}; run `roadwork cache-features`."
         )
@@ -519,7 +518,7 @@ def cache_features(
         dist.barrier()
         store = FeatureStore(folder)  # the merged index, on every rank
     if rank == 0:
-        atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": backbone.name})
+        write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone=backbone.name))
         record(run, "cache-features", [run.splits])
     seconds = time.perf_counter() - started
     return CacheSummary(

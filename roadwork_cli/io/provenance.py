@@ -7,7 +7,7 @@ now and names the command that brings the run back in step. Runs written before 
 pass unchanged.
 
 Example:
-    >>> record(run, "train", [run.splits, run.features / "current.json"])   # at the end of train
+    >>> record(run, "train", [run.splits, run.current_features])   # at the end of train
     >>> check(run, "train", command="train")                                # at the start of calibrate
 """
 

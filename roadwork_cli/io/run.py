@@ -55,8 +55,51 @@ class RunDir:
         return self.root / "features"
 
     @property
+    def current_features(self) -> Path:
+        """Which cache folder (fingerprint) and backbone the later stages use; written by ``cache-features``."""
+        return self.features / "current.json"
+
+    def feature_cache(self, fingerprint: str) -> Path:
+        """One cache folder: ``meta.json``, ``index.json``, shards, ``failed.json``."""
+        return self.features / fingerprint
+
+    def feature_meta(self, fingerprint: str) -> Path:
+        """One cache folder's ``meta.json``: backbone spec, preprocessing, decode recipe, augmentation, dtype."""
+        return self.feature_cache(fingerprint) / "meta.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def best_record(self) -> Path:
+        """The selected epoch's record: head config, backbone spec and fingerprint, epoch, metrics (``BestRecord``)."""
+        return self.checkpoints / "best.json"
+
+    @property
+    def best_weights(self) -> Path:
+        """The selected head's weights (safetensors)."""
+        return self.checkpoints / "best.safetensors"
+
+    @property
+    def best_backbone(self) -> Path:
+        """``train --mode train`` with adapters: the selected epoch's backbone, adapters merged (safetensors)."""
+        return self.checkpoints / "best_backbone.safetensors"
+
+    @property
+    def warm_start_weights(self) -> Path:
+        """``train --mode train``: the train_cached head it started from, kept for a resumed run."""
+        return self.checkpoints / "warm_start.safetensors"
+
+    @property
+    def warm_start_record(self) -> Path:
+        """The backbone fingerprint of :attr:`warm_start_weights`."""
+        return self.checkpoints / "warm_start.json"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Everything a re-run needs to resume training (tensors and JSON types only; ``weights_only=True``)."""
+        return self.checkpoints / "last.pt"
 
     @property
     def metrics(self) -> Path:
@@ -66,6 +109,10 @@ class RunDir:
     def scores(self) -> Path:
         """Per-split raw score CSVs written by training (``scores/<split>.csv``)."""
         return self.root / "scores"
+
+    def score_file(self, split: str) -> Path:
+        """Training's raw scores of one split: ``id,label,p_roadwork,gate,logit_cls,logit_gate,logit_aux``."""
+        return self.scores / f"{split}.csv"
 
     @property
     def calibration(self) -> Path:

@@ -261,7 +261,7 @@ def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -
     run = run if isinstance(run, RunDir) else RunDir(run)
     if split not in ("train", "val_select", "val_calib", "test"):
         raise UsageError(f"Unknown split {split!r}; choose train, val_select, val_calib or test.")
-    scores = run.require(run.scores / f"{split}.csv", "train")
+    scores = run.require(run.score_file(split), "train")
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
     table = read_scores_csv(scores)
     return _evaluate(table, rule, run.report, run, {"split": split, "scores": str(scores)})

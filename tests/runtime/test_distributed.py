@@ -316,7 +316,7 @@ def _train_rank(rank: int, world_size: int, port: int, run_root: str, crash_afte
     """One torchrun-like rank running the library's ``train``."""
     _join_as(rank, world_size, port)
     from roadwork_cli.model.head import SelectiveHead
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     def crash(epoch, _metrics):
         if epoch == crash_after:
@@ -351,7 +351,7 @@ def _spawn_ranks(run: RunDir, crash_after: int = 0, world_size: int = 2, mode: s
 
 @pytest.mark.slow
 def test_ddp_training_matches_one_process_and_resumes(one_process, tmp_path):
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     reference, _ = one_process
     single, ranks = RunDir(tmp_path / "single"), RunDir(tmp_path / "ranks")
@@ -381,7 +381,7 @@ def test_ddp_training_matches_one_process_and_resumes(one_process, tmp_path):
 @pytest.mark.slow
 def test_ddp_live_training_matches_one_process_and_resumes(tmp_path):
     """train --mode train: each rank decodes its part of every batch, an unreadable image included."""
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     reference = _split(tmp_path / "reference")
     table = json.loads(reference.splits.read_text())

@@ -11,8 +11,8 @@ from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.model.head import HeadOutput, SelectiveHead
+from roadwork_cli.training.api import train
 from roadwork_cli.training.conftr import conformal_training_loss, selection_score, smooth_quantile
-from roadwork_cli.training.trainer import train
 
 
 @pytest.mark.parametrize("level", [0.02, 0.2, 0.5, 0.9])

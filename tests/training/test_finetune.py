@@ -19,8 +19,10 @@ from roadwork_cli.features.cache import read_split_table
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.training import finetune
+from roadwork_cli.training.api import train
+from roadwork_cli.training.artifacts import SCORE_COLUMNS
+from roadwork_cli.training.live_step import LiveImages, LiveModel
 from roadwork_cli.training.losses import selective_loss
-from roadwork_cli.training.trainer import SCORE_COLUMNS, train
 
 COUNTS = {"train": 24, "val_select": 8, "val_calib": 6, "test": 6}
 
@@ -71,9 +73,9 @@ def live_settings(run: RunDir, method: str = "dora", **train):
     return load_settings(None, overrides, environ={})
 
 
-def training_loss(run: RunDir, settings, model: finetune.LiveModel | None = None) -> float:
+def training_loss(run: RunDir, settings, model: LiveModel | None = None) -> float:
     """The objective on the clean training images: of ``model``, or of the freshly initialised one."""
-    images = finetune._Images(read_split_table(run), {})
+    images = LiveImages(read_split_table(run), {})
     setup = finetune._setup(settings, torch.device("cpu"), len(images.ids("train")), None)
     _, labels, output = finetune._score(setup, model or setup.model, images, images.ids("train"))
     return float(selective_loss(output, labels, settings.train.loss, settings.train.target_coverage)[0])
@@ -88,7 +90,7 @@ def test_a_few_steps_lower_the_training_loss(tmp_path, image_table, method, opti
     settings = live_settings(run, method, optimizer=optimizer)
     before = training_loss(run, settings)
     summary = train(run, settings)
-    images = finetune._Images(read_split_table(run), {})
+    images = LiveImages(read_split_table(run), {})
     setup = finetune._setup(settings, torch.device("cpu"), len(images.ids("train")), None)
     after = training_loss(run, settings, finetune._best_model(run, setup)[0])
     assert after < 0.9 * before, (before, after)
@@ -97,12 +99,12 @@ def test_a_few_steps_lower_the_training_loss(tmp_path, image_table, method, opti
     info = read_json(run.checkpoints / "best.json")
     assert info["mode"] == "train" and info["recipe"]["compute_precision"] == "fp32"
     if method == "none":  # head only: the plain backbone, nothing merged
-        assert "adapters" not in info and not (run.checkpoints / finetune.BEST_BACKBONE).exists()
+        assert "adapters" not in info and not run.best_backbone.exists()
         assert info["fingerprint"] == setup.base_fingerprint
     else:
         assert info["adapters"]["method"] == method and info["adapters"]["base_fingerprint"] == setup.base_fingerprint
         assert info["fingerprint"] == info["adapters"]["merged_fingerprint"] != setup.base_fingerprint
-        assert info["backbone"]["spec"]["weights"] == f"checkpoints/{finetune.BEST_BACKBONE}"
+        assert info["backbone"]["spec"]["weights"] == "checkpoints/best_backbone.safetensors"
     for split in ("val_select", "val_calib", "test"):
         lines = (run.scores / f"{split}.csv").read_text().splitlines()
         assert lines[0] == ",".join(SCORE_COLUMNS) and len(lines) == COUNTS[split] + 1
@@ -140,7 +142,7 @@ def test_sigkill_resume_reproduces_the_uninterrupted_weights(tmp_path, image_tab
         from pathlib import Path
         from test_finetune import live_settings
         from roadwork_cli.io.run import RunDir
-        from roadwork_cli.training.trainer import train
+        from roadwork_cli.training.api import train
 
         run = RunDir(Path({str(killed.root)!r}))
         settings = live_settings(run, "doran", **{extra!r})
@@ -161,7 +163,7 @@ def test_sigkill_resume_reproduces_the_uninterrupted_weights(tmp_path, image_tab
     summary = train(killed, settings_of(killed))
     assert summary.resumed_from == 2 and summary.epochs_run == 1
 
-    for name in ("best.safetensors", finetune.BEST_BACKBONE):
+    for name in ("best.safetensors", "best_backbone.safetensors"):
         a, b = load_file(str(clean.checkpoints / name)), load_file(str(killed.checkpoints / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     a = torch.load(clean.checkpoints / "last.pt", weights_only=True)
@@ -185,6 +187,7 @@ def test_warm_start_from_a_train_cached_head_on_the_same_backbone(tmp_path, imag
     head = create_head(settings.model, backbone.feature_dim)
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
     cached_info = {"head": head.config, "backbone": backbone.spec, "fingerprint": f"{backbone.fingerprint}-bf16"}
+    cached_info |= {"epoch": 1, "select_metric": "mcc", "metric": None, "val_select": {}, "ema": False}
     (run.checkpoints / "best.json").write_text(json.dumps(cached_info))
     cached_bytes = (run.checkpoints / "best.safetensors").read_bytes()
 
@@ -238,10 +241,11 @@ def test_efficientnet_pointwise_convs_adapt_while_batchnorm_statistics_stay_froz
     info = read_json(run.checkpoints / "best.json")
     targets = info["adapters"]["target_modules"]
     assert targets and all(name.rsplit(".", 1)[-1] in ("conv_pw", "conv_pwl", "conv_head") for name in targets)
-    merged, base = load_file(str(run.checkpoints / finetune.BEST_BACKBONE)), created["state"]
+    merged, base = load_file(str(run.best_backbone)), created["state"]
     assert merged.keys() == base.keys()
     stats = [k for k in base if "running_" in k]
     assert stats and all(torch.equal(merged[k], base[k]) for k in stats)
     adapted = {f"{name}.weight" for name in targets}
     assert any(not torch.equal(merged[k], base[k]) for k in adapted)  # the merged adapters changed them
     assert all(torch.equal(merged[k], base[k]) for k in base if k not in adapted)  # and nothing else
+

@@ -10,7 +10,9 @@ from train_helpers import make_cached_run, train_settings
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.metrics.selective import aurc
 from roadwork_cli.model.head import SelectiveHead
-from roadwork_cli.training.trainer import fit_crossfit_gate, load_best_head, train
+from roadwork_cli.training.api import train
+from roadwork_cli.training.artifacts import load_best_head
+from roadwork_cli.training.cached import fit_crossfit_gate
 
 
 def test_crossfit_head_round_trips_and_its_gate_reads_the_cls_logit():

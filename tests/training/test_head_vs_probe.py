@@ -9,7 +9,8 @@ from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.features.cache import load_cached, read_split_table
 from roadwork_cli.metrics.classification import auroc
-from roadwork_cli.training.trainer import load_best_head, train
+from roadwork_cli.training.api import train
+from roadwork_cli.training.artifacts import load_best_head
 
 AUROC_MARGIN = 0.005
 """Head AUROC >= probe AUROC - this, on 400 test images. The default head's cls is a cross-validated logistic
@@ -48,4 +49,4 @@ def test_sgd_cls_fit_keeps_the_trunk_output(tmp_path):
     run = make_cached_run(tmp_path / "run", counts=(120, 40, 20, 20), views=0, seed=4)
     train(run, train_settings(run, cls_fit="sgd"))
     head, info = load_best_head(run)
-    assert head.cls == "shared" and "cls" not in info["head"] and "cls_fit" not in info
+    assert head.cls == "shared" and "cls" not in info.head and info.cls_fit is None

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     import resource, sys
     from roadwork_cli.config import load_settings
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.training.trainer import train
+    from roadwork_cli.training.api import train
 
     run = RunDir(sys.argv[1])
     overrides = {

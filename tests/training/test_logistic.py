@@ -7,8 +7,9 @@ import torch
 from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.features.cache import load_cached, read_split_table
+from roadwork_cli.training.api import train
+from roadwork_cli.training.artifacts import load_best_head
 from roadwork_cli.training.logistic import fit_logistic_cv
-from roadwork_cli.training.trainer import load_best_head, train
 
 
 def _problem(n: int, dim: int, signal: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +78,7 @@ def test_logistic_cls_with_a_crossfit_gate_repeats_exactly(tmp_path):
     train(run, settings)
     first = run.checkpoints.joinpath("best.safetensors").read_bytes()
     head, info = load_best_head(run)
-    assert head.cls == "linear" and head.gate == "crossfit" and "logistic" in info["gate"]
+    assert head.cls == "linear" and head.gate == "crossfit" and "logistic" in info.gate
     # A re-run after the epochs are done (as after SIGKILL) refits cls and gate deterministically: identical bytes.
     assert train(run, settings).resumed_from == 2
     assert run.checkpoints.joinpath("best.safetensors").read_bytes() == first

@@ -22,8 +22,9 @@ from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import FeatureStore, load_cached, read_split_table
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.run import RunDir
-from roadwork_cli.training import trainer
-from roadwork_cli.training.trainer import SCORE_COLUMNS, load_best_head, train
+from roadwork_cli.training import cached as trainer
+from roadwork_cli.training.api import train
+from roadwork_cli.training.artifacts import SCORE_COLUMNS, evaluate_head, load_best_head
 
 
 class Interrupted(Exception):
@@ -133,7 +134,7 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path, mode):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from train_helpers import train_settings
         from roadwork_cli.io.run import RunDir
-        from roadwork_cli.training.trainer import train
+        from roadwork_cli.training.api import train
         run = RunDir({str(killed.root)!r})
         def kill(epoch, metrics):
             if epoch == 2:
@@ -218,7 +219,7 @@ def test_the_weights_scored_for_selection_are_the_ema_weights_saved(cached_run, 
         data = trainer._prepare(load_cached(cached_run), read_split_table(cached_run), torch.device("cpu"), cached_run)
         with torch.inference_mode():
             rows = data.split_rows["val_select"]
-            rescored = trainer.evaluate_head(head(data.features[rows]), data.split_labels["val_select"])
+            rescored = evaluate_head(head(data.features[rows]), data.split_labels["val_select"])
         assert rescored == pytest.approx(metrics, rel=1e-6, abs=1e-6)
         checked.append(epoch)
 
@@ -305,8 +306,8 @@ def test_without_val_select_the_last_epoch_is_kept(tmp_path):
 
 
 def test_live_loop_settings_in_a_cached_mode_are_named_not_silently_ignored(cached_run):
-    plain = trainer.train(cached_run, train_settings(cached_run, epochs=1))
+    plain = train(cached_run, train_settings(cached_run, epochs=1))
     assert not any("--mode train only" in note for note in plain.notes)
     settings = train_settings(cached_run, epochs=1, optimizer="fsam", grad_clip=1.0)
-    notes = [note for note in trainer.train(cached_run, settings).notes if "--mode train only" in note]
+    notes = [note for note in train(cached_run, settings).notes if "--mode train only" in note]
     assert len(notes) == 1 and "train.optimizer, train.grad_clip" in notes[0]

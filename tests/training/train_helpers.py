@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from roadwork_cli.config import load_settings
-from roadwork_cli.features.cache import CURRENT_FILE, write_feature_cache
-from roadwork_cli.io.atomic import atomic_write_json
+from roadwork_cli.features.cache import write_feature_cache
+from roadwork_cli.io.records import CurrentFeatures, write_current
 from roadwork_cli.io.run import RunDir
 
 DIM = 16
@@ -41,7 +41,7 @@ def make_cached_run(root: Path, counts=(160, 60, 60, 60), views: int = 1, seed: 
     fingerprint = "testfingerprint0"
     meta = {"fingerprint": fingerprint, "backbone": {"name": "tiny_vit"}, "feature_dim": DIM, "views": views}
     write_feature_cache(run.features / fingerprint, meta, keys, torch.cat(rows), shard_size=128)
-    atomic_write_json(run.features / CURRENT_FILE, {"fingerprint": fingerprint, "backbone": "tiny_vit"})
+    write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone="tiny_vit"))
     return run
 
 
