@@ -398,6 +398,13 @@ def cache_features(
     if settings.runtime.threads:
         torch.set_num_threads(settings.runtime.threads)
     if backbone is None:
+        from roadwork_cli.features.current import with_run_backbone
+        from roadwork_cli.io.atomic import atomic_write_text
+
+        # Without an explicit --backbone the run keeps the one it has; config.yaml says which one ran.
+        settings = with_run_backbone(run, settings, "cache-features", switch=True)
+        if dist is None or dist.is_main:
+            atomic_write_text(run.config, settings.to_yaml())
         backbone = create_backbone(
             settings.model.backbone, weights=settings.model.weights, image_size=settings.model.image_size
         )

@@ -15,8 +15,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from roadwork_cli.config import Settings
+from roadwork_cli.features.current import with_run_backbone
+from roadwork_cli.io.atomic import atomic_write_text
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.runtime.device import resolve_device
+from roadwork_cli.runtime.distributed import distributed_from_env
 from roadwork_cli.training.artifacts import TrainSummary
 from roadwork_cli.training.cached import train_cached
 from roadwork_cli.training.finetune import train_live
@@ -52,6 +55,9 @@ def train(
 ) -> TrainSummary:
     """Train per ``settings.train.mode`` and write checkpoints, ``metrics.csv`` and ``scores/<split>.csv``.
 
+    The backbone is the run's (that of its current features) unless the run has none yet; the settings actually used
+    are written to ``config.yaml``.
+
     Args:
         run: Run directory with ``splits.json`` (and cached features for the cached modes).
         settings: Resolved :class:`~roadwork_cli.config.Settings`.
@@ -59,10 +65,14 @@ def train(
         on_epoch_end: Called as ``fn(epoch, metrics)`` after each epoch's checkpoints are on disk.
 
     Raises:
-        UsageError: No splits; split images without cached features (cached modes); no training images; unknown
-            adapter targets; fp16 with SAM / F-SAM.
+        UsageError: No splits; split images without cached features (cached modes); no training images; an explicit
+            backbone other than the run's; unknown adapter targets; fp16 with SAM / F-SAM.
         StaleError: The inputs of ``cache-features`` changed since it ran (cached modes).
     """
+    settings = with_run_backbone(run, settings, "train")
+    if distributed_from_env(settings.runtime.device).is_main:
+        run.ensure()
+        atomic_write_text(run.config, settings.to_yaml())
     device = resolve_device(settings.runtime.device)
     with _threads(settings, device):
         if settings.train.mode == "train":

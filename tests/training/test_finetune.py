@@ -249,3 +249,37 @@ def test_efficientnet_pointwise_convs_adapt_while_batchnorm_statistics_stay_froz
     assert any(not torch.equal(merged[k], base[k]) for k in adapted)  # the merged adapters changed them
     assert all(torch.equal(merged[k], base[k]) for k in base if k not in adapted)  # and nothing else
 
+
+def test_train_takes_the_runs_backbone_and_refuses_a_conflicting_one(tmp_path, image_table):
+    """cache-features --backbone tiny_vit, a train_cached head, then `train --mode train` without naming a backbone:
+    the run's tiny_vit is fine-tuned (not the settings' default), config.yaml says so, and an explicit other backbone
+    is refused with the command that switches the run."""
+    import yaml
+
+    from roadwork_cli.features.cache import cache_features
+
+    run = make_run(tmp_path / "run", image_table)
+    cached = live_settings(run, "none", mode="train_cached", epochs=1)
+    cache_features(run, cached)
+    train(run, cached)
+
+    def later(**model):  # a later command's settings: no backbone unless given
+        overrides = {
+            "runtime": {"run": str(run.root), "device": "cpu", "threads": 1},
+            "model": {"head_hidden": 16, "head_dropout": 0.0, "peft": {"method": "lora", "rank": 4}, **model},
+            "features": {"workers": 0, "batch_size": 16},
+            "data": {"augment": "none"},
+            "train": {"mode": "train", "epochs": 1, "batch_size": 8, "ema_decay": 0.0},
+        }
+        return load_settings(None, overrides, environ={})
+
+    assert later().model.backbone == "efficientnet_lite0"  # what the bug fine-tuned
+    summary = train(run, later())
+    assert summary.backbone == "tiny_vit"
+    record = read_json(run.best_record)
+    assert record["backbone"]["spec"]["name"] == "tiny_vit" and record["warm_start"] is True
+    assert yaml.safe_load(run.config.read_text())["model"]["backbone"] == "tiny_vit"
+
+    with pytest.raises(UsageError, match=r"cache-features --run .* --backbone efficientnet_lite0"):
+        train(run, later(backbone="efficientnet_lite0"))
+    assert train(run, later(backbone="tiny_vit")).backbone == "tiny_vit"  # the run's own, named: fine
