@@ -46,6 +46,7 @@ def command(
             "model": {"backbone": backbone, "weights": weights},
             "features": {"batch_size": batch_size, "workers": workers},
         },
+        switches_backbone=True,
     )
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir

@@ -70,8 +70,14 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def resolve_settings(config: Path | None, overrides: dict[str, Any], write_to_run: bool = True):
-    """Load settings (defaults < YAML < env < flags) and write the resolved copy to ``<run>/config.yaml``."""
+def resolve_settings(
+    config: Path | None, overrides: dict[str, Any], write_to_run: bool = True, switches_backbone: bool = False
+):
+    """Load settings (defaults < YAML < env < flags) and write the resolved copy to ``<run>/config.yaml``.
+
+    With a run, the backbone is the run's (``features/current.json``); an explicit other one is a usage error unless
+    the command ``switches_backbone`` (``cache-features``).
+    """
     from roadwork_cli.config import load_settings
     from roadwork_cli.io.atomic import atomic_write_text
     from roadwork_cli.io.run import RunDir
@@ -79,7 +85,12 @@ def resolve_settings(config: Path | None, overrides: dict[str, Any], write_to_ru
     settings = load_settings(config, overrides)
     _SETTINGS_DEBUG["on"] = settings.runtime.debug
     if write_to_run and settings.runtime.run is not None:
+        from roadwork_cli.features.current import with_run_backbone
+
         run = RunDir(settings.runtime.run).ensure()
+        # A run that has features has a backbone: config.yaml records it, not the settings' default, and an explicit
+        # other one is refused here, before anything is written (cache-features is the command that switches it).
+        settings = with_run_backbone(run, settings, "This command", switch=switches_backbone)
         atomic_write_text(run.config, settings.to_yaml())
     return settings
 

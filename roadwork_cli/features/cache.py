@@ -402,7 +402,7 @@ def cache_features(
         from roadwork_cli.io.atomic import atomic_write_text
 
         # Without an explicit --backbone the run keeps the one it has; config.yaml says which one ran.
-        settings = with_run_backbone(run, settings, "cache-features", switch=True)
+        settings = with_run_backbone(run, settings, "`cache-features`", switch=True)
         if dist is None or dist.is_main:
             atomic_write_text(run.config, settings.to_yaml())
         backbone = create_backbone(

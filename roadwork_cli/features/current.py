@@ -38,7 +38,7 @@ def with_run_backbone(run: RunDir, settings: Settings, stage: str, switch: bool 
     Args:
         run: The run directory.
         settings: Resolved settings; a ``model.backbone`` set explicitly (flag, environment, settings file) counts.
-        stage: The command, for the message.
+        stage: Who was given the backbone, for the message (e.g. "`train`").
         switch: The stage chooses the run's backbone (``cache-features``): an explicit one wins.
 
     Raises:
@@ -51,7 +51,7 @@ def with_run_backbone(run: RunDir, settings: Settings, stage: str, switch: bool 
         return settings
     if explicit and model.backbone != spec["name"]:
         raise UsageError(
-            f"`{stage}` was given backbone {model.backbone!r}, but this run's features were computed with "
+            f"{stage} was given backbone {model.backbone!r}, but this run's features were computed with "
             f"{spec['name']!r} (and its trained head follows them). To switch the run to {model.backbone!r}, run "
             f"`roadwork cache-features --run {run.root} --backbone {model.backbone}` first; to keep "
             f"{spec['name']!r}, drop model.backbone (flag, ROADWORK_MODEL__BACKBONE or the settings file)."

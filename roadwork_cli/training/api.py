@@ -69,7 +69,7 @@ def train(
             backbone other than the run's; unknown adapter targets; fp16 with SAM / F-SAM.
         StaleError: The inputs of ``cache-features`` changed since it ran (cached modes).
     """
-    settings = with_run_backbone(run, settings, "train")
+    settings = with_run_backbone(run, settings, "`train`")
     if distributed_from_env(settings.runtime.device).is_main:
         run.ensure()
         atomic_write_text(run.config, settings.to_yaml())

@@ -21,6 +21,7 @@ def make_tiny_run(root, lam: float = 0.3, tau: float = 0.5, weights_file=None) -
     from safetensors.torch import save_file
 
     from roadwork_cli.io.atomic import atomic_write_json
+    from roadwork_cli.io.records import BestRecord, write_best_record
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.model.head import SelectiveHead
 
@@ -29,8 +30,12 @@ def make_tiny_run(root, lam: float = 0.3, tau: float = 0.5, weights_file=None) -
     torch.manual_seed(1)
     head = SelectiveHead(backbone.feature_dim, hidden=8, dropout=0.0)
     run.checkpoints.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.checkpoints / "best.safetensors"))
-    atomic_write_json(run.checkpoints / "best.json", {"head": head.config, "backbone": backbone.spec, "epoch": 3})
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.best_weights))
+    record = BestRecord(
+        head=head.config, backbone=backbone.spec, fingerprint=backbone.fingerprint, epoch=3, select_metric="mcc",
+        metric=None, val_select={}, ema=False,
+    )  # fmt: skip
+    write_best_record(run, record)
     scaling = {
         "cls": {"method": "temperature", "params": {"temperature": 1.5}},
         "gate": {"method": "none", "params": {}},
