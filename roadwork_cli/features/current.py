@@ -16,20 +16,30 @@ from typing import Any
 from roadwork_cli.config import Settings
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import read_json
-from roadwork_cli.io.records import read_current
+from roadwork_cli.io.records import read_best_record, read_current
 from roadwork_cli.io.run import RunDir
 
 __all__ = ["run_backbone_spec", "with_run_backbone"]
 
 
 def run_backbone_spec(run: RunDir) -> dict[str, Any] | None:
-    """The spec (name, weights, image_size, ...) of the backbone the run's current features were computed with."""
+    """The spec (name, weights, image_size, ...) of the run's backbone, or None while the run has none.
+
+    The backbone of the current features; without features (a run trained with ``--mode train`` only), that of the
+    best record, whose weights are then the fine-tuned ones and so not the base's: its spec has no ``weights``.
+    """
     current = read_current(run)
-    if current is None:
+    if current is not None:
+        meta = run.feature_meta(current.fingerprint)
+        spec = read_json(meta).get("backbone") if meta.exists() else None
+        return dict(spec) if isinstance(spec, dict) and spec.get("name") else None
+    if not run.best_record.exists():
         return None
-    meta = run.feature_meta(current.fingerprint)
-    spec = read_json(meta).get("backbone") if meta.exists() else None
-    return dict(spec) if isinstance(spec, dict) and spec.get("name") else None
+    record = read_best_record(run)
+    spec = dict(record.backbone.get("spec", record.backbone))
+    if record.adapters is not None:
+        spec.pop("weights", None)
+    return spec if spec.get("name") else None
 
 
 def with_run_backbone(run: RunDir, settings: Settings, stage: str, switch: bool = False) -> Settings:
@@ -51,10 +61,14 @@ def with_run_backbone(run: RunDir, settings: Settings, stage: str, switch: bool 
         return settings
     if explicit and model.backbone != spec["name"]:
         raise UsageError(
-            f"{stage} was given backbone {model.backbone!r}, but this run's features were computed with "
-            f"{spec['name']!r} (and its trained head follows them). To switch the run to {model.backbone!r}, run "
+            f"{stage} was given backbone {model.backbone!r}, but this run's backbone is {spec['name']!r} (its "
+            f"features and trained head were computed with it). To switch the run to {model.backbone!r}, run "
             f"`roadwork cache-features --run {run.root} --backbone {model.backbone}` first; to keep "
             f"{spec['name']!r}, drop model.backbone (flag, ROADWORK_MODEL__BACKBONE or the settings file)."
         )
-    update = {"backbone": spec["name"], "weights": spec.get("weights"), "image_size": spec.get("image_size")}
+    update = {
+        "backbone": spec["name"],
+        "weights": spec.get("weights", model.weights),
+        "image_size": spec.get("image_size"),
+    }
     return settings.model_copy(update={"model": model.model_copy(update=update)})

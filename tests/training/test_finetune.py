@@ -283,3 +283,25 @@ def test_train_takes_the_runs_backbone_and_refuses_a_conflicting_one(tmp_path, i
     with pytest.raises(UsageError, match=r"cache-features --run .* --backbone efficientnet_lite0"):
         train(run, later(backbone="efficientnet_lite0"))
     assert train(run, later(backbone="tiny_vit")).backbone == "tiny_vit"  # the run's own, named: fine
+
+
+def test_a_run_without_features_takes_its_backbone_from_the_best_record(tmp_path, image_table):
+    """A run trained with --mode train only has no features: its best record names the backbone (not its weights,
+    which are the fine-tuned ones)."""
+    from roadwork_cli.features.current import with_run_backbone
+    from roadwork_cli.io.records import BestRecord, write_best_record
+
+    run = make_run(tmp_path / "run", image_table)
+    spec = {"name": "tiny_vit", "image_size": 32, "weights": "checkpoints/best_backbone.safetensors"}
+    record = BestRecord(
+        head={}, backbone={"spec": spec, "fingerprint": "f"}, fingerprint="f", epoch=1, select_metric="mcc",
+        metric=None, val_select={}, ema=False, mode="train", adapters={"method": "lora"},
+    )  # fmt: skip
+    run.checkpoints.mkdir()
+    write_best_record(run, record)
+    defaults = load_settings(None, {"runtime": {"run": str(run.root)}}, environ={})
+    settings = with_run_backbone(run, defaults, "`train`")
+    assert (settings.model.backbone, settings.model.image_size, settings.model.weights) == ("tiny_vit", 32, None)
+    explicit = load_settings(None, {"model": {"backbone": "efficientnet_lite0"}}, environ={})
+    with pytest.raises(UsageError, match="cache-features"):
+        with_run_backbone(run, explicit, "`train`")
