@@ -1,1 +1,1 @@
-"""Training of the stage-1 head: objective, optimiser/schedule, the train_cached loop."""
+"""Training: ``api.train`` (every mode), the cached and live loops, their shared epoch skeleton and artifacts."""

@@ -169,7 +169,7 @@ def _new_fit(settings: Settings, data: _Data, in_dim: int, device: torch.device)
     return _Fit(head, optimizer, scheduler, ema, data, batch_size, steps_per_epoch, conformal, dist)
 
 
-def _train_epoch(fit: _Fit, data: _Data, ts: Any, epoch: int) -> torch.Tensor:
+def _train_epoch(fit: _Fit, data: _Data, ts: TrainSettings, epoch: int) -> torch.Tensor:
     """One pass over ``data``'s training images; returns the per-part loss sums ``(len(LOSS_PARTS),)``."""
     fit.head.train()
     features, labels = _epoch_batches(data, ts.seed, epoch)
