@@ -298,7 +298,9 @@ def _train_settings(run: RunDir, epochs: int = 4, mode: str = "train_crc"):
     if mode == "train":  # live images through LoRA adapters, two batches per F-SAM step (collectives in the closure)
         train = {"mode": "train", "epochs": 3, "batch_size": 7, "accumulate": 2, "optimizer": "fsam", "lr": 1e-2}
         peft = {"method": "lora", "rank": 4, "dropout": 0.0}  # dropout masks would depend on the rows per rank
-        features = {"workers": 0, "batch_size": 5}  # scoring batches: each rank scores its part of a split
+        # Scoring batches (each rank scores its part of a split), and the chunks the adapted backbone runs in: 3 rows
+        # of a rank's 4 per batch, so every rank and the one process run their part of a batch in checkpointed chunks.
+        features = {"workers": 0, "batch_size": 3}
     else:
         # batch 7 over 2 ranks: parts of 4 and 3 rows, and a last batch of 2 (16 = 7 + 7 + 2)
         train = {"mode": mode, "epochs": epochs, "batch_size": 7, "refit": True}
