@@ -62,6 +62,11 @@ def command(
         result = getattr(exc, "result", None)
         if result is not None:
             console.print(calibration_table(result.params, title="calibration: targets NOT attainable"))
+        if json_output:  # the --json contract: one object on stdout, failures included, with the reason
+            paths = {} if result is None else {"params_path": result.params_path, "scaling_path": result.scaling_path}
+            print_json(
+                (result.params if result is not None else {}) | paths | {"error": str(exc), "exit_code": exc.exit_code}
+            )
         raise
     console.print(calibration_table(result.params))
     if not result.feasible:

@@ -76,6 +76,19 @@ def test_infeasible_targets_exit_3_and_show_what_is_attainable(scores: dict[str,
     assert "exited roadwork images" in flat(result.output)  # how many positives the targets need
 
 
+def test_infeasible_calibrate_json_prints_the_reason(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.0005", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    printed = json.loads(result.stdout)  # one JSON object on stdout, even on failure
+    assert printed["feasible"] is False and printed["exit_code"] == 3
+    assert "No threshold pair certifies FNR <= 0.0005" in printed["error"]
+    assert (
+        printed["params_path"] == str(params) and printed["attainable"] == json.loads(params.read_text())["attainable"]
+    )
+
+
 @pytest.mark.parametrize(
     "args",
     [
