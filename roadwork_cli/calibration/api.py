@@ -178,6 +178,8 @@ def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings,
         "gate_score": scaling.get("gate_score", settings.gate_score),
         "feasible": bool(outcome.feasible),
         "infeasible_decisions": settings.infeasible_decisions,
+        # Whether an infeasible outcome was asked to pass (exit 0) or not (exit 3): export's refusal names which.
+        "allow_infeasible": bool(settings.allow_infeasible),
         "thresholds": data["thresholds"],
         "targets": {
             "alpha": outcome.alpha,

@@ -193,3 +193,19 @@ def test_evaluate_strict_passes_when_certified_and_met_and_fails_when_missed(
     assert result.exit_code == 1, result.output
     assert "not met on this data" in flat(result.output)
     assert json.loads(out.read_text())["guarantee"]["satisfied"] is False
+
+
+def test_export_refusal_says_how_the_calibration_came_to_be_uncertified(tmp_path: Path) -> None:
+    from cli_helpers import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    for split, n, seed in (("val_select", 300, 3), ("val_calib", 400, 4)):
+        write_scores(run.scores / f"{split}.csv", n, seed)
+    strict = ["calibrate", "--run", str(run.root), "--fnr", "0.0005"]
+    assert runner.invoke(app, strict).exit_code == 3
+    refused = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert refused.exit_code == 2 and not run.bundle.exists()
+    assert "exited 3" in flat(refused.output) and "from `calibrate --allow-infeasible`" not in flat(refused.output)
+    assert runner.invoke(app, [*strict, "--allow-infeasible"]).exit_code == 0
+    refused = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert refused.exit_code == 2 and "`roadwork calibrate --allow-infeasible` wrote" in flat(refused.output)
