@@ -4,8 +4,9 @@ Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training,
 calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.scoring.score_source``) for scores; its
 report goes beside the test split's, to ``eval/source-<slug>/report.json``.
 
-``guarantee.satisfied`` says whether the observed rates on this data meet the targets; ``guarantee.certified`` says
-whether calibration certified them. Only a certified run is ever shown as having a guarantee.
+``guarantee.satisfied`` says whether the observed rates on this data meet the targets (null when FNR on exits is not
+testable: no roadwork image exits); ``guarantee.certified`` says whether calibration certified them. Only a certified
+run is ever shown as having a guarantee.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from roadwork_cli.io.atomic import atomic_write_json, json_safe
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics import classification as cm
 from roadwork_cli.metrics import selective as sm
-from roadwork_cli.reporting.tables import describe_operating_point, guarantee_verdict
+from roadwork_cli.reporting.tables import UNTESTABLE, describe_operating_point, guarantee_verdict
 
 ECE_BINS = 15
 
@@ -65,7 +66,11 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     n, n_exit = int(labels.size), int(exits.sum())
     fnr = sm.fnr_on_exits(labels, predictions, exits)
     cov = sm.coverage(exits)
-    fnr_ok = (m == 0) or fnr <= alpha
+    # With no roadwork image among the exits FNR on exits is undefined: the FNR target is not testable on this data,
+    # so neither it nor the guarantee as a whole can be called satisfied (None), only refuted by a coverage miss.
+    fnr_ok = bool(fnr <= alpha) if m else None
+    coverage_ok = bool(cov >= xi)
+    satisfied = None if fnr_ok is None and coverage_ok else bool(fnr_ok and coverage_ok)
     report: dict[str, Any] = {
         "n": n,
         "n_pos": int(labels.sum()),
@@ -117,10 +122,11 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
             "delta": (delta),
             "xi": (xi),
             "certified": rule.certified,
-            "satisfied": bool(fnr_ok and cov >= xi),
-            "fnr_satisfied": bool(fnr_ok),
-            "coverage_satisfied": bool(cov >= xi),
-            "fnr_upper": float(clopper_pearson_upper(k, m, delta)) if math.isfinite(delta) else None,
+            "satisfied": satisfied,
+            "fnr_satisfied": fnr_ok,
+            "fnr_testable": bool(m),
+            "coverage_satisfied": coverage_ok,
+            "fnr_upper": float(clopper_pearson_upper(k, m, delta)) if m and math.isfinite(delta) else None,
             "coverage_lower": float(clopper_pearson_lower(n_exit, n, delta)) if math.isfinite(delta) else None,
             "exited_positives": m,
             "misses": k,
@@ -142,6 +148,13 @@ def check_strict(report: dict[str, Any]) -> None:
         raise RoadworkError(
             "--strict: no guarantee (targets not certified by calibration); re-calibrate with more val_calib data "
             "or looser --fnr/--coverage/--delta.",
+            exit_code=1,
+        )
+    if guarantee.get("satisfied") is None:
+        exits = sum(int((report.get("decisions") or {}).get(d, 0)) for d in ("roadwork", "no_roadwork"))
+        raise RoadworkError(
+            f"--strict: {UNTESTABLE}: none of its {exits} exits is a roadwork image, so the certified FNR target "
+            "cannot be checked here. Evaluate on data that holds roadwork images.",
             exit_code=1,
         )
     if not guarantee.get("satisfied"):

@@ -209,3 +209,24 @@ def test_export_refusal_says_how_the_calibration_came_to_be_uncertified(tmp_path
     assert runner.invoke(app, [*strict, "--allow-infeasible"]).exit_code == 0
     refused = runner.invoke(app, ["export", "--run", str(run.root)])
     assert refused.exit_code == 2 and "`roadwork calibrate --allow-infeasible` wrote" in flat(refused.output)
+
+
+def test_no_roadwork_among_the_exits_is_not_testable_never_satisfied(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.05", "--coverage", "0.7"]
+    assert runner.invoke(app, args).exit_code == 0
+    negatives = tmp_path / "negatives.csv"  # the test split without its roadwork images
+    rows = scores["test"].read_text().splitlines()
+    negatives.write_text("\n".join([rows[0]] + [r for r in rows[1:] if r.split(",")[3] == "0"]) + "\n")
+    result, out = _evaluate_strict({"test": negatives}, params, tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    guarantee = report["guarantee"]
+    assert guarantee["certified"] is True and guarantee["exited_positives"] == 0 and guarantee["coverage_satisfied"]
+    assert guarantee["satisfied"] is None and guarantee["fnr_satisfied"] is None and guarantee["fnr_testable"] is False
+    assert guarantee["fnr_upper"] is None and report["fnr_on_exits"] is None
+    assert "not testable on this data" in guarantee["verdict"] and "not testable" in flat(result.output)
+    page = (out.parent / "report.html").read_text()
+    assert "Certified; satisfied" not in page and '<span class="ok">' not in page
+    result, _ = _evaluate_strict({"test": negatives}, params, tmp_path, "--strict")
+    assert result.exit_code == 1 and "not testable" in flat(result.output)
