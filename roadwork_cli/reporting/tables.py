@@ -78,7 +78,7 @@ def _percent(part: int, whole: int) -> str:
 def guarantee_statement(params: dict[str, Any]) -> str | None:
     """What a calibration (``scrc_params.json``) promises, in one line: the certified targets, or no guarantee and
     what stage 1 then does; None when the file records no outcome (no ``feasible`` key)."""
-    from roadwork_cli.calibration.rule import defers_everything, is_certified
+    from roadwork_cli.calibration.estimator import defers_everything, is_certified
 
     if "feasible" not in params:
         return None

@@ -33,13 +33,15 @@ def binomial_excess_pvalue(violations: int, trials: int, rate: float) -> float:
 
 def scrc_gate(p, g, y, grid, alpha, delta, xi, delta_coverage_share=0.5, objective="accuracy"):
     """SCRC-I for the gate rule with positional targets (as the statistical tests call it)."""
-    from roadwork_cli.calibration.rules import GateRule, Targets
+    from roadwork_cli.calibration.rules import GateRule
+    from roadwork_cli.calibration.targets import Targets
 
     return GateRule.certify("scrc", p, g, y, grid, Targets(alpha, delta, xi, delta_coverage_share, objective))
 
 
 def scrc_band(p, y, grid, alpha, delta, xi, delta_coverage_share=0.5, objective="accuracy"):
     """SCRC-I for the band rule with positional targets."""
-    from roadwork_cli.calibration.rules import BandRule, Targets
+    from roadwork_cli.calibration.rules import BandRule
+    from roadwork_cli.calibration.targets import Targets
 
     return BandRule.certify("scrc", p, None, y, grid, Targets(alpha, delta, xi, delta_coverage_share, objective))

@@ -15,8 +15,9 @@ import pytest
 from score_helpers import binomial_excess_pvalue, scrc_gate
 
 from roadwork_cli.calibration.grids import gate_grid_from_scores
-from roadwork_cli.calibration.rules import GateRule, Targets
+from roadwork_cli.calibration.rules import GateRule
 from roadwork_cli.calibration.stats import dkw_slack
+from roadwork_cli.calibration.targets import Targets
 
 ALPHA, DELTA, XI = 0.05, 0.1, 0.8
 N_CALIB, N_SELECT, TRIALS = 2000, 1000, 300
