@@ -230,3 +230,43 @@ def test_no_roadwork_among_the_exits_is_not_testable_never_satisfied(scores: dic
     assert "Certified; satisfied" not in page and '<span class="ok">' not in page
     result, _ = _evaluate_strict({"test": negatives}, params, tmp_path, "--strict")
     assert result.exit_code == 1 and "not testable" in flat(result.output)
+
+
+def test_a_calibration_of_another_models_scores_is_refused_until_recalibrated(tmp_path: Path) -> None:
+    """The field trial's sequence: calibrate -> cache-features --backbone tiny_vit -> train -> export / evaluate."""
+    from roadwork_cli.errors import UsageError
+    from roadwork_cli.io.run import RunDir
+    from roadwork_cli.stage1 import Stage1Model
+
+    run = tmp_path / "run"
+    flags = ["--run", str(run), "--device", "cpu", "--threads", "1"]
+    allow = ["--allow-infeasible"]  # 40 images cannot certify 2 % FNR; staleness is what is tested here
+    steps = [
+        ["split", "--source", "synthetic:40", "--run", str(run)],
+        ["cache-features", *flags, "--backbone", "efficientnet_lite0", "--workers", "0"],
+        ["train", *flags, "--mode", "train_cached", "--epochs", "1"],
+        ["calibrate", "--run", str(run), *allow],
+    ]
+    for args in steps:
+        assert runner.invoke(app, args).exit_code == 0, args
+    fitted_on = json.loads((run / "calibration" / "scrc_params.json").read_text())["data"]["fingerprints"]
+    assert set(fitted_on) == {"scores/val_select.csv", "scores/val_calib.csv"}
+    assert json.loads((run / "provenance.json").read_text())["stages"]["calibrate"] == fitted_on
+    for args in (
+        ["cache-features", *flags, "--backbone", "tiny_vit", "--workers", "0"],
+        ["train", *flags, "--epochs", "1"],
+    ):
+        assert runner.invoke(app, args).exit_code == 0, args
+
+    export = runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified"])
+    assert export.exit_code == 2 and not (run / "bundle.tar").exists()
+    assert "roadwork calibrate --run" in flat(export.output) and "scores/val_calib.csv changed" in flat(export.output)
+    evaluate = runner.invoke(app, ["evaluate", *flags])
+    assert evaluate.exit_code == 2 and "roadwork calibrate --run" in flat(evaluate.output)
+    with pytest.raises(UsageError, match="roadwork calibrate --run"):
+        Stage1Model.from_run(RunDir(run), device="cpu")
+
+    assert runner.invoke(app, ["calibrate", "--run", str(run), *allow]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", *flags]).exit_code == 0
+    export = runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified"])
+    assert export.exit_code == 0, export.output
