@@ -163,18 +163,15 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
 
     from roadwork_cli.config import Settings
     from roadwork_cli.io.bundle import verify_bundle, write_bundle
-    from roadwork_cli.io.provenance import check
 
     settings = settings or Settings()
     run = run if isinstance(run, RunDir) else RunDir(run)
     out = Path(out or settings.export.out or run.bundle)
     best = run.require(run.checkpoints / "best.safetensors", "train")
-    params = read_json(run.require(run.scrc_params, "calibrate"))
-    check(run, "calibrate", "calibrate")
-    _check_certified(params, settings.export.allow_uncertified)
-
-    # Building the model checks here, not at deployment, that backbone, head and rule fit together.
+    # Building the model checks here, not at deployment, that backbone, head and rule fit together, and that the
+    # calibration was fitted on this model's scores (Stage1Model.from_run loads it with load_run_calibration).
     model = Stage1Model.from_run(run, device="cpu")
+    _check_certified(model.rule.params, settings.export.allow_uncertified)
     info = {k: v for k, v in model.info.items() if k != "manifest"}
     spec = dict(info["backbone"]["spec"])
     policy = settings.export.include_backbone_weights
