@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
+from roadwork_cli.io.run import RunDir
+
 
 def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Path:
     """Scores of a synthetic, miscalibrated model (logits scaled by `temperature`)."""
@@ -24,6 +26,14 @@ def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Pat
         for i in range(n):
             writer.writerow([f"{seed}-{i}", y[i], f"{p[i]:.8f}", f"{gate[i]:.8f}", "0.0"])
     return path
+
+
+def score_run(root: Path) -> RunDir:
+    """A run with only ``scores/{val_select,val_calib,test}.csv`` (1500 / 2500 / 2000 rows, seeds 1 / 2 / 3)."""
+    run = RunDir(root).ensure()
+    for split, n, seed in (("val_select", 1500, 1), ("val_calib", 2500, 2), ("test", 2000, 3)):
+        write_scores(run.scores / f"{split}.csv", n, seed)
+    return run
 
 
 def binomial_excess_pvalue(violations: int, trials: int, rate: float) -> float:

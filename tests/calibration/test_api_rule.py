@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import write_scores
+from score_helpers import score_run, write_scores
 
 import roadwork_cli
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv, split_rows
@@ -19,11 +19,7 @@ from roadwork_cli.metrics.classification import nll
 
 @pytest.fixture
 def run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run").ensure()
-    write_scores(run.scores / "val_select.csv", 1500, 1)
-    write_scores(run.scores / "val_calib.csv", 2500, 2)
-    write_scores(run.scores / "test.csv", 2000, 3)
-    return run
+    return score_run(tmp_path / "run")
 
 
 SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate", scaling="temperature")

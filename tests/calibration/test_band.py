@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import scrc_band, write_scores
+from score_helpers import score_run, scrc_band, write_scores
 
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv
 from roadwork_cli.calibration.estimator import SelectiveConformal
@@ -103,11 +103,7 @@ def test_band_grid_sits_where_coverage_binds() -> None:
 
 @pytest.fixture
 def run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run").ensure()
-    write_scores(run.scores / "val_select.csv", 1500, 1)
-    write_scores(run.scores / "val_calib.csv", 2500, 2)
-    write_scores(run.scores / "test.csv", 2000, 3)
-    return run
+    return score_run(tmp_path / "run")
 
 
 def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir) -> None:
