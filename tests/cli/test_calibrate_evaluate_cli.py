@@ -270,3 +270,12 @@ def test_a_calibration_of_another_models_scores_is_refused_until_recalibrated(tm
     assert runner.invoke(app, ["evaluate", *flags]).exit_code == 0
     export = runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified"])
     assert export.exit_code == 0, export.output
+
+
+def test_flags_not_given_leave_the_environment_in_charge(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--allow-infeasible"]
+    env = {"ROADWORK_CALIBRATION__FNR": "0.07", "ROADWORK_CALIBRATION__COVERAGE": "0.6"}
+    assert runner.invoke(app, [*args, "--coverage", "0.65"], env=env).exit_code == 0
+    targets = json.loads(params.read_text())["targets"]
+    assert (targets["alpha"], targets["xi"], targets["delta"]) == (0.07, 0.65, 0.1)  # env, flag, default
