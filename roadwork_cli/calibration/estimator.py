@@ -234,7 +234,7 @@ class SelectiveConformal:
         }
 
     # ---------------------------------------------------------------------------------------------- save / load
-    def save(self, params_path: Path, scaling_path: Path | None = None) -> None:
+    def save(self, params_path: str | Path, scaling_path: str | Path | None = None) -> None:
         """Write ``scrc_params.json`` (scaling embedded) and, when given, ``scaling.json`` (atomically)."""
         if self.params is None:
             raise RuntimeError("call conformalize() before save()")
@@ -256,7 +256,7 @@ class SelectiveConformal:
         return estimator
 
     @classmethod
-    def load(cls, scaling_path: Path | None, params_path: Path) -> SelectiveConformal:
+    def load(cls, scaling_path: str | Path | None, params_path: str | Path) -> SelectiveConformal:
         """Read ``scaling.json`` (optional) and ``scrc_params.json``."""
         try:
             params = read_json(params_path)
