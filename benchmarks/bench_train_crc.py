@@ -63,7 +63,7 @@ def demo_splits(table, ids: set[str], seed: int) -> dict[str, list[str]]:
 def run_variant(work: Path, seed: int, name: str, rules: list[str]) -> list[dict]:
     """Train variant ``name`` on seed ``seed``'s demo split, calibrate per rule, report on test."""
     from roadwork_cli.calibration.api import calibrate_run, read_scores_csv
-    from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.calibration.estimator import SelectiveConformal
     from roadwork_cli.config import deep_merge, load_settings
     from roadwork_cli.errors import InfeasibleError
     from roadwork_cli.pipeline import DEMO_DEFAULTS
@@ -85,10 +85,11 @@ def run_variant(work: Path, seed: int, name: str, rules: list[str]) -> list[dict
         settings.calibration.rule = rule
         settings.calibration.allow_infeasible = True
         try:
-            calibrated = calibrate_run(run, settings)
+            calibrated = calibrate_run(run, settings.calibration)
         except InfeasibleError as error:  # not raised with allow_infeasible; kept for older settings
             calibrated = error.result
-        report = compute_report(read_scores_csv(run.scores / "test.csv"), StageRule.load(run.scaling, run.scrc_params))
+        estimator = SelectiveConformal.load(run.scaling, run.scrc_params)
+        report = compute_report(read_scores_csv(run.scores / "test.csv"), estimator)
         row = {"variant": name, "seed": seed, "rule": rule, "certified": bool(calibrated.feasible)}
         row.update({m: report.get(m) for m in METRICS})
         row["gate_score"] = calibrated.scaling.get("gate_score")
@@ -104,12 +105,12 @@ def _choose_at_tau(run, alpha: float) -> str:
     """What ``gate_score: auto`` would pick if it compared the AURCs at the rule's operating threshold instead of at
     p >= 0.5: tau estimated on val_select as the alpha-quantile of calibrated p among its roadwork images."""
     from roadwork_cli.calibration.api import read_scores_csv
-    from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.calibration.estimator import SelectiveConformal
     from roadwork_cli.calibration.scaling import softmax_response
     from roadwork_cli.metrics.selective import aurc
 
     select = read_scores_csv(run.scores / "val_select.csv")
-    rule = StageRule.load(run.scaling, run.scrc_params)
+    rule = SelectiveConformal.load(run.scaling, run.scrc_params)
     p = rule.cls_scaler.transform(select.p)
     g = rule.gate_scaler.transform(select.gate)
     tau = float(np.quantile(p[select.label == 1], alpha))

@@ -113,15 +113,26 @@ def portable_splits(splits: dict[str, Any], run_root: Path) -> dict[str, Any]:
     return document
 
 
+def _how_uncertified(params: dict[str, Any]) -> str:
+    """What happened at calibrate, from what scrc_params.json records (files before ``allow_infeasible`` say less)."""
+    allowed = params.get("allow_infeasible")
+    if allowed is True:
+        return "`roadwork calibrate --allow-infeasible` wrote thresholds that are not certified (feasible: false)"
+    if allowed is False:
+        return ("`roadwork calibrate` found the targets not attainable, exited 3 and wrote its parameters with "
+                "feasible: false")  # fmt: skip
+    return "its parameters say feasible: false"
+
+
 def _check_certified(params: dict[str, Any], allow_uncertified: bool) -> None:
     """Refuse a calibration that did not certify its targets unless allowed, and then warn."""
     if params.get("feasible", True) is not False:
         return
     if not allow_uncertified:
         raise UsageError(
-            "This run's calibration did not certify its targets (feasible: false, from `calibrate "
-            "--allow-infeasible`), so a bundle from it carries no guarantee. Re-calibrate with attainable targets or "
-            "more calibration data, or export anyway with --allow-uncertified (export.allow_uncertified: true)."
+            f"This run's calibration did not certify its targets: {_how_uncertified(params)}, so a bundle from it "
+            "carries no guarantee. Re-calibrate with attainable targets or more calibration data, or export anyway "
+            "with --allow-uncertified (export.allow_uncertified: true)."
         )
     warnings.warn(
         "Exporting an uncertified calibration (feasible: false): the bundle's decisions carry no guarantee.",
@@ -152,18 +163,15 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
 
     from roadwork_cli.config import Settings
     from roadwork_cli.io.bundle import verify_bundle, write_bundle
-    from roadwork_cli.io.provenance import check
 
     settings = settings or Settings()
     run = run if isinstance(run, RunDir) else RunDir(run)
     out = Path(out or settings.export.out or run.bundle)
     best = run.require(run.best_weights, "train")
-    params = read_json(run.require(run.scrc_params, "calibrate"))
-    check(run, "calibrate", "calibrate")
-    _check_certified(params, settings.export.allow_uncertified)
-
-    # Building the model checks here, not at deployment, that backbone, head and rule fit together.
+    # Building the model checks here, not at deployment, that backbone, head and rule fit together, and that the
+    # calibration was fitted on this model's scores (Stage1Model.from_run loads it with load_run_calibration).
     model = Stage1Model.from_run(run, device="cpu")
+    _check_certified(model.rule.params, settings.export.allow_uncertified)
     info = {k: v for k, v in model.info.items() if k != "manifest"}
     spec = dict(info["backbone"]["spec"])
     policy = settings.export.include_backbone_weights

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from roadwork_cli.calibration.api import ScoreTable, read_scores_csv
-from roadwork_cli.calibration.rule import StageRule
+from roadwork_cli.calibration.api import ScoreTable, load_run_calibration, read_scores_csv
+from roadwork_cli.calibration.estimator import SelectiveConformal
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, atomic_write_text, read_json
 from roadwork_cli.io.progress import progress_bar
@@ -192,7 +192,9 @@ def score_levels(
     return tables
 
 
-def robustness_block(tables: dict[int, ScoreTable], rule: StageRule, n_images: int | None = None) -> dict[str, Any]:
+def robustness_block(
+    tables: dict[int, ScoreTable], rule: SelectiveConformal, n_images: int | None = None
+) -> dict[str, Any]:
     """The ``robustness`` block of report.json: ``level_<k>`` -> every metric of ``compute_report`` on that level,
     plus ``natix_reward``, ``satisfied`` and ``n_failed``; and ``note`` (the guarantee's scope).
 
@@ -208,7 +210,7 @@ def robustness_block(tables: dict[int, ScoreTable], rule: StageRule, n_images: i
         report = compute_report(table, rule)
         metrics = {key: value for key, value in report.items() if key not in _RUN_WIDE_KEYS}
         metrics["natix_reward"] = natix_reward(report["mcc"], report["accuracy"])
-        metrics["satisfied"] = bool(report["guarantee"]["satisfied"])
+        metrics["satisfied"] = report["guarantee"]["satisfied"]  # None: FNR not testable on this level
         metrics["n_failed"] = None if n_images is None else int(n_images - len(table))
         block[f"level_{level}"] = metrics
     block["note"] = ROBUSTNESS_NOTE
@@ -231,7 +233,7 @@ def evaluate_robustness(
     from roadwork_cli.reporting.evaluate import add_to_report
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
+    rule = load_run_calibration(run)
     report_path = run.require(run.report, "evaluate")
     tables = score_levels(run, settings, split=split, progress=progress)
     n_images = len(Splits.load(run.splits).ids(split))

@@ -101,8 +101,8 @@ class ScoringModel:
     here, once.
 
     Args:
-        rule: ``StageRule`` that calibrates raw scores and decides roadwork / no_roadwork / defer (None: raw scores
-            only).
+        rule: ``SelectiveConformal`` that calibrates raw scores and decides roadwork / no_roadwork / defer (None:
+            raw scores only).
         info: Provenance (backbone spec and fingerprint, head config, recipe) as written to model.json.
         preprocessing: The backbone's input recipe.
         jpeg_draft: Draft-decode large JPEGs; ``None`` follows the recorded recipe (on when none is recorded); a
@@ -250,7 +250,7 @@ class ScoringModel:
                 }
                 if indices:
                     p_cal, g_cal = self.rule.calibrate(p_raw, g_raw)
-                    decisions = self.rule.decide(p_raw, g_raw)
+                    decisions = self.rule.predict(p_raw, g_raw)
                     for j, index in enumerate(indices):
                         done[index] = Prediction(
                             _describe(images[index], index), float(p_cal[j]), float(g_cal[j]), str(decisions[j])
@@ -284,7 +284,7 @@ class Stage1Model(ScoringModel):
     Args:
         backbone: Feature extractor, (B, 3, H, W) -> (B, D).
         head: ``SelectiveHead``, (B, D) -> HeadOutput(cls, gate, aux) logits.
-        rule: ``StageRule`` that calibrates raw scores and decides roadwork / no_roadwork / defer.
+        rule: ``SelectiveConformal`` that calibrates raw scores and decides roadwork / no_roadwork / defer.
         info: Provenance (backbone spec and fingerprint, head config, recipe) as written to model.json.
         device: Where to run; default ``auto``.
         max_pixels: Decompression-bomb limit for inputs.
@@ -349,8 +349,8 @@ class Stage1Model(ScoringModel):
         Args:
             run: The run directory.
             device: Where to run.
-            calibrated: Require calibration/scrc_params.json; with ``False`` a model without a rule is returned
-                (only ``raw_scores`` works), which is what scoring a new source for calibration needs.
+            calibrated: Require calibration/scrc_params.json, fitted on the current scores (``load_run_calibration``);
+                with ``False`` the rule is attached unchecked when present (only ``raw_scores`` needs none).
             precision: As in the class; ``auto`` follows the run's feature cache.
             jpeg_draft: As in the class; ``None`` follows the run's feature cache.
         """
@@ -358,8 +358,12 @@ class Stage1Model(ScoringModel):
         best = run.require(run.best_weights, "train")
         best_json = read_best_record(run).to_json()
         rule = None
-        if calibrated or run.scrc_params.exists():
-            params = read_json(run.require(run.scrc_params, "calibrate"))
+        if calibrated:
+            from roadwork_cli.calibration.api import load_run_calibration
+
+            rule = load_run_calibration(run)  # refuses a calibration fitted on another model's scores
+        elif run.scrc_params.exists():
+            params = read_json(run.scrc_params)
             scaling = read_json(run.scaling) if run.scaling.exists() else None
             rule = _build_rule(scaling, params)
         weights = run_backbone_weights(run, best_json)
@@ -496,7 +500,7 @@ class OnnxStage1Model(ScoringModel):
 
     Args:
         graph: The loaded graph.
-        rule: ``StageRule`` that calibrates raw scores and decides.
+        rule: ``SelectiveConformal`` that calibrates raw scores and decides.
         info: The bundle's model.json record (its recipe gives the preprocessing).
         jpeg_draft: As in :class:`ScoringModel`.
         max_pixels: Decompression-bomb limit for inputs.
@@ -732,9 +736,9 @@ def build_head(record: dict[str, Any], weights: bytes, backbone: torch.nn.Module
 
 
 def _build_rule(scaling: dict[str, Any] | None, params: dict[str, Any]) -> Any:
-    from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.calibration.estimator import SelectiveConformal
 
-    return StageRule.from_dicts(scaling, params)
+    return SelectiveConformal.from_dicts(scaling, params)
 
 
 def model_record(best_json: dict[str, Any], backbone: torch.nn.Module) -> dict[str, Any]:

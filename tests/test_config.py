@@ -137,7 +137,7 @@ def test_a_one_value_list_in_the_environment_is_accepted():
     [
         ("calibration", "scaling", "roadwork_cli.calibration.scaling", "list_scalers", ()),
         ("calibration", "rule", "roadwork_cli.calibration.rules", "list_rules", ()),
-        ("calibration", "method", "roadwork_cli.calibration.rules", "list_methods", ()),
+        ("calibration", "method", "roadwork_cli.calibration.targets", "list_methods", ()),
         ("data", "augment", "roadwork_cli.data.transforms", "list_augmentations", ()),
         ("model.peft", "method", "roadwork_cli.model.peft", "list_adapter_methods", ("none",)),
     ],

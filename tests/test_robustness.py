@@ -94,12 +94,12 @@ def test_reward_uses_the_calibrated_p_at_one_half(tiny_run: Path):
     from sklearn.metrics import accuracy_score, matthews_corrcoef
 
     from roadwork_cli.calibration.api import read_scores_csv
-    from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.calibration.estimator import SelectiveConformal
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.robustness import robustness_block
 
     run = RunDir(tiny_run)
-    rule = StageRule.load(run.scaling, run.scrc_params)
+    rule = SelectiveConformal.load(run.scaling, run.scrc_params)
     table = read_scores_csv(run.eval / "robustness" / "level_2.csv")
     p, _ = rule.calibrate(table.p, table.gate)
     decided = (p >= 0.5).astype(int)

@@ -92,7 +92,7 @@ def test_decision_matches_the_rule_on_calibrated_scores(model, tmp_path):
     paths = [jpeg(tmp_path / f"{i}.jpg", colour=(60 * i, 20 * i, 100)) for i in range(4)]
     p_raw, g_raw, errors = model.raw_scores(paths)
     assert errors == [None] * 4
-    expected = model.rule.decide(p_raw, g_raw)
+    expected = model.rule.predict(p_raw, g_raw)
     assert [p.decision for p in model.predict(paths)] == list(expected)
 
 

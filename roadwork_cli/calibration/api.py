@@ -1,7 +1,10 @@
 """Library entry points of calibration: a run's val_select/val_calib scores, or any model's scores CSV.
 
-``calibrate_run`` fits probability scaling on val_select, fixes the lambda grid from val_select, runs SCRC-I (or CRC /
-prediction sets) on val_calib and writes ``calibration/scaling.json`` and ``calibration/scrc_params.json``.
+``calibrate_run`` runs the estimator (``SelectiveConformal``: scaling and grid on val_select, SCRC-I, CRC or prediction
+sets on val_calib), writes ``calibration/scaling.json`` and ``calibration/scrc_params.json`` and records which score
+files it was fitted on (their fingerprints, in the params' ``data`` block and in ``provenance.json``).
+``load_run_calibration`` is how evaluate, predict and export read a run's calibration: it refuses one whose scores are
+no longer the current model's (the model was re-trained since), naming ``roadwork calibrate --run DIR``.
 ``calibrate_scores`` does the same for one CSV with columns ``p_roadwork,gate,label``.
 """
 
@@ -15,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from roadwork_cli.calibration.rule import StageRule
-from roadwork_cli.calibration.rules import CalibrationOutcome, SelectiveConformal
-from roadwork_cli.calibration.scaling import create_scaler, fit_gate_scaler, softmax_response
+from roadwork_cli.calibration.estimator import SelectiveConformal
 from roadwork_cli.calibration.stats import positives_needed
+from roadwork_cli.calibration.targets import CalibrationOutcome
+from roadwork_cli.config import CalibrationSettings
 from roadwork_cli.errors import InfeasibleError, UsageError
-from roadwork_cli.io.atomic import atomic_write_json
+from roadwork_cli.io import provenance
 from roadwork_cli.io.run import RunDir
-from roadwork_cli.metrics.selective import aurc
 
-PARAMS_VERSION = 1
+CALIBRATE = "calibrate"
+"""The stage name under which calibrate records its inputs in ``provenance.json``."""
 REQUIRED_COLUMNS = ("p_roadwork", "gate", "label")
 
 
@@ -131,112 +134,7 @@ def read_scores_csv(path: str | Path) -> ScoreTable:
     )  # fmt: skip
 
 
-def fit_scaling(select: ScoreTable | None, settings) -> dict[str, Any]:
-    """Fit the p and gate scalers on val_select (identity when there is none); returns the scaling.json dict."""
-    if select is None or len(select) == 0:
-        gate_score = "gate" if settings.gate_score == "auto" else settings.gate_score
-        return {"cls": {"method": "none", "params": {}}, "gate": {"method": "none", "params": {}},
-                "gate_score": gate_score}  # fmt: skip
-    cls_scaler = create_scaler(settings.scaling).fit(select.p, select.label)
-    p_select = cls_scaler.transform(select.p)
-    gate_scaler = fit_gate_scaler(settings.gate_scaling, select.gate, p_select, select.label)
-    scaling = {"cls": cls_scaler.to_dict(), "gate": gate_scaler.to_dict(), "gate_score": settings.gate_score}
-    if settings.gate_score == "auto":
-        scaling.update(
-            choose_selection_score(p_select, gate_scaler.transform(select.gate), select.label, alpha=settings.fnr)
-        )
-    return scaling
-
-
-def choose_selection_score(
-    p_select: np.ndarray, g_select: np.ndarray, labels: np.ndarray, alpha: float | None = None
-) -> dict[str, Any]:
-    """Pick the selection score (gate head or softmax response) with the lower AURC on val_select.
-
-    The errors ranked are those of the decision the rule will make: with ``alpha`` (the FNR target), p >= the
-    alpha-quantile of the positives' p on val_select, which is about where SCRC-I puts tau; without it, p >= 0.5.
-    Ranking errors at 0.5 favours max(p, 1 - p), which is symmetric around 0.5, even when the rule decides far below it.
-    The choice uses val_select only, so it is fixed before val_calib is seen and the SCRC-I guarantee still holds.
-    A gate head that learnt nothing (e.g. saturated because the training set was fit perfectly) loses to max(p, 1-p).
-    """
-    positives = p_select[labels == 1]
-    threshold = float(np.quantile(positives, alpha)) if alpha is not None and positives.size else 0.5
-    losses = ((p_select >= threshold).astype(int) != labels).astype(float)
-    candidates = {"gate": aurc(g_select, losses), "softmax_response": aurc(softmax_response(p_select), losses)}
-    chosen = min(candidates, key=lambda name: (candidates[name], name != "gate"))  # ties keep the gate head
-    return {"gate_score": chosen, "gate_score_aurc_select": candidates, "gate_score_threshold": threshold}
-
-
-def _params_dict(outcome: CalibrationOutcome, scaling: dict[str, Any], settings, source: dict[str, Any]) -> dict:
-    from roadwork_cli.version import __version__
-
-    data = outcome.to_dict()
-    return {
-        "version": PARAMS_VERSION,
-        "library_version": __version__,
-        "method": outcome.method,
-        "gate_score": scaling.get("gate_score", settings.gate_score),
-        "feasible": bool(outcome.feasible),
-        "infeasible_decisions": settings.infeasible_decisions,
-        "thresholds": data["thresholds"],
-        "targets": {
-            "alpha": outcome.alpha,
-            "delta": outcome.delta,
-            "xi": outcome.xi,
-            "delta1": outcome.delta1,
-            "delta2": outcome.delta2,
-            "delta_coverage_share": settings.delta_coverage_share,
-            "objective": settings.objective,
-        },
-        "n": outcome.n,
-        "n_pos": outcome.n_pos,
-        # Only "FNR <= alpha" is certified; the CP bound at the chosen tau is pointwise (tau was picked on the data).
-        "certified": {
-            "targets": outcome.certified,
-            "fnr_at_most": outcome.alpha if outcome.certified else None,
-            "fnr_upper_pointwise": data["fnr_upper_pointwise"],
-            "coverage_lower": data["coverage_lower"],
-            "pairs": outcome.certified_pairs,
-        },
-        "empirical": {
-            "coverage": data["coverage"],
-            "fnr": data["fnr"],
-            "accuracy_on_exits": data["accuracy_on_exits"],
-            "exited_positives": outcome.exited_positives,
-            "misses": outcome.misses,
-        },
-        "attainable": data["attainable"],
-        "grid": data["grid"],
-        "per_grid": data["per_grid"],
-        "note": outcome.note,
-        "scaling": scaling,
-        "data": source,
-    }
-
-
-def _conformalize(select: ScoreTable | None, calib: ScoreTable, settings, scaling: dict[str, Any]):
-    sc = SelectiveConformal(
-        alpha=settings.fnr,
-        delta=settings.delta,
-        xi=settings.coverage,
-        method=settings.method,
-        rule=settings.rule,
-        grid_size=settings.grid_size,
-        delta_coverage_share=settings.delta_coverage_share,
-        objective=settings.objective,
-    )
-    scores = StageRule.from_dicts(scaling, {"thresholds": {"lambda": None, "tau": 0.5}})
-    if select is not None and len(select):
-        p_select, g_select = scores.calibrate(select.p, select.gate)
-        # The grid may use n (a count, not data) so that it reaches just inside the DKW-feasible region.
-        sc.fit(p_select, g_select, select.label, n_calib=len(calib))
-    else:
-        sc.fit(score_range=(0.5, 1.0) if scaling["gate_score"] == "softmax_response" else (0.0, 1.0))
-    p, g = scores.calibrate(calib.p, calib.gate)
-    return sc.conformalize(p, g, calib.label)
-
-
-def infeasible_message(result: CalibrationResult, settings) -> str:
+def infeasible_message(result: CalibrationResult, settings: CalibrationSettings) -> str:
     """The infeasibility note plus how many exited calibration positives the targets need at the least."""
     needed = positives_needed(settings.fnr, settings.delta, settings.delta_coverage_share, settings.grid_size)
     outcome = result.outcome
@@ -249,7 +147,7 @@ def infeasible_message(result: CalibrationResult, settings) -> str:
     )  # fmt: skip
 
 
-def _finish(result: CalibrationResult, settings) -> CalibrationResult:
+def _finish(result: CalibrationResult, settings: CalibrationSettings) -> CalibrationResult:
     if not result.outcome.feasible and not settings.allow_infeasible:
         error = InfeasibleError(
             f"{infeasible_message(result, settings)} Parameters were written to {result.params_path} with "
@@ -261,28 +159,47 @@ def _finish(result: CalibrationResult, settings) -> CalibrationResult:
     return result
 
 
-def calibrate_run(run: RunDir | str | Path, settings) -> CalibrationResult:
-    """Calibrate a trained run: scaling + lambda grid from val_select, thresholds from val_calib.
+def calibrate_run(run: RunDir | str | Path, settings: CalibrationSettings) -> CalibrationResult:
+    """Calibrate a trained run: scaling + threshold grid from val_select, thresholds from val_calib.
+
+    The score files' fingerprints go into the params' ``data`` block and into ``provenance.json`` (stage
+    ``calibrate``), so that a model re-trained since is caught by :func:`load_run_calibration`.
 
     Args:
         run: Run directory with ``scores/val_select.csv`` and ``scores/val_calib.csv`` (written by train).
-        settings: ``CalibrationSettings`` (or full ``Settings``, whose calibration section is used).
+        settings: The calibration settings section.
 
     Raises:
         InfeasibleError: Targets not certifiable and ``allow_infeasible`` is off (files are written first).
     """
-    settings = getattr(settings, "calibration", settings)
     run = run if isinstance(run, RunDir) else RunDir(run)
     select_path = run.require(run.score_file("val_select"), "train")
     calib_path = run.require(run.score_file("val_calib"), "train")
     select, calib = read_scores_csv(select_path), read_scores_csv(calib_path)
-    scaling = fit_scaling(select, settings)
-    outcome = _conformalize(select, calib, settings, scaling)
-    source = {"mode": "run", "select": str(select_path), "calib": str(calib_path), "n_select": len(select)}
-    params = _params_dict(outcome, scaling, settings, source)
-    atomic_write_json(run.scaling, scaling)
-    atomic_write_json(run.scrc_params, params)
-    return _finish(CalibrationResult(outcome, scaling, params, run.scrc_params, run.scaling), settings)
+    estimator = SelectiveConformal(settings).fit(select.p, select.gate, select.label, n_calib=len(calib))
+    fingerprints = {
+        path.relative_to(run.root).as_posix(): provenance.fingerprint(path) for path in (select_path, calib_path)
+    }
+    source = {"mode": "run", "select": str(select_path), "calib": str(calib_path), "n_select": len(select),
+              "fingerprints": fingerprints}  # fmt: skip
+    outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source)
+    estimator.save(run.scrc_params, run.scaling)
+    provenance.record(run, CALIBRATE, [select_path, calib_path])
+    result = CalibrationResult(outcome, estimator.scaling, estimator.params, run.scrc_params, run.scaling)
+    return _finish(result, settings)
+
+
+def load_run_calibration(run: RunDir) -> SelectiveConformal:
+    """The run's calibrated estimator, refused when the scores it was fitted on are not the current model's.
+
+    Raises:
+        UsageError: The run has no calibration (run ``roadwork calibrate``) or its files are unreadable.
+        StaleError: ``scores/val_select.csv`` or ``scores/val_calib.csv`` changed since calibrate (e.g. train ran
+            again, perhaps on another backbone); the message names ``roadwork calibrate --run DIR``.
+    """
+    params_path = run.require(run.scrc_params, CALIBRATE)
+    provenance.check(run, CALIBRATE, CALIBRATE)
+    return SelectiveConformal.load(run.scaling if run.scaling.exists() else None, params_path)
 
 
 def split_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -292,14 +209,13 @@ def split_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.n
     return np.sort(order[:n_select]), np.sort(order[n_select:])
 
 
-def calibrate_scores(scores_csv: str | Path, out: str | Path, settings) -> CalibrationResult:
+def calibrate_scores(scores_csv: str | Path, out: str | Path, settings: CalibrationSettings) -> CalibrationResult:
     """Calibrate any model's scores CSV and write the params JSON (scaling embedded) to ``out``.
 
     With ``scores_select_fraction`` = 0 (default) every row calibrates the thresholds, no scaling is fit and the
     lambda grid is data-free (evenly spaced on the score scale); otherwise that fraction of rows (seeded random)
     plays val_select.
     """
-    settings = getattr(settings, "calibration", settings)
     table = read_scores_csv(scores_csv)
     select = None
     calib = table
@@ -308,14 +224,17 @@ def calibrate_scores(scores_csv: str | Path, out: str | Path, settings) -> Calib
         if select_index.size == 0 or calib_index.size == 0:
             raise UsageError(f"{scores_csv} has too few rows to hold out {settings.scores_select_fraction:g} of them.")
         select, calib = table.subset(select_index), table.subset(calib_index)
-    scaling = fit_scaling(select, settings)
-    outcome = _conformalize(select, calib, settings, scaling)
+    estimator = SelectiveConformal(settings)
+    if select is None:
+        estimator.fit()
+    else:
+        estimator.fit(select.p, select.gate, select.label, n_calib=len(calib))
     source = {"mode": "scores", "scores": str(scores_csv), "n_select": 0 if select is None else len(select),
               "select_fraction": settings.scores_select_fraction}  # fmt: skip
-    params = _params_dict(outcome, scaling, settings, source)
+    outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source)
     out = Path(out)
-    atomic_write_json(out, params)
-    return _finish(CalibrationResult(outcome, scaling, params, out), settings)
+    estimator.save(out)
+    return _finish(CalibrationResult(outcome, estimator.scaling, estimator.params, out), settings)
 
 
 __all__ = [
@@ -323,9 +242,8 @@ __all__ = [
     "ScoreTable",
     "calibrate_run",
     "calibrate_scores",
-    "fit_scaling",
     "infeasible_message",
+    "load_run_calibration",
     "read_scores_csv",
-    "softmax_response",
     "split_rows",
 ]

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from roadwork_cli.registry import Registry
+
 _EPS = 1e-7
 
 
@@ -186,26 +188,23 @@ class DirichletScaler(Scaler):
         return sigmoid(self.params["w1"] * lp + self.params["w2"] * lq + self.params["b"])
 
 
-_SCALERS: dict[str, type[Scaler]] = {
-    "none": IdentityScaler,
-    "temperature": TemperatureScaler,
-    "platt": PlattScaler,
-    "dirichlet": DirichletScaler,
-}
+SCALERS: Registry[type[Scaler]] = Registry("probability scaler")
+for _scaler in (IdentityScaler, TemperatureScaler, PlattScaler, DirichletScaler):
+    SCALERS.add(_scaler.name, _scaler)
 
 
 def list_scalers() -> list[str]:
     """Names accepted by ``create_scaler``."""
-    return sorted(_SCALERS)
+    return SCALERS.names()
 
 
 def create_scaler(name: str, **params: float) -> Scaler:
-    """A new, unfitted scaler by name (``none``, ``temperature``, ``platt``, ``dirichlet``)."""
-    try:
-        cls = _SCALERS[name]
-    except KeyError:
-        raise ValueError(f"unknown scaling {name!r}; choose one of {', '.join(list_scalers())}") from None
-    return cls(**params)
+    """A new, unfitted scaler by name (``none``, ``temperature``, ``platt``, ``dirichlet``).
+
+    Raises:
+        UnknownNameError: No such scaler.
+    """
+    return SCALERS.get(name)(**params)
 
 
 def scaler_from_dict(spec: dict[str, Any] | None) -> Scaler:

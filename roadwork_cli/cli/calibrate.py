@@ -44,9 +44,9 @@ def command(
         raise UsageError("--scores needs --out PARAMS.json (where to write the thresholds).")
     if scores is None and out is not None:
         raise UsageError("--out only goes with --scores; with --run the params go to DIR/calibration/.")
-    # None = flag not given; dropped here because deep_merge keeps a whole new section as it is, Nones included.
+    # None = flag not given; load_settings skips None leaves, so settings and the environment keep their values.
     flags = {"fnr": fnr, "coverage": coverage, "delta": delta, "allow_infeasible": allow_infeasible}
-    overrides = {"runtime": {"run": run}, "calibration": {k: v for k, v in flags.items() if v is not None}}
+    overrides = {"runtime": {"run": run}, "calibration": flags}
     settings = resolve_settings(config, overrides, write_to_run=scores is None)
     from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, infeasible_message
     from roadwork_cli.reporting.tables import calibration_table
@@ -62,6 +62,11 @@ def command(
         result = getattr(exc, "result", None)
         if result is not None:
             console.print(calibration_table(result.params, title="calibration: targets NOT attainable"))
+        if json_output:  # the --json contract: one object on stdout, failures included, with the reason
+            paths = {} if result is None else {"params_path": result.params_path, "scaling_path": result.scaling_path}
+            print_json(
+                (result.params if result is not None else {}) | paths | {"error": str(exc), "exit_code": exc.exit_code}
+            )
         raise
     console.print(calibration_table(result.params))
     if not result.feasible:

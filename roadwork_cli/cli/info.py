@@ -16,7 +16,7 @@ def bundle_info(path: Path) -> dict[str, Any]:
     Args:
         path: bundle.tar from ``roadwork export``.
     """
-    from roadwork_cli.calibration.rule import is_certified
+    from roadwork_cli.calibration.estimator import is_certified
     from roadwork_cli.io.bundle import read_bundle
     from roadwork_cli.reporting.tables import guarantee_statement
 

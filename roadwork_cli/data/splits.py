@@ -219,6 +219,10 @@ class SplitSummary:
                     "class makes model selection and probability scaling noisy."
                 )
         neg, pos = totals["val_calib"][0], totals["val_calib"][1]
+        if not neg and not pos:
+            found.append("val_calib has no images: calibrate has nothing to choose thresholds on. Add data or raise "
+                         "the val_calib fraction.")  # fmt: skip
+            return found + self._test_warnings(totals)
         if positives_needed is not None and pos < positives_needed:
             found.append(
                 f"val_calib has {pos} roadwork images, but certifying the false-negative target needs at least "
@@ -226,9 +230,25 @@ class SplitSummary:
                 "calibrate will be infeasible. Add data, raise the val_calib fraction, or relax "
                 "calibration.fnr / delta / grid_size."
             )
+        elif not pos:
+            found.append("val_calib has no roadwork image: the false-negative target cannot be certified, so "
+                         "calibrate will be infeasible.")  # fmt: skip
         if not neg:
             found.append("val_calib has no no_roadwork image: the coverage bound cannot be estimated for negatives.")
-        return found
+        return found + self._test_warnings(totals)
+
+    @staticmethod
+    def _test_warnings(totals: dict[str, dict[int, int]]) -> list[str]:
+        """The test split's problems: evaluate measures nothing, or one of FNR / FPR on exits is undefined."""
+        neg, pos = totals["test"][0], totals["test"][1]
+        if not neg and not pos:
+            return ["test has no images: evaluate has nothing to measure the certified targets on."]
+        if not pos:
+            return [f"test has 0 roadwork and {neg} no_roadwork images: FNR on exits is not testable on it, so "
+                    "evaluate cannot check the false-negative target (and --strict fails)."]  # fmt: skip
+        if not neg:
+            return [f"test has {pos} roadwork and 0 no_roadwork images: FPR on exits and MCC are undefined on it."]
+        return []
 
 
 def group_from_filename(locator: str) -> str | None:

@@ -111,29 +111,35 @@ def coverage(exits) -> float:
     return float(exits.mean()) if exits.size else float("nan")
 
 
-def _rate(numerator: int, denominator: int) -> float:
+def rate(numerator: int, denominator: int) -> float:
+    """``numerator / denominator`` as a float; NaN when the denominator is 0 (the rate is undefined, not 0)."""
     return float(numerator / denominator) if denominator else float("nan")
+
+
+def fnr_counts(labels, predictions, exits) -> tuple[int, int]:
+    """(misses k, exited positives m): #(y=1, pred=0, exit) and #(y=1, exit), the counts behind FNR on exits."""
+    labels, predictions, exits = (np.asarray(a) for a in (labels, predictions, exits))
+    positives = (labels == 1) & exits.astype(bool)
+    return int(np.sum(positives & (predictions == 0))), int(positives.sum())
 
 
 def fnr_on_exits(labels, predictions, exits) -> float:
     """Missed roadwork among exited positives: #(y=1, pred=0, exit) / #(y=1, exit); NaN when no positive exits."""
-    labels, predictions, exits = (np.asarray(a) for a in (labels, predictions, exits))
-    positives = (labels == 1) & exits.astype(bool)
-    return _rate(int(np.sum(positives & (predictions == 0))), int(positives.sum()))
+    return rate(*fnr_counts(labels, predictions, exits))
 
 
 def fpr_on_exits(labels, predictions, exits) -> float:
     """False alarms among exited negatives: #(y=0, pred=1, exit) / #(y=0, exit); NaN when no negative exits."""
     labels, predictions, exits = (np.asarray(a) for a in (labels, predictions, exits))
     negatives = (labels == 0) & exits.astype(bool)
-    return _rate(int(np.sum(negatives & (predictions == 1))), int(negatives.sum()))
+    return rate(int(np.sum(negatives & (predictions == 1))), int(negatives.sum()))
 
 
 def accuracy_on_exits(labels, predictions, exits) -> float:
     """Accuracy of the decisions of exited samples; NaN when nothing exits."""
     labels, predictions, exits = (np.asarray(a) for a in (labels, predictions, exits))
     exits = exits.astype(bool)
-    return _rate(int(np.sum((labels == predictions) & exits)), int(exits.sum()))
+    return rate(int(np.sum((labels == predictions) & exits)), int(exits.sum()))
 
 
 def avg_set_size(sets) -> float:

@@ -4,8 +4,9 @@ Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training,
 calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.scoring.score_source``) for scores; its
 report goes beside the test split's, to ``eval/source-<slug>/report.json``.
 
-``guarantee.satisfied`` says whether the observed rates on this data meet the targets; ``guarantee.certified`` says
-whether calibration certified them. Only a certified run is ever shown as having a guarantee.
+``guarantee.satisfied`` says whether the observed rates on this data meet the targets (null when FNR on exits is not
+testable: no roadwork image exits); ``guarantee.certified`` says whether calibration certified them. Only a certified
+run is ever shown as having a guarantee.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from roadwork_cli.calibration.api import ScoreTable, read_scores_csv
-from roadwork_cli.calibration.rule import StageRule
+from roadwork_cli.calibration.api import ScoreTable, load_run_calibration, read_scores_csv
+from roadwork_cli.calibration.estimator import SelectiveConformal
 from roadwork_cli.calibration.scaling import softmax_response
 from roadwork_cli.calibration.stats import clopper_pearson_lower, clopper_pearson_upper
 from roadwork_cli.errors import RoadworkError, UsageError
@@ -28,12 +29,12 @@ from roadwork_cli.io.atomic import atomic_write_json, json_safe
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics import classification as cm
 from roadwork_cli.metrics import selective as sm
-from roadwork_cli.reporting.tables import describe_operating_point, guarantee_verdict
+from roadwork_cli.reporting.tables import UNTESTABLE, describe_operating_point, guarantee_verdict
 
 ECE_BINS = 15
 
 
-def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
+def compute_report(table: ScoreTable, rule: SelectiveConformal) -> dict[str, Any]:
     """Every metric of report.json for raw scores ``table`` under ``rule`` (no files written).
 
     Single-stage metrics (accuracy, mcc, auroc, ece, brier) use the calibrated p on every image with p >= 0.5.
@@ -43,7 +44,7 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     """
     labels = table.label.astype(int)
     p, g = rule.calibrate(table.p, table.gate)
-    decisions = rule.decide(table.p, table.gate)
+    decisions = rule.predict(table.p, table.gate)
     exits = decisions != "defer"
     predictions = (decisions == "roadwork").astype(int)
     single = (p >= 0.5).astype(int)
@@ -61,11 +62,15 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
     gate_calibrated = rule.gate_scaler.transform(table.gate)
     avg_set = float(rule.set_sizes(table.p, table.gate).mean())
 
-    k, m = int(np.sum(exits & (labels == 1) & (predictions == 0))), int(np.sum(exits & (labels == 1)))
+    k, m = sm.fnr_counts(labels, predictions, exits)
     n, n_exit = int(labels.size), int(exits.sum())
     fnr = sm.fnr_on_exits(labels, predictions, exits)
     cov = sm.coverage(exits)
-    fnr_ok = (m == 0) or fnr <= alpha
+    # With no roadwork image among the exits FNR on exits is undefined: the FNR target is not testable on this data,
+    # so neither it nor the guarantee as a whole can be called satisfied (None), only refuted by a coverage miss.
+    fnr_ok = bool(fnr <= alpha) if m else None
+    coverage_ok = bool(cov >= xi)
+    satisfied = None if fnr_ok is None and coverage_ok else bool(fnr_ok and coverage_ok)
     report: dict[str, Any] = {
         "n": n,
         "n_pos": int(labels.sum()),
@@ -117,10 +122,11 @@ def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
             "delta": (delta),
             "xi": (xi),
             "certified": rule.certified,
-            "satisfied": bool(fnr_ok and cov >= xi),
-            "fnr_satisfied": bool(fnr_ok),
-            "coverage_satisfied": bool(cov >= xi),
-            "fnr_upper": float(clopper_pearson_upper(k, m, delta)) if math.isfinite(delta) else None,
+            "satisfied": satisfied,
+            "fnr_satisfied": fnr_ok,
+            "fnr_testable": bool(m),
+            "coverage_satisfied": coverage_ok,
+            "fnr_upper": float(clopper_pearson_upper(k, m, delta)) if m and math.isfinite(delta) else None,
             "coverage_lower": float(clopper_pearson_lower(n_exit, n, delta)) if math.isfinite(delta) else None,
             "exited_positives": m,
             "misses": k,
@@ -144,6 +150,13 @@ def check_strict(report: dict[str, Any]) -> None:
             "or looser --fnr/--coverage/--delta.",
             exit_code=1,
         )
+    if guarantee.get("satisfied") is None:
+        exits = sum(int((report.get("decisions") or {}).get(d, 0)) for d in ("roadwork", "no_roadwork"))
+        raise RoadworkError(
+            f"--strict: {UNTESTABLE}: none of its {exits} exits is a roadwork image, so the certified FNR target "
+            "cannot be checked here. Evaluate on data that holds roadwork images.",
+            exit_code=1,
+        )
     if not guarantee.get("satisfied"):
         raise RoadworkError(
             f"--strict: the certified targets are not met on this data (FNR on exits {report.get('fnr_on_exits')} vs "
@@ -153,7 +166,7 @@ def check_strict(report: dict[str, Any]) -> None:
 
 
 def _plots_and_html(
-    out_dir: Path, table: ScoreTable, rule: StageRule, report: dict[str, Any], examples: list[dict[str, Any]]
+    out_dir: Path, table: ScoreTable, rule: SelectiveConformal, report: dict[str, Any], examples: list[dict[str, Any]]
 ) -> dict[str, Path]:
     from roadwork_cli.reporting import html, plots
 
@@ -180,7 +193,9 @@ def _plots_and_html(
     return written
 
 
-def _example_records(run: RunDir, table: ScoreTable, rule: StageRule, per_kind: int = 6) -> list[dict[str, Any]]:
+def _example_records(
+    run: RunDir, table: ScoreTable, rule: SelectiveConformal, per_kind: int = 6
+) -> list[dict[str, Any]]:
     """Up to ``per_kind`` missed roadwork, false alarms and deferrals, with their image locators."""
     if not table.ids:
         return []
@@ -194,7 +209,7 @@ def _example_records(run: RunDir, table: ScoreTable, rule: StageRule, per_kind: 
         except Exception:  # noqa: BLE001 - examples are a nicety; the report must not fail over them
             locators = {}
     p, g = rule.calibrate(table.p, table.gate)
-    decisions = rule.decide(table.p, table.gate)
+    decisions = rule.predict(table.p, table.gate)
     kinds = {
         "missed roadwork": (decisions == "no_roadwork") & (table.label == 1),
         "false alarm": (decisions == "roadwork") & (table.label == 0),
@@ -213,7 +228,9 @@ def _example_records(run: RunDir, table: ScoreTable, rule: StageRule, per_kind: 
     return records
 
 
-def _evaluate(table: ScoreTable, rule: StageRule, report_path: Path, examples_run: RunDir | None, extra: dict) -> dict:
+def _evaluate(
+    table: ScoreTable, rule: SelectiveConformal, report_path: Path, examples_run: RunDir | None, extra: dict
+) -> dict:
     report = compute_report(table, rule)
     report.update(extra)
     out_dir = report_path.parent
@@ -262,7 +279,7 @@ def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -
     if split not in ("train", "val_select", "val_calib", "test"):
         raise UsageError(f"Unknown split {split!r}; choose train, val_select, val_calib or test.")
     scores = run.require(run.score_file(split), "train")
-    rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
+    rule = load_run_calibration(run)
     table = read_scores_csv(scores)
     return _evaluate(table, rule, run.report, run, {"split": split, "scores": str(scores)})
 
@@ -295,7 +312,7 @@ def evaluate_source(run: RunDir | str | Path, source: str, settings, progress: b
     from roadwork_cli.scoring import score_source
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
+    rule = load_run_calibration(run)
     report_path = source_report_path(run, source)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     scores = report_path.parent / "scores.csv"
@@ -313,6 +330,6 @@ def evaluate_scores(
     scores_csv: str | Path, params_path: str | Path, out: str | Path, scaling_path: str | Path | None = None
 ) -> dict[str, Any]:
     """Evaluate any scores CSV under a params JSON; writes ``out`` (report.json) and plots/HTML beside it."""
-    rule = StageRule.load(Path(scaling_path) if scaling_path else None, Path(params_path))
+    rule = SelectiveConformal.load(Path(scaling_path) if scaling_path else None, Path(params_path))
     table = read_scores_csv(scores_csv)
     return _evaluate(table, rule, Path(out), None, {"split": None, "scores": str(scores_csv)})

@@ -78,7 +78,9 @@ def _figure(path: Path, name: str) -> str:
 
 def _badge(guarantee: dict[str, Any]) -> str:
     verdict = guarantee_verdict(guarantee)
-    css = "none" if verdict == NO_GUARANTEE else ("ok" if guarantee.get("satisfied") else "bad")
+    # Green only for a certified run whose targets held here; "not testable" (satisfied null) is never green.
+    satisfied = guarantee.get("satisfied")
+    css = "none" if verdict == NO_GUARANTEE or satisfied is None else ("ok" if satisfied else "bad")
     return f'<span class="{css}">{html.escape(verdict.capitalize())}</span>'
 
 

@@ -97,7 +97,7 @@ def plot_score_histograms(path: Path, labels: np.ndarray, p: np.ndarray, g: np.n
     """Histograms of calibrated p and of the selection score per class, with the rule's thresholds marked.
 
     Gate rule: tau on p, lambda on g. Band rule: tau and b on p (everything between them defers). ``rule`` is a
-    ``StageRule``; thresholds a rule does not use are null and not drawn.
+    ``SelectiveConformal``; thresholds a rule does not use are null and not drawn.
     """
     plt = _pyplot()
     labels = np.asarray(labels).astype(int)

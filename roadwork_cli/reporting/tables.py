@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 
 NO_GUARANTEE = "no guarantee (targets not certified)"
+UNTESTABLE = "FNR on exits not testable on this data"
 
 GLOSSARY: tuple[tuple[str, str], ...] = (
     ("exit / defer", "stage 1 either decides (exits with roadwork or no_roadwork) or defers the image to stage 2."),
@@ -77,7 +78,7 @@ def _percent(part: int, whole: int) -> str:
 def guarantee_statement(params: dict[str, Any]) -> str | None:
     """What a calibration (``scrc_params.json``) promises, in one line: the certified targets, or no guarantee and
     what stage 1 then does; None when the file records no outcome (no ``feasible`` key)."""
-    from roadwork_cli.calibration.rule import defers_everything, is_certified
+    from roadwork_cli.calibration.estimator import defers_everything, is_certified
 
     if "feasible" not in params:
         return None
@@ -98,6 +99,8 @@ def guarantee_verdict(guarantee: dict[str, Any]) -> str:
     """The guarantee in words: no guarantee unless certified, then whether this data's rates meet the targets."""
     if not guarantee.get("certified"):
         return NO_GUARANTEE
+    if guarantee.get("satisfied") is None:  # no roadwork image exits: FNR on exits is undefined
+        return f"certified; {UNTESTABLE} (no roadwork image among the exits)"
     if guarantee.get("satisfied"):
         return "certified; satisfied on this data"
     return "certified, but NOT satisfied on this data"
@@ -155,7 +158,11 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, Any, Any]]:
             f"{format_value(report.get('aurc_gate'))} / {format_value(report.get('aurc_softmax_response'))}",
             None,
         ),  # fmt: skip
-        ("observed rates within targets", g.get("satisfied"), None),
+        (
+            "observed rates within targets",
+            "not testable" if g and g.get("satisfied") is None else g.get("satisfied"),
+            None,
+        ),  # fmt: skip
         ("guarantee", guarantee_verdict(g), f"delta {format_value(g.get('delta'))}"),
     ]
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import write_scores
+from score_helpers import score_run, write_scores
 
 import roadwork_cli
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv, split_rows
-from roadwork_cli.calibration.rule import StageRule
+from roadwork_cli.calibration.estimator import SelectiveConformal
 from roadwork_cli.config import CalibrationSettings
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.run import RunDir
@@ -19,11 +19,7 @@ from roadwork_cli.metrics.classification import nll
 
 @pytest.fixture
 def run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run").ensure()
-    write_scores(run.scores / "val_select.csv", 1500, 1)
-    write_scores(run.scores / "val_calib.csv", 2500, 2)
-    write_scores(run.scores / "test.csv", 2000, 3)
-    return run
+    return score_run(tmp_path / "run")
 
 
 SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate", scaling="temperature")
@@ -36,7 +32,7 @@ def test_calibrate_run_writes_scaling_and_params(run: RunDir) -> None:
     params = json.loads(run.scrc_params.read_text())
     assert scaling["cls"]["method"] == "temperature"
     test = read_scores_csv(run.scores / "test.csv")
-    calibrated = StageRule.load(run.scaling, run.scrc_params).calibrate(test.p, test.gate)[0]
+    calibrated = SelectiveConformal.load(run.scaling, run.scrc_params).calibrate(test.p, test.gate)[0]
     assert nll(test.label, calibrated) < 0.8 * nll(test.label, test.p)  # the fitted scaling helps on held-out data
     assert scaling["gate"]["method"] == "platt" and scaling["gate_score"] == "gate"
     assert params["library_version"] == roadwork_cli.__version__
@@ -51,11 +47,11 @@ def test_calibrate_run_writes_scaling_and_params(run: RunDir) -> None:
 
 def test_rule_from_files_matches_the_calibration(run: RunDir) -> None:
     calibrate_run(run, SETTINGS)
-    rule = StageRule.load(run.scaling, run.scrc_params)
-    embedded = StageRule.load(None, run.scrc_params)
+    rule = SelectiveConformal.load(run.scaling, run.scrc_params)
+    embedded = SelectiveConformal.load(None, run.scrc_params)
     table = read_scores_csv(run.scores / "val_calib.csv")
-    decisions = rule.decide(table.p, table.gate)
-    np.testing.assert_array_equal(decisions, embedded.decide(table.p, table.gate))
+    decisions = rule.predict(table.p, table.gate)
+    np.testing.assert_array_equal(decisions, embedded.predict(table.p, table.gate))
     params = json.loads(run.scrc_params.read_text())
     assert np.mean(decisions != "defer") == pytest.approx(params["empirical"]["coverage"])
     p, g = rule.calibrate(table.p, table.gate)
@@ -65,7 +61,7 @@ def test_rule_from_files_matches_the_calibration(run: RunDir) -> None:
 
 def test_softmax_response_gate_score(run: RunDir) -> None:
     result = calibrate_run(run, SETTINGS.model_copy(update={"gate_score": "softmax_response"}))
-    rule = StageRule.from_dicts(result.scaling, result.params)
+    rule = SelectiveConformal.from_dicts(result.scaling, result.params)
     p, g = rule.calibrate(np.array([0.1, 0.7]), np.array([0.9, 0.9]))
     np.testing.assert_allclose(g, np.maximum(p, 1 - p))
 
@@ -75,9 +71,9 @@ def test_other_methods_write_usable_params(run: RunDir, method: str) -> None:
     settings = SETTINGS.model_copy(update={"method": method, "allow_infeasible": True})
     result = calibrate_run(run, settings)
     assert result.params["method"] == method
-    rule = StageRule.load(run.scaling, run.scrc_params)
+    rule = SelectiveConformal.load(run.scaling, run.scrc_params)
     table = read_scores_csv(run.scores / "test.csv")
-    assert set(np.unique(rule.decide(table.p, table.gate))) <= {"roadwork", "no_roadwork", "defer"}
+    assert set(np.unique(rule.predict(table.p, table.gate))) <= {"roadwork", "no_roadwork", "defer"}
 
 
 def test_infeasible_raises_after_writing(run: RunDir) -> None:
@@ -142,9 +138,9 @@ def test_missing_columns_and_empty_files(tmp_path: Path) -> None:
 
 def test_rule_rejects_bad_params() -> None:
     with pytest.raises(UsageError, match="thresholds"):
-        StageRule.from_dicts(None, {"tau": 0.5})
+        SelectiveConformal.from_dicts(None, {"tau": 0.5})
     with pytest.raises(UsageError, match="Bad scaling"):
-        StageRule.from_dicts({"cls": {"method": "isotonic"}}, {"thresholds": {"lambda": 0.1, "tau": 0.5}})
+        SelectiveConformal.from_dicts({"cls": {"method": "isotonic"}}, {"thresholds": {"lambda": 0.1, "tau": 0.5}})
 
 
 def _write_select_with_gate(path: Path, gate_from_correct, seed: int = 5, n: int = 3000) -> Path:
@@ -181,4 +177,4 @@ def test_auto_selection_score_picks_the_better_ranking_on_val_select(tmp_path, g
     assert result.scaling["gate_score"] == expected
     aurcs = result.scaling["gate_score_aurc_select"]
     assert aurcs[expected] <= min(aurcs.values())
-    assert StageRule.from_dicts(result.scaling, result.params).gate_score == expected
+    assert SelectiveConformal.from_dicts(result.scaling, result.params).gate_score == expected

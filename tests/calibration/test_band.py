@@ -1,4 +1,4 @@
-"""The band rule: decisions, SCRC-I over (b, tau), and its params through calibrate_run / StageRule."""
+"""The band rule: decisions, SCRC-I over (b, tau), and its params through calibrate_run / SelectiveConformal."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import scrc_band, write_scores
+from score_helpers import score_run, scrc_band, write_scores
 
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv
+from roadwork_cli.calibration.estimator import SelectiveConformal
 from roadwork_cli.calibration.grids import band_grid_from_scores
-from roadwork_cli.calibration.rule import StageRule
 from roadwork_cli.calibration.rules import BandRule, GateRule
 from roadwork_cli.calibration.stats import binomial_pvalue, dkw_slack
 from roadwork_cli.config import CalibrationSettings
@@ -37,17 +37,21 @@ def test_decisions_follow_the_band_and_ignore_g() -> None:
 
 def test_stage_rule_band_and_old_params_without_rule() -> None:
     scaling = {"cls": {"method": "none", "params": {}}, "gate": {"method": "none", "params": {}}, "gate_score": "gate"}
-    band = StageRule.from_dicts(scaling, {"thresholds": {"rule": "band", "lambda": None, "tau": 0.2, "b": 0.7}})
+    band = SelectiveConformal.from_dicts(
+        scaling, {"thresholds": {"rule": "band", "lambda": None, "tau": 0.2, "b": 0.7}}
+    )
     assert band.rule == "band" and band.b == 0.7 and band.lam is None
     p = np.array([0.1, 0.5, 0.9])
-    assert band.decide(p, np.zeros(3)).tolist() == ["no_roadwork", "defer", "roadwork"]
-    old = StageRule.from_dicts(scaling, {"thresholds": {"lambda": 0.5, "tau": 0.2}})  # written before band existed
+    assert band.predict(p, np.zeros(3)).tolist() == ["no_roadwork", "defer", "roadwork"]
+    old = SelectiveConformal.from_dicts(
+        scaling, {"thresholds": {"lambda": 0.5, "tau": 0.2}}
+    )  # written before band existed
     assert old.rule == "gate" and old.b is None
-    assert old.decide(p, np.array([0.9, 0.9, 0.1])).tolist() == ["no_roadwork", "roadwork", "defer"]
+    assert old.predict(p, np.array([0.9, 0.9, 0.1])).tolist() == ["no_roadwork", "roadwork", "defer"]
     with pytest.raises(UsageError, match="rule"):
-        StageRule.from_dicts(scaling, {"thresholds": {"rule": "wedge", "tau": 0.2}})
+        SelectiveConformal.from_dicts(scaling, {"thresholds": {"rule": "wedge", "tau": 0.2}})
     with pytest.raises(UsageError, match="'b'"):
-        StageRule.from_dicts(scaling, {"thresholds": {"rule": "band", "tau": 0.2}})
+        SelectiveConformal.from_dicts(scaling, {"thresholds": {"rule": "band", "tau": 0.2}})
 
 
 def _toy(seed: int = 0, n: int = 3000) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +103,7 @@ def test_band_grid_sits_where_coverage_binds() -> None:
 
 @pytest.fixture
 def run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run").ensure()
-    write_scores(run.scores / "val_select.csv", 1500, 1)
-    write_scores(run.scores / "val_calib.csv", 2500, 2)
-    write_scores(run.scores / "test.csv", 2000, 3)
-    return run
+    return score_run(tmp_path / "run")
 
 
 def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir) -> None:
@@ -115,10 +115,10 @@ def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir
     assert 0 <= thresholds["tau"] <= thresholds["b"] <= 1
     assert params["certified"]["fnr_upper_pointwise"] <= 0.05 and params["certified"]["coverage_lower"] >= 0.7
     assert thresholds["b"] in params["grid"] and len(params["grid"]) <= BAND.grid_size
-    rule = StageRule.load(run.scaling, run.scrc_params)
-    assert StageRule.load(None, run.scrc_params).rule == "band"
+    rule = SelectiveConformal.load(run.scaling, run.scrc_params)
+    assert SelectiveConformal.load(None, run.scrc_params).rule == "band"
     calib = read_scores_csv(run.scores / "val_calib.csv")
-    decisions = rule.decide(calib.p, calib.gate)
+    decisions = rule.predict(calib.p, calib.gate)
     p, _ = rule.calibrate(calib.p, calib.gate)
     np.testing.assert_array_equal(decisions == "no_roadwork", p < rule.tau)
     np.testing.assert_array_equal(decisions == "roadwork", p >= rule.b)
@@ -139,16 +139,16 @@ def test_band_old_params_and_other_methods(run: RunDir, tmp_path: Path) -> None:
     del legacy["thresholds"]["rule"]  # a params file from before the band rule
     legacy_path = tmp_path / "legacy.json"
     legacy_path.write_text(json.dumps(legacy))
-    rule = StageRule.load(None, legacy_path)
+    rule = SelectiveConformal.load(None, legacy_path)
     table = read_scores_csv(run.scores / "test.csv")
     assert rule.rule == "gate"
-    np.testing.assert_array_equal(rule.decide(table.p, table.gate), gate_rule(run).decide(table.p, table.gate))
+    np.testing.assert_array_equal(rule.predict(table.p, table.gate), gate_rule(run).predict(table.p, table.gate))
     with pytest.raises(UsageError, match="method=scrc"):
         calibrate_run(run, BAND.model_copy(update={"method": "crc"}))
 
 
-def gate_rule(run: RunDir) -> StageRule:
-    return StageRule.load(run.scaling, run.scrc_params)
+def gate_rule(run: RunDir) -> SelectiveConformal:
+    return SelectiveConformal.load(run.scaling, run.scrc_params)
 
 
 def test_band_infeasible_and_scores_mode(run: RunDir, tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import binomial_excess_pvalue, scrc_gate
+from score_helpers import scrc_gate, simulate
 
 from roadwork_cli.calibration.grids import gate_grid_from_scores
-from roadwork_cli.calibration.rules import GateRule, Targets
+from roadwork_cli.calibration.rules import GateRule
 from roadwork_cli.calibration.stats import dkw_slack
+from roadwork_cli.calibration.targets import Targets
 
 ALPHA, DELTA, XI = 0.05, 0.1, 0.8
 N_CALIB, N_SELECT, TRIALS = 2000, 1000, 300
@@ -74,31 +75,25 @@ def population() -> Population:
 def test_scrc_i_violation_rate_stays_below_delta_and_tracks_the_oracle(population: Population) -> None:
     rng = np.random.default_rng(2024)
     slack = dkw_slack(N_CALIB, DELTA / 2)
-    violations, coverages, accuracies, fnrs, grids = 0, [], [], [], []
-    for _ in range(TRIALS):
+
+    def draw_once():
         _, g_select, _ = draw(rng, N_SELECT)
         grid = gate_grid_from_scores(g_select, GRID_SIZE, 0.0, 1.0 - XI - slack)  # fixed before val_calib
         p, g, y = draw(rng, N_CALIB)
         outcome = scrc_gate(p, g, y, grid, ALPHA, DELTA, XI)
         assert outcome.feasible, outcome.note
-        fnr, cov, accuracy = population.rates(outcome.rule.lam, outcome.rule.tau)
-        violations += int(fnr > ALPHA or cov < XI)
-        coverages.append(cov)
-        accuracies.append(accuracy)
-        fnrs.append(fnr)
-        grids.append(grid)
-    rate = violations / TRIALS
-    # One-sided binomial test of H0: violation probability <= delta; the guarantee fails only if this is tiny.
-    assert binomial_excess_pvalue(violations, TRIALS, DELTA) > 0.01, f"violation rate {rate:.3f} > delta={DELTA}"
-    assert np.mean(coverages) >= XI
-    assert max(fnrs) < 2 * ALPHA  # no pathological pair
+        return (*population.rates(outcome.rule.lam, outcome.rule.tau), grid)
+
+    simulation = simulate(TRIALS, draw_once)
+    rate = simulation.assert_guarantee(ALPHA, XI, DELTA)
     taus = np.linspace(0.0, 1.0, 1001)
-    oracle = np.mean([population.oracle_accuracy(grid, taus) for grid in grids[:20]])
+    oracle = np.mean([population.oracle_accuracy(grid, taus) for grid in simulation.grids[:20]])
     # The price of certainty (Bonferroni + DKW) should cost little accuracy on exits at n = 2000.
-    assert np.mean(accuracies) >= oracle - 0.02, (np.mean(accuracies), oracle)
+    accuracy = np.mean(simulation.accuracies)
+    assert accuracy >= oracle - 0.02, (accuracy, oracle)
     print(
-        f"\nSCRC-I: violation rate {rate:.3f} (delta {DELTA}), mean coverage {np.mean(coverages):.3f}, "
-        f"mean FNR {np.mean(fnrs):.4f}, accuracy on exits {np.mean(accuracies):.4f} vs oracle {oracle:.4f}"
+        f"\nSCRC-I: violation rate {rate:.3f} (delta {DELTA}), mean coverage {np.mean(simulation.coverages):.3f}, "
+        f"mean FNR {np.mean(simulation.fnrs):.4f}, accuracy on exits {accuracy:.4f} vs oracle {oracle:.4f}"
     )
 
 
@@ -148,12 +143,13 @@ def test_risk_step_alone_is_valid_and_not_vacuous(population: Population) -> Non
     time, and, being exact, not much less often (otherwise the test above could pass for a too-timid procedure)."""
     rng = np.random.default_rng(5)
     delta, share, trials = 0.4, 0.5, 400  # delta2 = 0.2: large enough to count violations precisely
-    violations = 0
-    for _ in range(trials):
+    everything = np.array([-np.inf])
+
+    def draw_once():
         p, g, y = draw(rng, 1000)
-        outcome = scrc_gate(p, g, y, np.array([-np.inf]), ALPHA, delta, 0.0, share)
-        violations += int(population.rates(outcome.rule.lam, outcome.rule.tau)[0] > ALPHA)
+        outcome = scrc_gate(p, g, y, everything, ALPHA, delta, 0.0, share)
+        return (*population.rates(outcome.rule.lam, outcome.rule.tau), everything)
+
     delta2 = delta * (1 - share)
-    assert binomial_excess_pvalue(violations, trials, delta2) > 0.01
-    assert violations / trials > delta2 / 4
-    print(f"\nrisk step alone: violation rate {violations / trials:.3f} (delta2 {delta2})")
+    rate = simulate(trials, draw_once).assert_exact(ALPHA, delta2)
+    print(f"\nrisk step alone: violation rate {rate:.3f} (delta2 {delta2})")

@@ -11,18 +11,12 @@ from score_helpers import binomial_excess_pvalue, scrc_gate, write_scores
 
 from roadwork_cli.calibration import list_scalers
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores
-from roadwork_cli.calibration.rule import StageRule
-from roadwork_cli.calibration.rules import (
-    SelectiveConformal,
-    Targets,
-    create_method,
-    create_rule,
-    list_methods,
-    list_rules,
-)
+from roadwork_cli.calibration.estimator import SelectiveConformal
+from roadwork_cli.calibration.rules import GateRule, create_rule, list_rules, rule_class
 from roadwork_cli.calibration.stats import positives_needed
+from roadwork_cli.calibration.targets import Targets, create_method, list_methods
 from roadwork_cli.config import CalibrationSettings
-from roadwork_cli.errors import InfeasibleError, UsageError
+from roadwork_cli.errors import InfeasibleError, UnknownNameError, UsageError
 from roadwork_cli.io.run import RunDir
 
 NO_SCALING = {"cls": {"method": "none", "params": {}}, "gate": {"method": "none", "params": {}}, "gate_score": "gate"}
@@ -33,8 +27,8 @@ def _literal_args(field: str) -> list[str]:
 
 
 def test_config_choices_are_the_registries() -> None:
-    assert _literal_args("rule") == list_rules()
-    assert _literal_args("method") == list_methods()
+    assert sorted(_literal_args("rule")) == list_rules()
+    assert sorted(_literal_args("method")) == list_methods()
     assert sorted(_literal_args("scaling")) == sorted(list_scalers())
 
 
@@ -43,45 +37,46 @@ def test_registry_round_trips_every_rule_and_refuses_unknown_names() -> None:
                 "sets": {"sets": {"roadwork": 0.6, "no_roadwork": 0.55}}}  # fmt: skip
     p, g = np.linspace(0, 1, 21), np.linspace(1, 0, 21)
     for name in list_rules():
-        rule = create_rule(name).from_params(examples[name])
+        rule = rule_class(name).from_params(examples[name])
         params = rule.to_params()
         assert params["rule"] == name and set(params) == {"rule", "lambda", "tau", "b", "sets"}
-        again = create_rule(name).from_params(params)
+        again = rule_class(name).from_params(params)
         assert again == rule
         np.testing.assert_array_equal(again.decide(p, g), rule.decide(p, g))
-    with pytest.raises(UsageError, match="Unknown decision rule"):
+    assert create_rule("gate", lam=0.4, tau=0.3) == GateRule(lam=0.4, tau=0.3)  # create_* builds the object
+    with pytest.raises(UnknownNameError, match="Unknown decision rule 'wedge'"):
         create_rule("wedge")
-    with pytest.raises(UsageError, match="Unknown calibration method"):
+    with pytest.raises(UnknownNameError, match="Unknown calibration method 'bogus'"):
         create_method("bogus")
     with pytest.raises(UsageError, match="method=scrc"):
-        SelectiveConformal(0.05, 0.1, 0.8, method="crc", rule="band")
+        SelectiveConformal(CalibrationSettings(fnr=0.05, delta=0.1, coverage=0.8, method="crc", rule="band"))
 
 
 @pytest.mark.parametrize(
     ("params", "rule", "expected"),
     [
-        # Exactly what version-1 files hold today: a gate rule ...
+        # Version-1 files: a gate rule ...
         ({"version": 1, "method": "scrc", "feasible": True,
           "thresholds": {"rule": "gate", "lambda": 0.5, "tau": 0.3, "sets": None}}, "gate",
          ["defer", "roadwork", "roadwork"]),
-        # ... one written before thresholds.rule existed ...
+        # ... one without thresholds.rule (a gate rule) ...
         ({"version": 1, "method": "scrc", "feasible": True, "thresholds": {"lambda": 0.5, "tau": 0.3, "sets": None}},
          "gate", ["defer", "roadwork", "roadwork"]),
         # ... a band rule (lambda null, b set) ...
         ({"version": 1, "method": "scrc", "feasible": True,
           "thresholds": {"rule": "band", "lambda": None, "tau": 0.25, "sets": None, "b": 0.7}}, "band",
          ["no_roadwork", "defer", "roadwork"]),
-        # ... and prediction sets, which were written with rule "gate".
+        # ... and prediction sets.
         ({"version": 1, "method": "sets", "feasible": True,
-          "thresholds": {"rule": "gate", "lambda": None, "tau": None,
+          "thresholds": {"rule": "sets", "lambda": None, "tau": None, "b": None,
                          "sets": {"roadwork": 0.6, "no_roadwork": 0.75}}}, "sets",
          ["no_roadwork", "defer", "roadwork"]),
     ],
 )  # fmt: skip
-def test_old_params_files_keep_loading(params: dict, rule: str, expected: list[str]) -> None:
-    stage = StageRule.from_dicts(NO_SCALING, params)
+def test_params_files_keep_loading(params: dict, rule: str, expected: list[str]) -> None:
+    stage = SelectiveConformal.from_dicts(NO_SCALING, params)
     assert stage.rule == rule
-    assert stage.decide(np.array([0.2, 0.4, 0.9]), np.array([0.1, 0.6, 0.6])).tolist() == expected
+    assert stage.predict(np.array([0.2, 0.4, 0.9]), np.array([0.1, 0.6, 0.6])).tolist() == expected
     assert stage.certified == (params["method"] == "scrc")  # derived for files without certified.targets
 
 
@@ -105,13 +100,13 @@ def test_infeasible_calibration_defers_everything_unless_asked(run: RunDir) -> N
     from roadwork_cli.calibration.api import read_scores_csv
 
     table = read_scores_csv(calib)
-    stage = StageRule.load(run.scaling, run.scrc_params)
-    assert not stage.certified and set(stage.decide(table.p, table.gate)) == {"defer"}
+    stage = SelectiveConformal.load(run.scaling, run.scrc_params)
+    assert not stage.certified and set(stage.predict(table.p, table.gate)) == {"defer"}
     fallback = calibrate_run(run, HARD.model_copy(update={"infeasible_decisions": "fallback"}))
-    stage = StageRule.from_dicts(fallback.scaling, fallback.params)
+    stage = SelectiveConformal.from_dicts(fallback.scaling, fallback.params)
     p, g = stage.calibrate(table.p, table.gate)
-    np.testing.assert_array_equal(stage.decide(table.p, table.gate), stage.decision_rule.decide(p, g))
-    assert set(stage.decide(table.p, table.gate)) != {"defer"}
+    np.testing.assert_array_equal(stage.predict(table.p, table.gate), stage.decision_rule.decide(p, g))
+    assert set(stage.predict(table.p, table.gate)) != {"defer"}
 
 
 def test_infeasible_message_says_how_many_positives_are_needed(run: RunDir) -> None:

@@ -7,18 +7,15 @@ import pytest
 from scipy.stats import beta, binom
 from score_helpers import scrc_gate as scrc_i
 
+from roadwork_cli.calibration.certify import crc_threshold
+from roadwork_cli.calibration.estimator import SelectiveConformal
 from roadwork_cli.calibration.grids import fixed_gate_grid, gate_grid_from_scores, tau_candidates
-from roadwork_cli.calibration.rules import (
-    Coverage,
-    FNROnExits,
-    GateRule,
-    SelectiveConformal,
-    SetsRule,
-    Targets,
-    crc_threshold,
-)
+from roadwork_cli.calibration.rules import GateRule, SetsRule
 from roadwork_cli.calibration.stats import binomial_pvalue, clopper_pearson_lower, clopper_pearson_upper, dkw_slack
-from roadwork_cli.errors import UsageError
+from roadwork_cli.calibration.targets import Targets
+from roadwork_cli.config import CalibrationSettings
+from roadwork_cli.errors import UnknownNameError
+from roadwork_cli.metrics import selective as sm
 
 
 def synthetic(n: int, seed: int = 0):
@@ -71,12 +68,12 @@ def test_scrc_i_certifies_with_the_documented_bounds() -> None:
     level = outcome.delta2 / len(outcome.grid)
     exits = g >= outcome.rule.lam
     predictions = (p >= outcome.rule.tau).astype(int)
-    k, m = FNROnExits.counts(y, predictions, exits)
+    k, m = sm.fnr_counts(y, predictions, exits)
     assert (k, m) == (outcome.misses, outcome.exited_positives)
     assert binom.cdf(k, m, alpha) <= level  # the chosen pair's hypothesis was rejected
     assert outcome.fnr_upper_pointwise == pytest.approx(beta.ppf(1 - level, k + 1, m - k))
     assert outcome.fnr_upper_pointwise <= alpha
-    assert Coverage.empirical(exits) == pytest.approx(outcome.coverage)
+    assert sm.coverage(exits) == pytest.approx(outcome.coverage)
     assert outcome.coverage >= xi + dkw_slack(3000, outcome.delta1)
     assert outcome.coverage_lower == pytest.approx(outcome.coverage - dkw_slack(3000, outcome.delta1))
     assert outcome.delta1 + outcome.delta2 == pytest.approx(delta)
@@ -159,14 +156,24 @@ def test_prediction_sets_mode() -> None:
     assert np.mean(p[y == 1] < t["roadwork"]) <= 0.05
 
 
-def test_selective_conformal_flow() -> None:
+def test_selective_conformal_fit_conformalize_predict_save_load(tmp_path) -> None:
     p, g, y = synthetic(3000, seed=6)
-    sc = SelectiveConformal(alpha=0.05, delta=0.1, xi=0.7).fit(g_select=np.random.default_rng(0).random(500))
-    assert sc.grid_.size == 10
-    outcome = sc.conformalize(p, g, y)
-    decisions = sc.predict(p, g)
-    assert np.mean(decisions != "defer") == pytest.approx(outcome.coverage)
-    with pytest.raises(UsageError, match="Unknown calibration method"):
-        SelectiveConformal(0.05, 0.1, 0.7, method="bogus")
+    p_select, g_select, y_select = synthetic(500, seed=7)
+    settings = CalibrationSettings(fnr=0.05, delta=0.1, coverage=0.7, gate_score="gate")
+    sc = SelectiveConformal(settings)
     with pytest.raises(RuntimeError):
-        SelectiveConformal(0.05, 0.1, 0.7).predict(p, g)
+        sc.predict(p, g)  # nothing conformalized yet
+    sc.fit(p_select, g_select, y_select, n_calib=p.size)
+    assert sc.grid_.size == 10 and sc.scaling["cls"]["method"] == "platt"
+    outcome = sc.conformalize(p, g, y)
+    decisions = sc.predict(p, g)  # raw scores in: the production path scales them first
+    assert np.mean(decisions != "defer") == pytest.approx(outcome.coverage)
+    p_cal, g_cal = sc.calibrate(p, g)
+    np.testing.assert_array_equal(decisions, outcome.rule.decide(p_cal, g_cal))
+    sc.save(tmp_path / "params.json", tmp_path / "scaling.json")
+    for scaling in (tmp_path / "scaling.json", None):  # scrc_params.json alone suffices (scaling embedded)
+        np.testing.assert_array_equal(
+            SelectiveConformal.load(scaling, tmp_path / "params.json").predict(p, g), decisions
+        )
+    with pytest.raises(UnknownNameError, match="Unknown calibration method 'bogus'"):
+        SelectiveConformal(CalibrationSettings.model_construct(**{**settings.model_dump(), "method": "bogus"}))

@@ -13,6 +13,7 @@ from roadwork_cli.calibration.scaling import (
     scaler_from_dict,
     sigmoid,
 )
+from roadwork_cli.errors import UnknownNameError
 from roadwork_cli.metrics.classification import nll
 
 
@@ -34,7 +35,7 @@ def shifted_asymmetric(n: int = 4000, seed: int = 1) -> tuple[np.ndarray, np.nda
 
 def test_registry() -> None:
     assert list_scalers() == ["dirichlet", "none", "platt", "temperature"]
-    with pytest.raises(ValueError, match="unknown scaling"):
+    with pytest.raises(UnknownNameError, match="Unknown probability scaler .isotonic."):
         create_scaler("isotonic")
 
 

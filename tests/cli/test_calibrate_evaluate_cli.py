@@ -76,6 +76,19 @@ def test_infeasible_targets_exit_3_and_show_what_is_attainable(scores: dict[str,
     assert "exited roadwork images" in flat(result.output)  # how many positives the targets need
 
 
+def test_infeasible_calibrate_json_prints_the_reason(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.0005", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    printed = json.loads(result.stdout)  # one JSON object on stdout, even on failure
+    assert printed["feasible"] is False and printed["exit_code"] == 3
+    assert "No threshold pair certifies FNR <= 0.0005" in printed["error"]
+    assert (
+        printed["params_path"] == str(params) and printed["attainable"] == json.loads(params.read_text())["attainable"]
+    )
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -180,3 +193,89 @@ def test_evaluate_strict_passes_when_certified_and_met_and_fails_when_missed(
     assert result.exit_code == 1, result.output
     assert "not met on this data" in flat(result.output)
     assert json.loads(out.read_text())["guarantee"]["satisfied"] is False
+
+
+def test_export_refusal_says_how_the_calibration_came_to_be_uncertified(tmp_path: Path) -> None:
+    from cli_helpers import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")
+    for split, n, seed in (("val_select", 300, 3), ("val_calib", 400, 4)):
+        write_scores(run.scores / f"{split}.csv", n, seed)
+    strict = ["calibrate", "--run", str(run.root), "--fnr", "0.0005"]
+    assert runner.invoke(app, strict).exit_code == 3
+    refused = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert refused.exit_code == 2 and not run.bundle.exists()
+    assert "exited 3" in flat(refused.output) and "from `calibrate --allow-infeasible`" not in flat(refused.output)
+    assert runner.invoke(app, [*strict, "--allow-infeasible"]).exit_code == 0
+    refused = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert refused.exit_code == 2 and "`roadwork calibrate --allow-infeasible` wrote" in flat(refused.output)
+
+
+def test_no_roadwork_among_the_exits_is_not_testable_never_satisfied(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.05", "--coverage", "0.7"]
+    assert runner.invoke(app, args).exit_code == 0
+    negatives = tmp_path / "negatives.csv"  # the test split without its roadwork images
+    rows = scores["test"].read_text().splitlines()
+    negatives.write_text("\n".join([rows[0]] + [r for r in rows[1:] if r.split(",")[3] == "0"]) + "\n")
+    result, out = _evaluate_strict({"test": negatives}, params, tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    guarantee = report["guarantee"]
+    assert guarantee["certified"] is True and guarantee["exited_positives"] == 0 and guarantee["coverage_satisfied"]
+    assert guarantee["satisfied"] is None and guarantee["fnr_satisfied"] is None and guarantee["fnr_testable"] is False
+    assert guarantee["fnr_upper"] is None and report["fnr_on_exits"] is None
+    assert "not testable on this data" in guarantee["verdict"] and "not testable" in flat(result.output)
+    page = (out.parent / "report.html").read_text()
+    assert "Certified; satisfied" not in page and '<span class="ok">' not in page
+    result, _ = _evaluate_strict({"test": negatives}, params, tmp_path, "--strict")
+    assert result.exit_code == 1 and "not testable" in flat(result.output)
+
+
+def test_a_calibration_of_another_models_scores_is_refused_until_recalibrated(tmp_path: Path) -> None:
+    """The field trial's sequence: calibrate -> cache-features --backbone tiny_vit -> train -> export / evaluate."""
+    from roadwork_cli.errors import UsageError
+    from roadwork_cli.io.run import RunDir
+    from roadwork_cli.stage1 import Stage1Model
+
+    run = tmp_path / "run"
+    flags = ["--run", str(run), "--device", "cpu", "--threads", "1"]
+    allow = ["--allow-infeasible"]  # 40 images cannot certify 2 % FNR; staleness is what is tested here
+    steps = [
+        ["split", "--source", "synthetic:40", "--run", str(run)],
+        ["cache-features", *flags, "--backbone", "efficientnet_lite0", "--workers", "0"],
+        ["train", *flags, "--mode", "train_cached", "--epochs", "1"],
+        ["calibrate", "--run", str(run), *allow],
+    ]
+    for args in steps:
+        assert runner.invoke(app, args).exit_code == 0, args
+    fitted_on = json.loads((run / "calibration" / "scrc_params.json").read_text())["data"]["fingerprints"]
+    assert set(fitted_on) == {"scores/val_select.csv", "scores/val_calib.csv"}
+    assert json.loads((run / "provenance.json").read_text())["stages"]["calibrate"] == fitted_on
+    for args in (
+        ["cache-features", *flags, "--backbone", "tiny_vit", "--workers", "0"],
+        ["train", *flags, "--epochs", "1"],
+    ):
+        assert runner.invoke(app, args).exit_code == 0, args
+
+    export = runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified"])
+    assert export.exit_code == 2 and not (run / "bundle.tar").exists()
+    assert "roadwork calibrate --run" in flat(export.output) and "scores/val_calib.csv changed" in flat(export.output)
+    evaluate = runner.invoke(app, ["evaluate", *flags])
+    assert evaluate.exit_code == 2 and "roadwork calibrate --run" in flat(evaluate.output)
+    with pytest.raises(UsageError, match="roadwork calibrate --run"):
+        Stage1Model.from_run(RunDir(run), device="cpu")
+
+    assert runner.invoke(app, ["calibrate", "--run", str(run), *allow]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", *flags]).exit_code == 0
+    export = runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified"])
+    assert export.exit_code == 0, export.output
+
+
+def test_flags_not_given_leave_the_environment_in_charge(scores: dict[str, Path], tmp_path: Path) -> None:
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--allow-infeasible"]
+    env = {"ROADWORK_CALIBRATION__FNR": "0.07", "ROADWORK_CALIBRATION__COVERAGE": "0.6"}
+    assert runner.invoke(app, [*args, "--coverage", "0.65"], env=env).exit_code == 0
+    targets = json.loads(params.read_text())["targets"]
+    assert (targets["alpha"], targets["xi"], targets["delta"]) == (0.07, 0.65, 0.1)  # env, flag, default

@@ -29,7 +29,7 @@ def bundle(tmp_path_factory):
 
 
 class FakeRule:
-    """The parts of a StageRule that predict's output reads."""
+    """The parts of a SelectiveConformal that predict's output reads."""
 
     def __init__(self, rule: str = "gate", feasible: bool | None = True):
         self.rule = rule

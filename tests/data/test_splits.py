@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from roadwork_cli.config import DataSettings
-from roadwork_cli.data.splits import SPLIT_NAMES, Splits, assign_split, build_splits, group_from_filename
+from roadwork_cli.data.splits import (
+    SPLIT_NAMES,
+    Splits,
+    SplitSummary,
+    assign_split,
+    build_splits,
+    group_from_filename,
+)
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.run import RunDir
 
@@ -326,3 +333,23 @@ def test_an_interrupted_split_resumes_with_the_same_result(tmp_path, monkeypatch
     build_splits([str(data)], DataSettings(), run, workers=1)
     assert len(calls) == 11  # the 19 inputs validated before the interruption are not decoded again
     assert run.splits.read_bytes() == clean.splits.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("calib", "test", "expected"),
+    [
+        ((20, 20), (0, 12), ["test has 0 roadwork and 12 no_roadwork images: FNR on exits is not testable"]),
+        ((20, 20), (12, 0), ["test has 12 roadwork and 0 no_roadwork images"]),
+        ((20, 20), (0, 0), ["test has no images"]),
+        ((0, 0), (12, 12), ["val_calib has no images"]),
+        ((0, 20), (12, 12), ["val_calib has no roadwork image"]),
+        ((20, 20), (12, 12), []),
+    ],
+)
+def test_warnings_for_an_empty_or_one_class_test_or_val_calib(calib, test, expected):
+    counts = {("train", 1, "s"): 50, ("train", 0, "s"): 50, ("val_select", 1, "s"): 20, ("val_select", 0, "s"): 20}
+    for split, (pos, neg) in (("val_calib", calib), ("test", test)):
+        counts.update({k: v for k, v in {(split, 1, "s"): pos, (split, 0, "s"): neg}.items() if v})
+    warnings = SplitSummary(counts=counts).warnings()
+    for text, start in zip(warnings, expected, strict=True):
+        assert text.startswith(start), text

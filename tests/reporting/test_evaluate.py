@@ -93,9 +93,9 @@ def test_evaluate_run_writes_report_plots_and_self_contained_html(run: RunDir) -
 
 def test_report_metrics_match_a_direct_computation(run: RunDir) -> None:
     from roadwork_cli.calibration.api import read_scores_csv
-    from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.calibration.estimator import SelectiveConformal
 
-    rule = StageRule.load(run.scaling, run.scrc_params)
+    rule = SelectiveConformal.load(run.scaling, run.scrc_params)
     table = read_scores_csv(run.scores / "test.csv")
     report = compute_report(table, rule)
     p, g = rule.calibrate(table.p, table.gate)
