@@ -2,7 +2,9 @@
 
 Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training, or ``score_source`` output) plus the
 calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.scoring.score_source``) for scores; its
-report goes beside the test split's, to ``eval/source-<slug>/report.json``.
+report goes beside the test split's, to ``eval/source-<slug>/report.json``. The test split's report is
+``eval/report.json``; another split's goes to ``eval/split-<split>/report.json`` (:meth:`RunDir.split_report`). A
+report's folder holds only the figures of that report: figures an earlier evaluation left there are removed.
 
 ``guarantee.satisfied`` says whether the observed rates on this data meet the targets; ``guarantee.certified`` says
 whether calibration certified them. Only a certified run is ever shown as having a guarantee.
@@ -31,6 +33,9 @@ from roadwork_cli.metrics import selective as sm
 from roadwork_cli.reporting.tables import describe_operating_point, guarantee_verdict
 
 ECE_BINS = 15
+
+REPORT_FIGURES = ("risk_coverage.png", "reliability.png", "score_histograms.png", "examples.png", "robustness.png")
+"""Every figure a report (or its robustness block) puts beside report.json; the names this module owns there."""
 
 
 def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
@@ -223,7 +228,14 @@ def _evaluate(table: ScoreTable, rule: StageRule, report_path: Path, examples_ru
         files = _plots_and_html(out_dir, table, rule, report, examples)
         report["files"] = {name: path.name for name, path in files.items()}
     except ImportError as exc:  # matplotlib missing: metrics still count
+        files = {}
         report["files"] = {"error": f"plots skipped: {exc}"}
+    # A figure (or page) of an earlier evaluation in this folder would pass for this one's: e.g. robustness.png after
+    # an evaluation without --robustness, or examples.png where this one had no example to show.
+    kept = {Path(path).name for path in files.values()}
+    for name in (*REPORT_FIGURES, "report.html"):
+        if name not in kept:
+            (out_dir / name).unlink(missing_ok=True)
     atomic_write_json(report_path, report)
     return report
 
@@ -251,7 +263,10 @@ def add_to_report(report_path: Path, additions: dict[str, Any], figures: dict[st
 
 
 def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -> dict[str, Any]:
-    """Evaluate a calibrated run on ``scores/<split>.csv``; writes eval/report.json, PNGs and report.html.
+    """Evaluate a calibrated run on ``scores/<split>.csv``; writes the split's report.json, PNGs and report.html.
+
+    The test split's report is ``eval/report.json`` (the contract); any other split's is
+    ``eval/split-<split>/report.json``, so it never replaces the test report (:meth:`RunDir.split_report`).
 
     Args:
         run: Run directory with scores/ and calibration/.
@@ -264,7 +279,7 @@ def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -
     scores = run.require(run.scores / f"{split}.csv", "train")
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
     table = read_scores_csv(scores)
-    return _evaluate(table, rule, run.report, run, {"split": split, "scores": str(scores)})
+    return _evaluate(table, rule, run.split_report(split), run, {"split": split, "scores": str(scores)})
 
 
 def source_slug(source: str) -> str:
