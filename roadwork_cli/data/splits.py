@@ -421,9 +421,10 @@ def _absolute_source(source: str) -> str:
     """A source spec as splits.json records it: absolute, like the sample paths (``synthetic:N`` stays as it is).
 
     A relative spec (``--source photos``) would tie the record to the folder ``split`` ran in: a bundle could then
-    not say where its images were relative to their source (``export.portable_splits``).
+    not say where its images were relative to their source (``export.portable_splits``). A spec that names no file or
+    folder (``synthetic:N``) is kept as given.
     """
-    if not source or source.lower().startswith("synthetic:"):
+    if not source or not os.path.exists(source):
         return source
     return os.path.abspath(source)
 
