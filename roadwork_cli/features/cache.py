@@ -550,7 +550,7 @@ def cache_features(
         mine = [j for j in mine if not parts.done(j)]  # resume: this rank's finished parts of unmerged shards
     # Resume: batches an interrupted run finished but could not fill a shard with are taken, not computed again.
     restored, pending_files = parts.read_pending(set(mine))
-    reused += sum(len(restored[j][0]) for j in restored)
+    taken = sum(len(restored[j][0]) for j in restored)  # rows of pending batches: reused, not computed
     compute = [j for j in mine if j not in restored]
     forward_passes = computed = 0
     if mine:
@@ -617,8 +617,8 @@ def cache_features(
                 raise
     if world_size > 1:
         # Every rank's parts are on disk once all have reported their counts; rank 0 then merges them.
-        counts = dist.all_gather_json([computed, forward_passes])
-        computed, forward_passes = (sum(c[i] for c in counts) for i in range(2))
+        counts = dist.all_gather_json([computed, forward_passes, taken])
+        computed, forward_passes, taken = (sum(c[i] for c in counts) for i in range(3))
         if rank == 0:
             parts.merge_into(store)
         dist.barrier()
@@ -636,7 +636,7 @@ def cache_features(
         feature_dim=backbone.feature_dim,
         total=len(ordered),
         computed=computed,
-        reused=reused,
+        reused=reused + taken,
         failed=len(store.failed),
         forward_passes=forward_passes,
         seconds=seconds,
