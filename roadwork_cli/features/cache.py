@@ -21,8 +21,9 @@ training images with a seed derived from ``(id, view)``, so any view can be reco
 Resume: the work list is the fixed, ordered list of (id, view) pairs not yet in the index, cut into shards of
 ``features.shard_size`` rows. Each shard is written atomically, then the index. An interrupt (Ctrl-C, SIGTERM, an
 error) keeps the finished batches of the shard in flight in ``parts/`` (see :class:`_Parts`), and the re-run takes
-them instead of computing them; a SIGKILL loses at most the shard in flight, which the re-run recomputes with the same
-batches. Either way the finished cache is byte for byte the one an uninterrupted run writes. A re-run
+them instead of computing them. While a shard is in flight its finished batches are also kept there every
+:data:`PENDING_EVERY_S` seconds, so a SIGKILL loses at most about that much work, which the re-run recomputes with
+the same batches. Either way the finished cache is byte for byte the one an uninterrupted run writes. A re-run
 with nothing missing does no forward pass at all. A different backbone, weights or preprocessing has a different
 fingerprint and therefore a different folder: stale features are never reused. Another ``data.augment`` (or NATIX
 level mix) keeps the folder and its clean views but forgets the augmented ones, which the run then recomputes.
@@ -67,6 +68,10 @@ __all__ = [
 ]
 
 CURRENT_FILE = "current.json"
+
+PENDING_EVERY_S = 60.0
+"""While a shard is in flight, its finished batches are also written to ``parts/`` this often (seconds), so that a
+SIGKILL (the kernel's OOM killer, a scheduler) loses at most about this much work, not the whole shard."""
 
 
 # --------------------------------------------------------------------------------------------------------- splits
@@ -289,11 +294,12 @@ class _Parts:
     SIGKILL reuses the finished parts, any other plan ignores them. Merged shards leave the work list whole (shards are
     merged in order), so the remaining shards keep their keys and tags.
 
-    Pending batches (any world size): on an interrupt (Ctrl-C, SIGTERM, an error) the finished batches of the shard in
-    flight are written as ``<tag>.rank<r>.b<k>.pending.{safetensors,json}`` (same format; ``k`` is the shard-local
-    number of the first one), ``tag`` hashing the shard's keys, batch size and augmentation. A batch's rows depend only
-    on its keys, so the re-run of the same plan takes them instead of computing them and writes the very shard an
-    uninterrupted run writes; whichever rank wrote them. They are deleted once their shard (or part) is on disk.
+    Pending batches (any world size): on an interrupt (Ctrl-C, SIGTERM, an error), and every :data:`PENDING_EVERY_S`
+    seconds while a shard is in flight, the finished batches of that shard not yet kept are written as
+    ``<tag>.rank<r>.b<k>.pending.{safetensors,json}`` (same format; ``k`` is the shard-local number of the first one),
+    ``tag`` hashing the shard's keys, batch size and augmentation. A batch's rows depend only on its keys, so the
+    re-run of the same plan takes them instead of computing them and writes the very shard an uninterrupted run
+    writes, whichever rank wrote them. They are deleted once their shard (or part) is on disk.
     """
 
     FOLDER = "parts"
@@ -360,14 +366,20 @@ class _Parts:
         """This rank's part of ``shard``: the records of its ``batches`` (in order), rows first, then the record."""
         self._save(*self._paths(shard, self.rank), batches, records)
 
-    def write_pending(self, pending: Sequence[tuple[int, _Record]]) -> None:
-        """Keep the finished batches ``[(batch, record)]`` of the shard in flight for the re-run (see class doc)."""
+    def write_pending(self, pending: Sequence[tuple[int, _Record]]) -> list[Path]:
+        """Keep the finished batches ``[(batch, record)]`` of the shard in flight for the re-run (see class doc).
+
+        Returns:
+            The two files written (none for no batch), to delete once the shard is on disk.
+        """
         if not pending:
-            return
+            return []
         shard = self.shard_of(pending[0][0])
         local = [j - self.first_batch[shard] for j, _ in pending]
         stem = f"{self._tag(shard, None)}.rank{self.rank}.b{local[0]:06d}.pending"
-        self._save(self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json", local, [r for _, r in pending])
+        files = [self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"]
+        self._save(*files, local, [r for _, r in pending])
+        return files
 
     def read_pending(self, wanted: set[int]) -> tuple[dict[int, _Record], dict[int, list[Path]]]:
         """Pending batches of this plan among ``wanted``: ``{batch: record}`` and ``{shard: its pending files}``."""
@@ -570,7 +582,8 @@ def cache_features(
         shard_of = {j: batches[j][0] // shard_size for j in mine}
         last_of_shard = {shard: j for j, shard in shard_of.items()}
         records: list[_Record] = []  # this rank's batches of the shard in progress
-        fresh: list[tuple[int, _Record]] = []  # those of them computed by this call (not yet on disk)
+        unsaved: list[tuple[int, _Record]] = []  # those of them computed by this call and not on disk yet
+        saved_at = time.monotonic()
         total = sum(len(batches[j]) for j in compute)
         with (
             progress_bar("cache-features", total=total, unit="img", enabled=progress) as advance,
@@ -593,19 +606,23 @@ def cache_features(
                             forward_passes += 1
                         result = ([todo[i] for i in indices], rows, {todo[i][0]: reason for i, reason in bad})
                         records.append(result)
-                        fresh.append((j, result))
+                        unsaved.append((j, result))
                         computed += len(indices)
                         advance(len(indices) + len(bad))
                         if on_batch is not None:
                             on_batch(j)
                     shard = shard_of[j]
                     if last_of_shard[shard] != j:
+                        # A long shard is kept on disk as it grows, so that even a SIGKILL loses little of it.
+                        if unsaved and time.monotonic() - saved_at >= PENDING_EVERY_S:
+                            pending_files.setdefault(shard, []).extend(parts.write_pending(unsaved))
+                            unsaved, saved_at = [], time.monotonic()
                         continue
                     if world_size == 1:
                         store.add_shard(*_join(records))
                     else:
                         parts.write(shard, [b for b in mine if shard_of[b] == shard], records)
-                    records, fresh = [], []
+                    records, unsaved, saved_at = [], [], time.monotonic()
                     for path in pending_files.pop(shard, []):
                         path.unlink(missing_ok=True)
                     if on_shard is not None:
@@ -613,7 +630,7 @@ def cache_features(
             except BaseException:
                 # Ctrl-C, SIGTERM or an error: keep this shard's finished batches so the re-run continues from here.
                 # A second interrupt here only loses them: the files are written atomically.
-                parts.write_pending(fresh)
+                parts.write_pending(unsaved)
                 raise
     if world_size > 1:
         # Every rank's parts are on disk once all have reported their counts; rank 0 then merges them.

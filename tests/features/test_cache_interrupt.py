@@ -133,3 +133,42 @@ def test_an_interrupted_torchrun_rank_keeps_its_batches_and_the_merge_is_byte_id
     folder = run.features / clean.fingerprint
     assert not (folder / "parts").exists()
     assert _folder_bytes(folder) == _folder_bytes(clean.folder)
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import roadwork_cli.features.cache as cache
+from roadwork_cli.config import load_settings
+from roadwork_cli.io.run import RunDir
+
+cache.PENDING_EVERY_S = 0.0  # keep every finished batch at once (the default is a minute)
+run = RunDir(sys.argv[1])
+overrides = {
+    "runtime": {"run": str(run.root), "device": "cpu"},
+    "model": {"backbone": "tiny_vit"},
+    "features": {"workers": 0, "batch_size": 4, "shard_size": 2048, "views": 1},
+}
+done = []
+
+def kill(batch):
+    done.append(batch)
+    if len(done) == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no flush: what the OOM killer does
+
+cache.cache_features(run, load_settings(None, overrides, environ={}), on_batch=kill)
+"""
+
+
+def test_a_sigkill_mid_shard_loses_only_the_batch_in_flight(reference, tmp_path):
+    import subprocess
+    import sys
+
+    _, ref, n_batches = reference
+    run = make_run(tmp_path, bad=1)
+    k = 4
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(run.root), str(k)], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    summary, calls = _resume(run, shard_size=2048)
+    assert len(calls) == n_batches - (k - 1)  # batches 1..k-1 were kept as they finished; the k-th is recomputed
+    assert _folder_bytes(run.features / ref.fingerprint) == _folder_bytes(ref.folder)
