@@ -128,6 +128,8 @@ def test_bundles_of_every_train_mode_and_source_kind_hold_no_machine_path(tmp_pa
         result = runner.invoke(app, export, env=env)
         assert result.exit_code == 0, result.output
         _check_bundle(bundle, run, data, bases)
+        # The live loop's merged adapters travel as backbone weights: that member is scanned too.
+        assert ("backbone.safetensors" in read_bundle(bundle).members) == (mode == "train")
 
 
 def test_portable_paths_of_a_linked_run_and_file_name_groups(tmp_path):
