@@ -4,7 +4,8 @@ Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training,
 calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.scoring.score_source``) for scores; its
 report goes beside the test split's, to ``eval/source-<slug>/report.json``. The test split's report is
 ``eval/report.json``; another split's goes to ``eval/split-<split>/report.json`` (:meth:`RunDir.split_report`). A
-report's folder holds only the figures of that report: figures an earlier evaluation left there are removed.
+report's folder holds only the figures of that report: those the earlier report there listed and this one does not
+write are removed.
 
 ``guarantee.satisfied`` says whether the observed rates on this data meet the targets; ``guarantee.certified`` says
 whether calibration certified them. Only a certified run is ever shown as having a guarantee.
@@ -33,9 +34,6 @@ from roadwork_cli.metrics import selective as sm
 from roadwork_cli.reporting.tables import describe_operating_point, guarantee_verdict
 
 ECE_BINS = 15
-
-REPORT_FIGURES = ("risk_coverage.png", "reliability.png", "score_histograms.png", "examples.png", "robustness.png")
-"""Every figure a report (or its robustness block) puts beside report.json; the names this module owns there."""
 
 
 def compute_report(table: ScoreTable, rule: StageRule) -> dict[str, Any]:
@@ -230,14 +228,29 @@ def _evaluate(table: ScoreTable, rule: StageRule, report_path: Path, examples_ru
     except ImportError as exc:  # matplotlib missing: metrics still count
         files = {}
         report["files"] = {"error": f"plots skipped: {exc}"}
-    # A figure (or page) of an earlier evaluation in this folder would pass for this one's: e.g. robustness.png after
-    # an evaluation without --robustness, or examples.png where this one had no example to show.
+    # A figure (or page) of the earlier report here would pass for this one's: e.g. robustness.png after an evaluation
+    # without --robustness, or examples.png where this one had no example to show. Only files that report listed go:
+    # --out may point into a folder with files of the user's own.
     kept = {Path(path).name for path in files.values()}
-    for name in (*REPORT_FIGURES, "report.html"):
-        if name not in kept:
-            (out_dir / name).unlink(missing_ok=True)
+    for name in _listed_files(report_path) - kept:
+        (out_dir / name).unlink(missing_ok=True)
     atomic_write_json(report_path, report)
     return report
+
+
+def _listed_files(report_path: Path) -> set[str]:
+    """The file names (beside it) that an existing report.json lists under ``files``; none if it cannot be read."""
+    try:
+        listed = json.loads(Path(report_path).read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(listed, dict):
+        return set()
+    return {
+        name
+        for key, name in listed.items()
+        if key != "error" and isinstance(name, str) and name and Path(name).name == name
+    }
 
 
 def add_to_report(report_path: Path, additions: dict[str, Any], figures: dict[str, Path] | None = None) -> dict:

@@ -107,3 +107,11 @@ def test_evaluate_split_writes_its_own_folder_and_leaves_the_test_report_alone(t
     assert "robustness" not in json.loads(run.report.read_text())
     assert not figure.exists()
     assert json.loads((out / "report.json").read_text())["n"] == 1200  # the other split's report stays
+
+    # --out into a folder of the user's: their own files are not ours to remove, even under a figure's name.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "robustness.png").write_bytes(b"the user's own picture")
+    scores_mode = ["evaluate", "--scores", str(run.scores / "test.csv"), "--params", str(run.scrc_params)]
+    assert runner.invoke(app, [*scores_mode, "--out", str(mine / "report.json")]).exit_code == 0
+    assert (mine / "robustness.png").read_bytes() == b"the user's own picture"
