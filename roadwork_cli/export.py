@@ -17,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -74,42 +76,92 @@ def software_versions(onnx: bool = False) -> dict[str, str]:
     return versions
 
 
-def _portable_path(path: str, bases: list[Path]) -> str | None:
-    """``path`` relative to the first base that holds it; ``None`` when it is absolute and under none of them.
+MAX_LEVELS_UP = 2
+"""How far above its source's folder a sample may lie and still be recorded relative to it (``../images/a.jpg``)."""
 
-    A parquet row locator (``/data/x.parquet#row=3``) keeps its ``#...`` suffix on the relative file part.
+_FILE_SOURCES = (".csv", ".jsonl", ".json", ".parquet")
+"""Suffixes of file sources (manifests, COCO json, one parquet file): their paths are relative to the file's folder."""
+
+
+def _absolute_forms(path: str) -> list[Path]:
+    """``path`` as written and with its links resolved (a run under a linked folder records either form)."""
+    plain = Path(path)
+    forms = [plain]
+    try:
+        resolved = plain.resolve()
+    except (OSError, RuntimeError):
+        return forms
+    return forms if resolved == plain else [*forms, resolved]
+
+
+def _relative_to(file: str, base: Path, up: int) -> str | None:
+    """``file`` relative to ``base`` in POSIX form, climbing at most ``up`` folders; None beyond that."""
+    for form in _absolute_forms(file):
+        for anchor in _absolute_forms(str(base)):
+            try:
+                relative = PurePosixPath(Path(os.path.relpath(form, anchor)).as_posix())
+            except ValueError:  # another drive
+                continue
+            climbs = relative.parts.count("..")
+            if climbs <= up and all(part == ".." for part in relative.parts[:climbs]):
+                return relative.as_posix()
+    return None
+
+
+def _portable_path(path: str, bases: list[tuple[Path, int]]) -> str | None:
+    """``path`` relative to the first ``(base, levels up allowed)`` that can hold it; ``None`` when none can.
+
+    A relative path is kept. A parquet row locator (``/data/x.parquet#row=3``) keeps its ``#...`` suffix on the
+    relative file part.
     """
     file, hash_mark, fragment = path.partition("#")
     if not PurePosixPath(file).is_absolute() and not Path(file).is_absolute():
         return path
-    for base in bases:
-        try:
-            relative = Path(file).relative_to(base)
-        except ValueError:
-            continue
-        return relative.as_posix() + hash_mark + fragment
+    for base, up in bases:
+        relative = _relative_to(file, base, up)
+        if relative is not None:
+            return relative + hash_mark + fragment
     return None
 
 
-def portable_splits(splits: dict[str, Any], run_root: Path) -> dict[str, Any]:
-    """A copy of a ``splits.json`` document with no absolute path of the machine that wrote it.
+def _source_folder(source: str) -> Path | None:
+    """The folder a sample's path is recorded relative to: a folder source itself, a file source's folder.
 
-    Sample paths become relative to the run directory (synthetic images), else to their source (a source folder, or
-    a manifest's / parquet file's folder); a path under neither is dropped (``null``): the content hash (the id) still
-    identifies the image. Absolute source specs keep only their last component.
+    None for a source that names no absolute location (``synthetic:N``, or a relative spec in a splits.json written
+    before ``split`` recorded sources absolutely).
+    """
+    spec = Path(source)
+    if not source or not spec.is_absolute():
+        return None
+    return spec.parent if spec.suffix.lower() in _FILE_SOURCES and not spec.is_dir() else spec
+
+
+def portable_splits(splits: dict[str, Any], run_root: Path) -> dict[str, Any]:
+    """A copy of a ``splits.json`` document with no path of the machine that wrote it.
+
+    Sample paths become relative to the run directory (synthetic images), else to their source's folder (a class
+    folder or parquet folder itself; a manifest's, parquet file's or COCO file's folder), up to
+    :data:`MAX_LEVELS_UP` folders above it (``../images/a.jpg`` for a COCO file in ``annotations/``, as manifests
+    write them). A path under none of these is dropped (``null``): the content hash (the id) still identifies the
+    image. Absolute source specs keep only their last component; a group that is a path (``data.group_by:
+    filename``) is made relative the same way, or else replaced by a hash of it (members of a group keep one value).
     """
     document = json.loads(json.dumps(splits))
-    root = Path(run_root).resolve()
+    root = Path(os.path.abspath(run_root))
     for sample in (document.get("samples") or {}).values():
         source = str(sample.get("source") or "")
-        bases = [root]
-        if source and Path(source).is_absolute():
-            spec = Path(source)
-            bases += [spec, spec.parent]
-            sample["source"] = spec.name
+        bases = [(root, 0)]
+        folder = _source_folder(source)
+        if folder is not None:
+            bases.append((folder, MAX_LEVELS_UP))
+            sample["source"] = Path(source).name
         path = sample.get("path")
         if isinstance(path, str):
             sample["path"] = _portable_path(path, bases)
+        group = sample.get("group")
+        if isinstance(group, str) and (PurePosixPath(group).is_absolute() or Path(group).is_absolute()):
+            portable = _portable_path(group, bases)
+            sample["group"] = portable or "sha256:" + hashlib.sha256(group.encode("utf-8")).hexdigest()[:16]
     return document
 
 

@@ -223,8 +223,9 @@ def evaluate_robustness(
 ) -> dict[str, Any]:
     """Score ``split`` at NATIX levels 0-3 and add the ``robustness`` block (and its plot) to the run's report.
 
-    Run after ``evaluate_run`` on the same split: the block goes into ``eval/report.json`` beside the clean metrics,
-    the plot ``robustness.png`` beside it, and ``report.html`` is rendered again with both.
+    Run after ``evaluate_run`` on the same split: the block goes into that split's report (``eval/report.json`` for
+    test, :meth:`RunDir.split_report`) beside the clean metrics, the plot ``robustness.png`` beside it, and
+    ``report.html`` is rendered again with both.
 
     Returns:
         The updated report.
@@ -234,7 +235,7 @@ def evaluate_robustness(
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     rule = load_run_calibration(run)
-    report_path = run.require(run.report, "evaluate")
+    report_path = run.require(run.split_report(split), "evaluate")
     tables = score_levels(run, settings, split=split, progress=progress)
     n_images = len(Splits.load(run.splits).ids(split))
     block = robustness_block(tables, rule, n_images)

@@ -27,7 +27,10 @@ from roadwork_cli.cli.common import (
 @handle_errors
 def command(
     run: RunOption = None,
-    split: Annotated[str | None, typer.Option("--split", help="Split of the run to evaluate (default test).")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="Split of the run to evaluate (default test; others go to eval/split-NAME/)."),
+    ] = None,
     source: Annotated[str | None, typer.Option("--source", help="Evaluate on another data source instead.")] = None,
     scores: Annotated[Path | None, typer.Option("--scores", help="CSV with p_roadwork,gate,label.")] = None,
     params: Annotated[Path | None, typer.Option("--params", help="scrc_params.json (with --scores).")] = None,
@@ -53,7 +56,7 @@ def command(
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Evaluate calibrated stage 1 and write eval/report.json, plots and report.html.
+    """Evaluate calibrated stage 1 and write eval/report.json, plots and report.html (eval/split-NAME/ for --split).
 
     With --strict, exit 1 when the guarantee was not certified by calibration or not met on this data.
     """
@@ -88,7 +91,7 @@ def command(
             written = evaluation.source_report_path(run_dir, source)
         else:
             report = evaluation.evaluate_run(run_dir, settings, split=split or "test")
-            written = run_dir.report
+            written = run_dir.split_report(split or "test")
             if robustness:
                 from roadwork_cli.robustness import evaluate_robustness
 

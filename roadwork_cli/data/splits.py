@@ -36,7 +36,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from roadwork_cli.config import DataSettings
@@ -437,6 +437,18 @@ def _absolute(locator: str) -> str:
     return path if row is None else f"{path}#row={row}" + (f"&column={column}" if column else "")
 
 
+def _absolute_source(source: str) -> str:
+    """A source spec as splits.json records it: absolute, like the sample paths (``synthetic:N`` stays as it is).
+
+    A relative spec (``--source photos``) would tie the record to the folder ``split`` ran in: a bundle could then
+    not say where its images were relative to their source (``export.portable_splits``). A spec that names no file or
+    folder (``synthetic:N``) is kept as given.
+    """
+    if not source or not os.path.exists(source):
+        return source
+    return os.path.abspath(source)
+
+
 def _read_sources(sources: list[str], settings: DataSettings, run: RunDir, progress: bool) -> list[Source]:
     resolved = [create_source(spec, settings, run.synthetic) for spec in sources]
     for source in resolved:
@@ -519,6 +531,7 @@ def build_splits(
     for digest, record in accepted:
         by_id[digest].append(record)
     samples: dict[str, Sample] = {}
+    shown: dict[str, str] = {}  # each sample's source as the user gave it, for the summary's counts
     n_duplicates = 0
     for digest, copies in by_id.items():
         copies.sort(key=lambda r: (r.locator, r.source))
@@ -531,6 +544,7 @@ def build_splits(
         winner = copies[0]
         group = next((g for g in (_group_of(r, settings.group_by) for r in copies) if g is not None), None)
         samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group)
+        shown[digest] = winner.source
 
     splits: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     counts: Counter = Counter()
@@ -541,7 +555,7 @@ def build_splits(
         key = unit_of[digest]
         name = stratified[key] if stratified is not None else assign_split(key, settings.seed, settings.fractions)
         splits[name].append(digest)
-        counts[(name, sample.label, sample.source)] += 1
+        counts[(name, sample.label, shown[digest])] += 1
 
     rejected = sorted(set(rejected))
     lines = "".join(_jsonl_line({"path": path, "reason": reason}) for path, reason in rejected)
@@ -562,7 +576,8 @@ def build_splits(
             f"no usable image in {', '.join(sources)}: {n_inputs} inputs, {len(rejected)} rejected "
             f"({reasons or 'no input found'}; every reason in {run.rejected})"
         )
-    atomic_write_json(run.splits, Splits(settings.seed, splits, samples).to_dict())
+    recorded = {d: replace(sample, source=_absolute_source(sample.source)) for d, sample in samples.items()}
+    atomic_write_json(run.splits, Splits(settings.seed, splits, recorded).to_dict())
     summary.splits_path = run.splits
     summary.seconds = time.perf_counter() - started
     return summary

@@ -9,7 +9,8 @@ Layout of a cache folder::
                                "augmentation": fingerprint the views >= 1 were drawn with}
     failed.json               {id: reason} for images that could not be read (skipped, never retried silently)
     shard_00000.safetensors   "features": (rows, D) float16
-    parts/                    under torchrun only, until rank 0 has merged them: each rank's rows of each shard
+    parts/                    under torchrun, until rank 0 has merged them: each rank's rows of each shard; after an
+                              interrupt, the finished batches of the shard in flight (until the re-run writes it)
 
 Images are read through :mod:`roadwork_cli.data.decode`, the one decode path that predict and evaluate --source
 use too (draft decoding of large JPEGs included; ``data.jpeg_draft: false`` caches into a ``-fulldecode`` folder).
@@ -18,8 +19,11 @@ View 0 is the clean :func:`~roadwork_cli.data.transforms.eval_transform` of ever
 training images with a seed derived from ``(id, view)``, so any view can be recomputed bit for bit.
 
 Resume: the work list is the fixed, ordered list of (id, view) pairs not yet in the index, cut into shards of
-``features.shard_size`` rows. Each shard is written atomically, then the index; a SIGKILL loses at most the shard
-in flight, and the re-run recomputes exactly that shard with the same batches (hence identical features). A re-run
+``features.shard_size`` rows. Each shard is written atomically, then the index. An interrupt (Ctrl-C, SIGTERM, an
+error) keeps the finished batches of the shard in flight in ``parts/`` (see :class:`_Parts`), and the re-run takes
+them instead of computing them. While a shard is in flight its finished batches are also kept there every
+:data:`PENDING_EVERY_S` seconds, so a SIGKILL loses at most about that much work, which the re-run recomputes with
+the same batches. Either way the finished cache is byte for byte the one an uninterrupted run writes. A re-run
 with nothing missing does no forward pass at all. A different backbone, weights or preprocessing has a different
 fingerprint and therefore a different folder: stale features are never reused. Another ``data.augment`` (or NATIX
 level mix) keeps the folder and its clean views but forgets the augmented ones, which the run then recomputes.
@@ -33,8 +37,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +67,10 @@ __all__ = [
     "load_cached",
     "read_split_table",
 ]
+
+PENDING_EVERY_S = 60.0
+"""While a shard is in flight, its finished batches are also written to ``parts/`` this often (seconds), so that a
+SIGKILL (the kernel's OOM killer, a scheduler) loses at most about this much work, not the whole shard."""
 
 
 # --------------------------------------------------------------------------------------------------------- splits
@@ -273,14 +284,21 @@ def _join(records: Sequence[_Record]) -> _Record:
 
 
 class _Parts:
-    """The ranks' parts of a torchrun ``cache-features`` (``<folder>/parts/``) and rank 0's merge of them.
+    """Work on disk that is not a shard yet (``<folder>/parts/``): ranks' parts under torchrun, and pending batches.
 
-    For each shard of the plan in which rank r computed batches it writes ``<tag>.rank<r>.safetensors`` (its rows in
-    batch order, float16 like a shard) and then ``<tag>.rank<r>.json`` (per batch: number, keys, failures), whose
-    presence marks the part complete. ``tag`` hashes the shard's keys, the batch size, the world size and the
-    augmentation fingerprint (views >= 1 are its draws): a re-run of the same plan after SIGKILL reuses the finished
-    parts, any other plan ignores them. Merged shards leave the work list whole (shards are merged in order), so the
-    remaining shards keep their keys and tags.
+    Parts (torchrun): for each shard of the plan in which rank r computed batches it writes
+    ``<tag>.rank<r>.safetensors`` (its rows in batch order, float16 like a shard) and then ``<tag>.rank<r>.json`` (per
+    batch: number, keys, failures), whose presence marks the part complete. ``tag`` hashes the shard's keys, the batch
+    size, the world size and the augmentation fingerprint (views >= 1 are its draws): a re-run of the same plan after
+    SIGKILL reuses the finished parts, any other plan ignores them. Merged shards leave the work list whole (shards are
+    merged in order), so the remaining shards keep their keys and tags.
+
+    Pending batches (any world size): on an interrupt (Ctrl-C, SIGTERM, an error), and every :data:`PENDING_EVERY_S`
+    seconds while a shard is in flight, the finished batches of that shard not yet kept are written as
+    ``<tag>.rank<r>.b<k>.pending.{safetensors,json}`` (same format; ``k`` is the shard-local number of the first one),
+    ``tag`` hashing the shard's keys, batch size and augmentation. A batch's rows depend only on its keys, so the
+    re-run of the same plan takes them instead of computing them and writes the very shard an uninterrupted run
+    writes, whichever rank wrote them. They are deleted once their shard (or part) is on disk.
     """
 
     FOLDER = "parts"
@@ -300,23 +318,29 @@ class _Parts:
         self.todo, self.batches, self.shard_size = todo, batches, shard_size
         self.rank, self.world_size = rank, world_size
         self.batch_size = max((len(b) for b in batches), default=0)
+        self.first_batch: dict[int, int] = {}  # shard -> its first batch number
+        for j in range(len(batches)):
+            self.first_batch.setdefault(self.shard_of(j), j)
 
     def shard_of(self, batch: int) -> int:
         return self.batches[batch][0] // self.shard_size
 
-    def _paths(self, shard: int, rank: int) -> tuple[Path, Path]:
+    def _tag(self, shard: int, world_size: int | None) -> str:
         keys = self.todo[shard * self.shard_size : (shard + 1) * self.shard_size]
-        plan = json.dumps([keys, self.batch_size, self.world_size, self.augmentation]).encode()
-        stem = f"{hashlib.sha256(plan).hexdigest()[:20]}.rank{rank}"
+        plan = [keys, self.batch_size] + ([] if world_size is None else [world_size]) + [self.augmentation]
+        return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:20]
+
+    def _paths(self, shard: int, rank: int) -> tuple[Path, Path]:
+        stem = f"{self._tag(shard, self.world_size)}.rank{rank}"
         return self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"
 
     def done(self, batch: int) -> bool:
         """Whether this rank's part of ``batch``'s shard is complete on disk."""
         return self._paths(self.shard_of(batch), self.rank)[1].exists()
 
-    def write(self, shard: int, batches: Sequence[int], records: Sequence[_Record]) -> None:
-        """This rank's part of ``shard``: the records of its ``batches`` (in order), rows first, then the record."""
-        features_path, record_path = self._paths(shard, self.rank)
+    @staticmethod
+    def _save(features_path: Path, record_path: Path, batches: Sequence[int], records: Sequence[_Record]) -> None:
+        """Rows first, then the listing whose presence marks the file pair complete."""
         _, rows, _ = _join(records)
         with atomic_path(features_path) as tmp:
             save_file({"features": rows.to(torch.float16).contiguous()}, str(tmp))
@@ -326,6 +350,56 @@ class _Parts:
         ]
         atomic_write_json(record_path, {"version": 1, "batches": listing})
 
+    @staticmethod
+    def _load(features_path: Path, record_path: Path) -> list[tuple[int, _Record]]:
+        """The ``(batch, record)`` pairs of one file pair written by :meth:`_save`."""
+        rows = load_file(str(features_path))["features"].float()  # (R, D); float16 -> float32 -> float16 is exact
+        out, offset = [], 0
+        for entry in read_json(record_path)["batches"]:
+            keys = [(str(i), int(v)) for i, v in entry["keys"]]
+            out.append((int(entry["batch"]), (keys, rows[offset : offset + len(keys)], dict(entry["failed"]))))
+            offset += len(keys)
+        return out
+
+    def write(self, shard: int, batches: Sequence[int], records: Sequence[_Record]) -> None:
+        """This rank's part of ``shard``: the records of its ``batches`` (in order), rows first, then the record."""
+        self._save(*self._paths(shard, self.rank), batches, records)
+
+    def write_pending(self, pending: Sequence[tuple[int, _Record]]) -> list[Path]:
+        """Keep the finished batches ``[(batch, record)]`` of the shard in flight for the re-run (see class doc).
+
+        Returns:
+            The two files written (none for no batch), to delete once the shard is on disk.
+        """
+        if not pending:
+            return []
+        shard = self.shard_of(pending[0][0])
+        local = [j - self.first_batch[shard] for j, _ in pending]
+        stem = f"{self._tag(shard, None)}.rank{self.rank}.b{local[0]:06d}.pending"
+        files = [self.folder / f"{stem}.safetensors", self.folder / f"{stem}.json"]
+        self._save(*files, local, [r for _, r in pending])
+        return files
+
+    def read_pending(self, wanted: set[int]) -> tuple[dict[int, _Record], dict[int, list[Path]]]:
+        """Pending batches of this plan among ``wanted``: ``{batch: record}`` and ``{shard: its pending files}``."""
+        found: dict[int, _Record] = {}
+        files: dict[int, list[Path]] = {}
+        if not self.folder.exists():
+            return found, files
+        for shard, first in self.first_batch.items():
+            for record_path in sorted(self.folder.glob(f"{self._tag(shard, None)}.rank*.b*.pending.json")):
+                features_path = record_path.with_suffix(".safetensors")
+                if not features_path.exists():
+                    continue
+                taken = False
+                for local, record in self._load(features_path, record_path):
+                    j = first + local
+                    if j in wanted and j < len(self.batches) and self.shard_of(j) == shard:
+                        found[j], taken = record, True
+                if taken:
+                    files.setdefault(shard, []).extend([features_path, record_path])
+        return found, files
+
     def merge_into(self, store: FeatureStore) -> None:
         """Add every shard of the plan to ``store`` in order, exactly as one process adds them, then drop the parts."""
         shards: dict[int, set[int]] = {}
@@ -334,15 +408,33 @@ class _Parts:
         for shard, ranks in sorted(shards.items()):
             batches: list[tuple[int, _Record]] = []
             for rank in sorted(ranks):
-                features_path, record_path = self._paths(shard, rank)
-                rows = load_file(str(features_path))["features"]  # (R_part, D)
-                offset = 0
-                for entry in read_json(record_path)["batches"]:
-                    keys = [(str(i), int(v)) for i, v in entry["keys"]]
-                    batches.append((entry["batch"], (keys, rows[offset : offset + len(keys)], entry["failed"])))
-                    offset += len(keys)
+                batches += self._load(*self._paths(shard, rank))
             store.add_shard(*_join([record for _, record in sorted(batches, key=lambda b: b[0])]))
+        self.remove()
+
+    def remove(self) -> None:
+        """Drop the folder (everything in it is in the index now, or belongs to no plan of this cache any more)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (torchrun, a scheduler, ``kill``) into KeyboardInterrupt here, so finished batches are kept.
+
+    Only in the main thread, and only where SIGTERM still has its default action (a server keeps its own handler).
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @dataclass
@@ -370,6 +462,7 @@ def cache_features(
     backbone: Any = None,
     on_shard: Callable[[int], None] | None = None,
     dist: Distributed | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> CacheSummary:
     """Extract and cache features of every split image (view 0) and K augmented views of training images.
 
@@ -380,6 +473,7 @@ def cache_features(
         backbone: A ready :class:`~roadwork_cli.model.backbones.Backbone` (default: built from ``settings.model``).
         on_shard: Called with the shard number after each shard is safely on disk (tests simulate crashes here);
             under torchrun after each of this rank's parts of a shard.
+        on_batch: Called with the batch number after each computed batch (tests interrupt here).
         dist: The torchrun job (:func:`~roadwork_cli.runtime.distributed.distributed_from_env`); None or one
             process computes everything here. With W ranks, rank r computes batches r, r+W, ... of the one-process
             plan and writes them as parts; rank 0 merges the parts, shard by shard, into the layout that one process
@@ -469,13 +563,13 @@ def cache_features(
     batches = _shard_batches(len(todo), shard_size, resolve_batch_size(settings.features.batch_size, device.type, 64))
     # Under torchrun rank r computes batches r, r+W, ...: the one-process batches, so the same rows come out.
     mine = [j for j in range(len(batches)) if j % world_size == rank]
-    parts = (
-        _Parts(folder, todo, batches, shard_size, rank, world_size, augmentation.fingerprint)
-        if world_size > 1
-        else None
-    )
-    if parts is not None:
+    parts = _Parts(folder, todo, batches, shard_size, rank, world_size, augmentation.fingerprint)
+    if world_size > 1:
         mine = [j for j in mine if not parts.done(j)]  # resume: this rank's finished parts of unmerged shards
+    # Resume: batches an interrupted run finished but could not fill a shard with are taken, not computed again.
+    restored, pending_files = parts.read_pending(set(mine))
+    taken = sum(len(restored[j][0]) for j in restored)  # rows of pending batches: reused, not computed
+    compute = [j for j in mine if j not in restored]
     forward_passes = computed = 0
     if mine:
         # View 0 is the clean eval transform; view v > 0 one seeded draw of the train transform.
@@ -487,43 +581,73 @@ def cache_features(
         )
         loader = create_loader(
             dataset,
-            batch_sampler=[batches[j] for j in mine],
+            batch_sampler=[batches[j] for j in compute],
             workers=settings.features.workers,
             pin_memory=device.type == "cuda",
         )
         shard_of = {j: batches[j][0] // shard_size for j in mine}
         last_of_shard = {shard: j for j, shard in shard_of.items()}
         records: list[_Record] = []  # this rank's batches of the shard in progress
-        total = sum(len(batches[j]) for j in mine)
-        with progress_bar("cache-features", total=total, unit="img", enabled=progress) as advance:
-            for j, (indices, batch, bad) in zip(mine, loader, strict=True):
-                rows = torch.zeros(0, backbone.feature_dim)
-                if batch is not None:
-                    batch = to_model_input(batch, backbone.preprocessing, device, settings.features.channels_last)
-                    with torch.inference_mode(), autocast(device, dtype):
-                        rows = model(batch).float().cpu()  # (B_ok, D)
-                    forward_passes += 1
-                records.append(([todo[i] for i in indices], rows, {todo[i][0]: reason for i, reason in bad}))
-                computed += len(indices)
-                advance(len(indices) + len(bad))
-                shard = shard_of[j]
-                if last_of_shard[shard] != j:
-                    continue
-                if parts is None:
-                    store.add_shard(*_join(records))
-                else:
-                    parts.write(shard, [b for b in mine if shard_of[b] == shard], records)
-                records = []
-                if on_shard is not None:
-                    on_shard(shard if parts is not None else len(store.shards) - 1)
-    if parts is not None:
+        unsaved: list[tuple[int, _Record]] = []  # those of them computed by this call and not on disk yet
+        saved_at = time.monotonic()
+        total = sum(len(batches[j]) for j in compute)
+        with (
+            progress_bar("cache-features", total=total, unit="img", enabled=progress) as advance,
+            _sigterm_as_interrupt(),
+        ):
+            computed_batches = iter(loader) if compute else iter(())
+            try:
+                for j in mine:
+                    if j in restored:
+                        records.append(restored[j])
+                    else:
+                        indices, batch, bad = next(computed_batches)
+                        rows = torch.zeros(0, backbone.feature_dim)
+                        if batch is not None:
+                            batch = to_model_input(
+                                batch, backbone.preprocessing, device, settings.features.channels_last
+                            )
+                            with torch.inference_mode(), autocast(device, dtype):
+                                rows = model(batch).float().cpu()  # (B_ok, D)
+                            forward_passes += 1
+                        result = ([todo[i] for i in indices], rows, {todo[i][0]: reason for i, reason in bad})
+                        records.append(result)
+                        unsaved.append((j, result))
+                        computed += len(indices)
+                        advance(len(indices) + len(bad))
+                        if on_batch is not None:
+                            on_batch(j)
+                    shard = shard_of[j]
+                    if last_of_shard[shard] != j:
+                        # A long shard is kept on disk as it grows, so that even a SIGKILL loses little of it.
+                        if unsaved and time.monotonic() - saved_at >= PENDING_EVERY_S:
+                            pending_files.setdefault(shard, []).extend(parts.write_pending(unsaved))
+                            unsaved, saved_at = [], time.monotonic()
+                        continue
+                    if world_size == 1:
+                        store.add_shard(*_join(records))
+                    else:
+                        parts.write(shard, [b for b in mine if shard_of[b] == shard], records)
+                    records, unsaved, saved_at = [], [], time.monotonic()
+                    for path in pending_files.pop(shard, []):
+                        path.unlink(missing_ok=True)
+                    if on_shard is not None:
+                        on_shard(shard if world_size > 1 else len(store.shards) - 1)
+            except BaseException:
+                # Ctrl-C, SIGTERM or an error: keep this shard's finished batches so the re-run continues from here.
+                # A second interrupt here only loses them: the files are written atomically.
+                parts.write_pending(unsaved)
+                raise
+    if world_size > 1:
         # Every rank's parts are on disk once all have reported their counts; rank 0 then merges them.
-        counts = dist.all_gather_json([computed, forward_passes])
-        computed, forward_passes = (sum(c[i] for c in counts) for i in range(2))
+        counts = dist.all_gather_json([computed, forward_passes, taken])
+        computed, forward_passes, taken = (sum(c[i] for c in counts) for i in range(3))
         if rank == 0:
             parts.merge_into(store)
         dist.barrier()
         store = FeatureStore(folder)  # the merged index, on every rank
+    else:
+        parts.remove()  # every shard of the plan is in the index: pending batches are spent
     if rank == 0:
         write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone=backbone.name))
         record(run, "cache-features", [run.splits])
@@ -535,7 +659,7 @@ def cache_features(
         feature_dim=backbone.feature_dim,
         total=len(ordered),
         computed=computed,
-        reused=reused,
+        reused=reused + taken,
         failed=len(store.failed),
         forward_passes=forward_passes,
         seconds=seconds,

@@ -134,6 +134,13 @@ class RunDir:
     def report(self) -> Path:
         return self.eval / "report.json"
 
+    def split_report(self, split: str) -> Path:
+        """The report of ``evaluate --split``: ``eval/report.json`` for test, ``eval/split-<split>/report.json`` else.
+
+        Each split's report has a folder of its own, so evaluating val_calib never overwrites the test report.
+        """
+        return self.report if split == "test" else self.eval / f"split-{split}" / "report.json"
+
     @property
     def bundle(self) -> Path:
         return self.root / "bundle.tar"

@@ -2,7 +2,10 @@
 
 Torch-free: the inputs are raw score CSVs (``scores/<split>.csv`` from training, or ``score_source`` output) plus the
 calibration JSON. Only ``--source`` mode asks the model layer (``roadwork_cli.scoring.score_source``) for scores; its
-report goes beside the test split's, to ``eval/source-<slug>/report.json``.
+report goes beside the test split's, to ``eval/source-<slug>/report.json``. The test split's report is
+``eval/report.json``; another split's goes to ``eval/split-<split>/report.json`` (:meth:`RunDir.split_report`). A
+report's folder holds only the figures of that report: those the earlier report there listed and this one does not
+write are removed.
 
 ``guarantee.satisfied`` says whether the observed rates on this data meet the targets (null when FNR on exits is not
 testable: no roadwork image exits); ``guarantee.certified`` says whether calibration certified them. Only a certified
@@ -240,9 +243,31 @@ def _evaluate(
         files = _plots_and_html(out_dir, table, rule, report, examples)
         report["files"] = {name: path.name for name, path in files.items()}
     except ImportError as exc:  # matplotlib missing: metrics still count
+        files = {}
         report["files"] = {"error": f"plots skipped: {exc}"}
+    # A figure (or page) of the earlier report here would pass for this one's: e.g. robustness.png after an evaluation
+    # without --robustness, or examples.png where this one had no example to show. Only files that report listed go:
+    # --out may point into a folder with files of the user's own.
+    kept = {Path(path).name for path in files.values()}
+    for name in _listed_files(report_path) - kept:
+        (out_dir / name).unlink(missing_ok=True)
     atomic_write_json(report_path, report)
     return report
+
+
+def _listed_files(report_path: Path) -> set[str]:
+    """The file names (beside it) that an existing report.json lists under ``files``; none if it cannot be read."""
+    try:
+        listed = json.loads(Path(report_path).read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(listed, dict):
+        return set()
+    return {
+        name
+        for key, name in listed.items()
+        if key != "error" and isinstance(name, str) and name and Path(name).name == name
+    }
 
 
 def add_to_report(report_path: Path, additions: dict[str, Any], figures: dict[str, Path] | None = None) -> dict:
@@ -268,7 +293,10 @@ def add_to_report(report_path: Path, additions: dict[str, Any], figures: dict[st
 
 
 def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -> dict[str, Any]:
-    """Evaluate a calibrated run on ``scores/<split>.csv``; writes eval/report.json, PNGs and report.html.
+    """Evaluate a calibrated run on ``scores/<split>.csv``; writes the split's report.json, PNGs and report.html.
+
+    The test split's report is ``eval/report.json`` (the contract); any other split's is
+    ``eval/split-<split>/report.json``, so it never replaces the test report (:meth:`RunDir.split_report`).
 
     Args:
         run: Run directory with scores/ and calibration/.
@@ -281,7 +309,7 @@ def evaluate_run(run: RunDir | str | Path, settings=None, split: str = "test") -
     scores = run.require(run.score_file(split), "train")
     rule = load_run_calibration(run)
     table = read_scores_csv(scores)
-    return _evaluate(table, rule, run.report, run, {"split": split, "scores": str(scores)})
+    return _evaluate(table, rule, run.split_report(split), run, {"split": split, "scores": str(scores)})
 
 
 def source_slug(source: str) -> str:

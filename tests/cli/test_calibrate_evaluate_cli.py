@@ -128,7 +128,11 @@ def test_run_mode_calibrate_and_evaluate(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads((run / "eval" / "report.json").read_text())["split"] == "test"
     result = runner.invoke(app, ["evaluate", "--run", str(run), "--split", "val_calib"])
-    assert result.exit_code == 0 and json.loads((run / "eval" / "report.json").read_text())["n"] == 2000
+    assert (
+        result.exit_code == 0
+        and json.loads((run / "eval" / "split-val_calib" / "report.json").read_text())["n"] == 2000
+    )
+    assert json.loads((run / "eval" / "report.json").read_text())["split"] == "test"  # not overwritten
 
 
 def test_scores_mode_never_imports_torch(scores: dict[str, Path], tmp_path: Path) -> None:

@@ -61,3 +61,57 @@ def test_evaluate_source_with_nothing_readable_is_bad_input(tmp_path):
     assert result.exit_code == 2, result.output
     assert "No usable image" in result.output and "Traceback" not in result.output
     assert not run.report.exists()
+
+
+def _write_scores(path, n: int, seed: int) -> None:
+    """A scores CSV whose gate ranks correctness (enough for calibrate to certify loose targets)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(int)
+    g = rng.random(n)
+    p = 1 / (1 + np.exp(-((2 * y - 1) * (1 + 5 * g) + rng.normal(size=n))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [f"s{seed}_{i},{p[i]:.6f},{g[i]:.6f},{y[i]}" for i in range(n)]
+    path.write_text("id,p_roadwork,gate,label\n" + "\n".join(rows) + "\n")
+
+
+def test_evaluate_split_writes_its_own_folder_and_leaves_the_test_report_alone(tmp_path):
+    from roadwork_cli.io.run import RunDir
+    from roadwork_cli.reporting.evaluate import add_to_report
+
+    run = RunDir(tmp_path / "run")
+    for split, n, seed in (("val_select", 300, 3), ("val_calib", 1200, 4), ("test", 200, 5)):
+        _write_scores(run.scores / f"{split}.csv", n, seed)
+    assert runner.invoke(app, ["calibrate", "--run", str(run.root), "--fnr", "0.1", "--coverage", "0.5"]).exit_code == 0
+    assert runner.invoke(app, ["evaluate", "--run", str(run.root)]).exit_code == 0
+    # The test report with a robustness block and its figure, as `evaluate --robustness` leaves them.
+    figure = run.eval / "robustness.png"
+    figure.write_bytes((run.eval / "reliability.png").read_bytes())
+    add_to_report(run.report, {"robustness": {"note": "measured"}}, {"robustness": figure})
+    before = {name: (run.eval / name).read_bytes() for name in ("report.json", "report.html", "robustness.png")}
+
+    result = runner.invoke(app, ["evaluate", "--run", str(run.root), "--split", "val_calib", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {name: (run.eval / name).read_bytes() for name in before} == before  # the test report is untouched
+    out = run.eval / "split-val_calib"
+    report = json.loads((out / "report.json").read_text())
+    assert report["split"] == "val_calib" and report["n"] == 1200 and "robustness" not in report
+    assert json.loads(result.stdout)["report_path"] == str(out / "report.json")
+    assert (out / "report.html").is_file() and (out / "risk_coverage.png").is_file()
+    assert not (out / "robustness.png").exists()
+    assert set(report["files"].values()) == {p.name for p in out.iterdir() if p.suffix in (".png", ".html")}
+
+    # Evaluating the test split again without --robustness: no robustness block, and no figure of the old one left.
+    assert runner.invoke(app, ["evaluate", "--run", str(run.root)]).exit_code == 0
+    assert "robustness" not in json.loads(run.report.read_text())
+    assert not figure.exists()
+    assert json.loads((out / "report.json").read_text())["n"] == 1200  # the other split's report stays
+
+    # --out into a folder of the user's: their own files are not ours to remove, even under a figure's name.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "robustness.png").write_bytes(b"the user's own picture")
+    scores_mode = ["evaluate", "--scores", str(run.scores / "test.csv"), "--params", str(run.scrc_params)]
+    assert runner.invoke(app, [*scores_mode, "--out", str(mine / "report.json")]).exit_code == 0
+    assert (mine / "robustness.png").read_bytes() == b"the user's own picture"
