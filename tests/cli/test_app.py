@@ -155,3 +155,65 @@ def test_info_verifies_the_bundle_and_does_not_import_torch(bundles, tmp_path):
     tampered.write_bytes(bytes(data))
     result = runner.invoke(app, ["info", str(tampered)])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def _commands():
+    """``(name, click command)`` of every subcommand, and the root group's context."""
+    import typer
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("roadwork", [], resilient_parsing=True)
+    return [(name, group.get_command(ctx, name)) for name in group.list_commands(ctx)], ctx
+
+
+def test_every_subcommand_takes_config_as_the_readme_says():
+    commands, ctx = _commands()
+    assert sorted(name for name, _ in commands) == sorted(SUBCOMMANDS)
+    lacking = [
+        name for name, command in commands if "--config" not in {o for p in command.get_params(ctx) for o in p.opts}
+    ]
+    assert lacking == []
+
+
+@pytest.mark.parametrize("argv", [["info", "missing.tar"], ["backbones"]])
+def test_config_is_read_by_info_and_backbones(tmp_path, argv):
+    config = tmp_path / "bad.yaml"
+    config.write_text("runtime:\n  devise: cpu\n")
+    result = runner.invoke(app, [*argv, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "runtime.devise" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    run = make_tiny_run(tmp_path_factory.mktemp("info_onnx") / "run")
+    result = runner.invoke(app, ["export", "--run", str(run.root), "--onnx"])
+    assert result.exit_code == 0, result.output
+    return run.bundle
+
+
+def test_info_shows_the_onnx_difference_and_the_runtime_predict_will_use(onnx_bundle, bundles, tmp_path):
+    import tarfile
+
+    from roadwork_cli.stage1 import load_bundle
+
+    with tarfile.open(onnx_bundle) as tar:
+        recorded = json.loads(tar.extractfile("model.json").read())["onnx"]["verification"]["max_abs_diff"]
+    info = json.loads(runner.invoke(app, ["info", str(onnx_bundle), "--json"]).stdout)
+    assert info["onnx"]["max_abs_diff"] == recorded and info["onnx"]["tolerance"] == 1e-4
+    assert info["predict_runtime"]["runtime"] == "onnx" == load_bundle(onnx_bundle).runtime
+    table = " ".join(runner.invoke(app, ["info", str(onnx_bundle)], env={"COLUMNS": "200"}).output.split())
+    assert f"onnx (model.onnx verified at export, max |Δp| {recorded:.2g}" in table
+
+    # The settings decide as they do for predict: a GPU device means PyTorch, and info says why.
+    config = tmp_path / "gpu.yaml"
+    config.write_text("runtime:\n  device: cuda\n")
+    on_gpu = json.loads(runner.invoke(app, ["info", str(onnx_bundle), "--json", "--config", str(config)]).stdout)
+    assert on_gpu["predict_runtime"]["runtime"] == "torch" and "cuda" in on_gpu["predict_runtime"]["reason"]
+
+    plain = json.loads(runner.invoke(app, ["info", str(bundles[True]), "--json"]).stdout)
+    assert plain["onnx"] is None and plain["predict_runtime"]["runtime"] == "torch"
+    assert load_bundle(bundles[True]).runtime == "torch"
+    table = " ".join(runner.invoke(app, ["info", str(bundles[True])], env={"COLUMNS": "200"}).output.split())
+    assert "torch (no model.onnx in the bundle)" in table
