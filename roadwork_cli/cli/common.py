@@ -6,12 +6,14 @@ import functools
 import json
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from roadwork_cli.errors import RoadworkError
 
@@ -36,8 +38,20 @@ ThreadsOption = Annotated[
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-_SETTINGS_DEBUG = {"on": False}
-"""``runtime.debug`` from YAML or the environment, noted by :func:`resolve_settings` so that errors honour it too."""
+def render_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """``warnings.showwarning`` while a command runs: one ``warning:`` line on the console, no source path.
+
+    Python's own rendering prints the file and line that raised the warning, which is for whoever develops roadwork,
+    not for its user; ``--debug`` (``runtime.debug``) adds them back.
+    """
+    kind = "" if issubclass(category, UserWarning) else f" ({category.__name__})"
+    where = f" [dim]({filename}:{lineno})[/]" if _SETTINGS_DEBUG["on"] or _SETTINGS_DEBUG["flag"] else ""
+    console.print(f"[yellow]warning{kind}:[/] {escape(str(message))}{where}", soft_wrap=True)
+
+
+_SETTINGS_DEBUG = {"on": False, "flag": False}
+"""``runtime.debug`` from YAML or the environment (``on``), noted by :func:`resolve_settings` so that errors honour it
+too, and the running command's ``--debug`` (``flag``), which warnings honour."""
 
 
 def fail(message: str, exit_code: int, debug: bool = False) -> typer.Exit:
@@ -55,8 +69,11 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
         _SETTINGS_DEBUG["on"] = False  # a previous command in this process (tests) must not leak its setting
+        _SETTINGS_DEBUG["flag"] = debug
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():  # restores Python's renderer when the command ends (tests share a process)
+                warnings.showwarning = render_warning
+                return func(*args, **kwargs)
         except typer.Exit:
             raise
         except RoadworkError as exc:

@@ -62,14 +62,9 @@ def command(
     from roadwork_cli.export import UncertifiedExportWarning, export_bundle  # heavy (torch) import inside
     from roadwork_cli.io.bundle import verify_bundle
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UncertifiedExportWarning)
+    with warnings.catch_warnings():  # rendered as one line by common.render_warning
+        warnings.simplefilter("always", UncertifiedExportWarning)  # every export says it, not only a process's first
         path = export_bundle(run_dir, settings.export.out, settings)
-    for warning in caught:
-        if issubclass(warning.category, UncertifiedExportWarning):
-            console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     manifest = verify_bundle(path)
     console.print(bundle_table(path, manifest))
     line = onnx_line(manifest.extras.get("onnx"))

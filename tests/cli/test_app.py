@@ -217,3 +217,27 @@ def test_info_shows_the_onnx_difference_and_the_runtime_predict_will_use(onnx_bu
     assert load_bundle(bundles[True]).runtime == "torch"
     table = " ".join(runner.invoke(app, ["info", str(bundles[True])], env={"COLUMNS": "200"}).output.split())
     assert "torch (no model.onnx in the bundle)" in table
+
+
+def test_python_warnings_are_rendered_as_one_line_without_a_source_path(bundles):
+    """A raw `warnings.warn` inside a command prints `warning: …`, never Python's `file.py:N: UserWarning: …`."""
+    import warnings
+
+    from roadwork_cli.cli import info as info_module
+
+    def noisy(*args, **kwargs):
+        warnings.warn("something worth knowing", UserWarning, stacklevel=1)
+        warnings.warn("a library's deprecation", FutureWarning, stacklevel=1)
+        return original(*args, **kwargs)
+
+    original = info_module.bundle_info
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(info_module, "bundle_info", noisy)
+        result = runner.invoke(app, ["info", str(bundles[True])])
+        debugged = runner.invoke(app, ["info", str(bundles[True]), "--debug"])
+    assert result.exit_code == 0, result.output
+    assert "warning: something worth knowing" in result.output
+    assert "warning (FutureWarning): a library's deprecation" in result.output
+    assert ".py:" not in result.output and "UserWarning" not in result.output
+    assert "test_app.py:" in debugged.output  # --debug says where it came from
+    assert warnings.showwarning.__module__ == "warnings"  # Python's renderer is back after the command
