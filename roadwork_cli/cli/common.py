@@ -14,11 +14,26 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from roadwork_cli.errors import RoadworkError
 
 console = Console(stderr=True, highlight=False)
 """Progress, tables and messages go to stderr so that stdout stays machine-readable (predict --format jsonl)."""
+
+
+def setting_default(key: str, value: str) -> str:
+    """What ``--help`` shows as the default of a flag that overrides setting ``key``: ``"calibration.fnr = 0.02"``.
+
+    The flag's own default is ``None`` (not given: the settings decide), so Typer would show nothing. The value is
+    written here rather than read from ``Settings`` because importing pydantic would slow ``roadwork --help``;
+    ``tests/cli/test_app.py`` checks every such value against ``Settings``' defaults.
+    """
+    return f"{key} = {value}"
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+"""What ``--device`` completes to (``cuda:N`` picks one GPU)."""
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="YAML settings file (defaults < YAML < ROADWORK_* env < flags).")
@@ -29,13 +44,65 @@ JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the summary as one JSON object on stdout (tables stay on stderr).")
 ]
 DeviceOption = Annotated[
-    str | None, typer.Option("--device", help="Where to compute: auto, cpu, cuda, cuda:N or mps (runtime.device).")
+    str | None,
+    typer.Option(
+        "--device",
+        help="Where to compute: auto, cpu, cuda, cuda:N or mps (runtime.device).",
+        show_default=setting_default("runtime.device", "auto"),
+        autocompletion=lambda incomplete: [d for d in DEVICES if d.startswith(incomplete)],
+    ),
 ]
 ThreadsOption = Annotated[
     int | None, typer.Option("--threads", min=1, help="torch intra-op CPU threads (runtime.threads).")
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def complete_setting_choices(key: str) -> Callable[[str], list[str]]:
+    """A Typer ``autocompletion`` callback offering the choices of setting ``key`` (a ``Literal`` field)."""
+
+    def complete(incomplete: str) -> list[str]:
+        from typing import get_args
+
+        from roadwork_cli.config import Settings  # imported when the shell asks, never for --help
+
+        section, field = key.split(".")
+        annotation = type(getattr(Settings(), section)).model_fields[field].annotation
+        return [str(choice) for choice in get_args(annotation) if str(choice).startswith(incomplete)]
+
+    return complete
+
+
+def complete_backbone(incomplete: str) -> list[tuple[str, str]]:
+    """Typer ``autocompletion`` for ``--backbone``: the registry's names with their descriptions, and the prefixes."""
+    from roadwork_cli.model.backbones import list_backbones  # imports torch: only when the shell asks
+
+    choices = dict(list_backbones(with_descriptions=True))
+    choices |= {"timm:": "any timm model, timm:<name>", "hf:": "a transformers model, hf:<repo id or local dir>"}
+    return [(name, about) for name, about in choices.items() if name.startswith(incomplete)]
+
+
+def _hide_switch_placeholders(params: list) -> list:
+    """Switches take no value, so their help shows none (Typer would print ``<bool>`` in the value column)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class RoadworkCommand(TyperCommand):
+    """A subcommand whose help lists switches without a value placeholder."""
+
+    def get_params(self, ctx):  # noqa: D102 - see the class docstring
+        return _hide_switch_placeholders(super().get_params(ctx))
+
+
+class RoadworkGroup(TyperGroup):
+    """The ``roadwork`` group, its help drawn like its subcommands' (see :class:`RoadworkCommand`)."""
+
+    def get_params(self, ctx):  # noqa: D102 - see the class docstring
+        return _hide_switch_placeholders(super().get_params(ctx))
 
 
 def render_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001

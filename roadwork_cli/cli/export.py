@@ -17,6 +17,7 @@ from roadwork_cli.cli.common import (
     handle_errors,
     print_json,
     require_run,
+    setting_default,
 )
 
 
@@ -36,9 +37,11 @@ def command(
         bool | None,
         typer.Option(
             "--onnx",
-            help="Also write model.onnx (backbone + head, verified against PyTorch); predict then runs without torch "
-            "when roadwork-cli[onnx] is installed.",
-            show_default=False,
+            help="Also write model.onnx (backbone + head in one graph), checked against PyTorch before packing: export "
+            "fails when their raw scores differ by more than 1e-4. Needs onnxruntime (pip install "
+            "'roadwork-cli\\[onnx]'). predict then runs the graph with onnxruntime, without torch, on the CPU "
+            "(`roadwork info BUNDLE` says which runtime predict will use, and why).",
+            show_default=setting_default("export.onnx", "false"),
         ),
     ] = None,
     json_output: JsonOption = False,

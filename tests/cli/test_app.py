@@ -1,6 +1,7 @@
 """The console command's shell: help, version, import hygiene, exit codes and error rendering."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -169,10 +170,11 @@ def _commands():
 def test_every_subcommand_takes_config_as_the_readme_says():
     commands, ctx = _commands()
     assert sorted(name for name, _ in commands) == sorted(SUBCOMMANDS)
-    lacking = [
-        name for name, command in commands if "--config" not in {o for p in command.get_params(ctx) for o in p.opts}
-    ]
-    assert lacking == []
+    for flag in ("--config", "--debug"):
+        lacking = [
+            name for name, command in commands if flag not in {o for p in command.get_params(ctx) for o in p.opts}
+        ]
+        assert lacking == [], flag
 
 
 @pytest.mark.parametrize("argv", [["info", "missing.tar"], ["backbones"]])
@@ -182,6 +184,78 @@ def test_config_is_read_by_info_and_backbones(tmp_path, argv):
     result = runner.invoke(app, [*argv, "--config", str(config)])
     assert result.exit_code == 2, result.output
     assert "runtime.devise" in result.output and "Traceback" not in result.output
+
+
+def test_help_shows_the_settings_defaults_and_no_placeholder_on_switches():
+    for argv, expected in [
+        (["calibrate"], ["calibration.fnr = 0.02", "calibration.coverage = 0.8", "calibration.delta = 0.1"]),
+        (["train"], ["train.mode = train_cached", "train.epochs = 30"]),
+    ]:
+        result = runner.invoke(app, [*argv, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0
+        for text in expected:
+            assert text in result.output, (argv, text)
+    for argv in (["export"], ["train"], []):
+        result = runner.invoke(app, [*argv, "--help"], env={"COLUMNS": "200"})
+        switches = [
+            line for line in result.output.splitlines() if re.search(r"--(json|debug|help|onnx|version)\b", line)
+        ]
+        assert switches and not any("<bool>" in line for line in switches), switches
+
+
+def test_every_default_shown_in_help_is_the_settings_default():
+    """``setting_default`` writes values down to keep --help fast; each one must equal ``Settings``' default."""
+    from roadwork_cli.config import Settings
+
+    settings, shown = Settings(), 0
+    commands, ctx = _commands()
+    for name, command in commands:
+        for param in command.get_params(ctx):
+            match = re.fullmatch(r"(\w+)\.(\w+) = (.+)", str(param.show_default)) if param.show_default else None
+            if match is None:
+                continue
+            section, key, text = match.groups()
+            value = getattr(getattr(settings, section), key)
+            expected = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+            assert text == (expected.lower() if isinstance(value, bool) else expected), (name, param.opts, value)
+            shown += 1
+    assert shown >= 10
+
+
+def test_backbone_and_onnx_help_say_where_to_look_and_what_happens():
+    backbone = " ".join(runner.invoke(app, ["cache-features", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "`roadwork backbones` lists them" in backbone or "roadwork backbones lists them" in backbone
+    onnx = " ".join(runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output.split())
+    # The extra's name used to vanish as rich markup ("when roadwork-cli is installed").
+    assert "pip install 'roadwork-cli[onnx]'" in onnx and "export.onnx = false" in onnx
+    assert "roadwork info BUNDLE" in onnx
+
+
+def test_completion_offers_mode_format_backbone_and_device_values():
+    from roadwork_cli.cli.common import complete_backbone, complete_setting_choices
+    from roadwork_cli.model.backbones import list_backbones
+
+    assert complete_setting_choices("train.mode")("train") == ["train_cached", "train", "train_crc"]
+    assert complete_setting_choices("predict.format")("") == ["auto", "table", "jsonl", "csv"]
+    names = [name for name, _ in complete_backbone("")]
+    assert set(list_backbones()) <= set(names) and {"timm:", "hf:"} <= set(names)
+    assert [name for name, _ in complete_backbone("tiny_")] == [n for n in list_backbones() if n.startswith("tiny_")]
+
+
+@pytest.mark.parametrize(
+    "words,expected",
+    [
+        ("roadwork train --mode train_c", {"train_cached", "train_crc"}),
+        ("roadwork predict x.jpg --format j", {"jsonl"}),
+        ("roadwork cache-features --backbone tiny_", {"tiny_vit", "tiny_dinov3"}),
+        ("roadwork demo --device cu", {"cuda"}),
+    ],
+)
+def test_shell_completion_through_clicks_protocol(words, expected):
+    """What bash gets back when it asks (``_ROADWORK_COMPLETE=complete_bash``), as --install-completion sets up."""
+    env = {"_ROADWORK_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+    result = runner.invoke(app, [], prog_name="roadwork", env=env)
+    assert set(result.output.split()) == expected, result.output
 
 
 @pytest.fixture(scope="module")
