@@ -14,6 +14,7 @@ from roadwork_cli.cli.common import (
     JsonOption,
     RunOption,
     ThreadsOption,
+    check_device,
     complete_backbone,
     console,
     handle_errors,
@@ -60,6 +61,7 @@ def command(
             "features": {"batch_size": batch_size, "workers": workers},
         },
     )
+    check_device(settings)
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.runtime.distributed import distributed_from_env

@@ -182,6 +182,18 @@ def runtime_overrides(run: Path | None = None, device: str | None = None, thread
     return {"run": run, "device": device, "threads": threads}
 
 
+def check_device(settings) -> None:
+    """Fail now, with exit 2, when ``runtime.device`` names a GPU this machine lacks (before any image is read).
+
+    ``auto`` and ``cpu`` always exist and are not checked, so commands that may run without torch (predict on an ONNX
+    bundle, evaluate --scores) do not import it here.
+    """
+    if settings.runtime.device not in ("auto", "cpu"):
+        from roadwork_cli.runtime.device import resolve_device
+
+        resolve_device(settings.runtime.device)
+
+
 def apply_threads(settings) -> None:
     """Honour ``runtime.threads`` for commands whose library call does not (torch imported only when set)."""
     if settings.runtime.threads:

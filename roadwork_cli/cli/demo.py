@@ -13,6 +13,7 @@ from roadwork_cli.cli.common import (
     JsonOption,
     RunOption,
     ThreadsOption,
+    check_device,
     console,
     handle_errors,
     print_json,
@@ -33,6 +34,7 @@ def command(
     from roadwork_cli.pipeline import demo_settings, run_demo
 
     settings = demo_settings(config, per_class=per_class, run=run, device=device, threads=threads)
+    check_device(settings)  # before the demo splits thousands of images
     if settings.calibration.allow_infeasible and not settings.export.allow_uncertified:
         # Whoever lets calibration pass uncertified wants the demo to finish: export would otherwise refuse the very
         # calibration they allowed (exit 2 after every other stage ran). The bundle then says it has no guarantee.

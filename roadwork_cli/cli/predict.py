@@ -23,6 +23,7 @@ from roadwork_cli.cli.common import (
     DeviceOption,
     ThreadsOption,
     apply_threads,
+    check_device,
     complete_setting_choices,
     console,
     handle_errors,
@@ -132,6 +133,7 @@ def command(
     fmt = (
         "probability" if probability_only else choose_format(format, settings.predict.format, out, sys.stdout.isatty())
     )
+    check_device(settings)
     skipped: list[str] = []
     expanded = expand_inputs(inputs, skipped=skipped)
 

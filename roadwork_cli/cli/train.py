@@ -13,6 +13,7 @@ from roadwork_cli.cli.common import (
     JsonOption,
     RunOption,
     ThreadsOption,
+    check_device,
     complete_setting_choices,
     console,
     handle_errors,
@@ -56,6 +57,7 @@ def command(
             "train": {"mode": mode, "epochs": epochs},
         },
     )
+    check_device(settings)
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.runtime.distributed import distributed_from_env
     from roadwork_cli.training.trainer import train
