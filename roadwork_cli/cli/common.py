@@ -105,6 +105,11 @@ class RoadworkGroup(TyperGroup):
         return _hide_switch_placeholders(super().get_params(ctx))
 
 
+_SETTINGS_DEBUG = {"on": False, "flag": False}
+"""``runtime.debug`` from YAML or the environment (``on``), noted by :func:`resolve_settings` so that errors honour it
+too, and the running command's ``--debug`` (``flag``), which warnings honour."""
+
+
 def render_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
     """``warnings.showwarning`` while a command runs: one ``warning:`` line on the console, no source path.
 
@@ -112,20 +117,15 @@ def render_warning(message, category, filename, lineno, file=None, line=None) ->
     not for its user; ``--debug`` (``runtime.debug``) adds them back.
     """
     kind = "" if issubclass(category, UserWarning) else f" ({category.__name__})"
-    where = f" [dim]({filename}:{lineno})[/]" if _SETTINGS_DEBUG["on"] or _SETTINGS_DEBUG["flag"] else ""
+    where = f" [dim]{escape(f'({filename}:{lineno})')}[/]" if _SETTINGS_DEBUG["on"] or _SETTINGS_DEBUG["flag"] else ""
     console.print(f"[yellow]warning{kind}:[/] {escape(str(message))}{where}", soft_wrap=True)
-
-
-_SETTINGS_DEBUG = {"on": False, "flag": False}
-"""``runtime.debug`` from YAML or the environment (``on``), noted by :func:`resolve_settings` so that errors honour it
-too, and the running command's ``--debug`` (``flag``), which warnings honour."""
 
 
 def fail(message: str, exit_code: int, debug: bool = False) -> typer.Exit:
     """Print one paragraph (and the traceback when debugging) and return the Exit to raise."""
     if debug or _SETTINGS_DEBUG["on"]:
         traceback.print_exc(file=sys.stderr)
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # "roadwork-cli[onnx]" is not markup
     return typer.Exit(exit_code)
 
 

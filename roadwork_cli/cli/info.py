@@ -109,6 +109,7 @@ def command(
 
 def info_table(info: dict[str, Any]):
     """A two-column rich table of ``bundle_info``."""
+    from rich.markup import escape
     from rich.table import Table
 
     model, cal, data = info["model"], info["calibration"], info["data"]
@@ -128,7 +129,7 @@ def info_table(info: dict[str, Any]):
             ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in thresholds.items()),
         ),
         ("guarantee", guarantee),
-        ("predict runtime", runtime_line(info)),
+        ("predict runtime", escape(runtime_line(info))),  # "roadwork-cli[onnx]" is not markup
         ("targets", ", ".join(f"{k}={v}" for k, v in targets.items() if k in ("alpha", "delta", "xi"))),
         (
             "calibration images",

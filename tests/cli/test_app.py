@@ -315,3 +315,22 @@ def test_python_warnings_are_rendered_as_one_line_without_a_source_path(bundles)
     assert ".py:" not in result.output and "UserWarning" not in result.output
     assert "test_app.py:" in debugged.output  # --debug says where it came from
     assert warnings.showwarning.__module__ == "warnings"  # Python's renderer is back after the command
+
+
+def test_bracketed_text_in_errors_and_info_is_printed_not_taken_as_markup(onnx_bundle, monkeypatch):
+    """`pip install 'roadwork-cli[onnx]'` used to print as `'roadwork-cli'`: rich read `[onnx]` as a style."""
+    from roadwork_cli.model import onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "onnxruntime_available", lambda: False)
+    table = " ".join(runner.invoke(app, ["info", str(onnx_bundle)], env={"COLUMNS": "200"}).output.split())
+    assert "torch (onnxruntime is not installed: pip install 'roadwork-cli[onnx]'" in table
+
+    from roadwork_cli.cli import info as info_module
+    from roadwork_cli.errors import UsageError
+
+    def refuse(*args, **kwargs):
+        raise UsageError("needs the extra: pip install 'roadwork-cli[onnx]'")
+
+    monkeypatch.setattr(info_module, "bundle_info", refuse)
+    result = runner.invoke(app, ["info", str(onnx_bundle)])
+    assert result.exit_code == 2 and "pip install 'roadwork-cli[onnx]'" in result.output
