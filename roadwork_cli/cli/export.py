@@ -36,11 +36,12 @@ def command(
     onnx: Annotated[
         bool | None,
         typer.Option(
-            "--onnx",
+            "--onnx/--no-onnx",
             help="Also write model.onnx (backbone + head in one graph), checked against PyTorch before packing: export "
             "fails when their raw scores differ by more than 1e-4. Needs onnxruntime (pip install "
             "'roadwork-cli\\[onnx]'). predict then runs the graph with onnxruntime, without torch, on the CPU "
-            "(`roadwork info BUNDLE` says which runtime predict will use, and why).",
+            "(`roadwork info BUNDLE` says which runtime predict will use, and why). --no-onnx overrides a settings "
+            "file's export.onnx: true.",
             show_default=setting_default("export.onnx", "false"),
         ),
     ] = None,
@@ -57,8 +58,8 @@ def command(
         overrides["export"] = {"out": out}
     if allow_uncertified:
         overrides.setdefault("export", {})["allow_uncertified"] = True
-    if onnx:
-        overrides.setdefault("export", {})["onnx"] = True
+    if onnx is not None:
+        overrides.setdefault("export", {})["onnx"] = onnx
     settings = resolve_settings(config, overrides)
     run_dir = RunDir(require_run(settings))
 
