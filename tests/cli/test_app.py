@@ -222,10 +222,16 @@ def test_every_default_shown_in_help_is_the_settings_default():
     assert shown >= 10
 
 
+def _help_text(argv: list[str]) -> str:
+    """``--help`` of ``argv`` as one line of words, the panel's borders removed (wrapped cells join up again)."""
+    output = runner.invoke(app, [*argv, "--help"], env={"COLUMNS": "200"}).output
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", output).split())
+
+
 def test_backbone_and_onnx_help_say_where_to_look_and_what_happens():
-    backbone = " ".join(runner.invoke(app, ["cache-features", "--help"], env={"COLUMNS": "200"}).output.split())
+    backbone = _help_text(["cache-features"])
     assert "`roadwork backbones` lists them" in backbone or "roadwork backbones lists them" in backbone
-    onnx = " ".join(runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output.split())
+    onnx = _help_text(["export"])
     # The extra's name used to vanish as rich markup ("when roadwork-cli is installed").
     assert "pip install 'roadwork-cli[onnx]'" in onnx and "export.onnx = false" in onnx
     assert "roadwork info BUNDLE" in onnx
