@@ -340,3 +340,22 @@ def test_bracketed_text_in_errors_and_info_is_printed_not_taken_as_markup(onnx_b
     monkeypatch.setattr(info_module, "bundle_info", refuse)
     result = runner.invoke(app, ["info", str(onnx_bundle)])
     assert result.exit_code == 2 and "pip install 'roadwork-cli[onnx]'" in result.output
+
+
+@pytest.mark.parametrize(
+    "has_graph,recorded,device,precision,weights,expected,why",
+    [
+        (False, "fp32", "auto", "auto", None, "torch", "no model.onnx"),
+        (True, "fp32", "cuda:0", "auto", None, "torch", "runtime.device is cuda:0"),
+        (True, "bf16", "cpu", "auto", None, "torch", "computed in bf16"),
+        (True, "fp32", "cpu", "fp16", None, "torch", "computed in fp16"),
+        (True, "fp32", "auto", "auto", "w.safetensors", "torch", "backbone weights"),
+        (True, None, "cpu", "fp32", None, "onnx", "without torch"),
+    ],
+)
+def test_choose_runtime_names_the_reason_info_prints(has_graph, recorded, device, precision, weights, expected, why):
+    pytest.importorskip("onnxruntime")
+    from roadwork_cli.stage1 import choose_runtime
+
+    runtime, reason = choose_runtime(has_graph, recorded, device, precision, weights)
+    assert runtime == expected and why in reason
