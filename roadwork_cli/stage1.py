@@ -631,16 +631,48 @@ def load_bundle(
         raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)} (got {runtime!r}).")
     bundle = VerifiedBundle.read(path)
     if runtime == "auto":
-        from roadwork_cli.model.onnx_graph import onnxruntime_available
-
-        fp32 = precision == "fp32" or (precision == "auto" and bundle.recorded_precision in (None, "fp32"))
-        onnx_fits = device in ("auto", "cpu") and fp32 and backbone_weights is None
-        runtime = "onnx" if onnx_fits and ONNX_GRAPH in bundle.contents.members and onnxruntime_available() else "torch"
+        has_graph = ONNX_GRAPH in bundle.contents.members
+        runtime, _ = choose_runtime(has_graph, bundle.recorded_precision, device, precision, backbone_weights)
     if runtime == "onnx":
         return OnnxStage1Model.from_verified(bundle, jpeg_draft=jpeg_draft, threads=threads)
     return Stage1Model.from_verified(
         bundle, device=device, backbone_weights=backbone_weights, precision=precision, jpeg_draft=jpeg_draft
     )
+
+
+def choose_runtime(
+    has_graph: bool,
+    recorded_precision: str | None,
+    device: str = "auto",
+    precision: str = "auto",
+    backbone_weights: str | Path | None = None,
+) -> tuple[str, str]:
+    """The runtime ``load_bundle(runtime="auto")`` picks, and why in a few words (``roadwork info`` shows both).
+
+    Args:
+        has_graph: Whether the bundle holds ``model.onnx``.
+        recorded_precision: The compute precision calibration's scores were computed in (``model.json``'s recipe).
+        device: ``runtime.device``; the graph runs on the CPU only.
+        precision: ``runtime.precision``; the graph runs in fp32 only.
+        backbone_weights: Local weights given for a bundle exported without them (PyTorch only).
+
+    Returns:
+        ``("onnx" | "torch", reason)``.
+    """
+    if not has_graph:
+        return "torch", "no model.onnx in the bundle"
+    if device not in ("auto", "cpu"):
+        return "torch", f"runtime.device is {device}; the ONNX graph runs on the CPU"
+    if not (precision == "fp32" or (precision == "auto" and recorded_precision in (None, "fp32"))):
+        used = recorded_precision if precision == "auto" else precision
+        return "torch", f"scores are computed in {used}; the ONNX graph runs in fp32"
+    if backbone_weights is not None:
+        return "torch", "backbone weights were given, which only PyTorch loads"
+    from roadwork_cli.model.onnx_graph import onnxruntime_available
+
+    if not onnxruntime_available():
+        return "torch", "onnxruntime is not installed: pip install 'roadwork-cli[onnx]'"
+    return "onnx", "model.onnx with onnxruntime, without torch"
 
 
 def _warn_override(what: str, recorded: Any, used: Any) -> None:

@@ -9,9 +9,11 @@ import typer
 
 from roadwork_cli import __version__
 from roadwork_cli.cli import backbones, cache_features, calibrate, demo, evaluate, export, info, predict, split, train
+from roadwork_cli.cli.common import RoadworkCommand, RoadworkGroup
 
 app = typer.Typer(
     name="roadwork",
+    cls=RoadworkGroup,
     help="Stage 1 of a two-stage roadwork detector: split, cache features, train, calibrate (SCRC-I), evaluate, "
     "export, predict.",
     no_args_is_help=True,
@@ -34,16 +36,19 @@ def _root(
     """Stage 1 of a two-stage roadwork detector."""
 
 
-app.command("split")(split.command)
-app.command("cache-features")(cache_features.command)
-app.command("train")(train.command)
-app.command("calibrate")(calibrate.command)
-app.command("evaluate")(evaluate.command)
-app.command("export")(export.command)
-app.command("predict")(predict.command)
-app.command("demo")(demo.command)
-app.command("info")(info.command)
-app.command("backbones")(backbones.command)
+for _name, _module in (
+    ("split", split),
+    ("cache-features", cache_features),
+    ("train", train),
+    ("calibrate", calibrate),
+    ("evaluate", evaluate),
+    ("export", export),
+    ("predict", predict),
+    ("demo", demo),
+    ("info", info),
+    ("backbones", backbones),
+):
+    app.command(_name, cls=RoadworkCommand)(_module.command)
 
 
 def main() -> None:

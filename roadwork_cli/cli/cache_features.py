@@ -14,22 +14,36 @@ from roadwork_cli.cli.common import (
     JsonOption,
     RunOption,
     ThreadsOption,
+    check_device,
+    complete_backbone,
     console,
     handle_errors,
     print_json,
     require_run,
     resolve_settings,
     runtime_overrides,
+    setting_default,
 )
 
 
 @handle_errors
 def command(
     run: RunOption = None,
-    backbone: Annotated[str | None, typer.Option("--backbone", help="Backbone name (see list_backbones()).")] = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone",
+            help="Backbone name; `roadwork backbones` lists them (also timm:<name>, hf:<repo id or local dir>).",
+            show_default=setting_default("model.backbone", "efficientnet_lite0"),
+            autocompletion=complete_backbone,
+        ),
+    ] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Local backbone weights file.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="DataLoader workers.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="DataLoader workers.", show_default=setting_default("features.workers", "2")),
+    ] = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -48,6 +62,7 @@ def command(
         },
         switches_backbone=True,
     )
+    check_device(settings)
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.runtime.distributed import distributed_from_env

@@ -17,6 +17,7 @@ from roadwork_cli.cli.common import (
     print_json,
     require_run,
     resolve_settings,
+    setting_default,
 )
 
 
@@ -25,9 +26,26 @@ def command(
     run: RunOption = None,
     scores: Annotated[Path | None, typer.Option("--scores", help="CSV with p_roadwork,gate,label.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Where to write scrc_params.json (with --scores).")] = None,
-    fnr: Annotated[float | None, typer.Option("--fnr", help="alpha: max FNR among exits.")] = None,
-    coverage: Annotated[float | None, typer.Option("--coverage", help="xi: min fraction of images that exit.")] = None,
-    delta: Annotated[float | None, typer.Option("--delta", help="Allowed failure probability.")] = None,
+    fnr: Annotated[
+        float | None,
+        typer.Option(
+            "--fnr", help="alpha: max FNR among exits.", show_default=setting_default("calibration.fnr", "0.02")
+        ),
+    ] = None,
+    coverage: Annotated[
+        float | None,
+        typer.Option(
+            "--coverage",
+            help="xi: min fraction of images that exit.",
+            show_default=setting_default("calibration.coverage", "0.8"),
+        ),
+    ] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            "--delta", help="Allowed failure probability.", show_default=setting_default("calibration.delta", "0.1")
+        ),
+    ] = None,
     allow_infeasible: Annotated[
         bool | None, typer.Option("--allow-infeasible", help="Exit 0 even if the targets are not attainable.")
     ] = None,

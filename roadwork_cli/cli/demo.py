@@ -13,6 +13,7 @@ from roadwork_cli.cli.common import (
     JsonOption,
     RunOption,
     ThreadsOption,
+    check_device,
     console,
     handle_errors,
     print_json,
@@ -33,6 +34,12 @@ def command(
     from roadwork_cli.pipeline import demo_settings, run_demo
 
     settings = demo_settings(config, per_class=per_class, run=run, device=device, threads=threads)
+    check_device(settings)  # before the demo splits thousands of images
+    if settings.calibration.allow_infeasible and not settings.export.allow_uncertified:
+        # Whoever lets calibration pass uncertified wants the demo to finish: export would otherwise refuse the very
+        # calibration they allowed (exit 2 after every other stage ran). The bundle then says it has no guarantee.
+        export = settings.export.model_copy(update={"allow_uncertified": True})
+        settings = settings.model_copy(update={"export": export})
     console.print(
         f"[bold]roadwork demo[/] in {settings.runtime.run}: {settings.data.sources[0]}, backbone "
         f"{settings.model.backbone}, targets FNR <= {settings.calibration.fnr:g} on exits, coverage >= "
@@ -43,6 +50,13 @@ def command(
         f"[bold green]demo finished[/] in {summary.seconds:.0f} s. Report: {summary.run.report} and "
         f"{summary.run.eval / 'report.html'}; bundle: {summary.bundle}"
     )
+    if not (summary.report.get("guarantee") or {}).get("certified", True):
+        console.print(
+            "[yellow]The bundle is uncertified:[/] calibration did not certify the targets and "
+            f"calibration.allow_infeasible let it pass, so its decisions carry no guarantee (roadwork info "
+            f"{summary.bundle} says what it decides).",
+            soft_wrap=True,
+        )
     console.print(f"next: roadwork predict IMAGE... --bundle {summary.bundle}")
     if json_output:
         print_json(demo_json(summary))

@@ -15,6 +15,7 @@ from roadwork_cli.cli.common import (
     RunOption,
     ThreadsOption,
     apply_threads,
+    check_device,
     console,
     handle_errors,
     print_json,
@@ -75,6 +76,8 @@ def command(
         raise UsageError("--robustness re-scores the run's own images (--run [--split]), not --scores or --source.")
     runtime = runtime_overrides(run, device, threads)
     settings = resolve_settings(config, {"runtime": runtime}, write_to_run=scores is None)
+    if scores is None:  # --scores computes nothing on a device
+        check_device(settings)
     apply_threads(settings)
     from roadwork_cli.reporting import evaluate as evaluation
     from roadwork_cli.reporting.tables import report_table

@@ -17,6 +17,7 @@ from roadwork_cli.cli.common import (
     handle_errors,
     print_json,
     require_run,
+    setting_default,
 )
 
 
@@ -35,10 +36,13 @@ def command(
     onnx: Annotated[
         bool | None,
         typer.Option(
-            "--onnx",
-            help="Also write model.onnx (backbone + head, verified against PyTorch); predict then runs without torch "
-            "when roadwork-cli[onnx] is installed.",
-            show_default=False,
+            "--onnx/--no-onnx",
+            help="Also write model.onnx (backbone + head in one graph), checked against PyTorch before packing: export "
+            "fails when their raw scores differ by more than 1e-4. Needs onnxruntime (pip install "
+            "'roadwork-cli\\[onnx]'). predict then runs the graph with onnxruntime, without torch, on the CPU "
+            "(`roadwork info BUNDLE` says which runtime predict will use, and why). --no-onnx overrides a settings "
+            "file's export.onnx: true.",
+            show_default=setting_default("export.onnx", "false"),
         ),
     ] = None,
     json_output: JsonOption = False,
@@ -54,22 +58,17 @@ def command(
         overrides["export"] = {"out": out}
     if allow_uncertified:
         overrides.setdefault("export", {})["allow_uncertified"] = True
-    if onnx:
-        overrides.setdefault("export", {})["onnx"] = True
+    if onnx is not None:
+        overrides.setdefault("export", {})["onnx"] = onnx
     settings = resolve_settings(config, overrides)
     run_dir = RunDir(require_run(settings))
 
     from roadwork_cli.export import UncertifiedExportWarning, export_bundle  # heavy (torch) import inside
     from roadwork_cli.io.bundle import verify_bundle
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UncertifiedExportWarning)
+    with warnings.catch_warnings():  # rendered as one line by common.render_warning
+        warnings.simplefilter("always", UncertifiedExportWarning)  # every export says it, not only a process's first
         path = export_bundle(run_dir, settings.export.out, settings)
-    for warning in caught:
-        if issubclass(warning.category, UncertifiedExportWarning):
-            console.print(f"[yellow]warning:[/] {warning.message}", soft_wrap=True)
-        else:
-            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     manifest = verify_bundle(path)
     console.print(bundle_table(path, manifest))
     line = onnx_line(manifest.extras.get("onnx"))

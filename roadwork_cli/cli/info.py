@@ -7,18 +7,21 @@ from typing import Annotated, Any
 
 import typer
 
-from roadwork_cli.cli.common import DebugOption, JsonOption, console, handle_errors, print_json
+from roadwork_cli.cli.common import ConfigOption, DebugOption, JsonOption, console, handle_errors, print_json
 
 
-def bundle_info(path: Path) -> dict[str, Any]:
-    """Model, thresholds, certification, targets, data counts and versions of a bundle (checksums verified).
+def bundle_info(path: Path, device: str = "auto", precision: str = "auto") -> dict[str, Any]:
+    """Model, thresholds, certification, targets, data counts, versions and runtime of a bundle (checksums verified).
 
     Args:
         path: bundle.tar from ``roadwork export``.
+        device: ``runtime.device`` that ``predict`` would run with (it decides between ONNX and PyTorch).
+        precision: ``runtime.precision`` that ``predict`` would run with.
     """
     from roadwork_cli.calibration.estimator import is_certified
     from roadwork_cli.io.bundle import read_bundle
     from roadwork_cli.reporting.tables import guarantee_statement
+    from roadwork_cli.stage1 import ONNX_GRAPH, choose_runtime
 
     contents = read_bundle(path)  # verifies every member's checksum before anything is shown
     manifest = contents.manifest
@@ -31,6 +34,11 @@ def bundle_info(path: Path) -> dict[str, Any]:
     labels: dict[str, int] = {"roadwork": 0, "no_roadwork": 0}
     for sample in samples.values():
         labels["roadwork" if sample.get("label") == 1 else "no_roadwork"] += 1
+    recorded_precision = (model.get("recipe") or {}).get("compute_precision")
+    has_graph = ONNX_GRAPH in contents.members
+    runtime, reason = choose_runtime(has_graph, recorded_precision, device, precision)
+    onnx = (model.get("onnx") or manifest.extras.get("onnx") or {}) if has_graph else {}
+    check = onnx.get("verification") or {}
     return {
         "bundle": str(path),
         "model": {
@@ -45,6 +53,15 @@ def bundle_info(path: Path) -> dict[str, Any]:
             "training": model.get("training"),
         },
         "guarantee": guarantee_statement(params),
+        "onnx": None
+        if not has_graph
+        else {
+            "max_abs_diff": check.get("max_abs_diff"),
+            "tolerance": check.get("tolerance"),
+            "samples": check.get("samples"),
+            "test_split_images": check.get("test_split_images"),
+        },
+        "predict_runtime": {"runtime": runtime, "reason": reason, "device": device, "precision": precision},
         "calibration": {
             "method": params.get("method"),
             "thresholds": params.get("thresholds"),
@@ -72,10 +89,18 @@ def bundle_info(path: Path) -> dict[str, Any]:
 def command(
     bundle: Annotated[Path, typer.Argument(help="bundle.tar from `roadwork export`.")],
     json_output: JsonOption = False,
+    config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Show what a bundle holds: model, thresholds, certification, targets, data counts, versions."""
-    info = bundle_info(bundle)
+    """Show what a bundle holds: model, thresholds, certification, targets, data counts, versions, predict's runtime.
+
+    The settings (``--config``, ``ROADWORK_*``) matter for the runtime: ``runtime.device`` and ``runtime.precision``
+    decide, as in ``predict``, whether the bundle's ONNX graph or PyTorch runs it.
+    """
+    from roadwork_cli.cli.common import resolve_settings
+
+    settings = resolve_settings(config, {"runtime": {"debug": debug or None}}, write_to_run=False)
+    info = bundle_info(bundle, device=settings.runtime.device, precision=settings.runtime.precision)
     if json_output:
         print_json(info)
         return
@@ -84,6 +109,7 @@ def command(
 
 def info_table(info: dict[str, Any]):
     """A two-column rich table of ``bundle_info``."""
+    from rich.markup import escape
     from rich.table import Table
 
     model, cal, data = info["model"], info["calibration"], info["data"]
@@ -103,6 +129,7 @@ def info_table(info: dict[str, Any]):
             ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in thresholds.items()),
         ),
         ("guarantee", guarantee),
+        ("predict runtime", escape(runtime_line(info))),  # "roadwork-cli[onnx]" is not markup
         ("targets", ", ".join(f"{k}={v}" for k, v in targets.items() if k in ("alpha", "delta", "xi"))),
         (
             "calibration images",
@@ -123,6 +150,22 @@ def info_table(info: dict[str, Any]):
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def runtime_line(info: dict[str, Any]) -> str:
+    """``onnx (model.onnx verified at export, max |Δp| 3e-07)`` or ``torch (no model.onnx in the bundle)``."""
+    chosen, onnx = info["predict_runtime"], info["onnx"]
+    if chosen["runtime"] == "onnx":
+        reason = "model.onnx verified at export"
+    else:
+        reason = chosen["reason"]
+    if onnx is not None:
+        diff = onnx.get("max_abs_diff")
+        verified = "not recorded" if diff is None else f"{diff:.2g}"
+        reason += f", max |Δp| {verified}" if chosen["runtime"] == "onnx" else f"; model.onnx max |Δp| {verified}"
+        if onnx.get("samples") is not None:
+            reason += f" on {onnx['samples']} inputs"
+    return f"{chosen['runtime']} ({reason})"
 
 
 def _pairs(mapping: dict[str, Any]) -> str:

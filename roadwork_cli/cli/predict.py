@@ -23,9 +23,12 @@ from roadwork_cli.cli.common import (
     DeviceOption,
     ThreadsOption,
     apply_threads,
+    check_device,
+    complete_setting_choices,
     console,
     handle_errors,
     runtime_overrides,
+    setting_default,
 )
 from roadwork_cli.io.inputs import FIELDS, FORMATS, PARTIAL_SUFFIX, RecordWriter, expand_inputs, round_score
 
@@ -98,7 +101,15 @@ def command(
         typer.Argument(help="Image files, folders, globs, .csv/.jsonl manifests, .parquet files, or - for stdin."),
     ],
     bundle: Annotated[Path, typer.Option("--bundle", help="bundle.tar from `roadwork export`.")],
-    format: Annotated[str | None, typer.Option("--format", help="table | jsonl | csv.")] = None,
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="table | jsonl | csv; auto: a table on a terminal, else jsonl (with --out, a .csv suffix picks csv).",
+            show_default=setting_default("predict.format", "auto"),
+            autocompletion=complete_setting_choices("predict.format"),
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Write records here (as OUT.partial until every input is done).")
     ] = None,
@@ -122,6 +133,7 @@ def command(
     fmt = (
         "probability" if probability_only else choose_format(format, settings.predict.format, out, sys.stdout.isatty())
     )
+    check_device(settings)
     skipped: list[str] = []
     expanded = expand_inputs(inputs, skipped=skipped)
 

@@ -15,6 +15,7 @@ from roadwork_cli.cli.common import (
     handle_errors,
     print_json,
     require_run,
+    setting_default,
 )
 from roadwork_cli.errors import UsageError
 
@@ -53,9 +54,16 @@ def _positives_needed(calibration) -> int | None:
 def command(
     source: Annotated[list[str] | None, typer.Option("--source", help="Data source (repeatable).")] = None,
     run: RunOption = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Split seed.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Split seed.", show_default=setting_default("data.seed", "0"))
+    ] = None,
     fractions: Annotated[
-        str | None, typer.Option("--fractions", help="train,val_select,val_calib,test fractions, e.g. 0.7,0.1,0.1,0.1.")
+        str | None,
+        typer.Option(
+            "--fractions",
+            help="train,val_select,val_calib,test fractions.",
+            show_default=setting_default("data.fractions", "0.7,0.1,0.1,0.1"),
+        ),
     ] = None,
     stratify: Annotated[
         bool | None,

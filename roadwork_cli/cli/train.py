@@ -13,20 +13,34 @@ from roadwork_cli.cli.common import (
     JsonOption,
     RunOption,
     ThreadsOption,
+    check_device,
+    complete_setting_choices,
     console,
     handle_errors,
     print_json,
     require_run,
     resolve_settings,
     runtime_overrides,
+    setting_default,
 )
 
 
 @handle_errors
 def command(
     run: RunOption = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="train_cached | train | train_crc.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="train_cached (head on cached features) | train (head + adapters on images) | train_crc.",
+            show_default=setting_default("train.mode", "train_cached"),
+            autocompletion=complete_setting_choices("train.mode"),
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", help="Training epochs.", show_default=setting_default("train.epochs", "30")),
+    ] = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     json_output: JsonOption = False,
@@ -43,6 +57,7 @@ def command(
             "train": {"mode": mode, "epochs": epochs},
         },
     )
+    check_device(settings)
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.runtime.distributed import distributed_from_env
     from roadwork_cli.training.api import train

@@ -7,19 +7,54 @@ from collections.abc import Iterator
 
 import torch
 
+from roadwork_cli.errors import UsageError
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else Apple MPS, else CPU; anything else is passed to ``torch.device``."""
+    """The device ``runtime.device`` names, checked to exist here.
+
+    ``auto`` -> CUDA when present, else Apple MPS, else CPU. ``cuda``, ``cuda:N`` and ``mps`` are checked before any
+    work starts, because torch only fails on them at the first tensor moved there, with a driver message.
+
+    Raises:
+        UsageError: The name is not a device, or it names a GPU this machine does not have (exit 2).
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {name!r} is not a device (runtime.device): use auto, cpu, cuda, cuda:N or mps."
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {name} asks for a CUDA GPU, but torch sees none on this machine (runtime.device); use "
+                "--device cpu, or auto to take a GPU only when there is one."
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(
+                f"--device {name} names GPU {device.index}, but this machine has {count} (cuda:0 to cuda:{count - 1})."
+            )
+    elif device.type == "mps" and not _mps_available():
+        raise UsageError(
+            f"--device {name} asks for Apple's MPS, which torch does not have on this machine (runtime.device); use "
+            "--device cpu, or auto."
+        )
+    return device
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

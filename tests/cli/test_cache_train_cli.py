@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -133,3 +134,38 @@ def test_every_stage_command_prints_its_summary_as_one_json_object(tmp_path):
 
     exported = _one_json_object(runner.invoke(app, ["export", "--run", str(run), "--allow-uncertified", "--json"]))
     assert exported["bundle"] == str(run / "bundle.tar") and "model.json" in exported["members"]
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error_in_one_sentence(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine that has one
+    run = _make_run(tmp_path, per_split=1)
+    args = ["cache-features", "--run", str(run), "--backbone", "tiny_vit", "--workers", "0", "--device", "cuda"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "error: --device cuda asks for a CUDA GPU, but torch sees none on this machine" in message
+    assert "RuntimeError" not in message and "Traceback" not in message
+    assert not (run / "features" / "current.json").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--per-class", "5", "--device", "cuda"],
+        ["train", "--device", "cuda:0"],
+        ["evaluate", "--device", "cuda"],
+        ["predict", "img.jpg", "--bundle", "missing.tar", "--device", "cuda"],
+    ],
+)
+def test_every_computing_command_refuses_a_missing_gpu_before_any_work(tmp_path, monkeypatch, argv):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    result = runner.invoke(app, [*argv, "--run", str(run)] if argv[0] != "predict" else argv)
+    assert result.exit_code == 2, result.output
+    assert "asks for a CUDA GPU, but torch sees none" in " ".join(result.output.split())
+    assert not (run / "splits.json").exists()  # the demo did not split first

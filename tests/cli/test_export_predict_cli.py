@@ -242,3 +242,16 @@ def test_export_refuses_a_calibration_made_from_changed_inputs(tmp_path):
     run.splits.write_text('{"version": 1, "seed": 1, "splits": {}, "samples": {}}\n')
     result = runner.invoke(app, ["export", "--run", str(run.root)])
     assert result.exit_code == 2 and "calibrate" in result.output
+
+
+def test_no_onnx_overrides_a_settings_file_that_asks_for_the_graph(tmp_path):
+    import tarfile
+
+    run = make_tiny_run(tmp_path / "run")
+    config = tmp_path / "onnx.yaml"
+    config.write_text("export:\n  onnx: true\n")
+    result = runner.invoke(app, ["export", "--run", str(run.root), "--config", str(config), "--no-onnx"])
+    assert result.exit_code == 0, result.output
+    with tarfile.open(run.bundle) as tar:
+        assert "model.onnx" not in tar.getnames()
+    assert "onnx: false" in (run.root / "config.yaml").read_text()  # the stage records what it used
