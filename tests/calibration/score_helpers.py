@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.stats import binom
@@ -43,3 +46,56 @@ def scrc_band(p, y, grid, alpha, delta, xi, delta_coverage_share=0.5, objective=
     from roadwork_cli.calibration.rules import BandRule, Targets
 
     return BandRule.certify("scrc", p, None, y, grid, Targets(alpha, delta, xi, delta_coverage_share, objective))
+
+
+@dataclass
+class GuaranteeTrials:
+    """What many independent calibrations chose, scored on the population (see :func:`simulate_guarantee`)."""
+
+    trials: int
+    violations: int = 0
+    fnrs: list[float] = field(default_factory=list)
+    coverages: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    grids: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.violations / self.trials
+
+    def assert_violation_rate_at_most(self, delta: float) -> None:
+        """One-sided binomial test of H0: violation probability <= delta; the guarantee fails only if p is tiny."""
+        assert binomial_excess_pvalue(self.violations, self.trials, delta) > 0.01, (
+            f"violation rate {self.rate:.3f} > delta={delta}"
+        )
+
+
+def simulate_guarantee(
+    trials: int,
+    certify: Callable[[], tuple[Any, np.ndarray]],
+    rates: Callable[[Any], tuple[float, float, float]],
+    alpha: float,
+    xi: float,
+    require_feasible: bool = True,
+) -> GuaranteeTrials:
+    """Calibrate ``trials`` times and count how often the chosen rule misses "FNR on exits <= alpha and coverage >= xi".
+
+    Args:
+        trials: Number of independent calibrations.
+        certify: Draws fresh data and calibrates: returns (outcome, grid) for one trial.
+        rates: The population's (FNR among exits, coverage, accuracy among exits) of an outcome's rule.
+        alpha: FNR target.
+        xi: Coverage target (0 checks the FNR alone).
+        require_feasible: Fail on an infeasible outcome (the data are drawn so that every trial should certify).
+    """
+    result = GuaranteeTrials(trials)
+    for _ in range(trials):
+        outcome, grid = certify()
+        assert outcome.feasible or not require_feasible, outcome.note
+        fnr, coverage, accuracy = rates(outcome.rule)
+        result.violations += int(fnr > alpha or coverage < xi)
+        result.fnrs.append(fnr)
+        result.coverages.append(coverage)
+        result.accuracies.append(accuracy)
+        result.grids.append(grid)
+    return result

@@ -16,16 +16,6 @@ from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics.classification import nll
 
-
-@pytest.fixture
-def run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run").ensure()
-    write_scores(run.scores / "val_select.csv", 1500, 1)
-    write_scores(run.scores / "val_calib.csv", 2500, 2)
-    write_scores(run.scores / "test.csv", 2000, 3)
-    return run
-
-
 SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate", scaling="temperature")
 
 

@@ -97,15 +97,6 @@ def test_band_grid_sits_where_coverage_binds() -> None:
     assert np.mean(p < grid[-1]) == pytest.approx(0.2 + np.mean(p < plug_in), abs=0.002)
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> RunDir:
-    run = RunDir(tmp_path / "run").ensure()
-    write_scores(run.scores / "val_select.csv", 1500, 1)
-    write_scores(run.scores / "val_calib.csv", 2500, 2)
-    write_scores(run.scores / "test.csv", 2000, 3)
-    return run
-
-
 def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir) -> None:
     result = calibrate_run(run, BAND)
     assert result.feasible

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import binomial_excess_pvalue, scrc_band
+from score_helpers import scrc_band, simulate_guarantee
 
 from roadwork_cli.calibration.grids import band_grid_from_scores
 from roadwork_cli.calibration.stats import dkw_slack
@@ -63,29 +63,23 @@ def population() -> Population:
 def test_band_violation_rate_stays_below_delta(population: Population) -> None:
     rng = np.random.default_rng(2025)
     slack = dkw_slack(N_CALIB, DELTA / 2 / GRID_SIZE)
-    violations, coverages, fnrs, accuracies, grids = 0, [], [], [], []
-    for _ in range(TRIALS):
-        p_select, y_select = draw(rng, N_SELECT)
-        grid = band_grid_from_scores(p_select, y_select, GRID_SIZE, XI + slack, ALPHA)  # fixed before val_calib
-        p, y = draw(rng, N_CALIB)
-        outcome = scrc_band(p, y, grid, ALPHA, DELTA, XI)
-        assert outcome.feasible, outcome.note
+
+    def certify():
+        grid = band_grid_from_scores(*draw(rng, N_SELECT), GRID_SIZE, XI + slack, ALPHA)  # fixed before val_calib
+        outcome = scrc_band(*draw(rng, N_CALIB), grid, ALPHA, DELTA, XI)
         assert outcome.rule.tau <= outcome.rule.b
-        fnr, cov, accuracy = population.rates(outcome.rule.b, outcome.rule.tau)
-        violations += int(fnr > ALPHA or cov < XI)
-        coverages.append(cov)
-        fnrs.append(fnr)
-        accuracies.append(accuracy)
-        grids.append(grid)
-    rate = violations / TRIALS
-    assert binomial_excess_pvalue(violations, TRIALS, DELTA) > 0.01, f"violation rate {rate:.3f} > delta={DELTA}"
-    assert np.mean(coverages) >= XI and max(fnrs) < 2 * ALPHA
+        return outcome, grid
+
+    result = simulate_guarantee(TRIALS, certify, lambda rule: population.rates(rule.b, rule.tau), ALPHA, XI)
+    result.assert_violation_rate_at_most(DELTA)
+    assert np.mean(result.coverages) >= XI and max(result.fnrs) < 2 * ALPHA
     # The price of certainty (Bonferroni over B for both bounds) should cost little accuracy on exits at n = 2000.
-    oracle = np.mean([population.oracle_accuracy(grid) for grid in grids[:20]])
-    assert np.mean(accuracies) >= oracle - 0.02, (np.mean(accuracies), oracle)
+    oracle = np.mean([population.oracle_accuracy(grid) for grid in result.grids[:20]])
+    assert np.mean(result.accuracies) >= oracle - 0.02, (np.mean(result.accuracies), oracle)
     print(
-        f"\nband SCRC-I: violation rate {rate:.3f} (delta {DELTA}), mean coverage {np.mean(coverages):.3f}, "
-        f"mean FNR {np.mean(fnrs):.4f}, accuracy on exits {np.mean(accuracies):.4f} vs oracle {oracle:.4f}"
+        f"\nband SCRC-I: violation rate {result.rate:.3f} (delta {DELTA}), mean coverage "
+        f"{np.mean(result.coverages):.3f}, mean FNR {np.mean(result.fnrs):.4f}, accuracy on exits "
+        f"{np.mean(result.accuracies):.4f} vs oracle {oracle:.4f}"
     )
 
 
@@ -96,15 +90,17 @@ def test_band_risk_step_alone_is_valid_and_not_vacuous(population: Population) -
     not pass for a too-timid procedure)."""
     rng = np.random.default_rng(6)
     delta, share, trials = 0.4, 0.5, 400  # delta2 = 0.2: large enough to count violations precisely
-    violations = 0
-    for _ in range(trials):
-        p, y = draw(rng, 1000)
-        outcome = scrc_band(p, y, np.array([0.9]), ALPHA, delta, 0.0, share, objective="coverage")
-        violations += int(population.rates(outcome.rule.b, outcome.rule.tau)[0] > ALPHA)
+
+    def certify():
+        grid = np.array([0.9])
+        return scrc_band(*draw(rng, 1000), grid, ALPHA, delta, 0.0, share, objective="coverage"), grid
+
+    rates = population.rates
+    result = simulate_guarantee(trials, certify, lambda rule: rates(rule.b, rule.tau), ALPHA, 0.0, False)
     delta2 = delta * (1 - share)
-    assert binomial_excess_pvalue(violations, trials, delta2) > 0.01
-    assert violations / trials > delta2 / 4
-    print(f"\nband risk step alone: violation rate {violations / trials:.3f} (delta2 {delta2})")
+    result.assert_violation_rate_at_most(delta2)
+    assert result.rate > delta2 / 4
+    print(f"\nband risk step alone: violation rate {result.rate:.3f} (delta2 {delta2})")
 
 
 def plug_in_band(p: np.ndarray, y: np.ndarray, grid: np.ndarray) -> tuple[float, float]:

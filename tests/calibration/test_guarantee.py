@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import binomial_excess_pvalue, scrc_gate
+from score_helpers import scrc_gate, simulate_guarantee
 
 from roadwork_cli.calibration.grids import gate_grid_from_scores
 from roadwork_cli.calibration.rules import GateRule, Targets
@@ -74,31 +74,24 @@ def population() -> Population:
 def test_scrc_i_violation_rate_stays_below_delta_and_tracks_the_oracle(population: Population) -> None:
     rng = np.random.default_rng(2024)
     slack = dkw_slack(N_CALIB, DELTA / 2)
-    violations, coverages, accuracies, fnrs, grids = 0, [], [], [], []
-    for _ in range(TRIALS):
+
+    def certify():
         _, g_select, _ = draw(rng, N_SELECT)
         grid = gate_grid_from_scores(g_select, GRID_SIZE, 0.0, 1.0 - XI - slack)  # fixed before val_calib
-        p, g, y = draw(rng, N_CALIB)
-        outcome = scrc_gate(p, g, y, grid, ALPHA, DELTA, XI)
-        assert outcome.feasible, outcome.note
-        fnr, cov, accuracy = population.rates(outcome.rule.lam, outcome.rule.tau)
-        violations += int(fnr > ALPHA or cov < XI)
-        coverages.append(cov)
-        accuracies.append(accuracy)
-        fnrs.append(fnr)
-        grids.append(grid)
-    rate = violations / TRIALS
-    # One-sided binomial test of H0: violation probability <= delta; the guarantee fails only if this is tiny.
-    assert binomial_excess_pvalue(violations, TRIALS, DELTA) > 0.01, f"violation rate {rate:.3f} > delta={DELTA}"
-    assert np.mean(coverages) >= XI
-    assert max(fnrs) < 2 * ALPHA  # no pathological pair
+        return scrc_gate(*draw(rng, N_CALIB), grid, ALPHA, DELTA, XI), grid
+
+    result = simulate_guarantee(TRIALS, certify, lambda rule: population.rates(rule.lam, rule.tau), ALPHA, XI)
+    result.assert_violation_rate_at_most(DELTA)
+    assert np.mean(result.coverages) >= XI
+    assert max(result.fnrs) < 2 * ALPHA  # no pathological pair
     taus = np.linspace(0.0, 1.0, 1001)
-    oracle = np.mean([population.oracle_accuracy(grid, taus) for grid in grids[:20]])
+    oracle = np.mean([population.oracle_accuracy(grid, taus) for grid in result.grids[:20]])
     # The price of certainty (Bonferroni + DKW) should cost little accuracy on exits at n = 2000.
-    assert np.mean(accuracies) >= oracle - 0.02, (np.mean(accuracies), oracle)
+    assert np.mean(result.accuracies) >= oracle - 0.02, (np.mean(result.accuracies), oracle)
     print(
-        f"\nSCRC-I: violation rate {rate:.3f} (delta {DELTA}), mean coverage {np.mean(coverages):.3f}, "
-        f"mean FNR {np.mean(fnrs):.4f}, accuracy on exits {np.mean(accuracies):.4f} vs oracle {oracle:.4f}"
+        f"\nSCRC-I: violation rate {result.rate:.3f} (delta {DELTA}), mean coverage {np.mean(result.coverages):.3f}, "
+        f"mean FNR {np.mean(result.fnrs):.4f}, accuracy on exits {np.mean(result.accuracies):.4f} "
+        f"vs oracle {oracle:.4f}"
     )
 
 
@@ -148,12 +141,14 @@ def test_risk_step_alone_is_valid_and_not_vacuous(population: Population) -> Non
     time, and, being exact, not much less often (otherwise the test above could pass for a too-timid procedure)."""
     rng = np.random.default_rng(5)
     delta, share, trials = 0.4, 0.5, 400  # delta2 = 0.2: large enough to count violations precisely
-    violations = 0
-    for _ in range(trials):
-        p, g, y = draw(rng, 1000)
-        outcome = scrc_gate(p, g, y, np.array([-np.inf]), ALPHA, delta, 0.0, share)
-        violations += int(population.rates(outcome.rule.lam, outcome.rule.tau)[0] > ALPHA)
+
+    def certify():
+        grid = np.array([-np.inf])
+        return scrc_gate(*draw(rng, 1000), grid, ALPHA, delta, 0.0, share), grid
+
+    rates = population.rates
+    result = simulate_guarantee(trials, certify, lambda rule: rates(rule.lam, rule.tau), ALPHA, 0.0, False)
     delta2 = delta * (1 - share)
-    assert binomial_excess_pvalue(violations, trials, delta2) > 0.01
-    assert violations / trials > delta2 / 4
-    print(f"\nrisk step alone: violation rate {violations / trials:.3f} (delta2 {delta2})")
+    result.assert_violation_rate_at_most(delta2)
+    assert result.rate > delta2 / 4
+    print(f"\nrisk step alone: violation rate {result.rate:.3f} (delta2 {delta2})")
