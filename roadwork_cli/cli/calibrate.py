@@ -44,9 +44,8 @@ def command(
         raise UsageError("--scores needs --out PARAMS.json (where to write the thresholds).")
     if scores is None and out is not None:
         raise UsageError("--out only goes with --scores; with --run the params go to DIR/calibration/.")
-    # None = flag not given; dropped here because deep_merge keeps a whole new section as it is, Nones included.
     flags = {"fnr": fnr, "coverage": coverage, "delta": delta, "allow_infeasible": allow_infeasible}
-    overrides = {"runtime": {"run": run}, "calibration": {k: v for k, v in flags.items() if v is not None}}
+    overrides = {"runtime": {"run": run}, "calibration": flags}
     settings = resolve_settings(config, overrides, write_to_run=scores is None)
     from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, infeasible_message
     from roadwork_cli.reporting.tables import calibration_table
