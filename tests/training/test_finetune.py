@@ -137,7 +137,7 @@ def test_sigkill_resume_reproduces_the_uninterrupted_weights(tmp_path, image_tab
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # + split_helpers
         from pathlib import Path
         from test_finetune import live_settings
         from roadwork_cli.io.run import RunDir

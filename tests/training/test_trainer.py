@@ -130,7 +130,7 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path, mode):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # + split_helpers
         from train_helpers import train_settings
         from roadwork_cli.io.run import RunDir
         from roadwork_cli.training.trainer import train
