@@ -1,4 +1,4 @@
-"""Score files of a synthetic, miscalibrated model, shared by the calibration tests."""
+"""Shared by the calibration tests: score files of a synthetic, miscalibrated model and the guarantee simulation."""
 
 from __future__ import annotations
 
