@@ -99,3 +99,24 @@ def simulate_guarantee(
         result.accuracies.append(accuracy)
         result.grids.append(grid)
     return result
+
+
+def check_risk_step_alone(
+    certify: Callable[[float, float], tuple[Any, np.ndarray]],
+    rates: Callable[[Any], tuple[float, float, float]],
+    alpha: float,
+    label: str,
+) -> GuaranteeTrials:
+    """The fixed-sequence binomial step alone (one exit set, xi = 0) violates at most delta2 and, exact, not far less.
+
+    ``certify(delta, share)`` draws fresh data and calibrates with that delta and coverage share; delta 0.4 and share
+    0.5 give delta2 = 0.2, large enough to count violations precisely over 400 trials. The lower bound (rate >
+    delta2 / 4) keeps the validity tests from passing for a too-timid procedure.
+    """
+    delta, share, trials = 0.4, 0.5, 400
+    result = simulate_guarantee(trials, lambda: certify(delta, share), rates, alpha, 0.0, require_feasible=False)
+    delta2 = delta * (1 - share)
+    result.assert_violation_rate_at_most(delta2)
+    assert result.rate > delta2 / 4
+    print(f"\n{label}: violation rate {result.rate:.3f} (delta2 {delta2})")
+    return result

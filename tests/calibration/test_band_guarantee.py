@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import scrc_band, simulate_guarantee
+from score_helpers import check_risk_step_alone, scrc_band, simulate_guarantee
 
 from roadwork_cli.calibration.grids import band_grid_from_scores
 from roadwork_cli.calibration.stats import dkw_slack
@@ -89,18 +89,12 @@ def test_band_risk_step_alone_is_valid_and_not_vacuous(population: Population) -
     work; it must violate at most delta2 of the time and, being exact, not much less often (so the test above could
     not pass for a too-timid procedure)."""
     rng = np.random.default_rng(6)
-    delta, share, trials = 0.4, 0.5, 400  # delta2 = 0.2: large enough to count violations precisely
 
-    def certify():
+    def certify(delta: float, share: float):
         grid = np.array([0.9])
         return scrc_band(*draw(rng, 1000), grid, ALPHA, delta, 0.0, share, objective="coverage"), grid
 
-    rates = population.rates
-    result = simulate_guarantee(trials, certify, lambda rule: rates(rule.b, rule.tau), ALPHA, 0.0, False)
-    delta2 = delta * (1 - share)
-    result.assert_violation_rate_at_most(delta2)
-    assert result.rate > delta2 / 4
-    print(f"\nband risk step alone: violation rate {result.rate:.3f} (delta2 {delta2})")
+    check_risk_step_alone(certify, lambda rule: population.rates(rule.b, rule.tau), ALPHA, "band risk step alone")
 
 
 def plug_in_band(p: np.ndarray, y: np.ndarray, grid: np.ndarray) -> tuple[float, float]:

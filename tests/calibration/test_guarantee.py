@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import scrc_gate, simulate_guarantee
+from score_helpers import check_risk_step_alone, scrc_gate, simulate_guarantee
 
 from roadwork_cli.calibration.grids import gate_grid_from_scores
 from roadwork_cli.calibration.rules import GateRule, Targets
@@ -140,15 +140,9 @@ def test_risk_step_alone_is_valid_and_not_vacuous(population: Population) -> Non
     """With one lambda (everything exits) the binomial fixed-sequence step alone must violate at most delta2 of the
     time, and, being exact, not much less often (otherwise the test above could pass for a too-timid procedure)."""
     rng = np.random.default_rng(5)
-    delta, share, trials = 0.4, 0.5, 400  # delta2 = 0.2: large enough to count violations precisely
 
-    def certify():
+    def certify(delta: float, share: float):
         grid = np.array([-np.inf])
         return scrc_gate(*draw(rng, 1000), grid, ALPHA, delta, 0.0, share), grid
 
-    rates = population.rates
-    result = simulate_guarantee(trials, certify, lambda rule: rates(rule.lam, rule.tau), ALPHA, 0.0, False)
-    delta2 = delta * (1 - share)
-    result.assert_violation_rate_at_most(delta2)
-    assert result.rate > delta2 / 4
-    print(f"\nrisk step alone: violation rate {result.rate:.3f} (delta2 {delta2})")
+    check_risk_step_alone(certify, lambda rule: population.rates(rule.lam, rule.tau), ALPHA, "risk step alone")
