@@ -44,7 +44,7 @@ SIZES = {"640x480": ((640, 480), 128, 128), "4032x3024": ((4032, 3024), 12, 64)}
 4032x3024 noise JPEGs costs seconds each, and decoding cost does not depend on a file having been seen before."""
 
 GOALS = {("predict", "640x480"): 0.9, ("predict", "4032x3024"): 0.85}
-"""Issue goals: end-to-end images/s as a fraction of the bare forward."""
+"""Speed goals: end-to-end images/s as a fraction of the bare forward (the ratio a pipeline is held to)."""
 
 STARTUP_GOAL_S = 1.5
 
