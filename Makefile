@@ -32,7 +32,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train_cached.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_predict.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/synthetic_probe.py
-	# Head vs a logistic-regression probe on the same cached features; exits 1 while some cell loses (issue 10).
+	# Head vs a logistic-regression probe on the same cached features; exits 1 while some cell loses.
 	-HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/head_vs_probe.py --jobs 2 --out runs/bench/head_vs_probe.json
 	# The table of benchmarks/RESULTS.md: bare forward, bf16 verdict, then end-to-end paths measured beside them.
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_forward.py --out runs/bench/forward.json

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from bench_data import street_scene, write_jpegs, write_splits
 
 from roadwork_cli.config import load_settings
 from roadwork_cli.features.cache import cache_features
@@ -39,26 +38,13 @@ def write_images(root: Path, count: int, seed: int = 0) -> RunDir:
     """``count`` 320x240 JPEG street-like scenes (gradient sky, road, random boxes) and an all-train splits.json."""
     rng = np.random.default_rng(seed)
     folder = root / "images"
-    folder.mkdir(parents=True)
     ids, samples = [], {}
-    for k in range(count):
-        y = np.linspace(0, 1, 240)[:, None, None]
-        base = (np.array([90, 140, 220]) * (1 - y) + np.array([70, 70, 70]) * y).repeat(320, axis=1)
-        noise = rng.normal(0, 12, size=(240, 320, 3))
-        image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x0, y0 = rng.integers(0, 300), rng.integers(100, 220)
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            draw.rectangle([x0, y0, x0 + rng.integers(5, 40), y0 + rng.integers(5, 40)], fill=colour)
-        path = folder / f"{k:05d}.jpg"
-        image.save(path, quality=int(rng.integers(70, 95)))
+    for k, path in enumerate(write_jpegs(folder, count, lambda _: street_scene(rng))):
         image_id = hashlib.sha256(path.read_bytes()).hexdigest()
         ids.append(image_id)
         samples[image_id] = {"path": str(path), "label": k % 2, "source": str(folder), "group": image_id}
     run = RunDir(root / "run").ensure()
-    splits = {"train": ids, "val_select": [], "val_calib": [], "test": []}
-    run.splits.write_text(json.dumps({"version": 1, "seed": seed, "splits": splits, "samples": samples}))
+    write_splits(run.splits, {"train": ids, "val_select": [], "val_calib": [], "test": []}, samples, seed)
     return run
 
 

@@ -150,11 +150,9 @@ def onnx_images_per_second(backbone_name: str, batch_size: int, seconds: float) 
         import onnxruntime  # noqa: F401
     except ImportError:
         return None, "not measured: onnxruntime is not installed (roadwork-cli[onnx])"
-    try:
-        from roadwork_cli.export import onnx_backbone_session  # written by the ONNX export work
-    except ImportError:
-        return None, "not measured: no ONNX export path in this build (roadwork_cli.export.onnx_backbone_session)"
     import numpy as np
+
+    from roadwork_cli.export import onnx_backbone_session
 
     session, size = onnx_backbone_session(backbone_name)
     name = session.get_inputs()[0].name

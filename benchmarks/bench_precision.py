@@ -132,7 +132,7 @@ def compare_speed(backbone_name: str, batch_size: int, channels_last: bool, roun
 
 
 def verdict(speed: dict, decisions: dict, certified: bool) -> dict:
-    """The issue's rule: bf16 is the CPU default only if faster AND no certified decision changes."""
+    """The rule for the CPU default: bf16 only if it is faster AND no certified decision changes."""
     faster = speed["speedup_bf16"] > 1.0
     unchanged = decisions["decisions_changed"] == 0
     default = faster and unchanged and certified

@@ -31,25 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_data import photo_frame, write_jpegs
 
 
 def make_jpegs(folder: Path, n: int, size=(640, 480), seed: int = 0) -> list[Path]:
-    """Photo-like JPEGs: smooth colour fields + texture noise (so they compress like real frames, ~50-90 KB)."""
-    from PIL import Image
-
+    """Photo-like JPEGs ``frame_<i>.jpg``: smooth colour fields + texture noise (they compress like real frames)."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    width, height = size
-    for i in range(n):
-        coarse = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
-        noise = rng.normal(0, 12, (height, width, 3))
-        pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-        path = folder / f"frame_{i:04d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
-        paths.append(path)
-    return paths
+    return write_jpegs(folder, n, lambda _: photo_frame(rng, size), name="frame_{:04d}.jpg")
 
 
 def make_run(root: Path, backbone_name: str, random_weights: bool = False):

@@ -12,12 +12,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_data import write_splits
 
 from roadwork_cli.config import load_settings
 from roadwork_cli.features.cache import write_feature_cache
@@ -44,7 +44,7 @@ def write_random_cache(root: Path, n_train: int, n_eval: int, dim: int, seed: in
         for i, y in zip(ids, labels.tolist(), strict=True)
     }
     run = RunDir(root / "run").ensure()
-    run.splits.write_text(json.dumps({"version": 1, "seed": seed, "splits": splits, "samples": samples}))
+    write_splits(run.splits, splits, samples, seed)
     fingerprint = "bench0000000000"
     meta = {"fingerprint": fingerprint, "backbone": {"name": "efficientnet_lite0"}, "feature_dim": dim, "views": 0}
     write_feature_cache(run.features / fingerprint, meta, [(i, 0) for i in ids], features, shard_size=4096)

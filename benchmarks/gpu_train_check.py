@@ -19,32 +19,23 @@ import argparse
 import json
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_data import tinted_noise, write_jpegs, write_splits
 
 BACKBONE = "vit_small_patch16_dinov3"
 
 
 def write_images(folder: Path, n: int, side: int, seed: int = 0) -> list[tuple[str, int]]:
     """``n`` random JPEGs (``side`` px) whose red or blue channel is lifted by the label, written in parallel."""
-    from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
+    def render(k: int) -> tuple:
+        return tinted_noise(np.random.default_rng(seed * 1_000_003 + k), side, k % 2)  # one generator per image
 
-    def one(k: int) -> tuple[str, int]:
-        rng = np.random.default_rng(seed * 1_000_003 + k)
-        label = k % 2
-        pixels = rng.integers(0, 110, (side, side, 3)).astype(np.uint8)
-        pixels[..., 0 if label else 2] += 100
-        path = folder / f"{k:06d}.jpg"
-        Image.fromarray(pixels).save(path, quality=90)
-        return str(path), label
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, range(n)))
+    paths = write_jpegs(folder, n, render, name="{:06d}.jpg", threads=8)
+    return [(str(path), k % 2) for k, path in enumerate(paths)]
 
 
 def write_run(root: Path, samples: list[tuple[str, int]], n_train: int) -> Path:
@@ -58,7 +49,7 @@ def write_run(root: Path, samples: list[tuple[str, int]], n_train: int) -> Path:
         i: {"path": p, "label": y, "source": "gpu_check", "group": i} for i, (p, y) in zip(ids, samples, strict=True)
     }
     root.mkdir(parents=True, exist_ok=True)
-    (root / "splits.json").write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": table}))
+    write_splits(root / "splits.json", splits, table)
     return root
 
 

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_data import write_splits
 
 POOL = Path("runs/head_vs_probe/pool")
 POOL_IMAGES = 7000
@@ -72,7 +73,7 @@ def _run_with_splits(root: Path, pool: Path, fingerprint: str, table, splits: di
     run = RunDir(root).ensure()
     ids = [i for split_ids in splits.values() for i in split_ids]
     samples = {i: {"path": table.paths[i], "label": table.labels[i], "source": "synthetic", "group": i} for i in ids}
-    run.splits.write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+    write_splits(run.splits, splits, samples)
     run.features.mkdir()
     run.feature_cache(fingerprint).symlink_to((pool / "features" / fingerprint).resolve(), target_is_directory=True)
     write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone="efficientnet_lite0"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from cli.cli_helpers import make_tiny_run
 from PIL import Image
+from split_helpers import write_splits
 
 from roadwork_cli.data.pixels import DecodeRecipe, eval_pixels, iter_pixel_batches, normalize_pixels
 from roadwork_cli.data.preprocessing import Preprocessing
@@ -46,7 +47,6 @@ def onnx_run(tmp_path_factory):
     """A tiny_vit run whose test split holds real photos, exported with and without model.onnx."""
     from roadwork_cli.config import Settings
     from roadwork_cli.export import export_bundle
-    from roadwork_cli.io.atomic import atomic_write_json
 
     root = tmp_path_factory.mktemp("onnx")
     run = make_tiny_run(root / "run", lam=0.2, tau=0.5)
@@ -56,7 +56,7 @@ def onnx_run(tmp_path_factory):
         image_id: {"path": str(path), "label": n % 2, "source": "photos", "group": image_id}
         for n, (image_id, path) in enumerate(zip(ids, photos, strict=True))
     }
-    atomic_write_json(run.splits, {"version": 1, "seed": 0, "splits": {"test": ids}, "samples": samples})
+    write_splits(run, {"test": ids}, samples)
     onnx_bundle = export_bundle(run, root / "onnx.tar", Settings(export={"onnx": True}))
     torch_bundle = export_bundle(run, root / "torch.tar", Settings())
     return run, onnx_bundle, torch_bundle, photos

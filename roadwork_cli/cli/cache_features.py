@@ -18,6 +18,7 @@ from roadwork_cli.cli.common import (
     complete_backbone,
     console,
     handle_errors,
+    join_job,
     print_json,
     require_run,
     resolve_settings,
@@ -65,11 +66,8 @@ def command(
     check_device(settings)
     from roadwork_cli.features.cache import cache_features
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.runtime.distributed import distributed_from_env
 
-    dist = distributed_from_env(settings.runtime.device)  # a torchrun job, or one process
-    if dist.enabled and dist.is_main:
-        console.print(f"cache-features: {dist.describe()}")
+    dist = join_job("cache-features", settings)
     summary = cache_features(RunDir(require_run(settings)), settings, progress=dist.is_main, dist=dist)
     if not dist.is_main:  # rank 0 reports for the job
         return

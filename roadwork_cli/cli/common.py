@@ -205,6 +205,20 @@ def check_device(settings) -> None:
         resolve_device(settings.runtime.device)
 
 
+def join_job(command: str, settings):
+    """The torchrun job this process is a rank of, or a one-process stand-in; rank 0 names the job once.
+
+    A command launched as ``torchrun ... --no-python -- roadwork <command> ...`` runs on every rank; after the library
+    call only ``dist.is_main`` prints and writes the summary.
+    """
+    from roadwork_cli.runtime.distributed import distributed_from_env
+
+    dist = distributed_from_env(settings.runtime.device)
+    if dist.enabled and dist.is_main:
+        console.print(f"{command}: {dist.describe()}")
+    return dist
+
+
 def apply_threads(settings) -> None:
     """Honour ``runtime.threads`` for commands whose library call does not (torch imported only when set)."""
     if settings.runtime.threads:

@@ -33,11 +33,6 @@ def parse_fractions(text: str | None) -> tuple[float, float, float, float] | Non
     return values  # type: ignore[return-value]
 
 
-def _drop_none(tree: dict) -> dict:
-    """Nested overrides without the flags that were not given (config.deep_merge copies new sections whole)."""
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in tree.items() if v is not None}
-
-
 def _positives_needed(calibration) -> int | None:
     """Fewest exited roadwork images that can certify the FNR target at the configured alpha, delta and grid.
 
@@ -92,7 +87,7 @@ def command(
             "stratify": stratify,
         },
     }
-    settings = resolve_settings(config, _drop_none(overrides))
+    settings = resolve_settings(config, overrides)
     if not settings.data.sources:
         raise UsageError("no data source: pass --source SRC (folder, .csv/.jsonl, .parquet, COCO .json, synthetic:N).")
     run_dir = RunDir(require_run(settings))

@@ -17,6 +17,7 @@ from roadwork_cli.cli.common import (
     complete_setting_choices,
     console,
     handle_errors,
+    join_job,
     print_json,
     require_run,
     resolve_settings,
@@ -59,12 +60,9 @@ def command(
     )
     check_device(settings)
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.runtime.distributed import distributed_from_env
     from roadwork_cli.training.api import train
 
-    dist = distributed_from_env(settings.runtime.device)  # a torchrun job (DDP), or one process
-    if dist.enabled and dist.is_main:
-        console.print(f"train: {dist.describe()}")
+    dist = join_job("train", settings)  # DDP when launched by torchrun
     summary = train(RunDir(require_run(settings)), settings, progress=dist.is_main)
     if not dist.is_main:  # rank 0 reports for the job
         return

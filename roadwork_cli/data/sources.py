@@ -19,7 +19,6 @@ yields :class:`SourceRecord` objects; inputs that can't become a record (unknown
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from pathlib import Path
 from roadwork_cli.config import DEFAULT_COCO_POSITIVE_CATEGORIES, DataSettings
 from roadwork_cli.data.images import detect_image_column, image_cell_bytes, make_locator
 from roadwork_cli.errors import UsageError
+from roadwork_cli.io.manifest import ManifestColumnsError, read_manifest
 
 POSITIVE_ALIASES = frozenset({"roadwork", "1", "positive", "pos", "yes", "true"})
 NEGATIVE_ALIASES = frozenset({"noroadwork", "0", "negative", "neg", "none", "no", "false", "background"})
@@ -234,60 +234,33 @@ def folder_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sour
     return Source(spec, "folder", records, len(files))
 
 
-def _manifest_record(row: dict, base: Path, spec: str, where: str) -> SourceItem:
-    keys = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
-    raw_path = keys.get("path") or keys.get("file") or keys.get("filename") or keys.get("image")
-    if raw_path is None or str(raw_path).strip() == "":
-        return SourceRejection(where, "manifest row without a path", spec)
-    raw_path = str(raw_path).strip()
-    locator = raw_path if os.path.isabs(raw_path) else str(base / raw_path)
-    label = parse_label(keys.get("label"))
-    if label is None:
-        return SourceRejection(locator, f"bad label {keys.get('label')!r} (expected 0/1 or roadwork/no_roadwork)", spec)
-    group = keys.get("group")
-    group = None if group is None or str(group).strip() == "" else str(group).strip()
-    return SourceRecord(locator, label, spec, group)
+def _manifest_records(spec: str) -> Iterator[SourceItem]:
+    """The records of a CSV / JSON-lines manifest (rows read by ``io.manifest``; label and group read here)."""
+    try:  # streamed: the header check raises before the first row, so nothing was yielded when it fails
+        for row in read_manifest(Path(spec), spec, required=("label",)):
+            if row.error is not None:
+                yield SourceRejection(row.where, row.error, spec)
+            elif row.path is None:
+                yield SourceRejection(row.where, "manifest row without a path", spec)
+            elif (label := parse_label(row.columns.get("label"))) is None:
+                reason = f"bad label {row.columns.get('label')!r} (expected 0/1 or roadwork/no_roadwork)"
+                yield SourceRejection(row.path, reason, spec)
+            else:
+                yield SourceRecord(row.path, label, spec, row.text("group"))
+    except ManifestColumnsError as exc:
+        raise UsageError(f"manifest {spec} needs 'path' and 'label' columns, has {exc.fields}") from None
 
 
 @register_source("csv")
 def csv_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
     """A ``path,label[,group]`` CSV manifest; paths are relative to the manifest's folder."""
-    path = Path(spec)
-
-    def records() -> Iterator[SourceItem]:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            fields = [f.strip().lower() for f in reader.fieldnames or []]
-            if "label" not in fields or not {"path", "file", "filename", "image"} & set(fields):
-                raise UsageError(f"manifest {spec} needs 'path' and 'label' columns, has {reader.fieldnames}")
-            for number, row in enumerate(reader, start=2):
-                yield _manifest_record(row, path.parent, spec, f"{spec}:{number}")
-
-    return Source(spec, "csv", records)
+    return Source(spec, "csv", lambda: _manifest_records(spec))
 
 
 @register_source("jsonl")
 def jsonl_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
     """A JSON-lines manifest, one ``{"path", "label", "group"?}`` object per line."""
-    path = Path(spec)
-
-    def records() -> Iterator[SourceItem]:
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{spec}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield SourceRejection(where, f"bad manifest line: {exc.msg}", spec)
-                    continue
-                if not isinstance(row, dict):
-                    yield SourceRejection(where, "bad manifest line: not a JSON object", spec)
-                    continue
-                yield _manifest_record(row, path.parent, spec, where)
-
-    return Source(spec, "jsonl", records)
+    return Source(spec, "jsonl", lambda: _manifest_records(spec))
 
 
 @register_source("parquet")

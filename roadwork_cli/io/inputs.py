@@ -16,12 +16,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
+from roadwork_cli.io.manifest import PATH_COLUMNS, ManifestColumnsError, read_manifest
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif")
 FIELDS = ("path", "p_roadwork", "gate", "decision", "error")
 FORMATS = ("table", "jsonl", "csv")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
-PATH_COLUMNS = ("path", "file", "filename", "image")
-"""Manifest columns that name the image, in order of preference (the same names ``roadwork split`` accepts)."""
 PARTIAL_SUFFIX = ".partial"
 _GLOB_CHARS = set("*?[")
 
@@ -108,39 +108,16 @@ def _manifest_entries(manifest: Path) -> list[Entry]:
     """The images a CSV/JSONL manifest names; a row without a path is an error entry named ``manifest:line``."""
     entries: list[Entry] = []
     try:
-        with open(manifest, newline="", encoding="utf-8-sig") as handle:
-            if manifest.suffix.lower() == ".csv":
-                reader = csv.DictReader(handle)
-                rows = ((number, row) for number, row in enumerate(reader, start=2))
-                if not {str(f).strip().lower() for f in reader.fieldnames or []} & set(PATH_COLUMNS):
-                    return [(str(manifest), None, f"manifest has no path column ({', '.join(PATH_COLUMNS)})")]
+        for row in read_manifest(manifest):
+            if row.error is not None or row.path is None:
+                entries.append((row.where, None, row.error or "manifest row without a path"))
             else:
-                rows = ((number, _json_row(line)) for number, line in enumerate(handle, start=1) if line.strip())
-            for number, row in rows:
-                entries.append(_manifest_entry(manifest, number, row))
+                entries.append((row.path, row.path, None))
+    except ManifestColumnsError:
+        return [(str(manifest), None, f"manifest has no path column ({', '.join(PATH_COLUMNS)})")]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         return [(str(manifest), None, f"unreadable manifest: {exc}")]
     return entries or [(str(manifest), None, "manifest lists no images")]
-
-
-def _json_row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def _manifest_entry(manifest: Path, number: int, row: dict | None) -> Entry:
-    where = f"{manifest}:{number}"
-    if row is None:
-        return where, None, "bad manifest line: not a JSON object"
-    keys = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
-    raw = next((str(keys[c]).strip() for c in PATH_COLUMNS if keys.get(c) not in (None, "")), "")
-    if not raw:
-        return where, None, "manifest row without a path"
-    located = raw if os.path.isabs(raw) else str(manifest.parent / raw)
-    return located, located, None
 
 
 def _parquet_entries(file: Path) -> list[Entry]:

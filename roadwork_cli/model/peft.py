@@ -20,7 +20,12 @@ the rank axis, one for the A side and one for the B side, output layers zero-ini
 identity). ``theta`` is one learnable scalar per layer; ``m`` starts at ``||W0||_row + softplus(theta)`` so the adapted
 layer starts equal to the base layer. Unlike DoRA the norm is not detached from the gradient: the stabiliser bounds
 the gradient through the normalisation (``1 / (||V|| + softplus(theta))``), which is its point. With the stabiliser
-off (``doran_stabilizer=False``) and no generator (``doran_generator_hidden=0``) the forward pass equals peft's DoRA.
+off (``doran_stabilizer=False``) and no generator (``doran_generator_hidden=0``) the forward pass equals peft's DoRA,
+and so does the magnitude's gradient; the gradients of A and B do not: they carry the extra norm path, per row i
+``-m_i (V_i . x) / ||V_i||^3 * V_i`` (times the upstream gradient), that DoRA drops. Training is therefore not DoRA's
+in that limit, by choice. Dropout acts on the update's input only; in expectation over the mask the train-mode output
+is the eval output (peft's DoRA differs in noise, not in mean: it also drops the input of its ``(m/||V|| - 1) W0``
+correction).
 
 Example:
     >>> from roadwork_cli.config import PeftSettings
@@ -248,7 +253,8 @@ class DoranLinear(nn.Module):
         bias = self.base_layer.bias
         if isinstance(self.dropout, nn.Identity) or not self.training:
             return F.linear(x, (scale[:, None] * direction).to(x.dtype), bias)
-        # With dropout the update sees a different input than W0 does (as in peft's DoRA).
+        # Only the update's input is dropped, W0 sees x; unbiased, so the mean over masks is the eval output. peft's
+        # DoRA also drops the input of its (scale - 1) * W0 term: same mean, other noise.
         a, b = self.factors()
         out = F.linear(x, self.base_layer.weight.to(x.dtype)) + self.scaling * F.linear(
             F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import score_run, write_scores
+from score_helpers import write_scores
 
 import roadwork_cli
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv, split_rows
@@ -15,12 +15,6 @@ from roadwork_cli.config import CalibrationSettings
 from roadwork_cli.errors import InfeasibleError, UsageError
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.metrics.classification import nll
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> RunDir:
-    return score_run(tmp_path / "run")
-
 
 SETTINGS = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.1, gate_score="gate", scaling="temperature")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from score_helpers import score_run, scrc_band, write_scores
+from score_helpers import scrc_band, write_scores
 
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores, read_scores_csv
 from roadwork_cli.calibration.estimator import SelectiveConformal
@@ -99,11 +99,6 @@ def test_band_grid_sits_where_coverage_binds() -> None:
     assert np.mean(p < grid[0]) == pytest.approx(0.2, abs=0.002)  # lowest b: tau = 0 defers exactly 1 - xi
     plug_in = np.quantile(p[y == 1], 0.1)
     assert np.mean(p < grid[-1]) == pytest.approx(0.2 + np.mean(p < plug_in), abs=0.002)
-
-
-@pytest.fixture
-def run(tmp_path: Path) -> RunDir:
-    return score_run(tmp_path / "run")
 
 
 def test_calibrate_run_band_writes_params_that_stage_rule_reproduces(run: RunDir) -> None:

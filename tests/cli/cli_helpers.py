@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from split_helpers import write_splits
+
 from roadwork_cli.io.run import RunDir
 
 
@@ -45,7 +47,7 @@ def make_tiny_run(root, lam: float = 0.3, tau: float = 0.5, weights_file=None) -
     atomic_write_json(
         run.scrc_params, {"method": "scrc", "thresholds": {"lambda": lam, "tau": tau}, "scaling": scaling}
     )
-    atomic_write_json(run.splits, {"version": 1, "seed": 0, "splits": {}, "samples": {}})
+    write_splits(run, {}, {})
     run.metrics.write_text("epoch,loss\n1,0.7\n")
     return run
 

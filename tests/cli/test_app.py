@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from cli_helpers import make_tiny_run
+from split_helpers import write_splits
 from typer.testing import CliRunner
 
 from roadwork_cli import __version__
@@ -106,7 +107,7 @@ def bundles(tmp_path_factory):
             i: {"path": f"{i[:3]}.jpg", "label": label, "source": "s", "group": None} for i, label in ids.items()
         }
         splits = {"train": ["a" * 64, "b" * 64], "val_select": [], "val_calib": ["c" * 64], "test": []}
-        run.splits.write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+        write_splits(run, splits, samples)
         result = runner.invoke(app, ["export", "--run", str(run.root), "--allow-uncertified"])
         assert result.exit_code == 0, result.output
         made[feasible] = run.bundle

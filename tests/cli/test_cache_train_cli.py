@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from split_helpers import write_splits
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
@@ -42,7 +43,7 @@ def _make_run(root: Path, per_split: int = 6) -> Path:
     samples[broken_id] = {"path": str(broken), "label": 1, "source": "test", "group": broken_id}
     run = root / "run"
     run.mkdir()
-    (run / "splits.json").write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+    write_splits(run / "splits.json", splits, samples)
     return run
 
 

@@ -41,6 +41,18 @@ def scores(tmp_path: Path) -> dict[str, Path]:
     return {"calib": write_scores(tmp_path / "calib.csv", 2000, 1), "test": write_scores(tmp_path / "test.csv", 800, 2)}
 
 
+def test_calibrate_flags_left_out_keep_the_settings_file(scores: dict[str, Path], tmp_path: Path) -> None:
+    """A flag not given overrides nothing: the YAML's targets stay; a flag given wins over the YAML."""
+    config = tmp_path / "settings.yaml"
+    config.write_text("calibration:\n  fnr: 0.08\n  coverage: 0.6\n  delta: 0.2\n")
+    params = tmp_path / "params.json"
+    args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--config", str(config)]
+    result = runner.invoke(app, [*args, "--fnr", "0.05"])
+    assert result.exit_code == 0, result.output
+    targets = json.loads(params.read_text())["targets"]
+    assert (targets["alpha"], targets["xi"], targets["delta"]) == (0.05, 0.6, 0.2)
+
+
 def test_calibrate_then_evaluate_scores(scores: dict[str, Path], tmp_path: Path) -> None:
     params = tmp_path / "params.json"
     args = ["calibrate", "--scores", str(scores["calib"]), "--out", str(params), "--fnr", "0.05", "--coverage", "0.7"]

@@ -8,6 +8,7 @@ import json
 
 import pytest
 from cli_helpers import export_tiny_bundle, jsonl_records, make_tiny_run, write_images
+from split_helpers import write_splits
 from typer.testing import CliRunner
 
 from roadwork_cli.cli.app import app
@@ -205,7 +206,6 @@ def test_export_of_an_uncertified_run_needs_the_flag_and_warns(tmp_path):
 
 
 def test_bundle_splits_hold_no_absolute_machine_paths(tmp_path):
-    from roadwork_cli.io.atomic import atomic_write_json
     from roadwork_cli.io.bundle import read_bundle
 
     run = make_tiny_run(tmp_path / "run")
@@ -216,14 +216,13 @@ def test_bundle_splits_hold_no_absolute_machine_paths(tmp_path):
         "c" * 64: {"path": str(source / "t.parquet") + "#row=3", "label": 0, "source": str(source), "group": "g"},
         "d" * 64: {"path": "/elsewhere/z.jpg", "label": 0, "source": str(tmp_path / "list.csv"), "group": None},
     }
-    splits = {"version": 1, "seed": 0, "splits": {"train": sorted(samples)}, "samples": samples}
-    atomic_write_json(run.splits, splits)
+    table = write_splits(run, {"train": sorted(samples)}, samples)
     result = runner.invoke(app, ["export", "--run", str(run.root)])
     assert result.exit_code == 0, result.output
     member = read_bundle(run.bundle).members["splits.json"].decode()
     assert str(tmp_path) not in member and '"/' not in member
     exported = json.loads(member)
-    assert exported["splits"] == splits["splits"]
+    assert exported["splits"] == table["splits"]
     paths = {k: v["path"] for k, v in exported["samples"].items()}
     assert paths == {
         "a" * 64: "synthetic/x.jpg",
@@ -239,7 +238,7 @@ def test_export_refuses_a_calibration_made_from_changed_inputs(tmp_path):
 
     run = make_tiny_run(tmp_path / "run")
     record(run, "calibrate", [run.splits])
-    run.splits.write_text('{"version": 1, "seed": 1, "splits": {}, "samples": {}}\n')
+    write_splits(run, {}, {}, seed=1)  # another split than make_tiny_run's
     result = runner.invoke(app, ["export", "--run", str(run.root)])
     assert result.exit_code == 2 and "calibrate" in result.output
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from split_helpers import write_splits
 
 from roadwork_cli.data.decode import (
     DecodeRecipe,
@@ -95,7 +96,6 @@ def test_bad_inputs_become_reasons_and_seeded_views_are_reproducible(tmp_path):
 
 
 def make_split_run(root, files):
-    from roadwork_cli.io.atomic import atomic_write_json
     from roadwork_cli.io.run import RunDir
 
     run = RunDir(root).ensure()
@@ -105,7 +105,7 @@ def make_split_run(root, files):
         ids.append(image_id)
         samples[image_id] = {"path": str(path), "label": i % 2, "source": "test", "group": None}
     splits = {"train": ids[:1], "val_select": ids[1:2], "val_calib": ids[2:3], "test": ids[3:]}
-    atomic_write_json(run.splits, {"version": 1, "seed": 0, "splits": splits, "samples": samples})
+    write_splits(run, splits, samples)
     return run, ids
 
 

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from split_helpers import write_splits
 
 from roadwork_cli.config import DataSettings
 from roadwork_cli.data.splits import (
@@ -161,7 +162,7 @@ def test_splits_load_validates(tmp_path):
     path = tmp_path / "splits.json"
     with pytest.raises(UsageError, match="roadwork split"):
         Splits.load(path)
-    path.write_text(json.dumps({"version": 1, "seed": 0, "splits": {"train": ["x"]}, "samples": {}}))
+    write_splits(path, {"train": ["x"]}, {})
     with pytest.raises(UsageError, match="without a sample"):
         Splits.load(path)
     with pytest.raises(UsageError, match="unknown split"):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from split_helpers import write_splits
 
 from roadwork_cli.config import load_settings
 from roadwork_cli.io.run import RunDir
@@ -37,7 +37,7 @@ def make_run(root: Path, counts=(8, 3, 3, 3), bad: int = 0, seed: int = 0) -> Ru
             samples[image_id] = {"path": str(path), "label": label, "source": str(images), "group": image_id}
             k += 1
     run = RunDir(root / "run").ensure()
-    run.splits.write_text(json.dumps({"version": 1, "seed": seed, "splits": splits, "samples": samples}))
+    write_splits(run, splits, samples, seed)
     return run
 
 

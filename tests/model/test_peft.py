@@ -1,4 +1,4 @@
-"""Adapters: target resolution, LoRA/DoRA through peft, DoRAN == DoRA in its limit, merging, frozen BatchNorm."""
+"""Adapters: target resolution, LoRA/DoRA through peft, DoRAN vs DoRA in its limit, merging, frozen BatchNorm."""
 
 from __future__ import annotations
 
@@ -142,6 +142,78 @@ def test_doran_without_stabiliser_and_generator_equals_peft_dora(name, hf_dinov3
     with torch.no_grad():
         base = _backbone(name, hf_dinov3_dir)(x)
     assert (expected - base).abs().max().item() > 1e-2
+
+
+def _layer_pair(dropout: float = 0.0, seed: int = 0) -> tuple[nn.Module, DoranLinear]:
+    """One linear layer adapted by peft's DoRA and by DoRAN in its limit, on the same W0, A, B and m (B, m moved)."""
+    torch.manual_seed(seed)
+    base = nn.Linear(12, 10)
+    dora = nn.Sequential(copy.deepcopy(base))
+    create_adapter("dora", dora, ["0"], PeftSettings(method="dora", rank=4, dropout=dropout))
+    doran = nn.Sequential(copy.deepcopy(base))
+    limit = PeftSettings(method="doran", rank=4, dropout=dropout, doran_stabilizer=False, doran_generator_hidden=0)
+    create_adapter("doran", doran, ["0"], limit)
+    _perturb_adapters(dora, scale=0.3, seed=seed + 1)  # B away from zero, m away from ||W0||: every path carries signal
+    reference, layer = dora[0], doran[0]
+    with torch.no_grad():
+        layer.seed_a.copy_(reference.lora_A["default"].weight)
+        layer.seed_b.copy_(reference.lora_B["default"].weight)
+        layer.magnitude.copy_(reference.lora_magnitude_vector["default"].weight)
+    return reference, layer
+
+
+def test_doran_gradient_is_doras_plus_the_norm_path_that_dora_detaches():
+    """In the limit the forward passes agree; the gradients differ by exactly the term of the non-detached norm.
+
+    peft's DoRA treats ``||V||`` (V = W0 + s BA) as a constant. DoRAN keeps it in the graph (the stabiliser's point),
+    which adds, per output row i, ``-c_i V_i / ||V_i||`` to the gradient with respect to V, with
+    ``c_i = m_i / ||V_i||^2 * sum_batch g_i (V_i . x)`` (g the upstream gradient). The magnitude's gradient is the same.
+    A DoRAN that detached its norm would match DoRA's factor gradients and fail here.
+    """
+    reference, layer = _layer_pair()
+    x = torch.randn(32, 12, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(32, 10, generator=torch.Generator().manual_seed(6))
+    reference.train(), layer.train()
+    (reference(x) * upstream).sum().backward()
+    (layer(x) * upstream).sum().backward()
+    a, b, m = (t.detach() for t in (layer.seed_a, layer.seed_b, layer.magnitude))
+    s = layer.scaling
+    v = layer.base_layer.weight.detach() + s * b @ a
+    norm = v.norm(dim=1)
+    c = m / norm**2 * (upstream * (x @ v.T)).sum(dim=0)
+    norm_path = -(c / norm)[:, None] * v  # d loss / d V through ||V|| only
+    expected_b = reference.lora_B["default"].weight.grad + s * norm_path @ a.T
+    expected_a = reference.lora_A["default"].weight.grad + s * b.T @ norm_path
+    torch.testing.assert_close(layer.magnitude.grad, reference.lora_magnitude_vector["default"].weight.grad)
+    torch.testing.assert_close(layer.seed_b.grad, expected_b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.seed_a.grad, expected_a, rtol=1e-4, atol=1e-5)
+    # Not vacuous: the norm path is a large part of the factor gradients, so a detached norm could not pass.
+    assert (s * norm_path @ a.T).norm() > 0.1 * layer.seed_b.grad.norm()
+    assert (s * b.T @ norm_path).norm() > 0.1 * layer.seed_a.grad.norm()
+
+
+@pytest.mark.parametrize("method", ["doran", "dora"])
+def test_train_mode_dropout_averages_to_the_eval_output(method):
+    """Dropout on the adapter input is unbiased: over many draws the train-mode output's mean is the eval output.
+
+    Per output element, the mean of n draws is within 5 standard errors of the eval output (normal approximation; for
+    40 elements the chance that any is further by chance is below 1e-5).
+    """
+    reference, layer = _layer_pair(dropout=0.3, seed=2)
+    module = layer if method == "doran" else reference
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(7))
+    module.eval()
+    with torch.no_grad():
+        expected = module(x)
+    module.train()
+    torch.manual_seed(8)
+    n = 4000
+    with torch.no_grad():
+        draws = torch.stack([module(x) for _ in range(n)])
+    mean, standard_error = draws.mean(dim=0), draws.std(dim=0) / n**0.5
+    assert standard_error.min() > 0  # the draws do differ: dropout is on
+    z = ((mean - expected) / standard_error).abs()
+    assert z.max().item() < 5.0, z.max().item()
 
 
 def test_doran_starts_as_the_base_layer_and_trains_every_part():

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from split_helpers import write_splits
 
 from roadwork_cli.calibration.api import calibrate_run, calibrate_scores
 from roadwork_cli.config import CalibrationSettings
@@ -66,7 +67,7 @@ def run(tmp_path: Path) -> RunDir:
             samples[sid] = {"path": str(path), "label": int(y[i]), "source": str(images), "group": None}
         splits[split] = ids
         write_csv(run.scores / f"{split}.csv", ids, p, g, y)
-    run.splits.write_text(json.dumps({"version": 1, "seed": 0, "splits": splits, "samples": samples}))
+    write_splits(run, splits, samples)
     calibrate_run(run, SETTINGS)
     return run
 

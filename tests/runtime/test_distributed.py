@@ -100,7 +100,7 @@ def test_torchrun_needs_the_double_dash_before_roadwork_flags(capsys):
     from torch.distributed.run import parse_args
 
     roadwork = ["roadwork", "cache-features", "--run", "DIR", "--batch-size", "8"]
-    with pytest.raises(SystemExit):  # the failure: --run taken for an abbreviation of --run-path
+    with pytest.raises(SystemExit):  # without "--": torchrun takes --run for an abbreviation of its --run-path
         parse_args(["--nproc_per_node=2", "--no-python", *roadwork])
     assert "--run-path" in capsys.readouterr().err
     multi_node = ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=host0:29400", "--rdzv-id=job7"]

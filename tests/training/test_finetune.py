@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from split_helpers import splits_table, write_splits
 
 from roadwork_cli.config import load_settings
 from roadwork_cli.errors import UsageError
@@ -48,12 +49,12 @@ def image_table(tmp_path_factory) -> dict:
             samples[image_id] = {"path": str(path), "label": label, "source": "test", "group": image_id}
             k += 1
     (folder / "3.png").write_bytes(b"not an image at all")  # a training image: skipped with its reason
-    return {"version": 1, "seed": 0, "splits": splits, "samples": samples}
+    return splits_table(splits, samples)
 
 
 def make_run(root: Path, table: dict) -> RunDir:
     run = RunDir(root).ensure()
-    run.splits.write_text(json.dumps(table))
+    write_splits(run, table["splits"], table["samples"], table["seed"])
     return run
 
 
@@ -138,7 +139,7 @@ def test_sigkill_resume_reproduces_the_uninterrupted_weights(tmp_path, image_tab
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # + split_helpers
         from pathlib import Path
         from test_finetune import live_settings
         from roadwork_cli.io.run import RunDir

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from split_helpers import edited_splits
 from train_helpers import make_cached_run, train_settings
 
 from roadwork_cli.errors import UsageError
@@ -131,7 +131,7 @@ def test_sigkill_mid_training_then_rerun_gives_the_same_result(tmp_path, mode):
     script = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]  # + split_helpers
         from train_helpers import train_settings
         from roadwork_cli.io.run import RunDir
         from roadwork_cli.training.api import train
@@ -228,22 +228,20 @@ def test_the_weights_scored_for_selection_are_the_ema_weights_saved(cached_run, 
 
 
 def test_split_images_without_features_are_an_error_naming_the_count_and_the_command(cached_run):
-    raw = json.loads(cached_run.splits.read_text())
-    for n in range(3):
-        image_id = f"new{n:061x}"
-        raw["samples"][image_id] = {"path": f"/nowhere/{image_id}.png", "label": n % 2, "source": "test"}
-        raw["splits"]["test" if n else "train"].append(image_id)
-    cached_run.splits.write_text(json.dumps(raw))
+    with edited_splits(cached_run) as raw:
+        for n in range(3):
+            image_id = f"new{n:061x}"
+            raw["samples"][image_id] = {"path": f"/nowhere/{image_id}.png", "label": n % 2, "source": "test"}
+            raw["splits"]["test" if n else "train"].append(image_id)
     with pytest.raises(UsageError, match=r"3 image\(s\).*roadwork cache-features --run"):
         train(cached_run, train_settings(cached_run))
 
 
 def test_images_that_failed_to_decode_are_counted_not_silently_dropped(cached_run):
-    raw = json.loads(cached_run.splits.read_text())
     bad = "bad" + "0" * 61
-    raw["samples"][bad] = {"path": "/nowhere/bad.png", "label": 1, "source": "test"}
-    raw["splits"]["test"].append(bad)
-    cached_run.splits.write_text(json.dumps(raw))
+    with edited_splits(cached_run) as raw:
+        raw["samples"][bad] = {"path": "/nowhere/bad.png", "label": 1, "source": "test"}
+        raw["splits"]["test"].append(bad)
     store = FeatureStore(cached_run.features / "testfingerprint0")
     store.add_shard([], torch.zeros(0, 16), {bad: "unreadable: truncated file"})
     summary = train(cached_run, train_settings(cached_run, epochs=1))
@@ -254,23 +252,21 @@ def test_images_that_failed_to_decode_are_counted_not_silently_dropped(cached_ru
 
 def test_a_re_split_never_resumes_the_old_training(cached_run):
     train(cached_run, train_settings(cached_run, epochs=2))
-    raw = json.loads(cached_run.splits.read_text())
-    moved = raw["splits"]["train"][:10]
-    raw["splits"]["train"] = raw["splits"]["train"][10:]
-    raw["splits"]["val_calib"] += moved
-    cached_run.splits.write_text(json.dumps(raw))
+    with edited_splits(cached_run) as raw:
+        moved = raw["splits"]["train"][:10]
+        raw["splits"]["train"] = raw["splits"]["train"][10:]
+        raw["splits"]["val_calib"] += moved
     summary = train(cached_run, train_settings(cached_run, epochs=2))
     assert summary.resumed_from == 0 and summary.n_train == 150
-    raw["samples"][raw["splits"]["train"][0]]["label"] ^= 1  # same ids, one label changed: also a new problem
-    cached_run.splits.write_text(json.dumps(raw))
+    with edited_splits(cached_run) as raw:
+        raw["samples"][raw["splits"]["train"][0]]["label"] ^= 1  # same ids, one label changed: also a new problem
     assert train(cached_run, train_settings(cached_run, epochs=2)).resumed_from == 0
 
 
 def test_one_class_val_select_is_explained_once_without_warnings(cached_run):
-    raw = json.loads(cached_run.splits.read_text())
-    for image_id in raw["splits"]["val_select"]:
-        raw["samples"][image_id]["label"] = 1
-    cached_run.splits.write_text(json.dumps(raw))
+    with edited_splits(cached_run) as raw:
+        for image_id in raw["splits"]["val_select"]:
+            raw["samples"][image_id]["label"] = 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         summary = train(cached_run, train_settings(cached_run, epochs=2))

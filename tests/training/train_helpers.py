@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from split_helpers import write_splits
 
 from roadwork_cli.config import load_settings
 from roadwork_cli.features.cache import write_feature_cache
@@ -32,7 +32,7 @@ def make_cached_run(root: Path, counts=(160, 60, 60, 60), views: int = 1, seed: 
         for i, y in zip(ids, labels.tolist(), strict=True)
     }
     run = RunDir(root).ensure()
-    run.splits.write_text(json.dumps({"version": 1, "seed": seed, "splits": splits, "samples": samples}))
+    write_splits(run, splits, samples, seed)
     keys = [(i, 0) for i in ids]
     rows = [base]
     for view in range(1, views + 1):
