@@ -86,10 +86,27 @@ class DataSettings(_Section):
     fractions: tuple[float, float, float, float] = Field(
         (0.7, 0.1, 0.1, 0.1), description="Fractions of train / val_select / val_calib / test; must sum to 1."
     )
-    group_by: Literal["auto", "none", "column", "filename"] = Field(
+    group_by: Literal["auto", "none", "column", "filename", "near_duplicates"] = Field(
         "auto",
-        description="Grouping that keeps related images in one split: 'column' uses a manifest/parquet 'group' field, "
-        "'filename' strips a trailing frame number (clip_0001.jpg -> clip), 'auto' uses a group field when present.",
+        description="Grouping that keeps related images in one split: 'column' uses a manifest/parquet group column "
+        "(see group_column), 'filename' strips a trailing frame number (clip_0001.jpg -> clip), 'near_duplicates' "
+        "groups images whose perceptual hashes (64-bit DCT pHash) differ by at most near_duplicate_bits bits, "
+        "'auto' uses the group column where a sample has one and near-duplicate clusters elsewhere.",
+    )
+    group_column: str | None = Field(
+        None,
+        description="Manifest/parquet column holding the group (clip, sequence) of each image, e.g. 'clip_id'. Unset: "
+        "the first of group, group_id, sequence, sequence_id, clip, clip_id, scene_id that exists. A named column "
+        "missing from a manifest or parquet file is an error, and so is group_by 'column' with no group column.",
+    )
+    near_duplicate_bits: int = Field(
+        6,
+        ge=0,
+        le=32,
+        description="Hamming threshold (bits of the 64-bit perceptual hash) under which two images are "
+        "near-duplicates; clusters are reported by split and grouped by group_by 'near_duplicates'/'auto'. 6 "
+        "finds JPEG re-encodes and 0.5x resizes (<= 4 bits) and most crops of <= 3 % per side, and merged no two of "
+        "300 unrelated synthetic scenes (>= 8 bits apart); 0 merges identical hashes only.",
     )
     stratify: bool = Field(
         False,

@@ -234,7 +234,45 @@ def folder_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sour
     return Source(spec, "folder", records, len(files))
 
 
-def _manifest_record(row: dict, base: Path, spec: str, where: str) -> SourceItem:
+def group_column_of(columns, settings: DataSettings, where: str) -> str | None:
+    """The group column among ``columns`` (a manifest header or a parquet schema's names), matched case-insensitively.
+
+    ``data.group_column`` when set, else the first of :data:`GROUP_COLUMNS` present. The column is only looked for
+    when ``data.group_by`` reads it (auto, column, filename).
+
+    Args:
+        columns: Column names as the file spells them.
+        settings: Data settings (group_column, group_by).
+        where: The file, for the error message.
+
+    Returns:
+        The column's name as spelled in ``columns``, or None when there is none (and none is required).
+
+    Raises:
+        UsageError: A named group column is missing, or group_by is 'column' and no group column exists; otherwise
+            the frames of one clip would silently become independent images spread over the splits.
+    """
+    if settings.group_by not in ("auto", "column", "filename"):
+        return None
+    names = {str(c).strip().lower(): str(c) for c in columns if c is not None}
+    if settings.group_column:
+        wanted = settings.group_column.strip().lower()
+        if wanted not in names:
+            raise UsageError(
+                f"group column {settings.group_column!r} (data.group_column) not found in {where}; its columns are "
+                f"{sorted(names.values())}"
+            )
+        return names[wanted]
+    found = next((names[c] for c in GROUP_COLUMNS if c in names), None)
+    if found is None and settings.group_by == "column":
+        raise UsageError(
+            f"data.group_by is 'column' but {where} has no group column (looked for {', '.join(GROUP_COLUMNS)}); "
+            f"name it with data.group_column. Its columns are {sorted(names.values())}"
+        )
+    return found
+
+
+def _manifest_record(row: dict, base: Path, spec: str, where: str, group_column: str | None = "group") -> SourceItem:
     keys = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
     raw_path = keys.get("path") or keys.get("file") or keys.get("filename") or keys.get("image")
     if raw_path is None or str(raw_path).strip() == "":
@@ -244,7 +282,7 @@ def _manifest_record(row: dict, base: Path, spec: str, where: str) -> SourceItem
     label = parse_label(keys.get("label"))
     if label is None:
         return SourceRejection(locator, f"bad label {keys.get('label')!r} (expected 0/1 or roadwork/no_roadwork)", spec)
-    group = keys.get("group")
+    group = keys.get(group_column.strip().lower()) if group_column else None
     group = None if group is None or str(group).strip() == "" else str(group).strip()
     return SourceRecord(locator, label, spec, group)
 
@@ -260,18 +298,35 @@ def csv_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
             fields = [f.strip().lower() for f in reader.fieldnames or []]
             if "label" not in fields or not {"path", "file", "filename", "image"} & set(fields):
                 raise UsageError(f"manifest {spec} needs 'path' and 'label' columns, has {reader.fieldnames}")
+            group_column = group_column_of(reader.fieldnames or [], settings, f"manifest {spec}")
             for number, row in enumerate(reader, start=2):
-                yield _manifest_record(row, path.parent, spec, f"{spec}:{number}")
+                yield _manifest_record(row, path.parent, spec, f"{spec}:{number}", group_column)
 
     return Source(spec, "csv", records)
 
 
 @register_source("jsonl")
 def jsonl_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
-    """A JSON-lines manifest, one ``{"path", "label", "group"?}`` object per line."""
+    """A JSON-lines manifest, one ``{"path", "label", "group"?}`` object per line.
+
+    Its group column is looked for among the keys of all its lines (a line without it has no group).
+    """
     path = Path(spec)
 
+    def all_keys() -> list[str]:
+        keys: dict[str, None] = {}
+        with open(path, encoding="utf-8-sig") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue  # reported as a rejection when the records are read
+                if isinstance(row, dict):
+                    keys.update(dict.fromkeys(map(str, row)))
+        return list(keys)
+
     def records() -> Iterator[SourceItem]:
+        group_column = group_column_of(all_keys(), settings, f"manifest {spec}")
         with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -285,7 +340,7 @@ def jsonl_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sourc
                 if not isinstance(row, dict):
                     yield SourceRejection(where, "bad manifest line: not a JSON object", spec)
                     continue
-                yield _manifest_record(row, path.parent, spec, where)
+                yield _manifest_record(row, path.parent, spec, where, group_column)
 
     return Source(spec, "jsonl", records)
 
@@ -309,7 +364,7 @@ def parquet_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sou
         image_column = detect_image_column(schema, settings.parquet_image_column)
         if "label" not in schema.names:
             raise UsageError(f"parquet file {file} has no 'label' column; columns are {schema.names}")
-        group_column = next((c for c in GROUP_COLUMNS if c in schema.names), None)
+        group_column = group_column_of(schema.names, settings, f"parquet file {file}")
         # Name the column in the locator only when auto-detection would not find it again.
         named = None if detect_image_column(schema) == image_column else image_column
         plans.append((file, (image_column, group_column, named), None))

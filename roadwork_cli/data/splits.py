@@ -18,8 +18,15 @@ seed (same sources and seed -> the same file byte for byte), but adding images s
 images can move between splits; keep it off for data sets that grow.
 
 Re-running ``split`` re-reads every source but decodes only inputs it has not seen: ``<run>/split_cache.jsonl``
-remembers the sha256 (or the rejection reason) of each input by path, size and modification time, and is appended to
-as validation goes, so a split killed half way resumes where it stopped.
+remembers the sha256 and perceptual hash (or the rejection reason) of each input by path, size and modification time,
+and is appended to as validation goes, so a split killed half way resumes where it stopped.
+
+Near-duplicates (re-encodes, resizes, small crops: different bytes, same content) are found from the perceptual hash
+computed on the image decoded for validation (:mod:`roadwork_cli.data.near_duplicates`). Each sample records its
+hash and its cluster; ``splits.json`` gets a ``near_duplicates`` report (clusters per split and across splits, the
+latter being leakage). ``group_by="near_duplicates"`` keeps each cluster in one split, and ``"auto"`` does so for the
+samples without a group column. A group key that depends on a cluster (its smallest sample id) can change when a new
+image joins or bridges clusters, so with near-duplicate grouping an added image can move its cluster.
 
 Example:
     >>> summary = build_splits(["data/"], DataSettings(), RunDir("runs/x"))  # doctest: +SKIP
@@ -41,6 +48,7 @@ from pathlib import Path
 
 from roadwork_cli.config import DataSettings
 from roadwork_cli.data.images import ImageRejected, decode_image, parse_locator, read_bytes
+from roadwork_cli.data.near_duplicates import find_clusters, hash_value, perceptual_hash, summarize
 from roadwork_cli.data.pixels import reason_kind
 from roadwork_cli.data.sources import Source, SourceRecord, SourceRejection, create_source
 from roadwork_cli.errors import UsageError
@@ -62,6 +70,9 @@ class Sample:
         label: 1 roadwork, 0 no roadwork.
         source: The source spec it came from.
         group: Group key, or None when the sample stands alone.
+        phash: 64-bit perceptual hash (16 hex digits); None in files written before hashes were recorded.
+        near_duplicate: Id of its near-duplicate cluster (16 hex digits of the cluster's smallest sample id), or None
+            when no other image is within ``data.near_duplicate_bits`` of it.
     """
 
     id: str
@@ -69,9 +80,14 @@ class Sample:
     label: int
     source: str
     group: str | None = None
+    phash: str | None = None
+    near_duplicate: str | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "source": self.source, "group": self.group}
+        entry = {"path": self.path, "label": self.label, "source": self.source, "group": self.group}
+        if self.phash is not None:  # additive keys; files of older versions round-trip unchanged
+            entry |= {"phash": self.phash, "near_duplicate": self.near_duplicate}
+        return entry
 
 
 @dataclass
@@ -82,6 +98,8 @@ class Splits:
     splits: dict[str, list[str]]
     samples: dict[str, Sample]
     version: int = SPLITS_VERSION
+    near_duplicates: dict | None = None
+    """The near-duplicate report (:func:`roadwork_cli.data.near_duplicates.summarize`); None in older files."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Splits:
@@ -93,7 +111,15 @@ class Splits:
         try:
             raw = read_json(path)
             samples = {
-                sid: Sample(sid, s["path"], int(s["label"]), s["source"], s.get("group"))
+                sid: Sample(
+                    sid,
+                    s["path"],
+                    int(s["label"]),
+                    s["source"],
+                    s.get("group"),
+                    phash=s.get("phash"),
+                    near_duplicate=s.get("near_duplicate"),
+                )
                 for sid, s in raw["samples"].items()
             }
             splits = {name: list(raw["splits"].get(name, [])) for name in SPLIT_NAMES}
@@ -105,7 +131,7 @@ class Splits:
         missing = [sid for ids in splits.values() for sid in ids if sid not in samples]
         if missing:
             raise UsageError(f"{path} lists ids without a sample entry, e.g. {missing[0]}")
-        return cls(seed, splits, samples, int(raw.get("version", SPLITS_VERSION)))
+        return cls(seed, splits, samples, int(raw.get("version", SPLITS_VERSION)), raw.get("near_duplicates"))
 
     def ids(self, split_name: str) -> list[str]:
         """Sample ids of one split, in file order.
@@ -125,12 +151,15 @@ class Splits:
         return None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "version": self.version,
             "seed": self.seed,
             "splits": {name: list(self.splits.get(name, [])) for name in SPLIT_NAMES},
             "samples": {sid: s.to_dict() for sid, s in self.samples.items()},
         }
+        if self.near_duplicates is not None:
+            out["near_duplicates"] = self.near_duplicates
+        return out
 
 
 @dataclass
@@ -155,6 +184,8 @@ class SplitSummary:
     splits_path: Path | None = None
     rejected_path: Path | None = None
     rejected_reasons: dict[str, int] = field(default_factory=dict)
+    near_duplicates: dict = field(default_factory=dict)
+    """The near-duplicate report written to ``splits.json`` (:func:`roadwork_cli.data.near_duplicates.summarize`)."""
 
     @property
     def images_per_second(self) -> float:
@@ -228,7 +259,20 @@ class SplitSummary:
             )
         if not neg:
             found.append("val_calib has no no_roadwork image: the coverage bound cannot be estimated for negatives.")
+        found.extend(self.near_duplicate_warnings())
         return found
+
+    def near_duplicate_warnings(self) -> list[str]:
+        """Leakage: near-duplicate clusters with images in more than one split (counted per split pair)."""
+        report = self.near_duplicates
+        if not report or not report.get("across_splits"):
+            return []
+        pairs = ", ".join(f"{pair}: {n}" for pair, n in report.get("split_pairs", {}).items())
+        return [
+            f"{report['across_splits']} near-duplicate clusters (perceptual hashes within {report['threshold_bits']} "
+            f"bits) have images in more than one split ({pairs}): leakage that inflates validation and test metrics. "
+            "Set data.group_by to 'near_duplicates' (or 'auto') to keep each cluster in one split."
+        ]
 
 
 def group_from_filename(locator: str) -> str | None:
@@ -312,24 +356,37 @@ def assign_split(key: str, seed: int, fractions: tuple[float, ...]) -> str:
     return next(name for name, f in reversed(list(zip(SPLIT_NAMES, fractions, strict=True))) if f > 0)
 
 
-def _validate(record: SourceRecord, settings: DataSettings) -> tuple[str | None, str | None]:
-    """``(sha256, None)`` for a usable image, ``(None, reason)`` otherwise. Runs in worker threads."""
+Validation = tuple[str | None, str | None, str | None]
+"""``(sha256, reason, phash)`` of one input: sha256 and phash for a usable image, a reason for a rejected one."""
+
+
+def _validate(record: SourceRecord, settings: DataSettings) -> Validation:
+    """``(sha256, None, phash)`` for a usable image, ``(None, reason, None)`` otherwise. Runs in worker threads.
+
+    The perceptual hash is computed from the image decoded for validation, so near-duplicate search costs no second
+    decode; a hash failure leaves the image usable, only unclustered (phash None).
+    """
     try:
         data = record.data if record.data is not None else read_bytes(record.locator, settings.max_file_bytes)
-        decode_image(data, settings.max_image_pixels, settings.max_file_bytes)
+        image = decode_image(data, settings.max_image_pixels, settings.max_file_bytes)
     except ImageRejected as exc:
-        return None, exc.reason
+        return None, exc.reason, None
     except Exception as exc:  # noqa: BLE001 - one bad input must never abort the whole split
-        return None, f"unreadable: {type(exc).__name__}: {exc}"
-    return hashlib.sha256(data).hexdigest(), None
+        return None, f"unreadable: {type(exc).__name__}: {exc}", None
+    try:
+        phash = perceptual_hash(image)
+    except Exception:  # noqa: BLE001 - a hash is a report, not a reason to drop a valid image
+        phash = None
+    return hashlib.sha256(data).hexdigest(), None, phash
 
 
 class ValidationCache:
-    """Per-input results of earlier validations (sha256 or rejection reason), keyed by path, size and mtime.
+    """Per-input results of earlier validations (sha256 and phash, or rejection reason), keyed by path, size and mtime.
 
     An input whose file has the same size and modification time (nanoseconds) as when it was validated, under the
     same image limits, is not decoded again. New results are appended line by line and flushed in small batches, so
     a split killed half way keeps what it did; :meth:`save` rewrites the file with only the inputs of this run.
+    Entries of usable images written before perceptual hashes were cached have none and are validated again once.
     """
 
     FLUSH_EVERY = 64
@@ -337,8 +394,8 @@ class ValidationCache:
     def __init__(self, path: Path, limits: str):
         self.path = path
         self.limits = limits
-        self.known: dict[tuple, tuple[str | None, str | None]] = {}
-        self.used: dict[tuple, tuple[str | None, str | None]] = {}
+        self.known: dict[tuple, Validation] = {}
+        self.used: dict[tuple, Validation] = {}
         self._handle = None
         self._unflushed = 0
         if path.exists():
@@ -347,7 +404,9 @@ class ValidationCache:
                     try:
                         entry = json.loads(line)
                         key = (entry["locator"], entry["size"], entry["mtime_ns"], entry["limits"])
-                        self.known[key] = (entry.get("sha256"), entry.get("reason"))
+                        if entry.get("sha256") is not None and "phash" not in entry:
+                            continue  # cached before hashes were: decode once more to get it
+                        self.known[key] = (entry.get("sha256"), entry.get("reason"), entry.get("phash"))
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line torn by a kill: that input is simply validated again
 
@@ -360,20 +419,20 @@ class ValidationCache:
             return None
         return (locator, stat.st_size, stat.st_mtime_ns, self.limits)
 
-    def get(self, key: tuple | None) -> tuple[str | None, str | None] | None:
+    def get(self, key: tuple | None) -> Validation | None:
         if key is None or key not in self.known:
             return None
         self.used[key] = self.known[key]
         return self.known[key]
 
-    def add(self, key: tuple | None, digest: str | None, reason: str | None) -> None:
+    def add(self, key: tuple | None, digest: str | None, reason: str | None, phash: str | None = None) -> None:
         if key is None or key in self.used:
             return
-        self.used[key] = self.known[key] = (digest, reason)
+        self.used[key] = self.known[key] = (digest, reason, phash)
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()/close()
-        self._handle.write(self._line(key, digest, reason))
+        self._handle.write(self._line(key, digest, reason, phash))
         self._unflushed += 1
         if self._unflushed >= self.FLUSH_EVERY:
             self._handle.flush()
@@ -390,21 +449,21 @@ class ValidationCache:
         atomic_write_text(self.path, "".join(self._line(k, *v) for k, v in sorted(self.used.items())))
 
     @staticmethod
-    def _line(key: tuple, digest: str | None, reason: str | None) -> str:
+    def _line(key: tuple, digest: str | None, reason: str | None, phash: str | None = None) -> str:
         locator, size, mtime_ns, limits = key
         entry = {"locator": locator, "size": size, "mtime_ns": mtime_ns, "limits": limits}
-        entry.update({"sha256": digest} if digest is not None else {"reason": reason})
+        entry.update({"sha256": digest, "phash": phash} if digest is not None else {"reason": reason})
         return _jsonl_line(entry)
 
 
-def _done(result: tuple[str | None, str | None]) -> Future:
+def _done(result: Validation) -> Future:
     future: Future = Future()
     future.set_result(result)
     return future
 
 
 def _group_of(record: SourceRecord, group_by: str) -> str | None:
-    if group_by == "none":
+    if group_by in ("none", "near_duplicates"):
         return None
     if group_by == "filename":
         return record.group if record.group is not None else group_from_filename(record.locator)
@@ -457,6 +516,7 @@ def build_splits(
 
     rejected: list[tuple[str, str]] = []
     accepted: list[tuple[str, SourceRecord]] = []  # (sha256, record without its bytes)
+    phashes: dict[str, str] = {}  # sha256 -> perceptual hash
     n_inputs = 0
     window = max(8, workers * 8)  # bounded in-flight work keeps memory flat on large parquet sets
     cache = ValidationCache(run.split_cache, f"{settings.max_image_pixels}:{settings.max_file_bytes}")
@@ -470,8 +530,10 @@ def build_splits(
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 record, key, future = pending.pop(0)
-                digest, reason = future.result()
-                cache.add(key, digest, reason)
+                digest, reason, phash = future.result()
+                cache.add(key, digest, reason, phash)
+                if phash is not None:
+                    phashes[digest] = phash
                 if digest is None:
                     rejected.append((_absolute(record.locator), reason))
                 else:
@@ -510,7 +572,11 @@ def build_splits(
         n_duplicates += len(copies) - 1
         winner = copies[0]
         group = next((g for g in (_group_of(r, settings.group_by) for r in copies) if g is not None), None)
-        samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group)
+        samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group, phashes.get(digest))
+    clusters = find_clusters(
+        {d: hash_value(s.phash) for d, s in samples.items() if s.phash is not None}, settings.near_duplicate_bits
+    )
+    samples = _with_near_duplicates(samples, clusters, settings.group_by)
 
     splits: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     counts: Counter = Counter()
@@ -523,6 +589,9 @@ def build_splits(
         splits[name].append(digest)
         counts[(name, sample.label, sample.source)] += 1
 
+    near_duplicates = summarize(
+        clusters, {d: name for name, ids in splits.items() for d in ids}, SPLIT_NAMES, settings.near_duplicate_bits
+    )
     rejected = sorted(set(rejected))
     lines = "".join(_jsonl_line({"path": path, "reason": reason}) for path, reason in rejected)
     atomic_write_text(run.rejected, lines)
@@ -534,6 +603,7 @@ def build_splits(
         n_duplicates=n_duplicates,
         rejected_path=run.rejected,
         rejected_reasons=dict(Counter(reason_kind(reason) for _, reason in rejected)),
+        near_duplicates=near_duplicates,
     )
     if not samples:
         summary.seconds = time.perf_counter() - started
@@ -542,10 +612,38 @@ def build_splits(
             f"no usable image in {', '.join(sources)}: {n_inputs} inputs, {len(rejected)} rejected "
             f"({reasons or 'no input found'}; every reason in {run.rejected})"
         )
-    atomic_write_json(run.splits, Splits(settings.seed, splits, samples).to_dict())
+    atomic_write_json(run.splits, Splits(settings.seed, splits, samples, near_duplicates=near_duplicates).to_dict())
     summary.splits_path = run.splits
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _with_near_duplicates(samples: dict[str, Sample], clusters: dict[str, str], group_by: str) -> dict[str, Sample]:
+    """Samples with their near-duplicate cluster recorded and, where ``group_by`` asks, used as their group.
+
+    ``near_duplicates``: a cluster is the group of its members. ``auto``: a group column comes first; a cluster's
+    members without one join the smallest column group among its members, or the cluster's own group when none has
+    one, so a clip and a re-upload of one of its frames stay together.
+    """
+    if not clusters:
+        return samples
+    column_groups: dict[str, list[str]] = defaultdict(list)
+    for digest, cluster in clusters.items():
+        if samples[digest].group is not None:
+            column_groups[cluster].append(samples[digest].group)
+    out = dict(samples)
+    for digest, cluster in clusters.items():
+        sample = samples[digest]
+        key = cluster[:16]
+        group = sample.group
+        if group_by == "near_duplicates":
+            group = f"near_duplicate:{key}"
+        elif group_by == "auto" and group is None:
+            group = min(column_groups[cluster]) if column_groups[cluster] else f"near_duplicate:{key}"
+        out[digest] = Sample(
+            sample.id, sample.path, sample.label, sample.source, group, sample.phash, near_duplicate=key
+        )
+    return out
 
 
 def _stratified_units(samples: dict[str, Sample], unit_of: dict[str, str], settings: DataSettings) -> dict[str, str]:
