@@ -341,3 +341,22 @@ def test_measured_false_merge_and_hit_rates_on_300_scenes():
     # Corner crops of 5 % of each side (~10 % of the area) mostly escape a whole-image hash (measured 0.18): a stated
     # limit of the method, checked so that the README's figure stays true.
     assert 0.05 <= rates["corner5"] <= 0.4
+
+
+def test_split_command_reports_near_duplicates_and_warns_of_leakage(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from roadwork_cli.cli.app import app
+
+    write_variants(tmp_path / "data", {f"scene{i}": render_scene(scene_seed(4, i), i % 2) for i in range(8)})
+    monkeypatch.setenv("ROADWORK_DATA__GROUP_BY", "none")
+    args = ["split", "--source", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--seed", "2"]
+    result = CliRunner().invoke(app, [*args, "--fractions", "0.25,0.25,0.25,0.25", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["near_duplicates"]
+    assert report == json.loads((tmp_path / "run" / "splits.json").read_text())["near_duplicates"]
+    assert report["clusters"] == 8 and report["images"] == 32 and report["across_splits"] > 0
+    words = " ".join(result.output.split())
+    assert f"near-duplicates (perceptual hash within {THRESHOLD} bits): 8 clusters, 32 images, largest 4" in words
+    assert f"across splits: {report['across_splits']}; clusters not grouped (group_by none)" in words
+    assert "leakage that inflates validation and test metrics" in words
