@@ -59,13 +59,10 @@ def _near_duplicate_line(report: dict, group_by: str) -> str:
     inside = ", ".join(
         f"{name} {c['clusters']} ({c['images']} img)" for name, c in report["per_split"].items() if c["clusters"]
     )
-    grouped = {
-        "near_duplicates": "each kept in one split",
-        "auto": "grouped where no group column says otherwise",
-    }.get(group_by, f"not grouped (group_by {group_by})")
+    grouped = "grouped" if group_by in ("near_duplicates", "auto") else "not grouped"
     return (
         head + f"{report['clusters']} clusters, {report['images']} images, largest {report['largest']}; "
-        f"within splits: {inside or 'none'}; across splits: {report['across_splits']}; clusters {grouped}"
+        f"within splits: {inside or 'none'}; across splits: {report['across_splits']}; {grouped} (group_by {group_by})"
     )
 
 

@@ -34,6 +34,8 @@ POSITIVE_ALIASES = frozenset({"roadwork", "1", "positive", "pos", "yes", "true"}
 NEGATIVE_ALIASES = frozenset({"noroadwork", "0", "negative", "neg", "none", "no", "false", "background"})
 SOURCE_SPLIT_FOLDERS = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 GROUP_COLUMNS = ("group", "group_id", "sequence", "sequence_id", "clip", "clip_id", "scene_id")
+GROUP_READING_MODES = ("auto", "column", "filename")
+"""``data.group_by`` values that use a source's group column (``filename`` prefers it to the file name)."""
 PARQUET_BATCH_ROWS = 64
 
 
@@ -252,7 +254,7 @@ def group_column_of(columns, settings: DataSettings, where: str) -> str | None:
         UsageError: A named group column is missing, or group_by is 'column' and no group column exists; otherwise
             the frames of one clip would silently become independent images spread over the splits.
     """
-    if settings.group_by not in ("auto", "column", "filename"):
+    if settings.group_by not in GROUP_READING_MODES:
         return None
     names = {str(c).strip().lower(): str(c) for c in columns if c is not None}
     if settings.group_column:
@@ -326,7 +328,9 @@ def jsonl_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sourc
         return list(keys)
 
     def records() -> Iterator[SourceItem]:
-        group_column = group_column_of(all_keys(), settings, f"manifest {spec}")
+        # Scanning the keys costs a second pass over the manifest: only when group_by reads a column at all.
+        reads_groups = settings.group_by in GROUP_READING_MODES
+        group_column = group_column_of(all_keys(), settings, f"manifest {spec}") if reads_groups else None
         with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():

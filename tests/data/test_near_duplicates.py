@@ -358,5 +358,5 @@ def test_split_command_reports_near_duplicates_and_warns_of_leakage(tmp_path, mo
     assert report["clusters"] == 8 and report["images"] == 32 and report["across_splits"] > 0
     words = " ".join(result.output.split())
     assert f"near-duplicates (perceptual hash within {THRESHOLD} bits): 8 clusters, 32 images, largest 4" in words
-    assert f"across splits: {report['across_splits']}; clusters not grouped (group_by none)" in words
+    assert f"across splits: {report['across_splits']}; not grouped (group_by none)" in words
     assert "leakage that inflates validation and test metrics" in words
