@@ -100,13 +100,22 @@ class DataSettings(_Section):
         "missing from a manifest or parquet file is an error, and so is group_by 'column' with no group column.",
     )
     near_duplicate_bits: int = Field(
-        6,
+        8,
         ge=0,
         le=32,
-        description="Hamming threshold (bits of the 64-bit perceptual hash) under which two images are "
-        "near-duplicates; clusters are reported by split and grouped by group_by 'near_duplicates'/'auto'. 6 "
-        "finds JPEG re-encodes and 0.5x resizes (<= 4 bits) and most crops of <= 3 % per side, and merged no two of "
-        "300 unrelated synthetic scenes (>= 8 bits apart); 0 merges identical hashes only.",
+        description="Hamming threshold on the 64-bit perceptual hash (imagehash's DCT pHash): images whose hashes "
+        "differ in at most this many bits, and whose 8x8 colour thumbnails agree (near_duplicate_max_difference), are "
+        "near-duplicates; clusters are reported by split and grouped by group_by 'near_duplicates'/'auto'. 8 found "
+        "every JPEG re-encode and 0.5x resize and 98 % of 2 %-per-side crops of synthetic scenes, and merged no two of "
+        "1,500 unrelated ones; 0 = identical hashes only.",
+    )
+    near_duplicate_max_difference: float = Field(
+        8.0,
+        ge=0,
+        le=255,
+        description="Largest mean absolute difference (grey levels, 0-255) between the 8x8 colour thumbnails of two "
+        "images whose hashes are within near_duplicate_bits, for them to count as near-duplicates: re-encodes, "
+        "resizes and small crops differ by <= 7, unrelated look-alike scenes by >= 10.5; 255 = the hash alone decides.",
     )
     stratify: bool = Field(
         False,

@@ -53,7 +53,10 @@ def _near_duplicate_line(report: dict, group_by: str) -> str:
     """One line on near-duplicate clusters: how many, inside which splits, across splits, and whether grouped."""
     if not report:
         return ""
-    head = f"near-duplicates (perceptual hash within {report['threshold_bits']} bits): "
+    head = (
+        f"near-duplicates (perceptual hash within {report['threshold_bits']} bits, thumbnails within "
+        f"{report['max_difference']:g} levels): "
+    )
     if not report["clusters"]:
         return head + "none"
     inside = ", ".join(

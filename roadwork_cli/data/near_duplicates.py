@@ -5,41 +5,61 @@ bytes but not in content: re-encodes, resizes, small crops, burst frames of a pa
 label and most of their score, so two of them in different splits are leakage, and several in val_calib are not
 independent draws.
 
-The hash is the DCT perceptual hash of the ``imagehash`` library (``imagehash.phash``, 64 bits): grey, resized to
-32x32 (photos longer than 512 px are box-reduced first, for speed), 2-D DCT, the top-left 8x8 low-frequency
-coefficients compared with their median. Every hash has (almost) exactly 32 bits set, so distances are even.
-Measured on 300 synthetic scenes (tests/data/test_near_duplicates.py and the README): JPEG re-encodes (quality 95,
-60, 30) and 0.5x resizes move at most 4 bits; a centred crop of 5 % of the area (2.5 % of each side) stays within 6
-bits for 99 % of scenes, a corner crop of 2 % of each side for 92 %, a corner crop of 5 % of each side for only 16 %
-(a whole-image hash does not follow large shifts). Unrelated synthetic scenes -- all the same perspective street, a
-hard case -- are within 6 bits for 0 to 4.5e-5 of pairs (2.6e-5 over 1,500 scenes), natural-looking random images
-are at least 16 bits apart.
+Two images are near-duplicates when two cheap fingerprints agree:
 
-Clusters are the connected components of the graph "Hamming distance <= threshold" (union-find), so chains merge.
-Candidate pairs come from multi-index hashing: with threshold t the 64 bits are cut into t + 1 chunks, and two hashes
-within t bits agree exactly on at least one chunk (pigeonhole), so only hashes sharing a chunk value are compared.
-Identical hashes are merged first, so a flood of blank frames costs one comparison. The work is about
-``(t + 1) * n**2 / 2**(64 / (t + 1))`` distance evaluations in numpy: at 100k images and t = 6 about 7e7, seconds.
+1. the DCT perceptual hash of the ``imagehash`` library (``imagehash.phash``, 64 bits: grey, resized to 32x32, 2-D
+   DCT, the top-left 8x8 low-frequency coefficients compared with their median; photos longer than 512 px are
+   box-reduced first, for speed) differs in at most ``data.near_duplicate_bits`` bits (default 8), and
+2. their 8x8 colour thumbnails (box averages) differ by at most ``data.near_duplicate_max_difference`` grey levels
+   on average (mean absolute difference over the 192 values, 0-255; default 8).
+
+The hash finds candidates fast but is blind to colour and to what its median threshold discards: unrelated synthetic
+scenes, which all share one perspective street, are within 8 bits for 1.8e-4 of pairs (198 of 1.1 M pairs over 1,500
+scenes) and a uniform black frame hashes like a uniform white one. Their thumbnails differ by 10.5 grey levels or
+more, while JPEG re-encodes (quality 30), 0.5x resizes and crops of up to 3 % of each side differ by at most 6.7.
+Measured on synthetic scenes (tests/data/test_near_duplicates.py, figures in the README): every re-encode and resize
+is found, most crops of 2-3 % per side, about half of the crops of 5 % per side (a whole-image hash does not follow
+big shifts); no two unrelated scenes of 1,500 are merged.
+
+Clusters are the connected components of the graph "near-duplicate" (union-find), so chains merge. Candidate pairs
+come from multi-index hashing: with threshold t the 64 bits are cut into t + 1 chunks, and two hashes within t bits
+agree exactly on at least one chunk (pigeonhole), so only hashes sharing a chunk value are compared: about
+``(t + 1) * n**2 / 2**(64 / (t + 1))`` distance evaluations in numpy, seconds at 100k images and t = 8. Images with
+identical hashes are compared through their thumbnails with a few representatives ("leaders") each, so a flood of
+blank frames costs one comparison per frame and leader.
 
 Example:
     >>> from PIL import Image
-    >>> perceptual_hash(Image.new("RGB", (64, 48), (120, 80, 40)))
-    '8000000000000000'
+    >>> phash, thumb = fingerprint(Image.new("RGB", (64, 48), (120, 80, 40)))
+    >>> phash, len(thumb)
+    ('8000000000000000', 256)
     >>> find_clusters({"a": 0x0F0F, "b": 0x0F0E, "c": 0xFFFF_0000_0000_0000}, 2)
     {'a': 'a', 'b': 'a'}
 """
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 HASH_BITS = 64
-DEFAULT_THRESHOLD_BITS = 6
+DEFAULT_THRESHOLD_BITS = 8
+DEFAULT_MAX_DIFFERENCE = 8.0
+THUMBNAIL_SIDE = 8
 _PREREDUCE_TO = 256  # images longer than twice this are box-reduced to 256..511 px before hashing
 _BLOCK_ELEMENTS = 1 << 22  # distance evaluations per numpy block: ~32 MB of uint64, whatever the bucket size
+
+
+def _reduced(image):
+    longest = max(image.size)
+    if longest > 2 * _PREREDUCE_TO:
+        # Box-reduce big photos first: the fingerprints look at 32x32 at most, and LANCZOS over a 12 MP image costs as
+        # much as decoding it (0.17 s); the box average keeps what a 32x32 thumbnail shows.
+        return image.reduce(longest // _PREREDUCE_TO)
+    return image
 
 
 def perceptual_hash(image) -> str:
@@ -53,12 +73,21 @@ def perceptual_hash(image) -> str:
     """
     import imagehash
 
-    longest = max(image.size)
-    if longest > 2 * _PREREDUCE_TO:
-        # Box-reduce big photos first: the hash only looks at 32x32, and LANCZOS over a 12 MP image costs as much as
-        # decoding it (0.17 s); the box average keeps what a 32x32 thumbnail shows.
-        image = image.reduce(longest // _PREREDUCE_TO)
-    return str(imagehash.phash(image, hash_size=8))
+    return str(imagehash.phash(_reduced(image), hash_size=8))
+
+
+def fingerprint(image) -> tuple[str, str]:
+    """The perceptual hash (16 hex digits) and the 8x8 RGB box thumbnail (base64 of 192 bytes) of a decoded image."""
+    from PIL import Image
+
+    small = _reduced(image)
+    thumb = small.convert("RGB").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BOX)
+    return perceptual_hash(small), base64.b64encode(thumb.tobytes()).decode("ascii")
+
+
+def thumbnail_values(text: str) -> np.ndarray:
+    """The 192 thumbnail values (float32, 0-255) of a base64 thumbnail from :func:`fingerprint`."""
+    return np.frombuffer(base64.b64decode(text), dtype=np.uint8).astype(np.float32)
 
 
 def hash_value(hex_hash: str) -> int:
@@ -132,19 +161,32 @@ def close_pairs(hashes: np.ndarray, threshold: int) -> Iterable[tuple[int, int]]
             rows = max(1, _BLOCK_ELEMENTS // len(members))
             for top in range(0, len(members), rows):
                 block = values[top : top + rows]
-                distance = _popcount(block[:, None] ^ values[None, :])
-                for a, b in zip(*np.nonzero(distance <= threshold), strict=True):
-                    i, j = int(members[top + a]), int(members[b])
-                    if i < j:
-                        yield i, j
+                hits = _popcount(block[:, None] ^ values[None, :]) <= threshold
+                # Hashes are unique, so each row hits itself once: most blocks hold nothing else, and counting is
+                # several times cheaper than listing the hits.
+                if np.count_nonzero(hits) <= len(block):
+                    continue
+                rows, cols = np.nonzero(hits)
+                first, second = members[top + rows], members[cols]
+                keep = first < second
+                yield from zip(first[keep].tolist(), second[keep].tolist(), strict=True)
 
 
-def find_clusters(hashes: Mapping[str, int], threshold: int) -> dict[str, str]:
-    """Near-duplicate clusters: connected components of "Hamming distance <= threshold".
+def find_clusters(
+    hashes: Mapping[str, int],
+    threshold: int,
+    thumbnails: Mapping[str, str | None] | None = None,
+    max_difference: float = DEFAULT_MAX_DIFFERENCE,
+) -> dict[str, str]:
+    """Near-duplicate clusters: connected components of "hashes within ``threshold`` bits and thumbnails alike".
 
     Args:
         hashes: Sample id -> 64-bit hash value.
-        threshold: Largest distance in bits that makes two images near-duplicates; 0 merges identical hashes only.
+        threshold: Largest Hamming distance in bits; 0 means identical hashes only.
+        thumbnails: Sample id -> base64 thumbnail from :func:`fingerprint`; a pair is confirmed when the mean absolute
+            difference of their thumbnails is at most ``max_difference``. None (or a sample without one): the hash
+            alone decides.
+        max_difference: Largest mean absolute thumbnail difference (grey levels, 0-255).
 
     Returns:
         Sample id -> cluster id, for the members of clusters of two or more images only; the cluster id is the
@@ -154,11 +196,31 @@ def find_clusters(hashes: Mapping[str, int], threshold: int) -> dict[str, str]:
     if len(ids) < 2:
         return {}
     values = np.array([hashes[i] for i in ids], dtype=np.uint64)
+    thumbs = [thumbnails.get(i) if thumbnails is not None else None for i in ids]
+    arrays = [thumbnail_values(t) if t is not None else None for t in thumbs]
     unique, inverse = np.unique(values, return_inverse=True)
-    union = _UnionFind(len(unique))
-    for i, j in close_pairs(unique, threshold):
-        union.union(i, j)
-    roots = [union.find(int(u)) for u in inverse.ravel()]
+    union = _UnionFind(len(ids))
+
+    def alike(i: int, j: int) -> bool:
+        if arrays[i] is None or arrays[j] is None:
+            return True
+        return float(np.abs(arrays[i] - arrays[j]).mean()) <= max_difference
+
+    # Samples of one hash value: each joins every leader it resembles, or becomes a leader (in id order, so the
+    # result is deterministic); exact for the usual one or two images per value, linear for floods of blank frames.
+    leaders: list[list[int]] = [[] for _ in range(len(unique))]
+    for i, u in enumerate(inverse.ravel().tolist()):
+        matched = [leader for leader in leaders[u] if alike(leader, i)]
+        for leader in matched:
+            union.union(leader, i)
+        if not matched:
+            leaders[u].append(i)
+    for a, b in close_pairs(unique, threshold):
+        for i in leaders[a]:
+            for j in leaders[b]:
+                if alike(i, j):
+                    union.union(i, j)
+    roots = [union.find(i) for i in range(len(ids))]
     size = Counter(roots)
     cluster_of_root: dict[int, str] = {}
     for sample_id, root in zip(ids, roots, strict=True):  # ids are sorted: the first member seen is the smallest
@@ -167,7 +229,13 @@ def find_clusters(hashes: Mapping[str, int], threshold: int) -> dict[str, str]:
     return {sample_id: cluster_of_root[root] for sample_id, root in zip(ids, roots, strict=True) if size[root] > 1}
 
 
-def summarize(clusters: Mapping[str, str], split_of: Mapping[str, str], split_names: Iterable[str], threshold: int):
+def summarize(
+    clusters: Mapping[str, str],
+    split_of: Mapping[str, str],
+    split_names: Iterable[str],
+    threshold: int,
+    max_difference: float = DEFAULT_MAX_DIFFERENCE,
+):
     """The near-duplicate report of ``split`` and ``splits.json``.
 
     Args:
@@ -175,11 +243,13 @@ def summarize(clusters: Mapping[str, str], split_of: Mapping[str, str], split_na
         split_of: Sample id -> split name.
         split_names: Splits in report order.
         threshold: The Hamming threshold used.
+        max_difference: The thumbnail difference used.
 
     Returns:
-        ``{"threshold_bits", "clusters", "images", "largest", "per_split": {split: {"clusters", "images"}},
-        "across_splits", "split_pairs": {"a/b": clusters with members in both}}``. In ``per_split`` a cluster counts
-        for a split when two or more of its images are in it (near-duplicates inside that split); ``images`` counts
+        ``{"threshold_bits", "max_difference", "clusters", "images", "largest", "per_split": {split: {"clusters",
+        "images"}}, "across_splits", "split_pairs": {"a/b": clusters with members in both}}``. In ``per_split`` a
+        cluster counts for a split when two or more of its images are in it (near-duplicates inside that split);
+        ``images`` counts
         those images. ``across_splits`` counts clusters with members in more than one split: leakage.
     """
     names = list(split_names)
@@ -203,6 +273,7 @@ def summarize(clusters: Mapping[str, str], split_of: Mapping[str, str], split_na
                     pairs[f"{present[a]}/{present[b]}"] += 1
     return {
         "threshold_bits": threshold,
+        "max_difference": max_difference,
         "clusters": len(members),
         "images": len(clusters),
         "largest": max((len(ids) for ids in members.values()), default=0),

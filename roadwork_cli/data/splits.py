@@ -48,7 +48,7 @@ from pathlib import Path
 
 from roadwork_cli.config import DataSettings
 from roadwork_cli.data.images import ImageRejected, decode_image, parse_locator, read_bytes
-from roadwork_cli.data.near_duplicates import find_clusters, hash_value, perceptual_hash, summarize
+from roadwork_cli.data.near_duplicates import find_clusters, fingerprint, hash_value, summarize
 from roadwork_cli.data.pixels import reason_kind
 from roadwork_cli.data.sources import Source, SourceRecord, SourceRejection, create_source
 from roadwork_cli.errors import UsageError
@@ -72,7 +72,7 @@ class Sample:
         group: Group key, or None when the sample stands alone.
         phash: 64-bit perceptual hash (16 hex digits); None in files written before hashes were recorded.
         near_duplicate: Id of its near-duplicate cluster (16 hex digits of the cluster's smallest sample id), or None
-            when no other image is within ``data.near_duplicate_bits`` of it.
+            when it has no near-duplicate (``data.near_duplicate_bits``, ``data.near_duplicate_max_difference``).
     """
 
     id: str
@@ -270,7 +270,8 @@ class SplitSummary:
         pairs = ", ".join(f"{pair}: {n}" for pair, n in report.get("split_pairs", {}).items())
         return [
             f"{report['across_splits']} near-duplicate clusters (perceptual hashes within {report['threshold_bits']} "
-            f"bits) have images in more than one split ({pairs}): leakage that inflates validation and test metrics. "
+            f"bits, thumbnails alike) have images in more than one split ({pairs}): leakage that inflates validation "
+            "and test metrics. "
             "Set data.group_by to 'near_duplicates' (or 'auto') to keep each cluster in one split."
         ]
 
@@ -356,37 +357,38 @@ def assign_split(key: str, seed: int, fractions: tuple[float, ...]) -> str:
     return next(name for name, f in reversed(list(zip(SPLIT_NAMES, fractions, strict=True))) if f > 0)
 
 
-Validation = tuple[str | None, str | None, str | None]
-"""``(sha256, reason, phash)`` of one input: sha256 and phash for a usable image, a reason for a rejected one."""
+Validation = tuple[str | None, str | None, str | None, str | None]
+"""``(sha256, reason, phash, thumbnail)`` of one input: sha256 and fingerprints of a usable image, or a reason."""
 
 
 def _validate(record: SourceRecord, settings: DataSettings) -> Validation:
-    """``(sha256, None, phash)`` for a usable image, ``(None, reason, None)`` otherwise. Runs in worker threads.
+    """``(sha256, None, phash, thumb)`` for a usable image, ``(None, reason, None, None)`` otherwise. Runs in threads.
 
-    The perceptual hash is computed from the image decoded for validation, so near-duplicate search costs no second
-    decode; a hash failure leaves the image usable, only unclustered (phash None).
+    The fingerprints (:func:`~roadwork_cli.data.near_duplicates.fingerprint`) are computed from the image decoded for
+    validation, so near-duplicate search costs no second decode; a failure there leaves the image usable, only
+    unclustered (phash None).
     """
     try:
         data = record.data if record.data is not None else read_bytes(record.locator, settings.max_file_bytes)
         image = decode_image(data, settings.max_image_pixels, settings.max_file_bytes)
     except ImageRejected as exc:
-        return None, exc.reason, None
+        return None, exc.reason, None, None
     except Exception as exc:  # noqa: BLE001 - one bad input must never abort the whole split
-        return None, f"unreadable: {type(exc).__name__}: {exc}", None
+        return None, f"unreadable: {type(exc).__name__}: {exc}", None, None
     try:
-        phash = perceptual_hash(image)
-    except Exception:  # noqa: BLE001 - a hash is a report, not a reason to drop a valid image
-        phash = None
-    return hashlib.sha256(data).hexdigest(), None, phash
+        phash, thumb = fingerprint(image)
+    except Exception:  # noqa: BLE001 - a fingerprint is a report, not a reason to drop a valid image
+        phash = thumb = None
+    return hashlib.sha256(data).hexdigest(), None, phash, thumb
 
 
 class ValidationCache:
-    """Per-input results of earlier validations (sha256 and phash, or rejection reason), keyed by path, size and mtime.
+    """Per-input results of earlier validations (sha256 and fingerprints, or a reason), keyed by path, size and mtime.
 
     An input whose file has the same size and modification time (nanoseconds) as when it was validated, under the
     same image limits, is not decoded again. New results are appended line by line and flushed in small batches, so
     a split killed half way keeps what it did; :meth:`save` rewrites the file with only the inputs of this run.
-    Entries of usable images written before perceptual hashes were cached have none and are validated again once.
+    Entries of usable images written before fingerprints were cached have none and are validated again once.
     """
 
     FLUSH_EVERY = 64
@@ -404,9 +406,10 @@ class ValidationCache:
                     try:
                         entry = json.loads(line)
                         key = (entry["locator"], entry["size"], entry["mtime_ns"], entry["limits"])
-                        if entry.get("sha256") is not None and "phash" not in entry:
-                            continue  # cached before hashes were: decode once more to get it
-                        self.known[key] = (entry.get("sha256"), entry.get("reason"), entry.get("phash"))
+                        if entry.get("sha256") is not None and "thumb" not in entry:
+                            continue  # cached before fingerprints were: decode once more to get them
+                        fingerprints = (entry.get("phash"), entry.get("thumb"))
+                        self.known[key] = (entry.get("sha256"), entry.get("reason"), *fingerprints)
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line torn by a kill: that input is simply validated again
 
@@ -425,14 +428,14 @@ class ValidationCache:
         self.used[key] = self.known[key]
         return self.known[key]
 
-    def add(self, key: tuple | None, digest: str | None, reason: str | None, phash: str | None = None) -> None:
+    def add(self, key: tuple | None, result: Validation) -> None:
         if key is None or key in self.used:
             return
-        self.used[key] = self.known[key] = (digest, reason, phash)
+        self.used[key] = self.known[key] = result
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()/close()
-        self._handle.write(self._line(key, digest, reason, phash))
+        self._handle.write(self._line(key, *result))
         self._unflushed += 1
         if self._unflushed >= self.FLUSH_EVERY:
             self._handle.flush()
@@ -449,10 +452,10 @@ class ValidationCache:
         atomic_write_text(self.path, "".join(self._line(k, *v) for k, v in sorted(self.used.items())))
 
     @staticmethod
-    def _line(key: tuple, digest: str | None, reason: str | None, phash: str | None = None) -> str:
+    def _line(key: tuple, digest: str | None, reason: str | None, phash: str | None, thumb: str | None) -> str:
         locator, size, mtime_ns, limits = key
         entry = {"locator": locator, "size": size, "mtime_ns": mtime_ns, "limits": limits}
-        entry.update({"sha256": digest, "phash": phash} if digest is not None else {"reason": reason})
+        entry.update({"sha256": digest, "phash": phash, "thumb": thumb} if digest is not None else {"reason": reason})
         return _jsonl_line(entry)
 
 
@@ -516,7 +519,7 @@ def build_splits(
 
     rejected: list[tuple[str, str]] = []
     accepted: list[tuple[str, SourceRecord]] = []  # (sha256, record without its bytes)
-    phashes: dict[str, str] = {}  # sha256 -> perceptual hash
+    fingerprints: dict[str, tuple[str, str | None]] = {}  # sha256 -> (perceptual hash, thumbnail)
     n_inputs = 0
     window = max(8, workers * 8)  # bounded in-flight work keeps memory flat on large parquet sets
     cache = ValidationCache(run.split_cache, f"{settings.max_image_pixels}:{settings.max_file_bytes}")
@@ -530,10 +533,11 @@ def build_splits(
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 record, key, future = pending.pop(0)
-                digest, reason, phash = future.result()
-                cache.add(key, digest, reason, phash)
+                result = future.result()
+                cache.add(key, result)
+                digest, reason, phash, thumb = result
                 if phash is not None:
-                    phashes[digest] = phash
+                    fingerprints[digest] = (phash, thumb)
                 if digest is None:
                     rejected.append((_absolute(record.locator), reason))
                 else:
@@ -572,9 +576,13 @@ def build_splits(
         n_duplicates += len(copies) - 1
         winner = copies[0]
         group = next((g for g in (_group_of(r, settings.group_by) for r in copies) if g is not None), None)
-        samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group, phashes.get(digest))
+        phash = fingerprints[digest][0] if digest in fingerprints else None
+        samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group, phash)
     clusters = find_clusters(
-        {d: hash_value(s.phash) for d, s in samples.items() if s.phash is not None}, settings.near_duplicate_bits
+        {d: hash_value(s.phash) for d, s in samples.items() if s.phash is not None},
+        settings.near_duplicate_bits,
+        {d: fingerprints[d][1] for d in samples if d in fingerprints},
+        settings.near_duplicate_max_difference,
     )
     samples = _with_near_duplicates(samples, clusters, settings.group_by)
 
@@ -589,8 +597,9 @@ def build_splits(
         splits[name].append(digest)
         counts[(name, sample.label, sample.source)] += 1
 
+    split_of = {d: name for name, ids in splits.items() for d in ids}
     near_duplicates = summarize(
-        clusters, {d: name for name, ids in splits.items() for d in ids}, SPLIT_NAMES, settings.near_duplicate_bits
+        clusters, split_of, SPLIT_NAMES, settings.near_duplicate_bits, settings.near_duplicate_max_difference
     )
     rejected = sorted(set(rejected))
     lines = "".join(_jsonl_line({"path": path, "reason": reason}) for path, reason in rejected)

@@ -16,10 +16,12 @@ from roadwork_cli.data import splits as splits_module
 from roadwork_cli.data.near_duplicates import (
     close_pairs,
     find_clusters,
+    fingerprint,
     hamming,
     hash_value,
     perceptual_hash,
     summarize,
+    thumbnail_values,
 )
 from roadwork_cli.data.splits import SPLIT_NAMES, Splits, build_splits
 from roadwork_cli.data.synthetic import render_scene, scene_seed
@@ -27,6 +29,14 @@ from roadwork_cli.errors import UsageError
 from roadwork_cli.io.run import RunDir
 
 THRESHOLD = DataSettings().near_duplicate_bits
+MAX_DIFFERENCE = DataSettings().near_duplicate_max_difference
+
+
+def near(a: Image.Image, b: Image.Image) -> bool:
+    """The rule of ``split``: hashes within the threshold and thumbnails within the difference."""
+    (hash_a, thumb_a), (hash_b, thumb_b) = fingerprint(a), fingerprint(b)
+    difference = float(np.abs(thumbnail_values(thumb_a) - thumbnail_values(thumb_b)).mean())
+    return hamming(hash_value(hash_a), hash_value(hash_b)) <= THRESHOLD and difference <= MAX_DIFFERENCE
 
 
 def jpeg(image: Image.Image, quality: int) -> bytes:
@@ -242,18 +252,19 @@ def test_hashes_are_cached_and_old_cache_entries_are_hashed_again(tmp_path, monk
 
     def counting(image):
         calls.append(1)
-        return perceptual_hash(image)
+        return fingerprint(image)
 
-    monkeypatch.setattr(splits_module, "perceptual_hash", counting)
+    monkeypatch.setattr(splits_module, "fingerprint", counting)
     build_splits([str(tmp_path / "data")], DataSettings(), run)
     assert calls == []  # nothing decoded or hashed again
     assert Splits.load(run.splits).near_duplicates == first.near_duplicates
-    # A cache written before hashes were recorded: its usable entries are validated (and hashed) once more.
+    # A cache written before fingerprints were recorded: its usable entries are validated (and hashed) once more.
     lines = [json.loads(line) for line in run.split_cache.read_text().splitlines()]
-    run.split_cache.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "phash"}) + "\n" for e in lines))
+    old = {"phash", "thumb"}
+    run.split_cache.write_text("".join(json.dumps({k: v for k, v in e.items() if k not in old}) + "\n" for e in lines))
     build_splits([str(tmp_path / "data")], DataSettings(), run)
     assert len(calls) == 12
-    assert all("phash" in json.loads(line) for line in run.split_cache.read_text().splitlines())
+    assert all(old <= set(json.loads(line)) for line in run.split_cache.read_text().splitlines())
 
 
 def test_multi_index_search_finds_exactly_the_brute_force_pairs():
@@ -292,9 +303,10 @@ def test_report_counts_clusters_per_split_and_per_split_pair():
         "c1": "train", "c2": "val_select", "c3": "val_calib",  # three splits, no two in one
         "x": "train",
     }  # fmt: skip
-    report = summarize(clusters, split_of, SPLIT_NAMES, 6)
+    report = summarize(clusters, split_of, SPLIT_NAMES, 6, 7.5)
     assert report == {
         "threshold_bits": 6,
+        "max_difference": 7.5,
         "clusters": 3,
         "images": 8,
         "largest": 3,
@@ -309,6 +321,28 @@ def test_report_counts_clusters_per_split_and_per_split_pair():
     }
 
 
+def test_thumbnails_keep_look_alike_hashes_apart(tmp_path):
+    """Uniform black, grey and white frames have (almost) the same perceptual hash; thumbnails tell them apart."""
+    folder = tmp_path / "data" / "no_roadwork"
+    folder.mkdir(parents=True)
+    for name, colour in (("black", (0, 0, 0)), ("white", (255, 255, 255)), ("grey", (128, 128, 128))):
+        image = Image.new("RGB", (64, 48), colour)
+        (folder / f"{name}.png").write_bytes(jpeg(image, 95))
+        (folder / f"{name}_again.jpg").write_bytes(jpeg(image.resize((32, 24)), 60))
+    black, white = (hash_value(fingerprint(Image.new("RGB", (8, 8), c))[0]) for c in ((0, 0, 0), (255, 255, 255)))
+    assert hamming(black, white) <= 1  # all-zero DCT vs DC only: one bit apart
+    run = RunDir(tmp_path / "run")
+    build_splits([str(tmp_path / "data")], DataSettings(), run)
+    cluster = cluster_by_file(run)
+    for name in ("black", "white", "grey"):
+        assert cluster[f"{name}.png"] == cluster[f"{name}_again.jpg"] is not None
+    assert len(set(cluster.values())) == 3
+    # With the thumbnail check off (255), the hash alone decides and the three colours become one cluster.
+    loose = RunDir(tmp_path / "loose")
+    build_splits([str(tmp_path / "data")], DataSettings(near_duplicate_max_difference=255), loose)
+    assert len(set(cluster_by_file(loose).values())) == 1
+
+
 def test_hash_is_imagehash_phash_as_hex():
     image = render_scene(scene_seed(0, 0), 0)
     text = perceptual_hash(image)
@@ -318,29 +352,33 @@ def test_hash_is_imagehash_phash_as_hex():
 
 @pytest.mark.slow
 def test_measured_false_merge_and_hit_rates_on_300_scenes():
-    """The figures behind the default threshold (README): 300 scenes of different seeds, their re-encodes, resizes and
-    crops. Bounds are set with slack under the measured rates, so a worse hash or threshold fails."""
+    """The figures behind the defaults (README): 300 scenes of different seeds, their re-encodes, resizes and crops.
+    Bounds are set with slack under the measured rates, so a worse hash, threshold or check fails."""
     n = 300
     scenes = [render_scene(scene_seed(21, i), i % 2) for i in range(n)]
-    base = np.array([hash_value(perceptual_hash(s)) for s in scenes], dtype=np.uint64)
-    distance = np.bitwise_count(base[:, None] ^ base[None, :])[np.triu_indices(n, 1)]
-    false_rate = float((distance <= THRESHOLD).mean())
-    assert false_rate <= 1e-4  # measured 0 of 44,850 pairs (seeds 7, 21); 29 of 1.1M pairs over 1,500 scenes
-    hits = {"q95": 0, "q60": 0, "half": 0, "crop": 0, "corner2": 0, "corner5": 0}
+    prints = [fingerprint(s) for s in scenes]
+    base = np.array([hash_value(h) for h, _ in prints], dtype=np.uint64)
+    thumbs = np.stack([thumbnail_values(t) for _, t in prints])
+    upper = np.triu_indices(n, 1)
+    close = np.bitwise_count(base[:, None] ^ base[None, :])[upper] <= THRESHOLD
+    alike = np.abs(thumbs[:, None, :] - thumbs[None, :, :]).mean(-1)[upper] <= MAX_DIFFERENCE
+    # The hash alone merges some unrelated scenes (they share one street layout); the thumbnails must undo that.
+    assert close.sum() >= 1
+    assert (close & alike).sum() <= 1  # measured 0 here and 0 of 1.1 M pairs over 1,500 scenes
+    hits = {"q95": 0, "q60": 0, "half": 0, "crop": 0, "corner2": 0, "corner3": 0, "corner5": 0}
     for i, scene in enumerate(scenes):
-        own = int(base[i])
         for kind, data in variants(scene).items():
-            hits[kind] += hamming(own, hash_value(perceptual_hash(Image.open(io.BytesIO(data))))) <= THRESHOLD
-        for kind, fraction in (("corner2", 0.02), ("corner5", 0.05)):
-            hits[kind] += hamming(own, hash_value(perceptual_hash(crop(scene, fraction, i % 4)))) <= THRESHOLD
+            hits[kind] += near(scene, Image.open(io.BytesIO(data)))
+        for kind, fraction in (("corner2", 0.02), ("corner3", 0.03), ("corner5", 0.05)):
+            hits[kind] += near(scene, crop(scene, fraction, i % 4))
     rates = {kind: count / n for kind, count in hits.items()}
-    print(f"false merges {false_rate:.2e} of pairs; hit rates {rates}")
-    assert rates["q95"] == rates["q60"] == rates["half"] == 1.0
-    assert rates["crop"] >= 0.97  # centred, 5 % of the area
-    assert rates["corner2"] >= 0.85  # corner-anchored, 2 % of each side (~4 % of the area); measured 0.93
-    # Corner crops of 5 % of each side (~10 % of the area) mostly escape a whole-image hash (measured 0.18): a stated
+    print(f"hash-close pairs {close.sum()}, merged {(close & alike).sum()} of {close.size}; hit rates {rates}")
+    assert rates["q95"] == rates["q60"] == rates["half"] == rates["crop"] == 1.0
+    assert rates["corner2"] >= 0.93  # corner-anchored, 2 % of each side (~4 % of the area); measured 0.98
+    assert rates["corner3"] >= 0.8  # measured 0.87
+    # Corner crops of 5 % of each side (~10 % of the area) often escape a whole-image hash (measured 0.38): a stated
     # limit of the method, checked so that the README's figure stays true.
-    assert 0.05 <= rates["corner5"] <= 0.4
+    assert 0.2 <= rates["corner5"] <= 0.55
 
 
 def test_split_command_reports_near_duplicates_and_warns_of_leakage(tmp_path, monkeypatch):
@@ -357,6 +395,6 @@ def test_split_command_reports_near_duplicates_and_warns_of_leakage(tmp_path, mo
     assert report == json.loads((tmp_path / "run" / "splits.json").read_text())["near_duplicates"]
     assert report["clusters"] == 8 and report["images"] == 32 and report["across_splits"] > 0
     words = " ".join(result.output.split())
-    assert f"near-duplicates (perceptual hash within {THRESHOLD} bits): 8 clusters, 32 images, largest 4" in words
+    assert f"hash within {THRESHOLD} bits, thumbnails within {MAX_DIFFERENCE:g} levels): 8 clusters, 32 images" in words
     assert f"across splits: {report['across_splits']}; not grouped (group_by none)" in words
     assert "leakage that inflates validation and test metrics" in words
