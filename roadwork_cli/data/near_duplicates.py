@@ -235,6 +235,7 @@ def summarize(
     split_names: Iterable[str],
     threshold: int,
     max_difference: float = DEFAULT_MAX_DIFFERENCE,
+    labels: Mapping[str, int] | None = None,
 ):
     """The near-duplicate report of ``split`` and ``splits.json``.
 
@@ -244,13 +245,14 @@ def summarize(
         split_names: Splits in report order.
         threshold: The Hamming threshold used.
         max_difference: The thumbnail difference used.
+        labels: Sample id -> label; when given, ``mixed_labels`` counts clusters whose images disagree.
 
     Returns:
         ``{"threshold_bits", "max_difference", "clusters", "images", "largest", "per_split": {split: {"clusters",
-        "images"}}, "across_splits", "split_pairs": {"a/b": clusters with members in both}}``. In ``per_split`` a
-        cluster counts for a split when two or more of its images are in it (near-duplicates inside that split);
-        ``images`` counts
-        those images. ``across_splits`` counts clusters with members in more than one split: leakage.
+        "images"}}, "across_splits", "split_pairs": {"a/b": clusters with members in both}[, "mixed_labels"]}``. In
+        ``per_split`` a cluster counts for a split when two or more of its images are in it (near-duplicates inside
+        that split); ``images`` counts those images. ``across_splits`` counts clusters with members in more than one
+        split: leakage. A near-duplicate labelled both ways is a labelling error or a cluster that should not be one.
     """
     names = list(split_names)
     members: dict[str, list[str]] = {}
@@ -271,7 +273,7 @@ def summarize(
             for a in range(len(present)):
                 for b in range(a + 1, len(present)):
                     pairs[f"{present[a]}/{present[b]}"] += 1
-    return {
+    report = {
         "threshold_bits": threshold,
         "max_difference": max_difference,
         "clusters": len(members),
@@ -281,3 +283,6 @@ def summarize(
         "across_splits": across,
         "split_pairs": {key: pairs[key] for key in sorted(pairs, key=lambda k: [names.index(p) for p in k.split("/")])},
     }
+    if labels is not None:
+        report["mixed_labels"] = sum(len({labels[i] for i in ids}) > 1 for ids in members.values())
+    return report

@@ -263,12 +263,18 @@ class SplitSummary:
         return found
 
     def near_duplicate_warnings(self) -> list[str]:
-        """Leakage: near-duplicate clusters with images in more than one split (counted per split pair)."""
+        """Leakage (near-duplicate clusters in more than one split, per split pair) and clusters of mixed labels."""
         report = self.near_duplicates
+        found = []
+        if report and report.get("mixed_labels"):
+            found.append(
+                f"{report['mixed_labels']} near-duplicate clusters hold both roadwork and no_roadwork images: check "
+                "their labels (splits.json lists each sample's near_duplicate cluster)."
+            )
         if not report or not report.get("across_splits"):
-            return []
+            return found
         pairs = ", ".join(f"{pair}: {n}" for pair, n in report.get("split_pairs", {}).items())
-        return [
+        return found + [
             f"{report['across_splits']} near-duplicate clusters (perceptual hashes within {report['threshold_bits']} "
             f"bits, thumbnails alike) have images in more than one split ({pairs}): leakage that inflates validation "
             "and test metrics. "
@@ -598,8 +604,9 @@ def build_splits(
         counts[(name, sample.label, sample.source)] += 1
 
     split_of = {d: name for name, ids in splits.items() for d in ids}
+    labels = {d: s.label for d, s in samples.items()}
     near_duplicates = summarize(
-        clusters, split_of, SPLIT_NAMES, settings.near_duplicate_bits, settings.near_duplicate_max_difference
+        clusters, split_of, SPLIT_NAMES, settings.near_duplicate_bits, settings.near_duplicate_max_difference, labels
     )
     rejected = sorted(set(rejected))
     lines = "".join(_jsonl_line({"path": path, "reason": reason}) for path, reason in rejected)

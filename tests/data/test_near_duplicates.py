@@ -303,7 +303,9 @@ def test_report_counts_clusters_per_split_and_per_split_pair():
         "c1": "train", "c2": "val_select", "c3": "val_calib",  # three splits, no two in one
         "x": "train",
     }  # fmt: skip
-    report = summarize(clusters, split_of, SPLIT_NAMES, 6, 7.5)
+    labels = {"a1": 1, "a2": 1, "a3": 1, "b1": 0, "b2": 1, "c1": 0, "c2": 0, "c3": 0, "x": 1}
+    assert "mixed_labels" not in summarize(clusters, split_of, SPLIT_NAMES, 6, 7.5)
+    report = summarize(clusters, split_of, SPLIT_NAMES, 6, 7.5, labels)
     assert report == {
         "threshold_bits": 6,
         "max_difference": 7.5,
@@ -318,6 +320,7 @@ def test_report_counts_clusters_per_split_and_per_split_pair():
         },
         "across_splits": 2,
         "split_pairs": {"train/val_select": 1, "train/val_calib": 1, "train/test": 1, "val_select/val_calib": 1},
+        "mixed_labels": 1,  # b: one roadwork, one not
     }
 
 
@@ -341,6 +344,17 @@ def test_thumbnails_keep_look_alike_hashes_apart(tmp_path):
     loose = RunDir(tmp_path / "loose")
     build_splits([str(tmp_path / "data")], DataSettings(near_duplicate_max_difference=255), loose)
     assert len(set(cluster_by_file(loose).values())) == 1
+
+
+def test_a_cluster_labelled_both_ways_is_warned_about(tmp_path):
+    files = variants(render_scene(scene_seed(6, 0), 1))
+    for kind, data in files.items():
+        folder = tmp_path / "data" / ("roadwork" if kind in ("q95", "half") else "no_roadwork")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{kind}.jpg").write_bytes(data)
+    summary = build_splits([str(tmp_path / "data")], DataSettings(), RunDir(tmp_path / "run"))
+    assert summary.near_duplicates["clusters"] == 1 and summary.near_duplicates["mixed_labels"] == 1
+    assert any("1 near-duplicate clusters hold both roadwork and no_roadwork" in w for w in summary.warnings())
 
 
 def test_hash_is_imagehash_phash_as_hex():
