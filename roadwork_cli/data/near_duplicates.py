@@ -158,16 +158,16 @@ def close_pairs(hashes: np.ndarray, threshold: int) -> Iterable[tuple[int, int]]
                 continue
             members = order[start:end]
             values = hashes[members]
-            rows = max(1, _BLOCK_ELEMENTS // len(members))
-            for top in range(0, len(members), rows):
-                block = values[top : top + rows]
+            block_rows = max(1, _BLOCK_ELEMENTS // len(members))
+            for top in range(0, len(members), block_rows):
+                block = values[top : top + block_rows]
                 hits = _popcount(block[:, None] ^ values[None, :]) <= threshold
                 # Hashes are unique, so each row hits itself once: most blocks hold nothing else, and counting is
                 # several times cheaper than listing the hits.
                 if np.count_nonzero(hits) <= len(block):
                     continue
-                rows, cols = np.nonzero(hits)
-                first, second = members[top + rows], members[cols]
+                hit_rows, hit_cols = np.nonzero(hits)
+                first, second = members[top + hit_rows], members[hit_cols]
                 keep = first < second
                 yield from zip(first[keep].tolist(), second[keep].tolist(), strict=True)
 

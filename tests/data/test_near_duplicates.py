@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from roadwork_cli.config import DataSettings
+from roadwork_cli.data import near_duplicates
 from roadwork_cli.data import splits as splits_module
 from roadwork_cli.data.near_duplicates import (
     close_pairs,
@@ -267,7 +268,9 @@ def test_hashes_are_cached_and_old_cache_entries_are_hashed_again(tmp_path, monk
     assert all(old <= set(json.loads(line)) for line in run.split_cache.read_text().splitlines())
 
 
-def test_multi_index_search_finds_exactly_the_brute_force_pairs():
+@pytest.mark.parametrize("block_elements", [1 << 22, 500])  # one block per bucket, or many
+def test_multi_index_search_finds_exactly_the_brute_force_pairs(monkeypatch, block_elements):
+    monkeypatch.setattr(near_duplicates, "_BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, size=300, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 300, dtype=np.uint64)
     near = []
