@@ -18,15 +18,16 @@ seed (same sources and seed -> the same file byte for byte), but adding images s
 images can move between splits; keep it off for data sets that grow.
 
 Re-running ``split`` re-reads every source but decodes only inputs it has not seen: ``<run>/split_cache.jsonl``
-remembers the sha256 and perceptual hash (or the rejection reason) of each input by path, size and modification time,
-and is appended to as validation goes, so a split killed half way resumes where it stopped.
+remembers the sha256 and fingerprints (or the rejection reason) of each input by path, size and modification time, and
+is appended to as validation goes, so a split killed half way resumes where it stopped.
 
-Near-duplicates (re-encodes, resizes, small crops: different bytes, same content) are found from the perceptual hash
-computed on the image decoded for validation (:mod:`roadwork_cli.data.near_duplicates`). Each sample records its
-hash and its cluster; ``splits.json`` gets a ``near_duplicates`` report (clusters per split and across splits, the
-latter being leakage). ``group_by="near_duplicates"`` keeps each cluster in one split, and ``"auto"`` does so for the
-samples without a group column. A group key that depends on a cluster (its smallest sample id) can change when a new
-image joins or bridges clusters, so with near-duplicate grouping an added image can move its cluster.
+Near-duplicates (re-encodes, resizes, small crops: different bytes, same content) are found from a perceptual hash
+and a colour thumbnail of the image decoded for validation (:mod:`roadwork_cli.data.near_duplicates`). Each sample
+records its hash and its cluster; ``splits.json`` gets a ``near_duplicates`` report (clusters per split and across
+splits, the latter being leakage). ``group_by="near_duplicates"`` keeps each cluster in one split, and ``"auto"``
+does so for the samples without a group column. A group key that depends on a cluster (its smallest sample id) can
+change when a new image joins or bridges clusters, so with near-duplicate grouping an added image can move its
+cluster.
 
 Example:
     >>> summary = build_splits(["data/"], DataSettings(), RunDir("runs/x"))  # doctest: +SKIP
@@ -84,10 +85,15 @@ class Sample:
     near_duplicate: str | None = None
 
     def to_dict(self) -> dict:
-        entry = {"path": self.path, "label": self.label, "source": self.source, "group": self.group}
-        if self.phash is not None:  # additive keys; files of older versions round-trip unchanged
-            entry |= {"phash": self.phash, "near_duplicate": self.near_duplicate}
-        return entry
+        # phash and near_duplicate are additive keys: readers of the contract's four keys are unaffected.
+        return {
+            "path": self.path,
+            "label": self.label,
+            "source": self.source,
+            "group": self.group,
+            "phash": self.phash,
+            "near_duplicate": self.near_duplicate,
+        }
 
 
 @dataclass
@@ -277,8 +283,7 @@ class SplitSummary:
         return found + [
             f"{report['across_splits']} near-duplicate clusters (perceptual hashes within {report['threshold_bits']} "
             f"bits, thumbnails alike) have images in more than one split ({pairs}): leakage that inflates validation "
-            "and test metrics. "
-            "Set data.group_by to 'near_duplicates' (or 'auto') to keep each cluster in one split."
+            "and test metrics. Set data.group_by to 'near_duplicates' (or 'auto') to keep each cluster in one split."
         ]
 
 
