@@ -104,12 +104,17 @@ def hamming(a: int, b: int) -> int:
 _BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def _popcount_by_table(values: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 through a byte table (numpy < 2 has no ``bitwise_count``)."""
+    as_bytes = np.ascontiguousarray(values).reshape(*values.shape, 1).view(np.uint8)
+    return _BYTE_POPCOUNT[as_bytes].sum(axis=-1, dtype=np.uint8)
+
+
 def _popcount(values: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64 (numpy >= 2 has it built in; a byte table otherwise)."""
+    """Set bits of each uint64."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(values)
-    as_bytes = values.reshape(*values.shape, 1).view(np.uint8)
-    return _BYTE_POPCOUNT[as_bytes].sum(axis=-1, dtype=np.uint8)
+    return _popcount_by_table(values)
 
 
 class _UnionFind:

@@ -289,6 +289,15 @@ def test_multi_index_search_finds_exactly_the_brute_force_pairs(monkeypatch, blo
         assert threshold == 0 or len(brute) > 0
 
 
+def test_popcount_without_numpy_2_and_library_defaults_match_the_settings():
+    values = np.random.default_rng(1).integers(0, 2**64, size=(7, 5), dtype=np.uint64)
+    expected = np.array([[bin(int(v)).count("1") for v in row] for row in values])
+    assert np.array_equal(near_duplicates._popcount_by_table(values), expected)
+    assert np.array_equal(near_duplicates._popcount(values), expected)
+    assert near_duplicates.DEFAULT_THRESHOLD_BITS == THRESHOLD
+    assert near_duplicates.DEFAULT_MAX_DIFFERENCE == MAX_DIFFERENCE
+
+
 def test_clusters_are_components_and_ids_do_not_depend_on_order():
     # a-b and b-c are within 2 bits, a-c are 4 apart: a chain is one cluster; d is far from all.
     hashes = {"b": 0b0011, "a": 0b0000, "c": 0b1111, "d": 0xFFFF_FFFF_0000_0000, "e": 0xFFFF_FFFF_0000_0000}
