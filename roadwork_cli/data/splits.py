@@ -149,6 +149,21 @@ class Splits:
             raise UsageError(f"unknown split {split_name!r}; expected one of {', '.join(SPLIT_NAMES)}")
         return list(self.splits.get(split_name, []))
 
+    def near_duplicate_clusters(self, split_name: str) -> dict[str, list[str]]:
+        """Near-duplicate clusters with two or more images inside one split: cluster id -> its sample ids there.
+
+        What calibration needs to know before it counts val_calib images as independent draws.
+
+        Raises:
+            UsageError: Unknown split name.
+        """
+        members: dict[str, list[str]] = defaultdict(list)
+        for sid in self.ids(split_name):
+            cluster = self.samples[sid].near_duplicate
+            if cluster is not None:
+                members[cluster].append(sid)
+        return {cluster: ids for cluster, ids in sorted(members.items()) if len(ids) > 1}
+
     def split_of(self, sample_id: str) -> str | None:
         """The split holding ``sample_id`` (None if absent)."""
         for name in SPLIT_NAMES:

@@ -136,6 +136,11 @@ def test_group_by_near_duplicates_keeps_each_cluster_in_one_split(tmp_path):
     # Without grouping, 4 images per cluster over 4 equal splits: a cluster stays whole with probability 1/64.
     report = summary.near_duplicates
     assert report["clusters"] == 24 and report["across_splits"] >= 12
+    loose_splits = Splits.load(loose.splits)
+    for name in SPLIT_NAMES:  # only the part of a cluster inside one split counts there
+        inside = loose_splits.near_duplicate_clusters(name)
+        assert len(inside) == report["per_split"][name]["clusters"]
+        assert all(loose_splits.split_of(sid) == name for ids in inside.values() for sid in ids)
     assert sum(report["split_pairs"].values()) >= report["across_splits"]
     (warning,) = summary.near_duplicate_warnings()
     assert f"{report['across_splits']} near-duplicate clusters" in warning and "leakage" in warning
@@ -155,6 +160,10 @@ def test_group_by_near_duplicates_keeps_each_cluster_in_one_split(tmp_path):
         assert len({next(iter(names)) for names in where.values()}) > 1  # clusters still spread over the splits
         assert summary.near_duplicates["across_splits"] == 0 and summary.near_duplicate_warnings() == []
         assert splits.near_duplicates == summary.near_duplicates  # the same report in splits.json
+        for name in SPLIT_NAMES:
+            inside = splits.near_duplicate_clusters(name)
+            assert len(inside) == summary.near_duplicates["per_split"][name]["clusters"]
+            assert sum(map(len, inside.values())) == summary.near_duplicates["per_split"][name]["images"]
         per_split = summary.near_duplicates["per_split"]
         totals = summary.split_totals()
         assert all(per_split[name]["images"] == totals[name] for name in SPLIT_NAMES)  # every image is in a cluster
