@@ -107,7 +107,7 @@ class DataSettings(_Section):
         "differ in at most this many bits, and whose 8x8 colour thumbnails agree (near_duplicate_max_difference), are "
         "near-duplicates; clusters are reported by split and grouped by group_by 'near_duplicates'/'auto'. 8 found "
         "every JPEG re-encode and 0.5x resize and 98 % of 2 %-per-side crops of synthetic scenes, and merged no two of "
-        "1,500 unrelated ones; 0 = identical hashes only.",
+        "1,500 unrelated ones (one pair of the demo's 5,000); 0 = identical hashes only.",
     )
     near_duplicate_max_difference: float = Field(
         8.0,
