@@ -86,10 +86,36 @@ class DataSettings(_Section):
     fractions: tuple[float, float, float, float] = Field(
         (0.7, 0.1, 0.1, 0.1), description="Fractions of train / val_select / val_calib / test; must sum to 1."
     )
-    group_by: Literal["auto", "none", "column", "filename"] = Field(
+    group_by: Literal["auto", "none", "column", "filename", "near_duplicates"] = Field(
         "auto",
-        description="Grouping that keeps related images in one split: 'column' uses a manifest/parquet 'group' field, "
-        "'filename' strips a trailing frame number (clip_0001.jpg -> clip), 'auto' uses a group field when present.",
+        description="Grouping that keeps related images in one split: 'column' uses a manifest/parquet group column "
+        "(see group_column), 'filename' strips a trailing frame number (clip_0001.jpg -> clip), 'near_duplicates' "
+        "groups images whose perceptual hashes (64-bit DCT pHash) differ by at most near_duplicate_bits bits, "
+        "'auto' uses the group column where a sample has one and near-duplicate clusters elsewhere.",
+    )
+    group_column: str | None = Field(
+        None,
+        description="Manifest/parquet column holding the group (clip, sequence) of each image, e.g. 'clip_id'. Unset: "
+        "the first of group, group_id, sequence, sequence_id, clip, clip_id, scene_id that exists. A named column "
+        "missing from a manifest or parquet file is an error, and so is group_by 'column' with no group column.",
+    )
+    near_duplicate_bits: int = Field(
+        8,
+        ge=0,
+        le=32,
+        description="Hamming threshold on the 64-bit perceptual hash (imagehash's DCT pHash): images whose hashes "
+        "differ in at most this many bits, and whose 8x8 colour thumbnails agree (near_duplicate_max_difference), are "
+        "near-duplicates; clusters are reported by split and grouped by group_by 'near_duplicates'/'auto'. 8 found "
+        "every JPEG re-encode and 0.5x resize and 98 % of 2 %-per-side crops of synthetic scenes, and merged no two of "
+        "1,500 unrelated ones (one pair of the demo's 5,000); 0 = identical hashes only.",
+    )
+    near_duplicate_max_difference: float = Field(
+        8.0,
+        ge=0,
+        le=255,
+        description="Largest mean absolute difference (grey levels, 0-255) between the 8x8 colour thumbnails of two "
+        "images whose hashes are within near_duplicate_bits, for them to count as near-duplicates: re-encodes, "
+        "resizes and small crops differ by <= 7, unrelated look-alike scenes by >= 10.5; 255 = the hash alone decides.",
     )
     stratify: bool = Field(
         False,

@@ -45,6 +45,26 @@ def _positives_needed(calibration) -> int | None:
     return positives_needed(calibration.fnr, calibration.delta, calibration.delta_coverage_share, calibration.grid_size)
 
 
+def _near_duplicate_line(report: dict, group_by: str) -> str:
+    """One line on near-duplicate clusters: how many, inside which splits, across splits, and whether grouped."""
+    if not report:
+        return ""
+    head = (
+        f"near-duplicates (perceptual hash within {report['threshold_bits']} bits, thumbnails within "
+        f"{report['max_difference']:g} levels): "
+    )
+    if not report["clusters"]:
+        return head + "none"
+    inside = ", ".join(
+        f"{name} {c['clusters']} ({c['images']} img)" for name, c in report["per_split"].items() if c["clusters"]
+    )
+    grouped = "grouped" if group_by in ("near_duplicates", "auto") else "not grouped"
+    return (
+        head + f"{report['clusters']} clusters, {report['images']} images, largest {report['largest']}; "
+        f"within splits: {inside or 'none'}; across splits: {report['across_splits']}; {grouped} (group_by {group_by})"
+    )
+
+
 @handle_errors
 def command(
     source: Annotated[list[str] | None, typer.Option("--source", help="Data source (repeatable).")] = None,
@@ -114,6 +134,9 @@ def command(
             else ""
         )
     )
+    near = _near_duplicate_line(summary.near_duplicates, settings.data.group_by)
+    if near:
+        console.print(near, soft_wrap=True)
     console.print(
         f"wrote {summary.splits_path} and {summary.rejected_path} "
         f"({summary.n_inputs} inputs in {summary.seconds:.1f} s, {summary.images_per_second:.0f} img/s)"
@@ -127,4 +150,5 @@ def command(
             {"splits": totals, "rows": rows, "rejected_reasons": summary.rejected_reasons}
             | {k: getattr(summary, k) for k in ("n_inputs", "n_samples", "n_rejected", "n_duplicates", "seconds")}
             | {"splits_path": summary.splits_path, "rejected_path": summary.rejected_path, "warnings": warnings}
+            | {"near_duplicates": summary.near_duplicates}
         )

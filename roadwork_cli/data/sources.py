@@ -34,6 +34,8 @@ POSITIVE_ALIASES = frozenset({"roadwork", "1", "positive", "pos", "yes", "true"}
 NEGATIVE_ALIASES = frozenset({"noroadwork", "0", "negative", "neg", "none", "no", "false", "background"})
 SOURCE_SPLIT_FOLDERS = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 GROUP_COLUMNS = ("group", "group_id", "sequence", "sequence_id", "clip", "clip_id", "scene_id")
+GROUP_READING_MODES = ("auto", "column", "filename")
+"""``data.group_by`` values that use a source's group column (``filename`` prefers it to the file name)."""
 PARQUET_BATCH_ROWS = 64
 
 
@@ -234,9 +236,60 @@ def folder_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sour
     return Source(spec, "folder", records, len(files))
 
 
-def _manifest_records(spec: str) -> Iterator[SourceItem]:
+def group_column_of(columns, settings: DataSettings, where: str) -> str | None:
+    """The group column among ``columns`` (a manifest header or a parquet schema's names), matched case-insensitively.
+
+    ``data.group_column`` when set, else the first of :data:`GROUP_COLUMNS` present. The column is only looked for
+    when ``data.group_by`` reads it (auto, column, filename).
+
+    Args:
+        columns: Column names as the file spells them.
+        settings: Data settings (group_column, group_by).
+        where: The file, for the error message.
+
+    Returns:
+        The column's name as spelled in ``columns``, or None when there is none (and none is required).
+
+    Raises:
+        UsageError: A named group column is missing, or group_by is 'column' and no group column exists; otherwise
+            the frames of one clip would silently become independent images spread over the splits.
+    """
+    if settings.group_by not in GROUP_READING_MODES:
+        return None
+    names = {str(c).strip().lower(): str(c) for c in columns if c is not None}
+    if settings.group_column:
+        wanted = settings.group_column.strip().lower()
+        if wanted not in names:
+            raise UsageError(
+                f"group column {settings.group_column!r} (data.group_column) not found in {where}; its columns are "
+                f"{sorted(names.values())}"
+            )
+        return names[wanted]
+    found = next((names[c] for c in GROUP_COLUMNS if c in names), None)
+    if found is None and settings.group_by == "column":
+        raise UsageError(
+            f"data.group_by is 'column' but {where} has no group column (looked for {', '.join(GROUP_COLUMNS)}); "
+            f"name it with data.group_column. Its columns are {sorted(names.values())}"
+        )
+    return found
+
+
+def _manifest_columns(spec: str) -> list[str]:
+    """A manifest's column names (lower-cased): a CSV's header row, or every key of a JSON-lines file."""
+    columns: dict[str, None] = {}
+    for row in read_manifest(Path(spec), spec):
+        columns.update(dict.fromkeys(row.columns))
+        if Path(spec).suffix.lower() == ".csv":
+            break  # every CSV row has the header's columns
+    return list(columns)
+
+
+def _manifest_records(spec: str, settings: DataSettings) -> Iterator[SourceItem]:
     """The records of a CSV / JSON-lines manifest (rows read by ``io.manifest``; label and group read here)."""
     try:  # streamed: the header check raises before the first row, so nothing was yielded when it fails
+        # Finding the group column costs a pass over a JSON-lines file: only when group_by reads a column at all.
+        reads_groups = settings.group_by in GROUP_READING_MODES
+        group_column = group_column_of(_manifest_columns(spec), settings, f"manifest {spec}") if reads_groups else None
         for row in read_manifest(Path(spec), spec, required=("label",)):
             if row.error is not None:
                 yield SourceRejection(row.where, row.error, spec)
@@ -246,7 +299,7 @@ def _manifest_records(spec: str) -> Iterator[SourceItem]:
                 reason = f"bad label {row.columns.get('label')!r} (expected 0/1 or roadwork/no_roadwork)"
                 yield SourceRejection(row.path, reason, spec)
             else:
-                yield SourceRecord(row.path, label, spec, row.text("group"))
+                yield SourceRecord(row.path, label, spec, row.text(group_column) if group_column else None)
     except ManifestColumnsError as exc:
         raise UsageError(f"manifest {spec} needs 'path' and 'label' columns, has {exc.fields}") from None
 
@@ -254,13 +307,13 @@ def _manifest_records(spec: str) -> Iterator[SourceItem]:
 @register_source("csv")
 def csv_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
     """A ``path,label[,group]`` CSV manifest; paths are relative to the manifest's folder."""
-    return Source(spec, "csv", lambda: _manifest_records(spec))
+    return Source(spec, "csv", lambda: _manifest_records(spec, settings))
 
 
 @register_source("jsonl")
 def jsonl_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Source:
     """A JSON-lines manifest, one ``{"path", "label", "group"?}`` object per line."""
-    return Source(spec, "jsonl", lambda: _manifest_records(spec))
+    return Source(spec, "jsonl", lambda: _manifest_records(spec, settings))
 
 
 @register_source("parquet")
@@ -282,7 +335,7 @@ def parquet_source(spec: str, settings: DataSettings, synthetic_dir=None) -> Sou
         image_column = detect_image_column(schema, settings.parquet_image_column)
         if "label" not in schema.names:
             raise UsageError(f"parquet file {file} has no 'label' column; columns are {schema.names}")
-        group_column = next((c for c in GROUP_COLUMNS if c in schema.names), None)
+        group_column = group_column_of(schema.names, settings, f"parquet file {file}")
         # Name the column in the locator only when auto-detection would not find it again.
         named = None if detect_image_column(schema) == image_column else image_column
         plans.append((file, (image_column, group_column, named), None))

@@ -18,8 +18,16 @@ seed (same sources and seed -> the same file byte for byte), but adding images s
 images can move between splits; keep it off for data sets that grow.
 
 Re-running ``split`` re-reads every source but decodes only inputs it has not seen: ``<run>/split_cache.jsonl``
-remembers the sha256 (or the rejection reason) of each input by path, size and modification time, and is appended to
-as validation goes, so a split killed half way resumes where it stopped.
+remembers the sha256 and fingerprints (or the rejection reason) of each input by path, size and modification time, and
+is appended to as validation goes, so a split killed half way resumes where it stopped.
+
+Near-duplicates (re-encodes, resizes, small crops: different bytes, same content) are found from a perceptual hash
+and a colour thumbnail of the image decoded for validation (:mod:`roadwork_cli.data.near_duplicates`). Each sample
+records its hash and its cluster; ``splits.json`` gets a ``near_duplicates`` report (clusters per split and across
+splits, the latter being leakage). ``group_by="near_duplicates"`` keeps each cluster in one split, and ``"auto"``
+does so for the samples without a group column. A group key that depends on a cluster (its smallest sample id) can
+change when a new image joins or bridges clusters, so with near-duplicate grouping an added image can move its
+cluster.
 
 Example:
     >>> summary = build_splits(["data/"], DataSettings(), RunDir("runs/x"))  # doctest: +SKIP
@@ -41,6 +49,7 @@ from pathlib import Path
 
 from roadwork_cli.config import DataSettings
 from roadwork_cli.data.images import ImageRejected, decode_image, parse_locator, read_bytes
+from roadwork_cli.data.near_duplicates import find_clusters, fingerprint, hash_value, summarize
 from roadwork_cli.data.pixels import reason_kind
 from roadwork_cli.data.sources import Source, SourceRecord, SourceRejection, create_source
 from roadwork_cli.errors import UsageError
@@ -62,6 +71,9 @@ class Sample:
         label: 1 roadwork, 0 no roadwork.
         source: The source spec it came from.
         group: Group key, or None when the sample stands alone.
+        phash: 64-bit perceptual hash (16 hex digits); None in files written before hashes were recorded.
+        near_duplicate: Id of its near-duplicate cluster (16 hex digits of the cluster's smallest sample id), or None
+            when it has no near-duplicate (``data.near_duplicate_bits``, ``data.near_duplicate_max_difference``).
     """
 
     id: str
@@ -69,9 +81,19 @@ class Sample:
     label: int
     source: str
     group: str | None = None
+    phash: str | None = None
+    near_duplicate: str | None = None
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "source": self.source, "group": self.group}
+        # phash and near_duplicate are additive keys: readers of the contract's four keys are unaffected.
+        return {
+            "path": self.path,
+            "label": self.label,
+            "source": self.source,
+            "group": self.group,
+            "phash": self.phash,
+            "near_duplicate": self.near_duplicate,
+        }
 
 
 @dataclass
@@ -82,6 +104,8 @@ class Splits:
     splits: dict[str, list[str]]
     samples: dict[str, Sample]
     version: int = SPLITS_VERSION
+    near_duplicates: dict | None = None
+    """The near-duplicate report (:func:`roadwork_cli.data.near_duplicates.summarize`); None in older files."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Splits:
@@ -93,7 +117,15 @@ class Splits:
         try:
             raw = read_json(path)
             samples = {
-                sid: Sample(sid, s["path"], int(s["label"]), s["source"], s.get("group"))
+                sid: Sample(
+                    sid,
+                    s["path"],
+                    int(s["label"]),
+                    s["source"],
+                    s.get("group"),
+                    phash=s.get("phash"),
+                    near_duplicate=s.get("near_duplicate"),
+                )
                 for sid, s in raw["samples"].items()
             }
             splits = {name: list(raw["splits"].get(name, [])) for name in SPLIT_NAMES}
@@ -105,7 +137,7 @@ class Splits:
         missing = [sid for ids in splits.values() for sid in ids if sid not in samples]
         if missing:
             raise UsageError(f"{path} lists ids without a sample entry, e.g. {missing[0]}")
-        return cls(seed, splits, samples, int(raw.get("version", SPLITS_VERSION)))
+        return cls(seed, splits, samples, int(raw.get("version", SPLITS_VERSION)), raw.get("near_duplicates"))
 
     def ids(self, split_name: str) -> list[str]:
         """Sample ids of one split, in file order.
@@ -117,6 +149,21 @@ class Splits:
             raise UsageError(f"unknown split {split_name!r}; expected one of {', '.join(SPLIT_NAMES)}")
         return list(self.splits.get(split_name, []))
 
+    def near_duplicate_clusters(self, split_name: str) -> dict[str, list[str]]:
+        """Near-duplicate clusters with two or more images inside one split: cluster id -> its sample ids there.
+
+        What calibration needs to know before it counts val_calib images as independent draws.
+
+        Raises:
+            UsageError: Unknown split name.
+        """
+        members: dict[str, list[str]] = defaultdict(list)
+        for sid in self.ids(split_name):
+            cluster = self.samples[sid].near_duplicate
+            if cluster is not None:
+                members[cluster].append(sid)
+        return {cluster: ids for cluster, ids in sorted(members.items()) if len(ids) > 1}
+
     def split_of(self, sample_id: str) -> str | None:
         """The split holding ``sample_id`` (None if absent)."""
         for name in SPLIT_NAMES:
@@ -125,12 +172,15 @@ class Splits:
         return None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "version": self.version,
             "seed": self.seed,
             "splits": {name: list(self.splits.get(name, [])) for name in SPLIT_NAMES},
             "samples": {sid: s.to_dict() for sid, s in self.samples.items()},
         }
+        if self.near_duplicates is not None:
+            out["near_duplicates"] = self.near_duplicates
+        return out
 
 
 @dataclass
@@ -155,6 +205,8 @@ class SplitSummary:
     splits_path: Path | None = None
     rejected_path: Path | None = None
     rejected_reasons: dict[str, int] = field(default_factory=dict)
+    near_duplicates: dict = field(default_factory=dict)
+    """The near-duplicate report written to ``splits.json`` (:func:`roadwork_cli.data.near_duplicates.summarize`)."""
 
     @property
     def images_per_second(self) -> float:
@@ -235,6 +287,7 @@ class SplitSummary:
                          "calibrate will be infeasible.")  # fmt: skip
         if not neg:
             found.append("val_calib has no no_roadwork image: the coverage bound cannot be estimated for negatives.")
+        found.extend(self.near_duplicate_warnings())
         return found + self._test_warnings(totals)
 
     @staticmethod
@@ -249,6 +302,24 @@ class SplitSummary:
         if not neg:
             return [f"test has {pos} roadwork and 0 no_roadwork images: FPR on exits and MCC are undefined on it."]
         return []
+
+    def near_duplicate_warnings(self) -> list[str]:
+        """Leakage (near-duplicate clusters in more than one split, per split pair) and clusters of mixed labels."""
+        report = self.near_duplicates
+        found = []
+        if report and report.get("mixed_labels"):
+            found.append(
+                f"{report['mixed_labels']} near-duplicate clusters hold both roadwork and no_roadwork images: check "
+                "their labels (splits.json lists each sample's near_duplicate cluster)."
+            )
+        if not report or not report.get("across_splits"):
+            return found
+        pairs = ", ".join(f"{pair}: {n}" for pair, n in report.get("split_pairs", {}).items())
+        return found + [
+            f"{report['across_splits']} near-duplicate clusters (perceptual hashes within {report['threshold_bits']} "
+            f"bits, thumbnails alike) have images in more than one split ({pairs}): leakage that inflates validation "
+            "and test metrics. Set data.group_by to 'near_duplicates' (or 'auto') to keep each cluster in one split."
+        ]
 
 
 def group_from_filename(locator: str) -> str | None:
@@ -332,24 +403,38 @@ def assign_split(key: str, seed: int, fractions: tuple[float, ...]) -> str:
     return next(name for name, f in reversed(list(zip(SPLIT_NAMES, fractions, strict=True))) if f > 0)
 
 
-def _validate(record: SourceRecord, settings: DataSettings) -> tuple[str | None, str | None]:
-    """``(sha256, None)`` for a usable image, ``(None, reason)`` otherwise. Runs in worker threads."""
+Validation = tuple[str | None, str | None, str | None, str | None]
+"""``(sha256, reason, phash, thumbnail)`` of one input: sha256 and fingerprints of a usable image, or a reason."""
+
+
+def _validate(record: SourceRecord, settings: DataSettings) -> Validation:
+    """``(sha256, None, phash, thumb)`` for a usable image, ``(None, reason, None, None)`` otherwise. Runs in threads.
+
+    The fingerprints (:func:`~roadwork_cli.data.near_duplicates.fingerprint`) are computed from the image decoded for
+    validation, so near-duplicate search costs no second decode; a failure there leaves the image usable, only
+    unclustered (phash None).
+    """
     try:
         data = record.data if record.data is not None else read_bytes(record.locator, settings.max_file_bytes)
-        decode_image(data, settings.max_image_pixels, settings.max_file_bytes)
+        image = decode_image(data, settings.max_image_pixels, settings.max_file_bytes)
     except ImageRejected as exc:
-        return None, exc.reason
+        return None, exc.reason, None, None
     except Exception as exc:  # noqa: BLE001 - one bad input must never abort the whole split
-        return None, f"unreadable: {type(exc).__name__}: {exc}"
-    return hashlib.sha256(data).hexdigest(), None
+        return None, f"unreadable: {type(exc).__name__}: {exc}", None, None
+    try:
+        phash, thumb = fingerprint(image)
+    except Exception:  # noqa: BLE001 - a fingerprint is a report, not a reason to drop a valid image
+        phash = thumb = None
+    return hashlib.sha256(data).hexdigest(), None, phash, thumb
 
 
 class ValidationCache:
-    """Per-input results of earlier validations (sha256 or rejection reason), keyed by path, size and mtime.
+    """Per-input results of earlier validations (sha256 and fingerprints, or a reason), keyed by path, size and mtime.
 
     An input whose file has the same size and modification time (nanoseconds) as when it was validated, under the
     same image limits, is not decoded again. New results are appended line by line and flushed in small batches, so
     a split killed half way keeps what it did; :meth:`save` rewrites the file with only the inputs of this run.
+    Entries of usable images written before fingerprints were cached have none and are validated again once.
     """
 
     FLUSH_EVERY = 64
@@ -357,8 +442,8 @@ class ValidationCache:
     def __init__(self, path: Path, limits: str):
         self.path = path
         self.limits = limits
-        self.known: dict[tuple, tuple[str | None, str | None]] = {}
-        self.used: dict[tuple, tuple[str | None, str | None]] = {}
+        self.known: dict[tuple, Validation] = {}
+        self.used: dict[tuple, Validation] = {}
         self._handle = None
         self._unflushed = 0
         if path.exists():
@@ -367,7 +452,10 @@ class ValidationCache:
                     try:
                         entry = json.loads(line)
                         key = (entry["locator"], entry["size"], entry["mtime_ns"], entry["limits"])
-                        self.known[key] = (entry.get("sha256"), entry.get("reason"))
+                        if entry.get("sha256") is not None and "thumb" not in entry:
+                            continue  # cached before fingerprints were: decode once more to get them
+                        fingerprints = (entry.get("phash"), entry.get("thumb"))
+                        self.known[key] = (entry.get("sha256"), entry.get("reason"), *fingerprints)
                     except (json.JSONDecodeError, KeyError, TypeError):
                         continue  # a line torn by a kill: that input is simply validated again
 
@@ -380,20 +468,20 @@ class ValidationCache:
             return None
         return (locator, stat.st_size, stat.st_mtime_ns, self.limits)
 
-    def get(self, key: tuple | None) -> tuple[str | None, str | None] | None:
+    def get(self, key: tuple | None) -> Validation | None:
         if key is None or key not in self.known:
             return None
         self.used[key] = self.known[key]
         return self.known[key]
 
-    def add(self, key: tuple | None, digest: str | None, reason: str | None) -> None:
+    def add(self, key: tuple | None, result: Validation) -> None:
         if key is None or key in self.used:
             return
-        self.used[key] = self.known[key] = (digest, reason)
+        self.used[key] = self.known[key] = result
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in save()/close()
-        self._handle.write(self._line(key, digest, reason))
+        self._handle.write(self._line(key, *result))
         self._unflushed += 1
         if self._unflushed >= self.FLUSH_EVERY:
             self._handle.flush()
@@ -410,21 +498,21 @@ class ValidationCache:
         atomic_write_text(self.path, "".join(self._line(k, *v) for k, v in sorted(self.used.items())))
 
     @staticmethod
-    def _line(key: tuple, digest: str | None, reason: str | None) -> str:
+    def _line(key: tuple, digest: str | None, reason: str | None, phash: str | None, thumb: str | None) -> str:
         locator, size, mtime_ns, limits = key
         entry = {"locator": locator, "size": size, "mtime_ns": mtime_ns, "limits": limits}
-        entry.update({"sha256": digest} if digest is not None else {"reason": reason})
+        entry.update({"sha256": digest, "phash": phash, "thumb": thumb} if digest is not None else {"reason": reason})
         return _jsonl_line(entry)
 
 
-def _done(result: tuple[str | None, str | None]) -> Future:
+def _done(result: Validation) -> Future:
     future: Future = Future()
     future.set_result(result)
     return future
 
 
 def _group_of(record: SourceRecord, group_by: str) -> str | None:
-    if group_by == "none":
+    if group_by in ("none", "near_duplicates"):
         return None
     if group_by == "filename":
         return record.group if record.group is not None else group_from_filename(record.locator)
@@ -489,6 +577,7 @@ def build_splits(
 
     rejected: list[tuple[str, str]] = []
     accepted: list[tuple[str, SourceRecord]] = []  # (sha256, record without its bytes)
+    fingerprints: dict[str, tuple[str, str | None]] = {}  # sha256 -> (perceptual hash, thumbnail)
     n_inputs = 0
     window = max(8, workers * 8)  # bounded in-flight work keeps memory flat on large parquet sets
     cache = ValidationCache(run.split_cache, f"{settings.max_image_pixels}:{settings.max_file_bytes}")
@@ -502,8 +591,11 @@ def build_splits(
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 record, key, future = pending.pop(0)
-                digest, reason = future.result()
-                cache.add(key, digest, reason)
+                result = future.result()
+                cache.add(key, result)
+                digest, reason, phash, thumb = result
+                if phash is not None:
+                    fingerprints[digest] = (phash, thumb)
                 if digest is None:
                     rejected.append((_absolute(record.locator), reason))
                 else:
@@ -543,8 +635,16 @@ def build_splits(
         n_duplicates += len(copies) - 1
         winner = copies[0]
         group = next((g for g in (_group_of(r, settings.group_by) for r in copies) if g is not None), None)
-        samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group)
+        phash = fingerprints[digest][0] if digest in fingerprints else None
+        samples[digest] = Sample(digest, winner.locator, winner.label, winner.source, group, phash)
         shown[digest] = winner.source
+    clusters = find_clusters(
+        {d: hash_value(s.phash) for d, s in samples.items() if s.phash is not None},
+        settings.near_duplicate_bits,
+        {d: fingerprints[d][1] for d in samples if d in fingerprints},
+        settings.near_duplicate_max_difference,
+    )
+    samples = _with_near_duplicates(samples, clusters, settings.group_by)
 
     splits: dict[str, list[str]] = {name: [] for name in SPLIT_NAMES}
     counts: Counter = Counter()
@@ -557,6 +657,11 @@ def build_splits(
         splits[name].append(digest)
         counts[(name, sample.label, shown[digest])] += 1
 
+    split_of = {d: name for name, ids in splits.items() for d in ids}
+    labels = {d: s.label for d, s in samples.items()}
+    near_duplicates = summarize(
+        clusters, split_of, SPLIT_NAMES, settings.near_duplicate_bits, settings.near_duplicate_max_difference, labels
+    )
     rejected = sorted(set(rejected))
     lines = "".join(_jsonl_line({"path": path, "reason": reason}) for path, reason in rejected)
     atomic_write_text(run.rejected, lines)
@@ -568,6 +673,7 @@ def build_splits(
         n_duplicates=n_duplicates,
         rejected_path=run.rejected,
         rejected_reasons=dict(Counter(reason_kind(reason) for _, reason in rejected)),
+        near_duplicates=near_duplicates,
     )
     if not samples:
         summary.seconds = time.perf_counter() - started
@@ -577,10 +683,38 @@ def build_splits(
             f"({reasons or 'no input found'}; every reason in {run.rejected})"
         )
     recorded = {d: replace(sample, source=_absolute_source(sample.source)) for d, sample in samples.items()}
-    atomic_write_json(run.splits, Splits(settings.seed, splits, recorded).to_dict())
+    atomic_write_json(run.splits, Splits(settings.seed, splits, recorded, near_duplicates=near_duplicates).to_dict())
     summary.splits_path = run.splits
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _with_near_duplicates(samples: dict[str, Sample], clusters: dict[str, str], group_by: str) -> dict[str, Sample]:
+    """Samples with their near-duplicate cluster recorded and, where ``group_by`` asks, used as their group.
+
+    ``near_duplicates``: a cluster is the group of its members. ``auto``: a group column comes first; a cluster's
+    members without one join the smallest column group among its members, or the cluster's own group when none has
+    one, so a clip and a re-upload of one of its frames stay together.
+    """
+    if not clusters:
+        return samples
+    column_groups: dict[str, list[str]] = defaultdict(list)
+    for digest, cluster in clusters.items():
+        if samples[digest].group is not None:
+            column_groups[cluster].append(samples[digest].group)
+    out = dict(samples)
+    for digest, cluster in clusters.items():
+        sample = samples[digest]
+        key = cluster[:16]
+        group = sample.group
+        if group_by == "near_duplicates":
+            group = f"near_duplicate:{key}"
+        elif group_by == "auto" and group is None:
+            group = min(column_groups[cluster]) if column_groups[cluster] else f"near_duplicate:{key}"
+        out[digest] = Sample(
+            sample.id, sample.path, sample.label, sample.source, group, sample.phash, near_duplicate=key
+        )
+    return out
 
 
 def _stratified_units(samples: dict[str, Sample], unit_of: dict[str, str], settings: DataSettings) -> dict[str, str]:

@@ -54,7 +54,10 @@ def test_same_sources_and_seed_give_byte_identical_files(tmp_path):
     raw = json.loads(first.splits.read_text())
     assert raw["version"] == 1 and raw["seed"] == 3 and set(raw["splits"]) == set(SPLIT_NAMES)
     sample = next(iter(raw["samples"].values()))
-    assert set(sample) == {"path", "label", "source", "group"} and sample["source"] == str(data)
+    # The contract's keys, plus the additive perceptual hash and near-duplicate cluster.
+    assert set(sample) == {"path", "label", "source", "group", "phash", "near_duplicate"}
+    assert sample["source"] == str(data) and len(sample["phash"]) == 16
+    assert raw["near_duplicates"]["threshold_bits"] == DataSettings().near_duplicate_bits
     other = RunDir(tmp_path / "c")
     build_splits([str(data)], DataSettings(seed=4), other)
     assert split_map(other) != split_map(first)  # the seed matters
