@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "export": 2,
     "scoring": 2,
     "robustness": 2,
+    "serving": 2,
     "features": 2,
     "training": 2,
     "calibration": 2,
@@ -54,6 +55,7 @@ SAME_LAYER_EDGES: set[tuple[str, str]] = {
     ("training", "features"),  # train_cached trains on the feature cache
     ("reporting", "calibration"),  # reports apply and describe the calibrated rule
     ("reporting", "scoring"),  # evaluate --source scores the source first
+    ("serving", "stage1"),  # serve's workers load the bundle as predict does
     ("robustness", "stage1"),  # evaluate --robustness runs the model on challenge views
     ("robustness", "calibration"),  # ... applies the calibrated rule to their scores
     ("robustness", "reporting"),  # ... and reports them like clean data

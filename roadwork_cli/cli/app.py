@@ -8,7 +8,19 @@ from __future__ import annotations
 import typer
 
 from roadwork_cli import __version__
-from roadwork_cli.cli import backbones, cache_features, calibrate, demo, evaluate, export, info, predict, split, train
+from roadwork_cli.cli import (
+    backbones,
+    cache_features,
+    calibrate,
+    demo,
+    evaluate,
+    export,
+    info,
+    predict,
+    serve,
+    split,
+    train,
+)
 
 app = typer.Typer(
     name="roadwork",
@@ -41,6 +53,7 @@ app.command("calibrate")(calibrate.command)
 app.command("evaluate")(evaluate.command)
 app.command("export")(export.command)
 app.command("predict")(predict.command)
+app.command("serve")(serve.command)
 app.command("demo")(demo.command)
 app.command("info")(info.command)
 app.command("backbones")(backbones.command)
