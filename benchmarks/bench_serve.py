@@ -3,11 +3,13 @@
 Loopback only, bounded in requests and time. One ``efficientnet_lite0`` bundle exported with ONNX (the product's
 offline default backbone; random head, fixed thresholds: speed does not depend on them):
 
-1. ready time: from starting ``roadwork serve`` (a fresh process) to ``GET /readyz`` = 200, best of ``--starts``;
+1. ready time: from starting ``roadwork serve`` (a fresh process) to ``GET /readyz`` = 200, per start, and the CPU
+   seconds of that server's processes over its start and stop (what an idle machine's wall time would be, roughly);
 2. the bare forward of batch 1: the bundle's ONNX graph on one preprocessed 224x224 input (median), the yardstick
    of the latency goal;
 3. ``predict``: ``load_bundle`` + ``iter_predict`` over the files with predict's default batch size and decode
-   workers, as ``roadwork predict`` runs them, images/s;
+   workers, as ``roadwork predict`` runs them, images/s, measured right before and after each size's served setups
+   (the mean is the yardstick: a shared machine's load drifts);
 4. ``serve``: 1, 4 and 16 concurrent clients (threads, one keep-alive connection each) posting one JPEG per request,
    224x224 and 640x480, ``--requests`` per setup: images/s, p50/p99 latency, and the batches the workers formed
    (from ``/metrics``).
@@ -161,6 +163,13 @@ def load(port: int, files: list[Path], clients: int, requests: int, time_limit_s
     }
 
 
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bare_batch1_ms(model, repeats: int = 200) -> float:
     from roadwork_cli.data.pixels import normalize_pixels
 
@@ -216,25 +225,33 @@ def main(argv: list[str] | None = None) -> dict:
         model = load_bundle(bundle)
         assert model.runtime == "onnx"
         bare_ms = bare_batch1_ms(model)
-        predict = {name: round(predict_img_s(model, paths, args.requests), 1) for name, paths in files.items()}
-        del model
 
         serve_args = ["--quiet", "--max-batch-size", str(args.max_batch_size)]
         serve_args += ["--batch-timeout-ms", str(args.batch_timeout_ms)]
-        ready = []
+        ready, ready_cpu = [], []
         for _ in range(args.starts):
+            cpu_before = _children_cpu()
             proc, seconds = start_server(bundle, free_port(), serve_args)
             ready.append(seconds)
             stop_server(proc)
+            ready_cpu.append(_children_cpu() - cpu_before)  # start + stop, every process of the server
         port = free_port()
         proc, _ = start_server(bundle, port, serve_args)
-        setups = []
+        setups, predict = [], {}
         try:
             for name, paths in files.items():
-                for clients in CLIENTS:
-                    result = load(port, paths, clients, args.requests, args.time_limit)
+                # predict measured right before and after this size's setups: the shared machine's load drifts
+                before = predict_img_s(model, paths, args.requests)
+                results = [load(port, paths, clients, args.requests, args.time_limit) for clients in CLIENTS]
+                after = predict_img_s(model, paths, args.requests)
+                predict[name] = {
+                    "before": round(before, 1),
+                    "after": round(after, 1),
+                    "mean": round((before + after) / 2, 1),
+                }
+                for result in results:
                     result["size"] = name
-                    result["vs_predict"] = round(result["img_s"] / predict[name], 3)
+                    result["vs_predict"] = round(result["img_s"] / predict[name]["mean"], 3)
                     setups.append(result)
                     print(json.dumps(result), flush=True)
         finally:
@@ -248,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_batch_size": args.max_batch_size,
         "batch_timeout_ms": args.batch_timeout_ms,
         "ready_s": [round(r, 2) for r in ready],
+        "ready_start_stop_cpu_s": [round(r, 2) for r in ready_cpu],
         "ready_goal_s": 2.0,
         "bare_batch1_ms": round(bare_ms, 2),
         "predict_img_s": predict,

@@ -273,7 +273,8 @@ class BundleAPI(ls.LitAPI):
         requests = [x] if single else x
         entries = [entry for request in requests for entry in request["images"]]
         good = [item for _, item, error in entries if error is None]
-        predictions = self.model.iter_predict(good, batch_size=max(len(good), 1), workers=self.decode_workers)
+        # predict's own chunking: its default batch size, so that decode threads overlap the forward passes
+        predictions = self.model.iter_predict(good, workers=self.decode_workers)
         records = list(self.records(entries, predictions))
         self._sequence += 1
         batch = {"id": f"{os.getpid()}-{self._sequence}", "images": len(good), "requests": len(requests)}
