@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import litserve as ls
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
 from roadwork_cli.data.pixels import reason_kind
@@ -419,8 +419,6 @@ class Gatekeeper:
         await _json(send, 413, {"error": "body too large", "detail": f"limit {self.state.max_body_bytes} bytes"})
 
     def _limited(self, receive: Callable) -> Callable:
-        from fastapi import HTTPException
-
         limit, total = self.state.max_body_bytes, {"n": 0}
         metrics = self.state.metrics
 
@@ -525,6 +523,9 @@ class Server:
                 return JSONResponse(
                     {"error": "timeout", "detail": f"no answer within {state.request_timeout:g} s"}, status_code=504
                 )
+            except HTTPException as exc:  # LitServe's own: 504 after waiting in the queue too long, 500 on a crash
+                state.metrics.rejections.labels("timeout" if exc.status_code == 504 else "server error").inc()
+                raise
             status, body = answer(output["records"])
             state.metrics.observe_answer(output)
             return JSONResponse(

@@ -412,3 +412,56 @@ def test_sigterm_drains_accepted_requests(bundle, inputs):
     assert all(
         outcome == "ok" or outcome == "status 503" or outcome.startswith("connection") for *_, outcome in results
     )
+
+
+def test_a_request_not_answered_in_time_gets_504(bundle, monkeypatch):
+    """The route's own deadline, driven through the ASGI app in-process with a worker that never answers."""
+    import asyncio
+
+    from litserve.server import RegularRequestHandler
+
+    from roadwork_cli.cli.predict import stream_records
+    from roadwork_cli.config import load_settings
+    from roadwork_cli.serving import Server
+
+    async def never(self, payload, request_type):
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(RegularRequestHandler, "handle_request", never)
+    settings = load_settings(None, {"serve": {"request_timeout_s": 0.05, "batch_timeout_ms": 0}})
+    server = Server(bundle, settings, {}, stream_records)
+    body, content_type = multipart_body([("a.jpg", jpeg((32, 32), (1, 2, 3)))])
+    sent: list[dict] = []
+
+    async def call() -> None:
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/predict",
+            "raw_path": b"/predict",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 8000),
+        }
+        await asyncio.wait_for(server.server.app(scope, receive, send), timeout=30)
+
+    asyncio.run(call())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert start["status"] == 504 and answer["error"] == "timeout"
+    text = server.state.metrics.render()[0].decode()
+    assert metric(text, "roadwork_serve_rejections_total", reason="timeout") == 1
+    assert server.state.inflight.value == 0
