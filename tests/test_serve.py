@@ -362,7 +362,8 @@ def test_info_health_docs_and_metrics(server, bundle):
     assert grew("roadwork_serve_batch_images_sum") == 7  # images handed to the model, the unreadable one included
 
 
-def test_sigterm_drains_accepted_requests(bundle, inputs):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_drains_accepted_requests(bundle, inputs, sig):
     good, _ = inputs
     files = [(p.name, p.read_bytes()) for p in good] + [(good[0].name, good[0].read_bytes())]  # 8 images a request
     proc = ServeProcess(bundle, "--max-batch-size", "2", "--batch-timeout-ms", "5", "--quiet")
@@ -392,13 +393,13 @@ def test_sigterm_drains_accepted_requests(bundle, inputs):
     while time.monotonic() < deadline and sum(1 for r in results if r[2] == "ok") < 12:
         time.sleep(0.05)  # wait until the load is under way (bounded)
     signalled.set()
-    proc.proc.send_signal(signal.SIGTERM)
+    proc.proc.send_signal(sig)
     for thread in threads:
         thread.join(timeout=180)
     code = proc.stop(timeout=120)
     assert code == 0, proc.output
     assert not any(thread.is_alive() for thread in threads)
-    match = re.search(r"SIGTERM: draining (\d+) in-flight requests", proc.output)
+    match = re.search(rf"{signal.Signals(sig).name}: draining (\d+) in-flight requests", proc.output)
     assert match, proc.output
     in_flight = int(match.group(1))
     started_before = [r for r in results if r[0]]
