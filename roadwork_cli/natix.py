@@ -144,29 +144,52 @@ def level_weights(levels: dict[int, int], mix: tuple[float, ...]) -> dict[int, f
     return {level: (mix[level] / n if n else 0.0) for level, n in levels.items()}
 
 
-def fit_remap(run: Any, settings: Settings, progress: bool = False) -> tuple[NatixRemap, dict[str, Any]]:
+def fit_remap(
+    run: Any, settings: Settings, progress: bool = False, held_out: str | None = "test"
+) -> tuple[NatixRemap, dict[str, Any]]:
     """Place the remap's threshold on val_select under the NATIX challenge mix, and measure it.
 
     Scores val_select at NATIX levels 0-3 (``robustness.score_levels``, cached under ``eval/robustness/val_select``),
     calibrates them with the run's rule, weights each level by ``data.natix_levels`` and finds the reward-optimal
     threshold on calibrated p.
 
+    Args:
+        run: The trained and calibrated run directory.
+        settings: Resolved settings (``data.natix_levels``, runtime, predict batch size and workers).
+        progress: Show a progress bar per level.
+        held_out: A split to measure the chosen remap on as well (None: none); skipped when it holds no images.
+
     Returns:
-        The remap, and a record: the mix, the threshold, and per level and over all levels (weighted by the mix) the
-        reward of the validator's
-        rounding of plain p (``p > 0.5``) and of the remapped p (``p >= t``).
+        The remap, and a record: the mix, the threshold, and for val_select (where ``t`` was chosen: in-sample) and
+        the held-out split, per level and over all levels (weighted by the mix), the reward of the validator's
+        rounding of plain calibrated p and of the remapped p (``p >= t``).
     """
     from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.data.splits import Splits
     from roadwork_cli.io.run import RunDir
-    from roadwork_cli.robustness import LEVELS, score_levels
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
-    tables = score_levels(run, settings, split="val_select", progress=progress)
     mix = tuple(float(x) for x in settings.data.natix_levels)
-    ps, labels, weights, level_of = [], [], [], []
+    p, label, weight, level_of = _mixed_levels(run, settings, rule, mix, "val_select", progress)
+    threshold, _ = optimal_threshold(p, label, weight)
+    remap = NatixRemap(threshold)
+    record: dict[str, Any] = {"split": "val_select", "natix_levels": list(mix), "threshold": threshold}
+    record.update(_rewards(remap, p, label, weight, level_of))
+    if held_out and Splits.load(run.require(run.splits, "split")).ids(held_out):
+        scores = _mixed_levels(run, settings, rule, mix, held_out, progress)
+        record["held_out"] = {"split": held_out, **_rewards(remap, *scores)}
+    return remap, record
+
+
+def _mixed_levels(run: Any, settings: Settings, rule: Any, mix: tuple[float, ...], split: str, progress: bool):
+    """Calibrated p, labels, mix weights and level of every scored (image, level) of ``split``, each (N,)."""
+    from roadwork_cli.robustness import LEVELS, score_levels
+
+    tables = score_levels(run, settings, split=split, progress=progress)
     counts = {level: int(np.isfinite(tables[level].p).sum()) for level in LEVELS}
     per_image = level_weights(counts, mix)
+    ps, labels, weights, level_of = [], [], [], []
     for level in LEVELS:
         table = tables[level]
         finite = np.isfinite(table.p)
@@ -175,21 +198,25 @@ def fit_remap(run: Any, settings: Settings, progress: bool = False) -> tuple[Nat
         labels.append(table.label[finite].astype(np.float64))
         weights.append(np.full(int(finite.sum()), per_image[level]))
         level_of.append(np.full(int(finite.sum()), level))
-    p, label, weight, level_of = (np.concatenate(a) for a in (ps, labels, weights, level_of))
-    threshold, _ = optimal_threshold(p, label, weight)
-    remap = NatixRemap(threshold)
-    record: dict[str, Any] = {"split": "val_select", "natix_levels": list(mix), "threshold": threshold}
+    return tuple(np.concatenate(a) for a in (ps, labels, weights, level_of))
+
+
+def _rewards(remap: NatixRemap, p, label, weight, level_of) -> dict[str, Any]:
+    """Reward of round(p) and of round(remap(p)) over all levels (mix-weighted) and per level."""
+    from roadwork_cli.robustness import LEVELS
+
+    out: dict[str, Any] = {}
     for name, pick in [("all_levels", np.ones_like(p, dtype=bool))] + [(f"level_{k}", level_of == k) for k in LEVELS]:
         if not pick.any():
             continue
         plain = (np.round(p[pick]) >= 1).astype(float)  # the validator's rounding of plain calibrated p
         remapped = (np.round(remap(p[pick])) >= 1).astype(float)
-        record[name] = {
+        out[name] = {
             "n": int(pick.sum()),
             "reward_plain_p": round(weighted_reward(plain, label[pick], weight[pick]), 6),
             "reward_remapped": round(weighted_reward(remapped, label[pick], weight[pick]), 6),
         }
-    return remap, record
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the detector's core
@@ -338,9 +365,13 @@ def write_natix_miner(
 
 def _readme(remap: NatixRemap, record: dict[str, Any]) -> str:
     mix = record.get("natix_levels")
+    blocks = [("val_select (in-sample)", record)]
+    if isinstance(record.get("held_out"), dict):
+        blocks.append((f"{record['held_out']['split']} (held out)", record["held_out"]))
     rows = "\n".join(
-        f"| {name} | {r['n']} | {r['reward_plain_p']:.4f} | {r['reward_remapped']:.4f} |"
-        for name, r in record.items()
+        f"| {split} | {name} | {r['n']} | {r['reward_plain_p']:.4f} | {r['reward_remapped']:.4f} |"
+        for split, block in blocks
+        for name, r in block.items()
         if isinstance(r, dict) and "reward_plain_p" in r
     )
     return f"""# roadwork stage 1 as a NATIX StreetVision miner
@@ -350,8 +381,8 @@ p >= {remap.threshold:.6f} (the NATIX-reward-optimal threshold on val_select und
 >= {0.5 + remap.epsilon:.4f}, so the validator's rounding decides exactly as that threshold does; an image stage 1
 would defer lands on the side its p is on; an unreadable image answers {FALLBACK}.
 
-| images | n | reward of round(p) | reward of round(remapped p) |
-|---|---|---|---|
+| split | images | n | reward of round(p) | reward of round(remapped p) |
+|---|---|---|---|---|
 {rows}
 
 ## Steps

@@ -182,6 +182,8 @@ def test_export_natix_writes_the_miners_files(natix_dir):
     assert measured["split"] == "val_select" and len(measured["natix_levels"]) == 4
     for key in ("all_levels", "level_0", "level_3"):
         assert {"reward_plain_p", "reward_remapped", "n"} <= set(measured[key])
+    held_out = measured["held_out"]  # the threshold measured where it was not chosen, too
+    assert held_out["split"] == "test" and held_out["all_levels"]["n"] >= 4
     # on the data it was placed on, the remap never loses to plain rounding
     assert measured["all_levels"]["reward_remapped"] >= measured["all_levels"]["reward_plain_p"] - 1e-9
     assert (natix_dir / "roadwork_stage1.tar").is_file()

@@ -101,7 +101,19 @@ def natix_line(miner: dict) -> str:
         f"NATIX miner: {miner['out_dir']} (detector {miner['registry_name']}; README.md there has the steps). "
         f"Remap: p >= {miner['threshold']:.4f} answers > 0.5; val_select under the challenge mix: reward "
         f"{everything.get('reward_plain_p', float('nan')):.4f} for round(p), "
-        f"{everything.get('reward_remapped', float('nan')):.4f} after the remap."
+        f"{everything.get('reward_remapped', float('nan')):.4f} after the remap (in-sample)"
+        + _held_out(miner["measured"].get("held_out"))
+        + "."
+    )
+
+
+def _held_out(block: dict | None) -> str:
+    if not block or "all_levels" not in block:
+        return ""
+    everything = block["all_levels"]
+    return (
+        f"; held-out {block['split']}: {everything['reward_plain_p']:.4f} for round(p), "
+        f"{everything['reward_remapped']:.4f} after the remap"
     )
 
 
