@@ -11,8 +11,13 @@ above 0.5:
 - ``p >= t`` ->  ``0.5 + eps + (0.5 - eps) * (p - t) / (1 - t)``   (in [0.5 + eps, 1]: rounds to 1, "roadwork")
 
 It is non-decreasing (a jump of ``eps`` at ``t``), maps [0, 1] into [0, 1], and the validator's rounding of it is
-exactly stage 1's ``p >= t``. An image stage 1 would defer gets no special value: it lands on the side of ``t`` its p
-is on, which is the reward-optimal guess for an image the miner must decide. An image that cannot be read answers
+exactly stage 1's ``p >= t``. ``t`` is kept only when it generalises within val_select: thresholds fitted on four
+fifths of its images must beat plain rounding on the fifth left out (pooled over five folds,
+:func:`cross_validate_threshold`); otherwise ``t = 0.5`` (the remap is then plain p, except that 0.5 itself counts as
+roadwork). On a small demo run the in-sample optimum overfitted 47 images (benchmarks/RESULTS.md).
+
+An image stage 1 would defer gets no special value: it lands on the side of ``t`` its p is on, which is the
+reward-optimal guess for an image the miner must decide. An image that cannot be read answers
 :data:`FALLBACK` (0.5: "no roadwork" after rounding, a defined float, never an exception).
 
 ``roadwork export --natix DIR`` writes, with :func:`write_natix_miner`:
@@ -171,25 +176,68 @@ def fit_remap(
     run = run if isinstance(run, RunDir) else RunDir(run)
     rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
     mix = tuple(float(x) for x in settings.data.natix_levels)
-    p, label, weight, level_of = _mixed_levels(run, settings, rule, mix, "val_select", progress)
+    p, label, weight, level_of, ids = _mixed_levels(run, settings, rule, mix, "val_select", progress)
     threshold, _ = optimal_threshold(p, label, weight)
+    check = cross_validate_threshold(p, label, weight, ids)
+    if not check["keep"]:
+        threshold = 0.5  # the fitted threshold did not beat plain rounding on val_select's own held-out folds
     remap = NatixRemap(threshold)
-    record: dict[str, Any] = {"split": "val_select", "natix_levels": list(mix), "threshold": threshold}
+    record: dict[str, Any] = {
+        "split": "val_select",
+        "natix_levels": list(mix),
+        "threshold": threshold,
+        "fitted_threshold": check["fitted"] if "fitted" in check else threshold,
+        "cross_validation": check,
+    }
     record.update(_rewards(remap, p, label, weight, level_of))
     if held_out and Splits.load(run.require(run.splits, "split")).ids(held_out):
         scores = _mixed_levels(run, settings, rule, mix, held_out, progress)
-        record["held_out"] = {"split": held_out, **_rewards(remap, *scores)}
+        record["held_out"] = {"split": held_out, **_rewards(remap, *scores[:4])}
     return remap, record
 
 
+def cross_validate_threshold(
+    p: np.ndarray, label: np.ndarray, weight: np.ndarray, ids: np.ndarray, folds: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """Whether a fitted threshold beats plain rounding (t = 0.5) on images it was not fitted on.
+
+    Images (all their challenge views together) are dealt into ``folds`` folds; each fold's views are decided by the
+    threshold fitted on the other folds, and the pooled out-of-fold decisions are scored once, against the validator's
+    rounding of the same p. ``keep`` is true only when the fitted thresholds score strictly higher: with few
+    val_select images the reward-optimal cut overfits them, and then plain rounding is the safer answer.
+    """
+    unique = np.unique(ids.astype(str))
+    fitted, _ = optimal_threshold(p, label, weight)
+    if unique.size < 2 * folds:
+        return {"folds": 0, "keep": False, "fitted": fitted, "reason": f"only {unique.size} images"}
+    rng = np.random.default_rng(seed)
+    fold_of_image = dict(zip(rng.permutation(unique), np.arange(unique.size) % folds, strict=True))
+    fold = np.array([fold_of_image[i] for i in ids.astype(str)])
+    decided = np.zeros_like(p)
+    for k in range(folds):
+        train = fold != k
+        t, _ = optimal_threshold(p[train], label[train], weight[train])
+        decided[~train] = (p[~train] >= t).astype(float)
+    plain = (np.round(p) >= 1).astype(float)
+    fitted_reward = weighted_reward(decided, label, weight)
+    plain_reward = weighted_reward(plain, label, weight)
+    return {
+        "folds": folds,
+        "fitted": fitted,
+        "reward_fitted_out_of_fold": round(fitted_reward, 6),
+        "reward_plain_p": round(plain_reward, 6),
+        "keep": bool(fitted_reward > plain_reward),
+    }
+
+
 def _mixed_levels(run: Any, settings: Settings, rule: Any, mix: tuple[float, ...], split: str, progress: bool):
-    """Calibrated p, labels, mix weights and level of every scored (image, level) of ``split``, each (N,)."""
+    """Calibrated p, labels, mix weights, level and image id of every scored (image, level) of ``split``, (N,) each."""
     from roadwork_cli.robustness import LEVELS, score_levels
 
     tables = score_levels(run, settings, split=split, progress=progress)
     counts = {level: int(np.isfinite(tables[level].p).sum()) for level in LEVELS}
     per_image = level_weights(counts, mix)
-    ps, labels, weights, level_of = [], [], [], []
+    ps, labels, weights, level_of, ids = [], [], [], [], []
     for level in LEVELS:
         table = tables[level]
         finite = np.isfinite(table.p)
@@ -198,7 +246,8 @@ def _mixed_levels(run: Any, settings: Settings, rule: Any, mix: tuple[float, ...
         labels.append(table.label[finite].astype(np.float64))
         weights.append(np.full(int(finite.sum()), per_image[level]))
         level_of.append(np.full(int(finite.sum()), level))
-    return tuple(np.concatenate(a) for a in (ps, labels, weights, level_of))
+        ids.append(np.asarray(table.ids if table.ids else range(len(table)), dtype=object)[finite])
+    return tuple(np.concatenate(a) for a in (ps, labels, weights, level_of, ids))
 
 
 def _rewards(remap: NatixRemap, p, label, weight, level_of) -> dict[str, Any]:
@@ -372,11 +421,12 @@ def _readme(remap: NatixRemap, record: dict[str, Any]) -> str:
         f"| {split} | {name} | {r['n']} | {r['reward_plain_p']:.4f} | {r['reward_remapped']:.4f} |"
         for split, block in blocks
         for name, r in block.items()
-        if isinstance(r, dict) and "reward_plain_p" in r
+        if isinstance(r, dict) and "n" in r and "reward_remapped" in r
     )
     return f"""# roadwork stage 1 as a NATIX StreetVision miner
 
-Written by `roadwork export --natix`. The detector answers a monotone remap of stage 1's calibrated p(roadwork):
+Written by `roadwork export --natix`. The detector answers a monotone remap of stage 1's calibrated p(roadwork)
+(threshold kept after cross-validation on val_select: {record.get("cross_validation", {}).get("keep")}):
 p >= {remap.threshold:.6f} (the NATIX-reward-optimal threshold on val_select under the challenge mix {mix}) maps to
 >= {0.5 + remap.epsilon:.4f}, so the validator's rounding decides exactly as that threshold does; an image stage 1
 would defer lands on the side its p is on; an unreadable image answers {FALLBACK}.

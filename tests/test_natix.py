@@ -27,6 +27,7 @@ from roadwork_cli.natix import (
     FALLBACK,
     REGISTRY_NAME,
     NatixRemap,
+    cross_validate_threshold,
     optimal_threshold,
     weighted_reward,
 )
@@ -119,6 +120,31 @@ def test_optimal_threshold_ignores_nan_and_keeps_ties_near_half():
     assert abs(t - 0.5) <= abs(0.45 - 0.5)  # every cut in (0.1, 0.8) is perfect; the one nearest 0.5 wins
 
 
+def test_cross_validation_keeps_a_real_shift_and_refuses_too_few_images():
+    rng = np.random.default_rng(5)
+    n = 300
+    y = (rng.random(n) < 0.6).astype(float)
+    p = np.clip(0.8 + 0.15 * (2 * y - 1) + rng.normal(0, 0.05, n), 0, 1)  # separable around 0.8, not 0.5
+    ids = np.array([f"img{i // 4}" for i in range(n)])  # four views per image stay in one fold
+    check = cross_validate_threshold(p, y, np.ones(n), ids)
+    assert check["keep"] and 0.7 < check["fitted"] < 0.9
+    assert check["reward_fitted_out_of_fold"] > check["reward_plain_p"]
+    few = cross_validate_threshold(p[:36], y[:36], np.ones(36), ids[:36])  # 9 images < 2 x 5 folds
+    assert not few["keep"]
+
+
+def test_cross_validation_rarely_keeps_a_threshold_fitted_to_noise():
+    kept = 0
+    for seed in range(20):
+        rng = np.random.default_rng(100 + seed)
+        n = 160
+        y = (rng.random(n) < 0.5).astype(float)
+        p = rng.random(n)  # no signal: every threshold is as good as any other
+        ids = np.array([f"img{i // 4}" for i in range(n)])
+        kept += cross_validate_threshold(p, y, np.ones(n), ids, seed=seed)["keep"]
+    assert kept <= 14  # a fair coin would keep about half; 14 of 20 or more has probability < 6 %
+
+
 # ----------------------------------------------------------------------------------------------- export --natix
 def jpeg_224(colour) -> bytes:
     rng = np.random.default_rng(sum(colour))
@@ -182,6 +208,7 @@ def test_export_natix_writes_the_miners_files(natix_dir):
     assert measured["split"] == "val_select" and len(measured["natix_levels"]) == 4
     for key in ("all_levels", "level_0", "level_3"):
         assert {"reward_plain_p", "reward_remapped", "n"} <= set(measured[key])
+    assert {"keep", "folds", "fitted"} <= set(measured["cross_validation"])
     held_out = measured["held_out"]  # the threshold measured where it was not chosen, too
     assert held_out["split"] == "test" and held_out["all_levels"]["n"] >= 4
     # on the data it was placed on, the remap never loses to plain rounding
