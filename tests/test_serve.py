@@ -405,8 +405,9 @@ def test_a_signal_drains_accepted_requests(bundle, inputs, sig):
     started_before = [r for r in results if r[0]]
     assert sum(1 for r in started_before if r[2] == "ok") >= 12
     # a request sent before the signal was either answered in full or refused cleanly (it reached the server after
-    # the drain began); none was cut off
-    assert all(outcome in ("ok", "status 503") for _, _, outcome in started_before), started_before
+    # the drain began, or found the port closed); none was cut off once accepted
+    refused = ("ok", "status 503", "connection: ConnectionRefusedError")
+    assert all(outcome in refused for _, _, outcome in started_before), started_before
     # those the server counted in flight when the signal came were all answered after it, in full
     assert sum(1 for before, after, outcome in started_before if after and outcome == "ok") >= in_flight
     # after the signal: answered, refused with 503 while draining, or refused at the socket once it closed
