@@ -554,9 +554,17 @@ class Server:
     # -- supervision (this process)
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and return."""
+        import functools
+        import sys
+
+        import litserve.server
+        from litserve.utils import configure_logging
+
         serve = self.settings.serve
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        # LitServe logs to stdout; messages go to stderr in this project (stdout stays for machine-readable output).
+        litserve.server.configure_logging = functools.partial(configure_logging, stream=sys.stderr)
         self.server.run(
             host=serve.host,
             port=serve.port,
