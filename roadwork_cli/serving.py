@@ -495,6 +495,8 @@ class Server:
         )
         self._main_pid = os.getpid()
         self._drain_started = False
+        self.unanswered = 0
+        """Requests still in flight when the drain timed out (0 after a complete drain)."""
         self._install_routes()
 
     # -- routes (run in the API server process)
@@ -594,8 +596,9 @@ class Server:
             self.state.inflight.value > 0 or getattr(self.server, "_shutdown_event", None) is None
         ):
             time.sleep(0.01)
-        if self.state.inflight.value > 0:
-            LOG.warning("drain timeout: %d requests still in flight", self.state.inflight.value)
+        self.unanswered = self.state.inflight.value
+        if self.unanswered > 0:
+            LOG.warning("drain timeout: %d requests still in flight", self.unanswered)
         event = getattr(self.server, "_shutdown_event", None)
         if event is None:
             return

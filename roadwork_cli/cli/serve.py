@@ -86,4 +86,7 @@ def command(
         soft_wrap=True,
     )
     server.run()
-    console.print("stopped: in-flight requests were answered")
+    if server.unanswered:
+        console.print(f"[yellow]stopped after the drain timeout[/] with {server.unanswered} requests unanswered")
+    else:
+        console.print("stopped: every accepted request was answered")
