@@ -99,6 +99,16 @@ class ServeProcess:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def wait_for_line(self, pattern: str, deadline_s: float = 30.0) -> str:
+        """The first output line matching ``pattern``, polled until the deadline (the reader thread lags a little)."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if re.search(pattern, line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no line matches {pattern!r}:\n{self.output}")
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_DEADLINE_S
         while time.monotonic() < deadline:
@@ -360,6 +370,9 @@ def test_info_health_docs_and_metrics(server, bundle):
     # every request that reached a worker is in exactly one batch
     assert grew("roadwork_serve_batch_requests_sum") == 2
     assert grew("roadwork_serve_batch_images_sum") == 7  # images handed to the model, the unreadable one included
+    # one log line per request at INFO: client, method, path, status, milliseconds
+    line = server.wait_for_line(r"INFO roadwork\.serve 127\.0\.0\.1 POST /predict 422 [0-9.]+ ms")
+    assert "roadwork.serve" in line
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -410,6 +423,7 @@ def test_a_signal_drains_accepted_requests(bundle, inputs, sig):
     assert all(outcome in refused for _, _, outcome in started_before), started_before
     # those the server counted in flight when the signal came were all answered after it, in full
     assert sum(1 for before, after, outcome in started_before if after and outcome == "ok") >= in_flight
+    assert "POST /predict" not in proc.output  # --quiet: no line per request
     # after the signal: answered, refused with 503 while draining, or refused at the socket once it closed
     assert all(
         outcome == "ok" or outcome == "status 503" or outcome.startswith("connection") for *_, outcome in results
