@@ -375,11 +375,15 @@ def test_info_health_docs_and_metrics(server, bundle):
     assert "roadwork.serve" in line
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_drains_accepted_requests(bundle, inputs, sig):
+@pytest.mark.parametrize(
+    ("sig", "workers"), [(signal.SIGTERM, 2), (signal.SIGINT, 1)], ids=["SIGTERM-2-workers", "SIGINT-1-worker"]
+)
+def test_a_signal_drains_accepted_requests(bundle, inputs, sig, workers):
     good, _ = inputs
     files = [(p.name, p.read_bytes()) for p in good] + [(good[0].name, good[0].read_bytes())]  # 8 images a request
-    proc = ServeProcess(bundle, "--max-batch-size", "2", "--batch-timeout-ms", "5", "--quiet")
+    proc = ServeProcess(
+        bundle, "--max-batch-size", "2", "--batch-timeout-ms", "5", "--quiet", "--workers", str(workers)
+    )
     proc.wait_ready()
     expected = post_files(proc.port, files)[2]["records"]
     signalled = threading.Event()
