@@ -73,6 +73,18 @@ RecordStream = Callable[[list[Entry], Iterator[Any]], Iterable[dict[str, Any]]]
 _PATH_KEYS = ("path", "file", "filename", "url", "uri")
 
 
+def configure_log(quiet: bool) -> None:
+    """One line per event on stderr (``time LEVEL roadwork.serve message``); INFO unless ``quiet``.
+
+    Called by the command and again in each spawned worker, which starts with a fresh interpreter.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s roadwork.serve %(message)s"))
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(logging.WARNING if quiet else logging.INFO)
+    LOG.propagate = False
+
+
 class RequestRejected(Exception):
     """A request the server answers with a 4xx before any image reaches a worker.
 
@@ -234,6 +246,7 @@ class BundleAPI(ls.LitAPI):
         # sentinel, so a worker must not die mid-batch (or with accepted requests still queued).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        configure_log(self.settings.serve.quiet)
         from roadwork_cli.stage1 import load_bundle
 
         runtime = self.settings.runtime

@@ -34,7 +34,7 @@ from roadwork_cli.serving import (
     json_entries,
     multipart_body,
 )
-from tests.cli.cli_helpers import export_tiny_bundle, jsonl_records
+from tests.cli.cli_helpers import export_tiny_bundle, jsonl_records, make_tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -485,3 +485,23 @@ def test_a_request_not_answered_in_time_gets_504(bundle, monkeypatch):
     text = server.state.metrics.render()[0].decode()
     assert metric(text, "roadwork_serve_rejections_total", reason="timeout") == 1
     assert server.state.inflight.value == 0
+
+
+def test_an_onnx_bundle_is_served_by_onnxruntime_with_predicts_records(tmp_path, inputs):
+    pytest.importorskip("onnxruntime")
+    run = make_tiny_run(tmp_path / "run")
+    onnx_bundle = tmp_path / "onnx.tar"
+    result = CliRunner().invoke(app, ["export", "--run", str(run.root), "--onnx", "--out", str(onnx_bundle)])
+    assert result.exit_code == 0, result.output
+    good, bad = inputs
+    expected = predict_records(onnx_bundle, good[:3] + bad[:1])
+    proc = ServeProcess(onnx_bundle)
+    try:
+        proc.wait_ready()
+        status, _, body = post_files(proc.port, [(p.name, p.read_bytes()) for p in good[:3] + bad[:1]])
+        assert status == 422
+        for path, record in zip(good[:3] + bad[:1], body["records"], strict=True):
+            assert same_record(record, expected[path.name]), (record, expected[path.name])
+        assert "onnx runtime" in proc.wait_for_line(r"worker \d+ ready: ")  # the bundle's graph, as predict runs it
+    finally:
+        assert proc.stop() == 0, proc.output

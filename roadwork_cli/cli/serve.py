@@ -49,8 +49,6 @@ def command(
     debug: DebugOption = False,
 ) -> None:
     """Serve stage 1 over HTTP: POST /predict, GET /healthz /readyz /info /metrics /docs; SIGTERM drains."""
-    import logging
-
     from roadwork_cli.cli.common import resolve_settings
     from roadwork_cli.cli.info import bundle_info
     from roadwork_cli.cli.predict import stream_records
@@ -68,15 +66,9 @@ def command(
     settings = resolve_settings(config, overrides, write_to_run=False)  # flags not given (None) are skipped
     info = bundle_info(bundle)  # verifies every member before anything binds: a bad bundle exits 2 here
 
-    from roadwork_cli.serving import Server  # LitServe, FastAPI; no torch (the workers load the model)
+    from roadwork_cli.serving import Server, configure_log  # LitServe, FastAPI; no torch (workers load the model)
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s roadwork.serve %(message)s"))
-    log = logging.getLogger("roadwork_cli.serving")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if settings.serve.quiet else logging.INFO)
-    log.propagate = False
-
+    configure_log(settings.serve.quiet)
     server = Server(bundle, settings, info, stream_records)
     s = settings.serve
     console.print(
