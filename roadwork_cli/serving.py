@@ -20,6 +20,10 @@ What a request may hold, and what it never does:
 SIGTERM and SIGINT drain: new requests get 503 and ``/readyz`` turns 503, requests already accepted are answered, then
 the workers stop and :meth:`Server.run` returns (the command exits 0).
 
+LitServe moves work between its processes through multiprocessing queues, which pickle; only this server's own
+processes are on either end, and what crosses is ``(name, bytes)`` tuples and record dicts built here: nothing a
+client sends is ever unpickled.
+
 Batch sizes are observed in the API server from the batch record each worker attaches to its answers (worker pid +
 sequence number, counted once per batch), so every metric lives in that one process and ``/metrics`` needs no
 multiprocess collector.
