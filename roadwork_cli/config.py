@@ -445,6 +445,40 @@ class PredictSettings(_Section):
     )
 
 
+class ServeSettings(_Section):
+    """``roadwork serve``: the HTTP service over one loaded bundle."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind: 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface; put it behind "
+        "a proxy that authenticates).",
+    )
+    port: int = Field(8000, ge=1024, le=65535, description="TCP port to listen on.")
+    workers: int = Field(1, ge=1, description="Inference worker processes, each holding one loaded bundle.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Most requests one worker gathers into one forward pass (dynamic batching)."
+    )
+    batch_timeout_ms: float = Field(
+        5.0,
+        ge=0,
+        description="How long a worker waits for more requests to fill a batch once one has arrived; 0 = take what "
+        "is queued.",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A request not answered within this many seconds gets 504 (queueing included)."
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, gt=0, description="Larger request bodies are refused with 413 before they are read whole."
+    )
+    max_images_per_request: int = Field(64, ge=1, description="More images in one request are refused with 413.")
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM/SIGINT, how long to wait for in-flight requests before stopping anyway.",
+    )
+    quiet: bool = Field(False, description="No log line per request (warnings and errors only).")
+
+
 class RuntimeSettings(_Section):
     """Where and how work runs."""
 
@@ -467,6 +501,7 @@ class Settings(_Section):
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings, description="Calibration.")
     export: ExportSettings = Field(default_factory=ExportSettings, description="Bundle.")
     predict: PredictSettings = Field(default_factory=PredictSettings, description="Inference.")
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="HTTP service (roadwork serve).")
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Run directory and device.")
 
     def to_yaml(self) -> str:

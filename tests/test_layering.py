@@ -30,6 +30,8 @@ LAYERS: dict[str, int] = {
     "export": 2,
     "scoring": 2,
     "robustness": 2,
+    "serving": 2,
+    "natix": 2,
     "features": 2,
     "training": 2,
     "calibration": 2,
@@ -54,6 +56,11 @@ SAME_LAYER_EDGES: set[tuple[str, str]] = {
     ("training", "features"),  # train_cached trains on the feature cache
     ("reporting", "calibration"),  # reports apply and describe the calibrated rule
     ("reporting", "scoring"),  # evaluate --source scores the source first
+    ("serving", "stage1"),  # serve's workers load the bundle as predict does
+    ("natix", "stage1"),  # the miner's detector loads the bundle as predict does
+    ("natix", "robustness"),  # ... its remap is placed on val_select's NATIX challenge levels
+    ("natix", "calibration"),  # ... calibrated with the run's rule
+    ("natix", "export"),  # ... and export --natix writes the bundle it ships
     ("robustness", "stage1"),  # evaluate --robustness runs the model on challenge views
     ("robustness", "calibration"),  # ... applies the calibrated rule to their scores
     ("robustness", "reporting"),  # ... and reports them like clean data

@@ -8,7 +8,19 @@ from __future__ import annotations
 import typer
 
 from roadwork_cli import __version__
-from roadwork_cli.cli import backbones, cache_features, calibrate, demo, evaluate, export, info, predict, split, train
+from roadwork_cli.cli import (
+    backbones,
+    cache_features,
+    calibrate,
+    demo,
+    evaluate,
+    export,
+    info,
+    predict,
+    serve,
+    split,
+    train,
+)
 from roadwork_cli.cli.common import RoadworkCommand, RoadworkGroup
 
 app = typer.Typer(
@@ -44,6 +56,7 @@ for _name, _module in (
     ("evaluate", evaluate),
     ("export", export),
     ("predict", predict),
+    ("serve", serve),
     ("demo", demo),
     ("info", info),
     ("backbones", backbones),

@@ -45,6 +45,14 @@ def command(
             show_default=setting_default("export.onnx", "false"),
         ),
     ] = None,
+    natix: Annotated[
+        Path | None,
+        typer.Option(
+            "--natix",
+            help="Also write a NATIX StreetVision miner here: detector module (ROADWORK_STAGE1), its YAML, "
+            "model_card.json, README, and the remap of p placed on val_select's challenge levels.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
@@ -75,8 +83,37 @@ def command(
     if line:
         console.print(line, soft_wrap=True)
     console.print(f"bundle: {path}  (try: roadwork predict IMAGE --bundle {path})")
+    miner = None
+    if natix is not None:
+        from roadwork_cli.natix import write_natix_miner
+
+        miner = write_natix_miner(run_dir, natix, settings, bundle=path, progress=console.is_terminal)
+        console.print(natix_line(miner), soft_wrap=True)
     if json_output:
-        print_json({"bundle": path} | manifest.to_dict())
+        print_json({"bundle": path} | manifest.to_dict() | ({"natix": miner} if miner else {}))
+
+
+def natix_line(miner: dict) -> str:
+    """Where the NATIX miner went, its registry name and its remap, in one paragraph."""
+    everything = miner["measured"].get("all_levels") or {}
+    return (
+        f"NATIX miner: {miner['out_dir']} (detector {miner['registry_name']}; README.md there has the steps). "
+        f"Remap: p >= {miner['threshold']:.4f} answers > 0.5; val_select under the challenge mix: reward "
+        f"{everything.get('reward_plain_p', float('nan')):.4f} for round(p), "
+        f"{everything.get('reward_remapped', float('nan')):.4f} after the remap (in-sample)"
+        + _held_out(miner["measured"].get("held_out"))
+        + "."
+    )
+
+
+def _held_out(block: dict | None) -> str:
+    if not block or "all_levels" not in block:
+        return ""
+    everything = block["all_levels"]
+    return (
+        f"; held-out {block['split']}: {everything['reward_plain_p']:.4f} for round(p), "
+        f"{everything['reward_remapped']:.4f} after the remap"
+    )
 
 
 def bundle_table(path: Path, manifest):
