@@ -43,10 +43,14 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from roadwork_cli.config import DataSettings
+from roadwork_cli.registry import Registry
+
 if TYPE_CHECKING:
     from roadwork_cli.data.preprocessing import Preprocessing
 
 __all__ = [
+    "AUGMENTATIONS",
     "Augmentation",
     "NatixAugmentation",
     "NatixParams",
@@ -221,20 +225,14 @@ class Augmentation:
         return f"{type(self).__name__}(name={self.name!r}, output={self.output!r})"
 
 
-_REGISTRY: dict[str, Callable[..., Augmentation]] = {}
-
-
-def _register(name: str) -> Callable[[Callable[..., Augmentation]], Callable[..., Augmentation]]:
-    def decorate(factory: Callable[..., Augmentation]) -> Callable[..., Augmentation]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+AUGMENTATIONS: Registry[Callable[..., Augmentation]] = Registry("augmentation")
+"""Factories ``fn(preprocessing, output="float", **options) -> Augmentation`` by ``data.augment`` name."""
+_register = AUGMENTATIONS.register
 
 
 def list_augmentations() -> list[str]:
     """Names accepted by :func:`create_augmentation` (and by ``data.augment``)."""
-    return sorted(_REGISTRY)
+    return AUGMENTATIONS.names()
 
 
 def create_augmentation(name: str, preprocessing: Preprocessing, output: Output = "float", **kwargs) -> Augmentation:
@@ -248,14 +246,15 @@ def create_augmentation(name: str, preprocessing: Preprocessing, output: Output 
             ``create_transform`` arguments; for ``natix`` ``levels`` (mix) or ``level`` (one level).
 
     Raises:
-        ValueError: Unknown name.
+        UnknownNameError: Unknown name (a :class:`~roadwork_cli.errors.UsageError`).
+        ValueError: Bad options (output kind, NATIX levels).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(list_augmentations())}")
-    return _REGISTRY[name](preprocessing, output=output, **kwargs)
+    return AUGMENTATIONS.get(name)(preprocessing, output=output, **kwargs)
 
 
-def augmentation_from_settings(data: Any, preprocessing: Preprocessing, output: Output = "float") -> Augmentation:
+def augmentation_from_settings(
+    data: DataSettings, preprocessing: Preprocessing, output: Output = "float"
+) -> Augmentation:
     """The augmentation ``data.augment`` names, with ``data.natix_levels`` as the mix when it is ``natix``.
 
     Args:
@@ -332,14 +331,13 @@ MODERATE = {
     "re_mode": "pixel",
     "re_count": 1,
 }
+# The same pipeline, stronger: smaller crops, vertical flips too, magnitude 9 with uniform op weights, more erasing.
 AGGRESSIVE = {
+    **MODERATE,
     "scale": (0.08, 1.0),
-    "hflip": 0.5,
     "vflip": 0.5,
     "auto_augment": "rand-m9-n2-mstd0.5-inc1",
-    "color_jitter": None,
     "re_prob": 0.25,
-    "re_mode": "pixel",
     "re_count": 2,
 }
 
