@@ -88,13 +88,8 @@ SOURCES: Registry[Callable[..., Source]] = Registry("data source kind")
 """Readers ``fn(spec, settings, synthetic_dir) -> Source`` by the kind :func:`detect_kind` gives a spec."""
 
 
-def register_source(kind: str) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
-    """Decorator registering a reader ``fn(spec, settings, synthetic_dir) -> Source`` under ``kind``.
-
-    Raises:
-        ValueError: ``kind`` is already registered.
-    """
-    return SOURCES.register(kind)
+register_source = SOURCES.register
+"""Decorator registering a reader ``fn(spec, settings, synthetic_dir) -> Source`` under a kind (duplicates refused)."""
 
 
 def list_sources() -> list[str]:

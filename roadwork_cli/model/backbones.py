@@ -155,13 +155,8 @@ BACKBONES: Registry[Callable[..., _Built]] = Registry(
 """Builders ``fn(weights: Path | None, image_size: int | None, **kw) -> _Built`` by name."""
 
 
-def register_backbone(name: str, description: str = "") -> Callable[[Callable[..., _Built]], Callable[..., _Built]]:
-    """Decorator adding a builder ``fn(weights: Path | None, image_size: int | None, **kw) -> _Built``.
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-    return BACKBONES.register(name, description)
+register_backbone = BACKBONES.register
+"""Decorator adding a builder ``fn(weights, image_size, **kw) -> _Built`` under a name (duplicates refused)."""
 
 
 def list_backbones(with_descriptions: bool = False) -> list[str] | dict[str, str]:

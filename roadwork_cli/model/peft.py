@@ -272,13 +272,8 @@ ADAPTERS: Registry[Callable[[nn.Module, list[str], PeftSettings], None]] = Regis
 """Injectors ``fn(model, target_names, peft_settings)`` by ``model.peft.method``; ``none`` injects nothing."""
 
 
-def register_adapter(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Decorator adding ``fn(model, target_names, peft_settings)`` that injects adapters into ``model`` in place.
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-    return ADAPTERS.register(name)
+register_adapter = ADAPTERS.register
+"""Decorator adding ``fn(model, target_names, peft_settings)`` that injects adapters in place (duplicates refused)."""
 
 
 def list_adapter_methods() -> list[str]:
