@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from roadwork_cli.config import ModelSettings
-from roadwork_cli.errors import UsageError
+from roadwork_cli.errors import UnknownNameError, UsageError
 
 __all__ = ["HeadOutput", "SelectiveHead", "create_head"]
 
@@ -65,10 +65,11 @@ class SelectiveHead(nn.Module):
         cls: str = "shared",
     ):
         super().__init__()
+        # A record from elsewhere (best.json, a bundle's model.json) can carry any string: exit 2 with the choices.
         if gate not in self.GATE_KINDS:
-            raise ValueError(f"unknown gate kind {gate!r}; expected one of {self.GATE_KINDS}")
+            raise UnknownNameError(f"Unknown head gate kind {gate!r}; choose one of: {', '.join(self.GATE_KINDS)}.")
         if cls not in self.CLS_KINDS:
-            raise ValueError(f"unknown cls kind {cls!r}; expected one of {self.CLS_KINDS}")
+            raise UnknownNameError(f"Unknown head cls kind {cls!r}; choose one of: {', '.join(self.CLS_KINDS)}.")
         self.in_dim, self.hidden, self.dropout = int(in_dim), int(hidden), float(dropout)
         self.standardize = bool(standardize)
         self.gate = gate
