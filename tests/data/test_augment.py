@@ -13,8 +13,7 @@ from PIL import Image
 from scipy import stats
 
 from roadwork_cli.config import DataSettings
-from roadwork_cli.data.preprocessing import Preprocessing
-from roadwork_cli.data.transforms import (
+from roadwork_cli.data.natix import (
     CHALLENGE_JPEG_QUALITY,
     NATIX_BLUR_SIGMA,
     NATIX_CONTRAST,
@@ -23,17 +22,20 @@ from roadwork_cli.data.transforms import (
     NATIX_JPEG_SCALE,
     NATIX_NOISE_STD,
     NATIX_SATURATION,
-    NatixAugmentation,
     NatixParams,
     apply_natix_params,
+    natix_level,
+    sample_natix_params,
+)
+from roadwork_cli.data.preprocessing import Preprocessing
+from roadwork_cli.data.transforms import (
+    NatixAugmentation,
     augment_seed,
     augmentation_from_settings,
     create_augmentation,
     eval_transform,
     list_augmentations,
-    natix_level,
     normalize_batch,
-    sample_natix_params,
 )
 from roadwork_cli.errors import UnknownNameError
 
