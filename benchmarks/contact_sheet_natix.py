@@ -15,9 +15,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from roadwork_cli.data.natix import CHALLENGE_SIZE
 from roadwork_cli.data.preprocessing import Preprocessing
 from roadwork_cli.data.synthetic import render_scene, scene_seed
-from roadwork_cli.data.transforms import CHALLENGE_SIZE, augment_seed, create_augmentation
+from roadwork_cli.data.transforms import augment_seed, create_augmentation
 
 COLUMNS = [("original", None), ("level 0", 0)] + [(f"level {k} #{d}", k) for k in (1, 2, 3) for d in (1, 2)]
 HEADER = 18

@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -182,7 +183,7 @@ class DataSettings(_Section):
 
 
 class PeftSettings(_Section):
-    """Parameter-efficient tuning of the backbone (used by ``train --mode train|train_crc``)."""
+    """Parameter-efficient tuning of the backbone (used by ``train --mode train`` only; see :data:`MODE_SCOPES`)."""
 
     method: Literal["none", "lora", "dora", "doran"] = Field(
         "none",
@@ -238,16 +239,32 @@ class ModelSettings(_Section):
     peft: PeftSettings = Field(default_factory=PeftSettings, description="Backbone adapters.")
 
 
+CPU_BATCH_SIZE = 8
+"""Images per forward pass on the CPU when the settings leave it unset. Small batches keep a small backbone's
+activations in cache: with efficientnet_lite0 on 2 cores, predict ran 34 % and cache-features 25-60 % more images/s
+than at 32 and 64 (benchmarks/RESULTS.md)."""
+
+
+def _batch_size_field(per: str, gpu: int) -> Any:
+    """A ``batch_size`` setting of images per ``per``: unset = :data:`CPU_BATCH_SIZE` on the CPU, ``gpu`` on a GPU."""
+    return Field(
+        None,
+        gt=0,
+        description=f"Images per {per}; unset = {CPU_BATCH_SIZE} on the CPU (small batches keep activations in "
+        f"cache), {gpu} on a GPU.",
+    )
+
+
+def _workers_field() -> Any:
+    """The ``workers`` setting of a stage that decodes images."""
+    return Field(2, ge=0, description="DataLoader worker processes for decoding.")
+
+
 class FeatureSettings(_Section):
     """Backbone forward pass over every image, cached once."""
 
-    batch_size: int | None = Field(
-        None,
-        gt=0,
-        description="Images per backbone forward; unset = 8 on the CPU (small batches keep activations in cache), 64 "
-        "on a GPU.",
-    )
-    workers: int = Field(2, ge=0, description="DataLoader worker processes for decoding.")
+    batch_size: int | None = _batch_size_field("backbone forward", gpu=64)
+    workers: int = _workers_field()
     views: int = Field(0, ge=0, description="Extra augmented views cached per training image (0 = only the clean one).")
     shard_size: int = Field(2048, gt=0, description="Feature rows per safetensors shard (also the resume granularity).")
     channels_last: bool = Field(True, description="Use channels-last memory format for the backbone forward.")
@@ -433,13 +450,8 @@ class ExportSettings(_Section):
 class PredictSettings(_Section):
     """Inference on new images."""
 
-    batch_size: int | None = Field(
-        None,
-        gt=0,
-        description="Images per forward pass; unset = 8 on the CPU (small batches keep activations in cache), 32 on a "
-        "GPU.",
-    )
-    workers: int = Field(2, ge=0, description="DataLoader worker processes for decoding.")
+    batch_size: int | None = _batch_size_field("forward pass", gpu=32)
+    workers: int = _workers_field()
     format: Literal["auto", "table", "jsonl", "csv"] = Field(
         "auto", description="Output format; auto = table on a terminal, jsonl otherwise."
     )
@@ -509,10 +521,88 @@ class Settings(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-CPU_BATCH_SIZE = 8
-"""Images per forward pass on the CPU when the settings leave it unset. Small batches keep a small backbone's
-activations in cache: with efficientnet_lite0 on 2 cores, predict ran 34 % and cache-features 25-60 % more images/s
-than at 32 and 64 (benchmarks/RESULTS.md)."""
+@dataclass(frozen=True)
+class ModeScope:
+    """Settings that only some training modes read; set in another mode, they get one note instead of nothing.
+
+    Attributes:
+        keys: Dotted setting names; a section (``model.peft``) stands for each of its fields.
+        modes: The ``train.mode`` values that read them.
+        otherwise: What the other modes do instead, ``{mode}`` standing for the chosen one.
+    """
+
+    keys: tuple[str, ...]
+    modes: tuple[str, ...]
+    otherwise: str
+
+
+MODE_SCOPES: tuple[ModeScope, ...] = (
+    ModeScope(
+        keys=(
+            "train.optimizer",
+            "train.sam_rho",
+            "train.fsam_sigma",
+            "train.fsam_lambda",
+            "train.accumulate",
+            "train.head_lr",
+            "train.adapter_lr",
+            "train.layer_decay",
+            "train.grad_clip",
+            "train.warm_start",
+            "model.peft",
+        ),
+        modes=("train",),
+        otherwise="{mode} fits the head alone on cached features of the frozen backbone, with AdamW at train.lr",
+    ),
+    ModeScope(
+        keys=("train.crc_temperature", "train.crc_score", "train.loss.conformal"),
+        modes=("train_crc",),
+        otherwise="{mode} has no conformal-training term",
+    ),
+)
+"""The one place that says which settings a training mode ignores (:func:`mode_notes` words it)."""
+
+
+def _value_at(settings: BaseModel, key: str) -> Any:
+    for part in key.split("."):
+        settings = getattr(settings, part)
+    return settings
+
+
+def _leaf_keys(key: str) -> list[str]:
+    """``key`` itself, or each field of the section it names (``model.peft`` -> ``model.peft.method``, ...)."""
+    section = _model_at(key.split("."))
+    return [f"{key}.{name}" for name in section.model_fields] if section is not None else [key]
+
+
+def ignored_settings(settings: Settings) -> dict[ModeScope, list[str]]:
+    """Per scope, the dotted settings that differ from their defaults but that ``settings.train.mode`` does not read."""
+    defaults = Settings()
+    ignored = {}
+    for scope in MODE_SCOPES:
+        if settings.train.mode in scope.modes:
+            continue
+        keys = [leaf for key in scope.keys for leaf in _leaf_keys(key)]
+        changed = [key for key in keys if _value_at(settings, key) != _value_at(defaults, key)]
+        if changed:
+            ignored[scope] = changed
+    return ignored
+
+
+def mode_notes(settings: Settings) -> list[str]:
+    """One line per :data:`MODE_SCOPES` entry whose settings the chosen mode ignores, naming every such setting.
+
+    Example:
+        >>> [note] = mode_notes(load_settings(None, {"model": {"peft": {"method": "lora"}}}, environ={}))
+        >>> note.split(";")[0]
+        'model.peft.method applies to --mode train only'
+    """
+    mode = settings.train.mode
+    return [
+        f"{', '.join(keys)} {'applies' if len(keys) == 1 else 'apply'} to --mode {' / '.join(scope.modes)} only; "
+        f"{scope.otherwise.format(mode=mode)}."
+        for scope, keys in ignored_settings(settings).items()
+    ]
 
 
 def resolve_batch_size(requested: int | None, device_type: str, gpu: int) -> int:

@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from roadwork_cli.io.bundle import BundleContents
     from roadwork_cli.model.onnx_graph import OnnxGraph
 
-DECISIONS = ("roadwork", "no_roadwork", "defer")
-
 # Bundle member names (docs/architecture.md, "Artifacts").
 MODEL_JSON = "model.json"
 HEAD_WEIGHTS = "model_best.safetensors"
@@ -81,9 +79,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-ImageInput = "str | os.PathLike[str] | Image.Image"
 
 
 def _describe(item: Any, index: int) -> str:

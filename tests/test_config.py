@@ -1,10 +1,20 @@
 """Settings: precedence defaults < YAML < environment < flags, and errors that name the bad key."""
 
+import importlib
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
-from roadwork_cli.config import Settings, load_settings, settings_from_env
+from roadwork_cli.config import (
+    MODE_SCOPES,
+    Settings,
+    ignored_settings,
+    load_settings,
+    mode_notes,
+    settings_from_env,
+)
 from roadwork_cli.errors import UsageError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -132,22 +142,96 @@ def test_a_one_value_list_in_the_environment_is_accepted():
     assert load_settings(environ={"ROADWORK_TRAIN__EPOCHS": "4"}).train.epochs == 4
 
 
-@pytest.mark.parametrize(
-    ("section", "name", "module", "lister", "extra"),
-    [
-        ("calibration", "scaling", "roadwork_cli.calibration.scaling", "list_scalers", ()),
-        ("calibration", "rule", "roadwork_cli.calibration.rules", "list_rules", ()),
-        ("calibration", "method", "roadwork_cli.calibration.targets", "list_methods", ()),
-        ("data", "augment", "roadwork_cli.data.transforms", "list_augmentations", ()),
-        ("model.peft", "method", "roadwork_cli.model.peft", "list_adapter_methods", ("none",)),
-    ],
-)
-def test_literal_choices_equal_the_registries_that_implement_them(section, name, module, lister, extra):
-    import importlib
-    from typing import get_args
+def _literal_settings(model: type[BaseModel] = Settings, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Every ``Literal`` setting below ``model`` (also inside ``X | None``): dotted name -> its choices."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found |= _literal_settings(annotation, f"{prefix}{name}.")
+            continue
+        for candidate in (annotation, *get_args(annotation)):
+            if get_origin(candidate) is Literal:
+                found[f"{prefix}{name}"] = get_args(candidate)
+    return found
 
-    implemented = set(getattr(importlib.import_module(module), lister)()) | set(extra)
-    model = Settings
-    for part in section.split("."):
-        model = model.model_fields[part].annotation
-    assert set(get_args(model.model_fields[name].annotation)) == implemented
+
+LITERALS = _literal_settings()
+
+# Literal settings whose choices a registry implements: choices and registered names must be the same set.
+REGISTRIES = {
+    "data.augment": ("roadwork_cli.data.transforms", "AUGMENTATIONS"),
+    "model.peft.method": ("roadwork_cli.model.peft", "ADAPTERS"),
+    "train.optimizer": ("roadwork_cli.training.sam", "OPTIMIZERS"),
+    "calibration.scaling": ("roadwork_cli.calibration.scaling", "SCALERS"),
+    "calibration.rule": ("roadwork_cli.calibration.rules", "RULES"),
+    "calibration.method": ("roadwork_cli.calibration.targets", "METHODS"),
+}
+
+
+def _value_at(settings: BaseModel, key: str):
+    for part in key.split("."):
+        settings = getattr(settings, part)
+    return settings
+
+
+def _nested(key: str, value) -> dict:
+    tree = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def test_the_literal_settings_are_found():
+    import roadwork_cli.config
+
+    # One per ``Literal[`` in the source: the walk over the sections misses none.
+    assert len(LITERALS) == Path(roadwork_cli.config.__file__).read_text().count("Literal[")
+    assert set(REGISTRIES) <= set(LITERALS)
+    assert LITERALS["train.mode"] == ("train_cached", "train", "train_crc")
+
+
+@pytest.mark.parametrize("key", sorted(LITERALS))
+def test_every_literal_choice_is_accepted_and_anything_else_refused_by_name(key):
+    for choice in LITERALS[key]:
+        assert str(_value_at(load_settings(None, _nested(key, choice), environ={}), key)) == choice
+    with pytest.raises(UsageError, match=rf"{key}: Input should be .*\(got 'no_such_choice'\)"):
+        load_settings(None, _nested(key, "no_such_choice"), environ={})
+
+
+@pytest.mark.parametrize("key", sorted(REGISTRIES))
+def test_literal_choices_equal_the_registries_that_implement_them(key):
+    module, attribute = REGISTRIES[key]
+    implemented = getattr(importlib.import_module(module), attribute).names()
+    assert set(LITERALS[key]) == set(implemented)
+
+
+# ------------------------------------------------------------------------------------- settings a mode ignores
+
+
+def test_mode_scopes_name_real_settings():
+    defaults = Settings()
+    for scope in MODE_SCOPES:
+        assert set(scope.modes) <= set(LITERALS["train.mode"])
+        for key in scope.keys:
+            _value_at(defaults, key)  # raises on a typo
+
+
+def test_peft_in_a_cached_mode_gets_one_note_naming_each_setting():
+    assert mode_notes(load_settings(None, {}, environ={})) == []
+    settings = load_settings(None, {"model": {"peft": {"method": "dora", "rank": 4}}}, environ={})
+    [note] = mode_notes(settings)
+    assert note.startswith("model.peft.method, model.peft.rank apply to --mode train only; train_cached ")
+    crc = load_settings(None, {"train": {"mode": "train_crc", "optimizer": "sam"}}, environ={})
+    assert mode_notes(crc) == [
+        "train.optimizer applies to --mode train only; train_crc fits the head alone on cached features of the "
+        "frozen backbone, with AdamW at train.lr."
+    ]
+
+
+def test_live_mode_reads_the_adapters_but_not_the_conformal_term():
+    live = {"mode": "train", "optimizer": "fsam", "crc_temperature": 0.1, "loss": {"conformal": 2.0}}
+    settings = load_settings(None, {"train": live, "model": {"peft": {"method": "lora"}}}, environ={})
+    assert ignored_settings(settings) == {MODE_SCOPES[1]: ["train.crc_temperature", "train.loss.conformal"]}
+    [note] = mode_notes(settings)
+    assert "--mode train_crc only; train has no conformal-training term" in note

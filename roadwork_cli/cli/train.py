@@ -1,4 +1,4 @@
-"""``roadwork train``: fit the stage-1 head (train_cached) or head + adapters (train, train_crc)."""
+"""``roadwork train``: fit the stage-1 head on cached features (train_cached, train_crc) or head + adapters (train)."""
 
 from __future__ import annotations
 

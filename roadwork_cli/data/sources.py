@@ -29,6 +29,7 @@ from roadwork_cli.config import DEFAULT_COCO_POSITIVE_CATEGORIES, DataSettings
 from roadwork_cli.data.images import detect_image_column, image_cell_bytes, make_locator
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.manifest import ManifestColumnsError, read_manifest
+from roadwork_cli.registry import Registry
 
 POSITIVE_ALIASES = frozenset({"roadwork", "1", "positive", "pos", "yes", "true"})
 NEGATIVE_ALIASES = frozenset({"noroadwork", "0", "negative", "neg", "none", "no", "false", "background"})
@@ -85,22 +86,17 @@ class Source:
         return self.records()
 
 
-_REGISTRY: dict[str, Callable[..., Source]] = {}
+SOURCES: Registry[Callable[..., Source]] = Registry("data source kind")
+"""Readers ``fn(spec, settings, synthetic_dir) -> Source`` by the kind :func:`detect_kind` gives a spec."""
 
 
-def register_source(kind: str) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
-    """Decorator registering a reader ``fn(spec, settings, synthetic_dir) -> Source`` under ``kind``."""
-
-    def decorate(fn: Callable[..., Source]) -> Callable[..., Source]:
-        _REGISTRY[kind] = fn
-        return fn
-
-    return decorate
+register_source = SOURCES.register
+"""Decorator registering a reader ``fn(spec, settings, synthetic_dir) -> Source`` under a kind (duplicates refused)."""
 
 
 def list_sources() -> list[str]:
     """Names of the registered source kinds."""
-    return sorted(_REGISTRY)
+    return SOURCES.names()
 
 
 def parse_label(value) -> int | None:
@@ -196,12 +192,7 @@ def create_source(spec: str, settings: DataSettings | None = None, synthetic_dir
     """
     settings = settings or DataSettings()
     kind = detect_kind(spec)
-    return _REGISTRY[kind](spec, settings, synthetic_dir)
-
-
-def iter_records(spec: str, settings: DataSettings | None = None, synthetic_dir: str | Path | None = None):
-    """Shortcut for ``iter(create_source(spec, settings, synthetic_dir))``."""
-    return iter(create_source(spec, settings, synthetic_dir))
+    return SOURCES.get(kind)(spec, settings, synthetic_dir)
 
 
 @register_source("folder")

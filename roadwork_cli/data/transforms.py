@@ -12,8 +12,8 @@ Augmentations (``data.augment``) live in a small registry, :func:`create_augment
 
 - ``none``: the eval transform;
 - ``moderate`` and ``aggressive``: timm's ``create_transform(is_training=True, ...)`` presets (see their factories);
-- ``natix``: the NATIX StreetVision validators' challenge levels 0-3 (:func:`natix_level`), mixed with configurable
-  probabilities.
+- ``natix``: the NATIX StreetVision validators' challenge levels 0-3 (:mod:`roadwork_cli.data.natix`), mixed with
+  configurable probabilities.
 
 Every augmentation is called as ``augmentation(image, seed)``; the same seed gives the same pixels, whatever the
 process, worker or batch, and :func:`augment_seed` derives the seed of one (image id, view, epoch).
@@ -29,37 +29,36 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+
+from roadwork_cli.config import DataSettings
+from roadwork_cli.data.natix import challenge_image, level_mix, natix_spec
+from roadwork_cli.registry import Registry
 
 if TYPE_CHECKING:
     from roadwork_cli.data.preprocessing import Preprocessing
 
 __all__ = [
+    "AUGMENTATIONS",
     "Augmentation",
     "NatixAugmentation",
-    "NatixParams",
     "TimmAugmentation",
-    "apply_natix_params",
     "augment_seed",
     "augmentation_from_settings",
     "create_augmentation",
     "eval_transform",
     "list_augmentations",
-    "natix_level",
     "normalize_batch",
-    "sample_natix_params",
     "train_transform",
 ]
 
@@ -221,20 +220,14 @@ class Augmentation:
         return f"{type(self).__name__}(name={self.name!r}, output={self.output!r})"
 
 
-_REGISTRY: dict[str, Callable[..., Augmentation]] = {}
-
-
-def _register(name: str) -> Callable[[Callable[..., Augmentation]], Callable[..., Augmentation]]:
-    def decorate(factory: Callable[..., Augmentation]) -> Callable[..., Augmentation]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorate
+AUGMENTATIONS: Registry[Callable[..., Augmentation]] = Registry("augmentation")
+"""Factories ``fn(preprocessing, output="float", **options) -> Augmentation`` by ``data.augment`` name."""
+_register = AUGMENTATIONS.register
 
 
 def list_augmentations() -> list[str]:
     """Names accepted by :func:`create_augmentation` (and by ``data.augment``)."""
-    return sorted(_REGISTRY)
+    return AUGMENTATIONS.names()
 
 
 def create_augmentation(name: str, preprocessing: Preprocessing, output: Output = "float", **kwargs) -> Augmentation:
@@ -248,14 +241,15 @@ def create_augmentation(name: str, preprocessing: Preprocessing, output: Output 
             ``create_transform`` arguments; for ``natix`` ``levels`` (mix) or ``level`` (one level).
 
     Raises:
-        ValueError: Unknown name.
+        UnknownNameError: Unknown name (a :class:`~roadwork_cli.errors.UsageError`).
+        ValueError: Bad options (output kind, NATIX levels).
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(list_augmentations())}")
-    return _REGISTRY[name](preprocessing, output=output, **kwargs)
+    return AUGMENTATIONS.get(name)(preprocessing, output=output, **kwargs)
 
 
-def augmentation_from_settings(data: Any, preprocessing: Preprocessing, output: Output = "float") -> Augmentation:
+def augmentation_from_settings(
+    data: DataSettings, preprocessing: Preprocessing, output: Output = "float"
+) -> Augmentation:
     """The augmentation ``data.augment`` names, with ``data.natix_levels`` as the mix when it is ``natix``.
 
     Args:
@@ -332,14 +326,13 @@ MODERATE = {
     "re_mode": "pixel",
     "re_count": 1,
 }
+# The same pipeline, stronger: smaller crops, vertical flips too, magnitude 9 with uniform op weights, more erasing.
 AGGRESSIVE = {
+    **MODERATE,
     "scale": (0.08, 1.0),
-    "hflip": 0.5,
     "vflip": 0.5,
     "auto_augment": "rand-m9-n2-mstd0.5-inc1",
-    "color_jitter": None,
     "re_prob": 0.25,
-    "re_mode": "pixel",
     "re_count": 2,
 }
 
@@ -374,181 +367,11 @@ def _aggressive(preprocessing: Preprocessing, output: Output = "float", **overri
 
 # ----------------------------------------------------------------------------------------------------------- NATIX
 
-CHALLENGE_SIZE = 224
-"""Side of the square JPEG NATIX validators send; levels 1-3 operate at this resolution."""
-CHALLENGE_JPEG_QUALITY = 90
-"""Quality of the final re-compression of a challenge image (the validators' exact value is not published)."""
-NATIX_MAX_ROTATION = 20.0
-NATIX_CROP_SCALE = (0.2, 1.0)
-NATIX_CROP_RATIO = (3 / 4, 4 / 3)
-NATIX_FLIP_P = 0.5
-NATIX_SATURATION = (0.5, 1.5)
-NATIX_CONTRAST = (0.5, 1.5)
-NATIX_JPEG_QUALITY = (20, 90)
-NATIX_JPEG_SCALE = (0.5, 1.0)
-NATIX_NOISE_STD = (2.0, 12.0)  # on the 0-255 scale
-NATIX_BLUR_SIGMA = (0.3, 1.5)  # pixels at the challenge resolution
-
-
-@dataclass(frozen=True)
-class NatixParams:
-    """The random draws of one challenge image; the defaults are level 0 (square centre crop only).
-
-    Attributes:
-        level: 0-3.
-        angle: Rotation in degrees, counter-clockwise, black corners (level >= 1).
-        crop: ``(left, top, width, height)`` of the random resized crop inside the square, or None for all of it.
-        hflip: Mirror left-right.
-        vflip: Mirror top-bottom.
-        saturation: PIL colour-enhance factor (1 = unchanged; level >= 2).
-        contrast: PIL contrast-enhance factor (level >= 2).
-        jpeg_quality: Quality of the JPEG round trip, or None for none (level >= 2).
-        jpeg_scale: Side fraction the image is down-sampled to before that JPEG and up-sampled from after it.
-        noise_std: Gaussian pixel noise std on the 0-255 scale (level 3).
-        blur_sigma: Gaussian blur radius in pixels (level 3).
-    """
-
-    level: int = 0
-    angle: float = 0.0
-    crop: tuple[int, int, int, int] | None = None
-    hflip: bool = False
-    vflip: bool = False
-    saturation: float = 1.0
-    contrast: float = 1.0
-    jpeg_quality: int | None = None
-    jpeg_scale: float = 1.0
-    noise_std: float = 0.0
-    blur_sigma: float = 0.0
-
-
-def _centre_square(image: Image.Image) -> Image.Image:
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
-def _random_crop_box(side: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """A random resized crop box of area fraction in ``NATIX_CROP_SCALE`` and aspect in ``NATIX_CROP_RATIO``.
-
-    Unlike torchvision's rejection loop, the aspect range is narrowed to what fits the drawn area, so every draw is
-    valid and the area fraction stays uniform; sides round up, so the area never falls below the drawn fraction.
-    """
-    area = float(rng.uniform(*NATIX_CROP_SCALE))
-    low, high = max(NATIX_CROP_RATIO[0], area), min(NATIX_CROP_RATIO[1], 1.0 / area)
-    ratio = math.exp(rng.uniform(math.log(low), math.log(high)))  # width / height
-    width = min(side, math.ceil(math.sqrt(area * ratio) * side))
-    height = min(side, math.ceil(math.sqrt(area / ratio) * side))
-    left = int(rng.integers(0, side - width + 1))
-    top = int(rng.integers(0, side - height + 1))
-    return left, top, width, height
-
-
-def sample_natix_params(level: int, side: int, rng: np.random.Generator) -> NatixParams:
-    """Draw the random parameters of one challenge image of ``level`` on a ``side`` x ``side`` square.
-
-    Levels are cumulative: (0) square centre crop; (1) + rotation within +-20 deg, random resized crop of area
-    fraction 0.2-1, horizontal and vertical flips each with p=0.5; (2) + saturation and contrast factors in 0.5-1.5 and
-    a JPEG round trip at quality 20-90 through a down-sampling to 50-100 % of the side; (3) + Gaussian noise (std 2-12
-    of 255) and Gaussian blur (radius 0.3-1.5 px).
-    """
-    if level not in (0, 1, 2, 3):
-        raise ValueError(f"NATIX level must be 0, 1, 2 or 3, got {level!r}")
-    draws: dict[str, Any] = {"level": level}
-    if level >= 1:
-        draws["angle"] = float(rng.uniform(-NATIX_MAX_ROTATION, NATIX_MAX_ROTATION))
-        draws["crop"] = _random_crop_box(side, rng)
-        draws["hflip"] = bool(rng.random() < NATIX_FLIP_P)
-        draws["vflip"] = bool(rng.random() < NATIX_FLIP_P)
-    if level >= 2:
-        draws["saturation"] = float(rng.uniform(*NATIX_SATURATION))
-        draws["contrast"] = float(rng.uniform(*NATIX_CONTRAST))
-        draws["jpeg_quality"] = int(rng.integers(NATIX_JPEG_QUALITY[0], NATIX_JPEG_QUALITY[1] + 1))
-        draws["jpeg_scale"] = float(rng.uniform(*NATIX_JPEG_SCALE))
-    if level >= 3:
-        draws["noise_std"] = float(rng.uniform(*NATIX_NOISE_STD))
-        draws["blur_sigma"] = float(rng.uniform(*NATIX_BLUR_SIGMA))
-    return NatixParams(**draws)
-
-
-def _jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=int(quality))
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-
-
-def apply_natix_params(square: Image.Image, params: NatixParams, rng: np.random.Generator) -> Image.Image:
-    """Apply drawn parameters to a square RGB image; the output has the input's size.
-
-    Args:
-        square: The level-0 image (square centre crop, already at the working resolution).
-        params: From :func:`sample_natix_params`.
-        rng: Source of the per-pixel noise (used only when ``params.noise_std > 0``).
-    """
-    image = square.convert("RGB")
-    side = image.size[0]
-    if params.angle:
-        image = image.rotate(params.angle, resample=Image.BILINEAR, expand=False, fillcolor=(0, 0, 0))
-    if params.crop is not None:
-        left, top, width, height = params.crop
-        image = image.crop((left, top, left + width, top + height)).resize((side, side), Image.BICUBIC)
-    if params.hflip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    if params.vflip:
-        image = image.transpose(Image.FLIP_TOP_BOTTOM)
-    if params.saturation != 1.0:
-        image = ImageEnhance.Color(image).enhance(params.saturation)
-    if params.contrast != 1.0:
-        image = ImageEnhance.Contrast(image).enhance(params.contrast)
-    if params.jpeg_quality is not None:
-        small = max(8, round(side * params.jpeg_scale))
-        degraded = _jpeg_round_trip(image.resize((small, small), Image.BILINEAR), params.jpeg_quality)
-        image = degraded.resize((side, side), Image.BILINEAR)
-    if params.blur_sigma > 0:
-        image = image.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
-    if params.noise_std > 0:
-        pixels = np.asarray(image, dtype=np.float32)  # (S, S, 3)
-        pixels = pixels + rng.normal(0.0, params.noise_std, size=pixels.shape).astype(np.float32)
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    return image
-
-
-def natix_level(
-    image: Image.Image, level: int, rng: np.random.Generator, size: int | None = CHALLENGE_SIZE
-) -> Image.Image:
-    """One NATIX challenge level applied to ``image`` (levels in :func:`sample_natix_params`).
-
-    Args:
-        image: Any RGB image.
-        level: 0, 1, 2 or 3.
-        rng: The only source of randomness (level 0 draws nothing).
-        size: Side the square centre crop is resized to before the level's operations (the validators' 224); None
-            keeps the crop's own resolution.
-
-    Returns:
-        A square RGB image of side ``size`` (or the shorter side of ``image``).
-    """
-    square = _centre_square(image.convert("RGB"))
-    if size is not None and square.size[0] != size:
-        square = square.resize((size, size), Image.BICUBIC)
-    params = sample_natix_params(level, square.size[0], rng)
-    return apply_natix_params(square, params, rng)
-
-
-def _level_mix(levels: Sequence[float] | None, level: int | None) -> np.ndarray:
-    if level is not None:
-        if level not in (0, 1, 2, 3):
-            raise ValueError(f"NATIX level must be 0, 1, 2 or 3, got {level!r}")
-        return np.eye(4)[level]
-    mix = np.asarray((0.25, 0.25, 0.25, 0.25) if levels is None else levels, dtype=np.float64)
-    if mix.shape != (4,) or (mix < 0).any() or mix.sum() <= 0:
-        raise ValueError(f"NATIX levels must be four non-negative weights of levels 0-3, got {levels!r}")
-    return mix / mix.sum()
-
 
 class NatixAugmentation(Augmentation):
-    """The validators' challenge: a level drawn from the mix, :func:`natix_level`, the 224 px JPEG they send, then
-    the miner's own :func:`eval_transform` (exactly what ``predict`` does with a received challenge).
+    """The validators' challenge: a level drawn from the mix, the 224 px JPEG they send
+    (:func:`~roadwork_cli.data.natix.challenge_image`), then the miner's own :func:`eval_transform` (exactly what
+    ``predict`` does with a received challenge).
 
     Args:
         preprocessing: The backbone's input recipe.
@@ -567,11 +390,11 @@ class NatixAugmentation(Augmentation):
         level: int | None = None,
     ):
         super().__init__(preprocessing, output)
-        self.mix = _level_mix(levels, level)
+        self.mix = level_mix(levels, level)
         self.transform = eval_transform(preprocessing, output)
 
     def draw_level(self, rng: np.random.Generator) -> int:
-        """The level of one view (a fixed level draws nothing, so its stream equals a direct :func:`natix_level`)."""
+        """The level of one view (a fixed level draws nothing, so its stream equals a direct ``natix_level``)."""
         if np.count_nonzero(self.mix) == 1:
             return int(np.flatnonzero(self.mix)[0])
         return int(rng.choice(4, p=self.mix))
@@ -579,30 +402,13 @@ class NatixAugmentation(Augmentation):
     def challenge(self, image: Image.Image, seed: int) -> Image.Image:
         """The 224 x 224 JPEG-recompressed challenge image of ``seed`` (what a validator would send)."""
         rng = np.random.default_rng(seed)
-        level = self.draw_level(rng)
-        return _jpeg_round_trip(natix_level(image, level, rng), CHALLENGE_JPEG_QUALITY)
+        return challenge_image(image, self.draw_level(rng), rng)
 
     def apply(self, image: Image.Image, seed: int) -> torch.Tensor:
         return self.transform(self.challenge(image, seed))
 
     def options(self) -> dict[str, Any]:
-        return {
-            "levels": self.mix.tolist(),
-            "challenge_size": CHALLENGE_SIZE,
-            "jpeg_quality": CHALLENGE_JPEG_QUALITY,
-            "ranges": {
-                "rotation": NATIX_MAX_ROTATION,
-                "crop_scale": NATIX_CROP_SCALE,
-                "crop_ratio": NATIX_CROP_RATIO,
-                "flip_p": NATIX_FLIP_P,
-                "saturation": NATIX_SATURATION,
-                "contrast": NATIX_CONTRAST,
-                "jpeg_quality": NATIX_JPEG_QUALITY,
-                "jpeg_scale": NATIX_JPEG_SCALE,
-                "noise_std": NATIX_NOISE_STD,
-                "blur_sigma": NATIX_BLUR_SIGMA,
-            },
-        }
+        return {"levels": self.mix.tolist(), **natix_spec()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(levels={self.mix.round(3).tolist()}, output={self.output!r})"
@@ -615,5 +421,5 @@ def _natix(
     levels: Sequence[float] | None = None,
     level: int | None = None,
 ) -> Augmentation:
-    """NATIX challenge levels 0-3 (see :func:`sample_natix_params`), mixed by ``levels`` (default uniform)."""
+    """NATIX challenge levels 0-3 (see :mod:`roadwork_cli.data.natix`), mixed by ``levels`` (default uniform)."""
     return NatixAugmentation(preprocessing, output, levels=levels, level=level)

@@ -116,13 +116,3 @@ def read_json(path: str | os.PathLike[str]) -> Any:
     """Parse a JSON file."""
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (used for logs that must survive a crash)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())

@@ -154,12 +154,6 @@ def _csv_line(values: list[Any]) -> str:
     return buffer.getvalue()
 
 
-def records_to_text(records: list[dict[str, Any]], fmt: str) -> str:
-    """Render records as ``jsonl`` (one object per line), ``csv`` (header + one row per record) or ``probability``."""
-    header = _csv_line(list(FIELDS)) if fmt == "csv" else ""
-    return header + "".join(_record_line(r, fmt) for r in records)
-
-
 class RecordWriter:
     """Writes records one by one as they are computed, flushed each time, to stdout or to a file.
 

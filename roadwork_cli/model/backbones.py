@@ -29,8 +29,10 @@ from torch import nn
 
 from roadwork_cli.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from roadwork_cli.errors import UsageError
+from roadwork_cli.registry import Registry
 
 __all__ = [
+    "BACKBONES",
     "Backbone",
     "Preprocessing",
     "create_backbone",
@@ -147,29 +149,19 @@ class Backbone(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, Callable[..., _Built]] = {}
-_DESCRIPTIONS: dict[str, str] = {}
-_PREFIXES = ("timm:", "hf:")
+BACKBONES: Registry[Callable[..., _Built]] = Registry(
+    "backbone", hint="Or 'timm:<model name>' or 'hf:<repo id or local dir>'."
+)
+"""Builders ``fn(weights: Path | None, image_size: int | None, **kw) -> _Built`` by name."""
 
 
-def register_backbone(name: str, description: str = "") -> Callable[[Callable[..., _Built]], Callable[..., _Built]]:
-    """Decorator adding a builder ``fn(weights: Path | None, image_size: int | None, **kw) -> _Built``."""
-
-    def decorator(fn: Callable[..., _Built]) -> Callable[..., _Built]:
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _REGISTRY[name] = fn
-        _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
-        return fn
-
-    return decorator
+register_backbone = BACKBONES.register
+"""Decorator adding a builder ``fn(weights, image_size, **kw) -> _Built`` under a name (duplicates refused)."""
 
 
 def list_backbones(with_descriptions: bool = False) -> list[str] | dict[str, str]:
     """Registered names (sorted); ``timm:<name>`` and ``hf:<repo or dir>`` are accepted on top of these."""
-    if with_descriptions:
-        return {name: _DESCRIPTIONS[name] for name in sorted(_REGISTRY)}
-    return sorted(_REGISTRY)
+    return BACKBONES.describe() if with_descriptions else BACKBONES.names()
 
 
 def create_backbone(
@@ -184,7 +176,8 @@ def create_backbone(
         **kwargs: Passed to the entry's builder (e.g. ``pretrained=False`` for timm models).
 
     Raises:
-        UsageError: Unknown name, unreadable weights, mismatching weights, or weights unavailable offline.
+        UnknownNameError: Unknown name (a :class:`UsageError`; the message suggests the closest and the prefixes).
+        UsageError: Unreadable weights, mismatching weights, or weights unavailable offline.
     """
     weights_path = Path(weights) if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
@@ -193,13 +186,8 @@ def create_backbone(
         built = _build_timm(name[len("timm:") :], weights_path, image_size, **kwargs)
     elif name.startswith("hf:"):
         built = _build_hf(name[len("hf:") :], weights_path, image_size, **kwargs)
-    elif name in _REGISTRY:
-        built = _REGISTRY[name](weights_path, image_size, **kwargs)
     else:
-        raise UsageError(
-            f"Unknown backbone {name!r}. Choose one of {', '.join(list_backbones())}, or 'timm:<model name>' or "
-            "'hf:<repo id or local dir>'."
-        )
+        built = BACKBONES.get(name)(weights_path, image_size, **kwargs)
     return Backbone(name, built, image_size=image_size, weights=str(weights_path) if weights_path else None)
 
 

@@ -20,6 +20,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from roadwork_cli.config import ModelSettings
+from roadwork_cli.errors import UnknownNameError, UsageError
+
 __all__ = ["HeadOutput", "SelectiveHead", "create_head"]
 
 
@@ -62,10 +65,11 @@ class SelectiveHead(nn.Module):
         cls: str = "shared",
     ):
         super().__init__()
+        # A record from elsewhere (best.json, a bundle's model.json) can carry any string: exit 2 with the choices.
         if gate not in self.GATE_KINDS:
-            raise ValueError(f"unknown gate kind {gate!r}; expected one of {self.GATE_KINDS}")
+            raise UnknownNameError(f"Unknown head gate kind {gate!r}; choose one of: {', '.join(self.GATE_KINDS)}.")
         if cls not in self.CLS_KINDS:
-            raise ValueError(f"unknown cls kind {cls!r}; expected one of {self.CLS_KINDS}")
+            raise UnknownNameError(f"Unknown head cls kind {cls!r}; choose one of: {', '.join(self.CLS_KINDS)}.")
         self.in_dim, self.hidden, self.dropout = int(in_dim), int(hidden), float(dropout)
         self.standardize = bool(standardize)
         self.gate = gate
@@ -130,25 +134,36 @@ class SelectiveHead(nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """JSON-able constructor arguments (stored in ``best.json`` and bundles)."""
-        config = {"type": "SelectiveHead", "in_dim": self.in_dim, "hidden": self.hidden, "dropout": self.dropout}
-        if self.standardize:  # only when set, so heads saved before the option existed keep the same config
-            config["standardize"] = True
-        if self.gate != "shared":  # likewise
-            config["gate"] = self.gate
-        if self.cls != "shared":  # likewise
-            config["cls"] = self.cls
-        return config
+        return {
+            "type": "SelectiveHead",
+            "in_dim": self.in_dim,
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+            "standardize": self.standardize,
+            "gate": self.gate,
+            "cls": self.cls,
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SelectiveHead:
-        """Inverse of :attr:`config`."""
+        """Inverse of :attr:`config`.
+
+        Raises:
+            UsageError: A key is missing (a record written by another version: re-run ``roadwork train``).
+        """
+        missing = [key for key in ("in_dim", "hidden", "dropout", "standardize", "gate", "cls") if key not in config]
+        if missing:
+            raise UsageError(
+                f"The head config {config} lacks {', '.join(missing)}: it was written by another version of roadwork; "
+                "re-run `roadwork train` (and `roadwork export`)."
+            )
         return cls(
             in_dim=int(config["in_dim"]),
             hidden=int(config["hidden"]),
             dropout=float(config["dropout"]),
-            standardize=bool(config.get("standardize", False)),
-            gate=str(config.get("gate", "shared")),
-            cls=str(config.get("cls", "shared")),
+            standardize=bool(config["standardize"]),
+            gate=str(config["gate"]),
+            cls=str(config["cls"]),
         )
 
     def hidden_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -190,16 +205,16 @@ def _compiled_logits() -> Any:
     return _COMPILED[0]
 
 
-def create_head(model_settings: Any, in_dim: int) -> SelectiveHead:
-    """Head from ``ModelSettings`` (``head_hidden``, ``head_dropout``, ``head_standardize``, ``head_gate``,
+def create_head(model_settings: ModelSettings, in_dim: int) -> SelectiveHead:
+    """Head from ``model`` settings (``head_hidden``, ``head_dropout``, ``head_standardize``, ``head_gate``,
     ``compile``)."""
     head = SelectiveHead(
         in_dim,
         hidden=model_settings.head_hidden,
         dropout=model_settings.head_dropout,
-        standardize=getattr(model_settings, "head_standardize", False),
-        gate=getattr(model_settings, "head_gate", "shared"),
+        standardize=model_settings.head_standardize,
+        gate=model_settings.head_gate,
     )
-    if getattr(model_settings, "compile", False):
+    if model_settings.compile:
         head.enable_compile()
     return head

@@ -45,9 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from roadwork_cli.config import PeftSettings
 from roadwork_cli.errors import UsageError
+from roadwork_cli.registry import Registry
 
 __all__ = [
+    "ADAPTERS",
     "DoranGenerator",
     "DoranLinear",
     "apply_adapters",
@@ -271,39 +274,35 @@ class DoranLinear(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------------ registry
 
-_ADAPTERS: dict[str, Callable[[nn.Module, list[str], Any], None]] = {}
+ADAPTERS: Registry[Callable[[nn.Module, list[str], PeftSettings], None]] = Registry("adapter method")
+"""Injectors ``fn(model, target_names, peft_settings)`` by ``model.peft.method``; ``none`` injects nothing."""
 
 
-def register_adapter(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Decorator adding ``fn(model, target_names, peft_settings)`` that injects adapters into ``model`` in place."""
-
-    def decorator(fn: Callable[..., None]) -> Callable[..., None]:
-        if name in _ADAPTERS:
-            raise ValueError(f"adapter method {name!r} is already registered")
-        _ADAPTERS[name] = fn
-        return fn
-
-    return decorator
+register_adapter = ADAPTERS.register
+"""Decorator adding ``fn(model, target_names, peft_settings)`` that injects adapters in place (duplicates refused)."""
 
 
 def list_adapter_methods() -> list[str]:
-    """Registered adapter methods (``none`` is accepted on top: no adapters)."""
-    return sorted(_ADAPTERS)
+    """Registered adapter methods, ``none`` (no adapters) included: the choices of ``model.peft.method``."""
+    return ADAPTERS.names()
 
 
-def create_adapter(method: str, model: nn.Module, target_names: list[str], peft_settings: Any) -> nn.Module:
+def create_adapter(method: str, model: nn.Module, target_names: list[str], peft_settings: PeftSettings) -> nn.Module:
     """Inject adapters of ``method`` into ``model`` at the full dotted ``target_names``; returns ``model``.
 
     Raises:
-        UsageError: Unknown method.
+        UnknownNameError: Unknown method (a :class:`~roadwork_cli.errors.UsageError`).
     """
-    if method not in _ADAPTERS:
-        raise UsageError(f"Unknown adapter method {method!r}; choose one of none, {', '.join(list_adapter_methods())}.")
-    _ADAPTERS[method](model, target_names, peft_settings)
+    ADAPTERS.get(method)(model, target_names, peft_settings)
     return model
 
 
-def _inject_peft(model: nn.Module, target_names: list[str], peft_settings: Any, use_dora: bool) -> None:
+@register_adapter("none")
+def _none(model: nn.Module, target_names: list[str], peft_settings: PeftSettings) -> None:
+    """No adapters: the backbone stays frozen and only the head trains."""
+
+
+def _inject_peft(model: nn.Module, target_names: list[str], peft_settings: PeftSettings, use_dora: bool) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(
@@ -318,17 +317,20 @@ def _inject_peft(model: nn.Module, target_names: list[str], peft_settings: Any, 
 
 
 @register_adapter("lora")
-def _lora(model: nn.Module, target_names: list[str], peft_settings: Any) -> None:
+def _lora(model: nn.Module, target_names: list[str], peft_settings: PeftSettings) -> None:
+    """LoRA through peft's ``LoraConfig``."""
     _inject_peft(model, target_names, peft_settings, use_dora=False)
 
 
 @register_adapter("dora")
-def _dora(model: nn.Module, target_names: list[str], peft_settings: Any) -> None:
+def _dora(model: nn.Module, target_names: list[str], peft_settings: PeftSettings) -> None:
+    """DoRA through peft's ``LoraConfig(use_dora=True)``."""
     _inject_peft(model, target_names, peft_settings, use_dora=True)
 
 
 @register_adapter("doran")
-def _doran(model: nn.Module, target_names: list[str], peft_settings: Any) -> None:
+def _doran(model: nn.Module, target_names: list[str], peft_settings: PeftSettings) -> None:
+    """DoRAN (ours): DoRA with a learnable norm stabiliser and per-block generated factors; Linear layers only."""
     linear = [name for name in target_names if type(model.get_submodule(name)) is nn.Linear]
     others = [name for name in target_names if name not in linear]
     if others:
@@ -397,7 +399,7 @@ def _route_fused_qkv_through_module(network: nn.Module, targets: list[str]) -> N
             parent.qkv_bias_separate = True
 
 
-def apply_adapters(backbone: nn.Module, peft_settings: Any) -> nn.Module:
+def apply_adapters(backbone: nn.Module, peft_settings: PeftSettings) -> nn.Module:
     """Freeze the backbone's weights and inject trainable adapters as ``peft_settings`` describe (in place).
 
     Args:

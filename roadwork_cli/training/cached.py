@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from roadwork_cli.config import Settings, TrainSettings
+from roadwork_cli.config import Settings, TrainSettings, mode_notes
 from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import CachedFeatures, SplitTable, load_cached, read_split_table
 from roadwork_cli.io import provenance
@@ -48,10 +48,7 @@ from roadwork_cli.training.logistic import fit_logistic_cv
 from roadwork_cli.training.losses import LOSS_PARTS, ConformalTarget, selective_loss
 from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler
 
-__all__ = ["GATE_L2", "LIVE_ONLY", "fit_crossfit_gate", "train_cached"]
-
-LIVE_ONLY = ("optimizer", "accumulate", "head_lr", "adapter_lr", "layer_decay", "grad_clip")
-"""Settings of the live fine-tuning loop (``--mode train``) that the cached modes do not use; set, they get a note."""
+__all__ = ["GATE_L2", "fit_crossfit_gate", "train_cached"]
 
 
 # ------------------------------------------------------------------------------------------------------------ data
@@ -433,9 +430,7 @@ def train_cached(
 
     scores = write_split_scores(run, fit.dist, score, [run.splits, run.current_features])
     notes = val_select_notes(data.split_labels["val_select"])
-    ignored = [f"train.{name}" for name in LIVE_ONLY if getattr(ts, name) != TrainSettings.model_fields[name].default]
-    if ignored:
-        notes.append(f"{', '.join(ignored)} apply to --mode train only; {mode} fits the head with AdamW at train.lr.")
+    notes += mode_notes(settings)  # settings this mode ignores (model.peft.*, live-loop train.*), by name
     if written.cls_fit is not None:
         cls_fit = written.cls_fit
         notes.append(

@@ -11,25 +11,33 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["create_ema", "create_optimizer", "create_scheduler"]
+from roadwork_cli.config import TrainSettings
+
+__all__ = ["adamw", "create_ema", "create_optimizer", "create_scheduler"]
 
 
-def create_optimizer(model: nn.Module, train_settings: Any) -> torch.optim.AdamW:
-    """AdamW; biases and normalisation weights (1-D tensors) get no weight decay.
+def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.999) over parameter ``groups``; ``lr`` is the rate of groups that set none.
 
     The fused kernel (one op for all parameters) when the device supports it: on CPU it is several times faster than
-    the per-tensor loop for a small head, where the optimiser step costs as much as the forward pass.
+    the per-tensor loop for a small head, where the optimiser step costs as much as the forward pass. The multi-tensor
+    kernel otherwise.
     """
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), foreach=True)
+
+
+def create_optimizer(model: nn.Module, train_settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW at ``train.lr``; biases and normalisation weights (1-D tensors) get no weight decay."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": train_settings.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    try:
-        return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), foreach=True)
+    return adamw(groups, train_settings.lr)
 
 
 FINAL_LR_FACTOR = 0.01
@@ -37,7 +45,7 @@ FINAL_LR_FACTOR = 0.01
 
 
 def create_scheduler(
-    optimizer: torch.optim.Optimizer, train_settings: Any, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer, train_settings: TrainSettings, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up over ``warmup_epochs`` then cosine decay to 1 % of the peak, stepped once per batch.
 

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from roadwork_cli.config import TrainSettings
 from roadwork_cli.model.backbones import Backbone
+from roadwork_cli.training.optim import adamw
 from roadwork_cli.training.sam import wrap_optimizer
 
 __all__ = ["create_finetune_optimizer", "create_param_groups", "layer_ids"]
@@ -57,7 +59,9 @@ def _split_decay(
     return [group for group in groups if group["params"]]
 
 
-def create_param_groups(head: nn.Module, backbone: nn.Module | None, train_settings: Any) -> list[dict[str, Any]]:
+def create_param_groups(
+    head: nn.Module, backbone: nn.Module | None, train_settings: TrainSettings
+) -> list[dict[str, Any]]:
     """AdamW parameter groups with explicit ``lr`` and ``weight_decay`` (trainable parameters only).
 
     Args:
@@ -102,15 +106,8 @@ def create_param_groups(head: nn.Module, backbone: nn.Module | None, train_setti
 
 
 def create_finetune_optimizer(
-    head: nn.Module, backbone: nn.Module | None, train_settings: Any
+    head: nn.Module, backbone: nn.Module | None, train_settings: TrainSettings
 ) -> torch.optim.Optimizer:
-    """AdamW over :func:`create_param_groups`, wrapped in SAM / F-SAM when ``train.optimizer`` asks for it.
-
-    The fused AdamW kernel where the device supports it, the multi-tensor one otherwise.
-    """
-    groups = create_param_groups(head, backbone, train_settings)
-    try:
-        base = torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), fused=True)
-    except (RuntimeError, TypeError):
-        base = torch.optim.AdamW(groups, lr=train_settings.lr, betas=(0.9, 0.999), foreach=True)
-    return wrap_optimizer(base, train_settings)
+    """AdamW (:func:`~roadwork_cli.training.optim.adamw`) over :func:`create_param_groups`, wrapped in SAM / F-SAM
+    when ``train.optimizer`` asks for it."""
+    return wrap_optimizer(adamw(create_param_groups(head, backbone, train_settings), train_settings.lr), train_settings)

@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["FSAM", "SAM", "list_optimizers", "wrap_optimizer"]
+from roadwork_cli.config import TrainSettings
+from roadwork_cli.registry import Registry
+
+__all__ = ["FSAM", "OPTIMIZERS", "SAM", "wrap_optimizer"]
 
 _EPS = 1e-12
 
@@ -156,31 +159,38 @@ class FSAM(SAM):
         super().__init__(base_optimizer, rho=rho, sigma=sigma, lmbda=lmbda)
 
 
-_OPTIMIZERS = ("adamw", "fsam", "sam")
+OPTIMIZERS: Registry[Callable[[torch.optim.Optimizer, TrainSettings], torch.optim.Optimizer]] = Registry("optimizer")
+"""Wrappers ``fn(base_optimizer, train_settings) -> optimizer`` by ``train.optimizer`` name."""
 
 
-def list_optimizers() -> list[str]:
-    """Names accepted by ``train.optimizer``."""
-    return list(_OPTIMIZERS)
+@OPTIMIZERS.register("adamw")
+def _adamw(base_optimizer: torch.optim.Optimizer, train_settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW alone: the base optimiser, unwrapped."""
+    return base_optimizer
 
 
-def wrap_optimizer(base_optimizer: torch.optim.Optimizer, train_settings: Any) -> torch.optim.Optimizer:
+@OPTIMIZERS.register("sam")
+def _sam(base_optimizer: torch.optim.Optimizer, train_settings: TrainSettings) -> torch.optim.Optimizer:
+    """SAM: the AdamW step taken at the worst point within radius ``train.sam_rho``."""
+    return SAM(base_optimizer, rho=train_settings.sam_rho)
+
+
+@OPTIMIZERS.register("fsam")
+def _fsam(base_optimizer: torch.optim.Optimizer, train_settings: TrainSettings) -> torch.optim.Optimizer:
+    """Friendly SAM: the ascent direction drops the gradient's running mean (``fsam_sigma``, ``fsam_lambda``)."""
+    return FSAM(
+        base_optimizer, rho=train_settings.sam_rho, sigma=train_settings.fsam_sigma, lmbda=train_settings.fsam_lambda
+    )
+
+
+def wrap_optimizer(base_optimizer: torch.optim.Optimizer, train_settings: TrainSettings) -> torch.optim.Optimizer:
     """``base_optimizer`` itself for ``adamw``, wrapped in :class:`SAM` / :class:`FSAM` for ``sam`` / ``fsam``.
 
     Args:
         base_optimizer: AdamW over the trainable parameters (e.g. from ``create_param_groups``).
         train_settings: ``train`` settings (``optimizer``, ``sam_rho``, ``fsam_sigma``, ``fsam_lambda``).
+
+    Raises:
+        UnknownNameError: ``train.optimizer`` names no registered optimiser.
     """
-    name = train_settings.optimizer
-    if name == "adamw":
-        return base_optimizer
-    if name == "sam":
-        return SAM(base_optimizer, rho=train_settings.sam_rho)
-    if name == "fsam":
-        return FSAM(
-            base_optimizer,
-            rho=train_settings.sam_rho,
-            sigma=train_settings.fsam_sigma,
-            lmbda=train_settings.fsam_lambda,
-        )
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_OPTIMIZERS)}")
+    return OPTIMIZERS.get(train_settings.optimizer)(base_optimizer, train_settings)

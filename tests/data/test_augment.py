@@ -13,8 +13,7 @@ from PIL import Image
 from scipy import stats
 
 from roadwork_cli.config import DataSettings
-from roadwork_cli.data.preprocessing import Preprocessing
-from roadwork_cli.data.transforms import (
+from roadwork_cli.data.natix import (
     CHALLENGE_JPEG_QUALITY,
     NATIX_BLUR_SIGMA,
     NATIX_CONTRAST,
@@ -23,18 +22,22 @@ from roadwork_cli.data.transforms import (
     NATIX_JPEG_SCALE,
     NATIX_NOISE_STD,
     NATIX_SATURATION,
-    NatixAugmentation,
     NatixParams,
     apply_natix_params,
+    natix_level,
+    sample_natix_params,
+)
+from roadwork_cli.data.preprocessing import Preprocessing
+from roadwork_cli.data.transforms import (
+    NatixAugmentation,
     augment_seed,
     augmentation_from_settings,
     create_augmentation,
     eval_transform,
     list_augmentations,
-    natix_level,
     normalize_batch,
-    sample_natix_params,
 )
+from roadwork_cli.errors import UnknownNameError
 
 PRE = Preprocessing(size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), interpolation="bilinear", crop_pct=0.875)
 DRAWS = 4000
@@ -60,7 +63,7 @@ def _params(level: int, side: int = 224, n: int = DRAWS, seed: int = 0) -> list[
 
 def test_registry_names_and_unknown_name():
     assert list_augmentations() == ["aggressive", "moderate", "natix", "none"]
-    with pytest.raises(ValueError, match="unknown augmentation"):
+    with pytest.raises(UnknownNameError, match="Unknown augmentation 'heavy'"):
         create_augmentation("heavy", PRE)
     with pytest.raises(ValueError):
         create_augmentation("natix", PRE, output="half")

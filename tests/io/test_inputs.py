@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from roadwork_cli.io.inputs import FIELDS, STDIN_IMAGE, RecordWriter, expand_inputs, records_to_text
+from roadwork_cli.io.inputs import FIELDS, STDIN_IMAGE, RecordWriter, expand_inputs
 
 
 def _touch(path, data=b"x"):
@@ -54,14 +54,24 @@ def test_stdin_holds_paths_or_one_encoded_image(tmp_path):
     assert shown == STDIN_IMAGE and item == jpeg and error is None
 
 
+def _streamed(records: list[dict], fmt: str) -> str:
+    """What a RecordWriter writes to a stream for ``records``."""
+    stream = io.StringIO()
+    writer = RecordWriter(fmt, stream=stream)
+    for record in records:
+        writer.write(record)
+    writer.finish()
+    return stream.getvalue()
+
+
 def test_jsonl_and_csv_hold_every_contract_field():
     records = [
         {"path": "a.jpg", "p_roadwork": 0.9, "gate": 0.8, "decision": "roadwork", "error": None},
         {"path": "b,c.png", "p_roadwork": None, "gate": None, "decision": None, "error": "zero bytes"},
     ]
-    lines = [json.loads(line) for line in records_to_text(records, "jsonl").splitlines()]
+    lines = [json.loads(line) for line in _streamed(records, "jsonl").splitlines()]
     assert lines == records
-    rows = list(csv.DictReader(io.StringIO(records_to_text(records, "csv"))))
+    rows = list(csv.DictReader(io.StringIO(_streamed(records, "csv"))))
     assert tuple(rows[0]) == FIELDS
     assert rows[1]["path"] == "b,c.png" and rows[1]["error"] == "zero bytes" and rows[1]["p_roadwork"] == ""
 
@@ -112,16 +122,22 @@ RECORDS = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "probability"])
-def test_writer_streams_the_same_text_as_records_to_text(fmt):
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [
+        ("jsonl", '{"path": "a.jpg", "p_roadwork": 0.9, "gate": 0.8, "decision": "roadwork", "error": null}\n'),
+        ("csv", "path,p_roadwork,gate,decision,error\na.jpg,0.9,0.8,roadwork,\n"),
+        ("probability", "0.900000\n"),
+    ],
+)
+def test_writer_streams_each_record_as_it_comes(fmt, expected):
     stream = io.StringIO()
     writer = RecordWriter(fmt, stream=stream)
     writer.write(RECORDS[0])
-    first = stream.getvalue()
+    assert stream.getvalue() == expected  # on the stream before the next record exists
     writer.write(RECORDS[1])
     writer.finish()
-    assert stream.getvalue() == records_to_text(RECORDS, fmt)
-    assert stream.getvalue().startswith(first) and first == records_to_text(RECORDS[:1], fmt)
+    assert stream.getvalue() == _streamed(RECORDS, fmt) and stream.getvalue().startswith(expected)
     assert writer.written == 2
 
 
@@ -130,10 +146,10 @@ def test_writer_file_is_partial_until_finished_and_follows_the_umask(tmp_path):
     writer = RecordWriter("jsonl", out)
     writer.write(RECORDS[0])
     assert not out.exists()
-    assert writer.partial_path.read_text() == records_to_text(RECORDS[:1], "jsonl")  # flushed, not buffered
+    assert writer.partial_path.read_text() == _streamed(RECORDS[:1], "jsonl")  # flushed, not buffered
     writer.write(RECORDS[1])
     writer.finish()
-    assert out.read_text() == records_to_text(RECORDS, "jsonl") and not writer.partial_path.exists()
+    assert out.read_text() == _streamed(RECORDS, "jsonl") and not writer.partial_path.exists()
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask

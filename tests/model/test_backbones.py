@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from roadwork_cli.data.preprocessing import Preprocessing, create_backbone, list_backbones, load_state_dict_file
+from roadwork_cli.data.preprocessing import Preprocessing
 from roadwork_cli.errors import UsageError
 from roadwork_cli.model import backbones
+from roadwork_cli.model.backbones import create_backbone, list_backbones, load_state_dict_file
 
 
 def test_registry_lists_every_documented_name():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from roadwork_cli.config import ModelSettings
+from roadwork_cli.errors import UnknownNameError, UsageError
 from roadwork_cli.model import head as head_module
 from roadwork_cli.model.head import HeadOutput, SelectiveHead, create_head
 
@@ -32,7 +33,27 @@ def test_config_round_trip_reproduces_the_head():
     x = torch.randn(3, 12)
     for a, b in zip(head(x), clone(x), strict=True):
         torch.testing.assert_close(a, b)
-    assert head.config == {"type": "SelectiveHead", "in_dim": 12, "hidden": 8, "dropout": 0.2}
+    assert head.config == {
+        "type": "SelectiveHead",
+        "in_dim": 12,
+        "hidden": 8,
+        "dropout": 0.2,
+        "standardize": False,
+        "gate": "shared",
+        "cls": "shared",
+    }
+    crossfit = create_head(ModelSettings(head_standardize=True, head_gate="crossfit"), in_dim=12)
+    assert SelectiveHead.from_config(crossfit.config).config == crossfit.config
+
+
+def test_a_config_without_every_key_is_refused_with_a_reason():
+    with pytest.raises(UsageError, match="lacks standardize, gate, cls.*re-run `roadwork train`"):
+        SelectiveHead.from_config({"type": "SelectiveHead", "in_dim": 12, "hidden": 8, "dropout": 0.2})
+    config = create_head(ModelSettings(), in_dim=4).config
+    with pytest.raises(UnknownNameError, match="Unknown head gate kind 'shraed'; choose one of: shared, crossfit"):
+        SelectiveHead.from_config(dict(config, gate="shraed"))
+    with pytest.raises(UnknownNameError, match="Unknown head cls kind 'logistic'"):
+        SelectiveHead.from_config(dict(config, cls="logistic"))
 
 
 def test_dropout_only_in_training_mode():

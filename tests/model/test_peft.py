@@ -54,7 +54,7 @@ def _perturb_adapters(module: nn.Module, scale: float = 0.05, seed: int = 1) -> 
 
 
 def test_registry_lists_the_methods():
-    assert list_adapter_methods() == ["dora", "doran", "lora"]
+    assert list_adapter_methods() == ["dora", "doran", "lora", "none"]
     with pytest.raises(UsageError, match="Unknown adapter method"):
         create_adapter("ia3", nn.Linear(2, 2), [], PeftSettings())
 

@@ -18,7 +18,7 @@ from roadwork_cli.training.cached import fit_crossfit_gate
 def test_crossfit_head_round_trips_and_its_gate_reads_the_cls_logit():
     head = SelectiveHead(8, hidden=4, dropout=0.0, gate="crossfit")
     assert SelectiveHead.from_config(head.config).gate == "crossfit"
-    assert "gate" not in SelectiveHead(8, hidden=4).config  # shared heads keep their old config
+    assert SelectiveHead(8, hidden=4).config["gate"] == "shared"
     x = torch.randn(5, 8)
     out = head(x)
     expected = head.crossfit_gate(head.hidden_features(x), out.cls)

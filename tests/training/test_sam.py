@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from roadwork_cli.config import TrainSettings
-from roadwork_cli.training.sam import FSAM, SAM, list_optimizers, wrap_optimizer
+from roadwork_cli.training.sam import FSAM, OPTIMIZERS, SAM, wrap_optimizer
 
 
 def _half_square_norm_steps(optimizer_factory, steps: int = 2) -> tuple[torch.Tensor, torch.optim.Optimizer]:
@@ -153,7 +153,7 @@ def test_schedulers_drive_the_base_optimiser_through_the_wrapper():
 
 
 def test_wrap_optimizer_names_and_errors():
-    assert list_optimizers() == ["adamw", "fsam", "sam"]
+    assert OPTIMIZERS.names() == ["adamw", "fsam", "sam"]
     base = torch.optim.AdamW(nn.Linear(2, 1).parameters())
     assert wrap_optimizer(base, TrainSettings()) is base
     fsam = wrap_optimizer(base, TrainSettings(optimizer="fsam", sam_rho=0.1, fsam_sigma=0.5, fsam_lambda=0.7))

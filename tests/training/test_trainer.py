@@ -41,8 +41,8 @@ def test_writes_every_artifact(cached_run):
     ckpt = cached_run.checkpoints
     info = read_json(ckpt / "best.json")
     assert info["epoch"] == summary.best_epoch and info["select_metric"] == "mcc"
-    head_config = {"type": "SelectiveHead", "in_dim": 16, "hidden": 16, "dropout": 0.1}
-    assert info["head"] == dict(head_config, cls="linear")  # train.cls_fit=logistic_cv, the default
+    head_config = {"type": "SelectiveHead", "in_dim": 16, "hidden": 16, "dropout": 0.1, "standardize": False}
+    assert info["head"] == dict(head_config, gate="shared", cls="linear")  # train.cls_fit=logistic_cv, the default
     assert info["cls_fit"]["C"] > 0 and info["cls_fit"]["fit_on"] == "train+val_select"
     assert any("logistic regression" in note for note in summary.notes)  # the table says which cls it shows
     assert info["fingerprint"] == "testfingerprint0" and info["backbone"]["name"] == "tiny_vit"
