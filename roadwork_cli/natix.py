@@ -169,12 +169,12 @@ def fit_remap(
         the held-out split, per level and over all levels (weighted by the mix), the reward of the validator's
         rounding of plain calibrated p and of the remapped p (``p >= t``).
     """
-    from roadwork_cli.calibration.rule import StageRule
+    from roadwork_cli.calibration.api import load_run_calibration
     from roadwork_cli.data.splits import Splits
     from roadwork_cli.io.run import RunDir
 
     run = run if isinstance(run, RunDir) else RunDir(run)
-    rule = StageRule.load(run.scaling if run.scaling.exists() else None, run.require(run.scrc_params, "calibrate"))
+    rule = load_run_calibration(run)
     mix = tuple(float(x) for x in settings.data.natix_levels)
     p, label, weight, level_of, ids = _mixed_levels(run, settings, rule, mix, "val_select", progress)
     threshold, _ = optimal_threshold(p, label, weight)

@@ -232,6 +232,11 @@ class SplitSummary:
         return totals
 
     def warnings(self, positives_needed: int | None = None, min_per_class: int = 10) -> list[str]:
+        """Problems of a small or one-class data set that later stages would otherwise hit as NaN or infeasibility,
+        then near-duplicate leakage (:meth:`near_duplicate_warnings`). Arguments as :meth:`size_warnings`."""
+        return self.size_warnings(positives_needed, min_per_class) + self.near_duplicate_warnings()
+
+    def size_warnings(self, positives_needed: int | None = None, min_per_class: int = 10) -> list[str]:
         """Problems of a small or one-class data set that later stages would otherwise hit as NaN or infeasibility.
 
         Args:
@@ -287,7 +292,6 @@ class SplitSummary:
                          "calibrate will be infeasible.")  # fmt: skip
         if not neg:
             found.append("val_calib has no no_roadwork image: the coverage bound cannot be estimated for negatives.")
-        found.extend(self.near_duplicate_warnings())
         return found + self._test_warnings(totals)
 
     @staticmethod

@@ -497,7 +497,7 @@ def cache_features(
 
         # Without an explicit --backbone the run keeps the one it has; config.yaml says which one ran.
         settings = with_run_backbone(run, settings, "`cache-features`", switch=True)
-        if dist is None or dist.is_main:
+        if dist is None or dist.rank == 0:
             atomic_write_text(run.config, settings.to_yaml())
         backbone = create_backbone(
             settings.model.backbone, weights=settings.model.weights, image_size=settings.model.image_size

@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "evaluate",
     "export",
     "predict",
+    "serve",
     "demo",
     "info",
     "backbones",
