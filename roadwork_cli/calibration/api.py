@@ -5,7 +5,11 @@ sets on val_calib), writes ``calibration/scaling.json`` and ``calibration/scrc_p
 files it was fitted on (their fingerprints, in the params' ``data`` block and in ``provenance.json``).
 ``load_run_calibration`` is how evaluate, predict and export read a run's calibration: it refuses one whose scores are
 no longer the current model's (the model was re-trained since), naming ``roadwork calibrate --run DIR``.
-``calibrate_scores`` does the same for one CSV with columns ``p_roadwork,gate,label``.
+``calibrate_scores`` does the same for one CSV with columns ``p_roadwork,gate,label`` (and an optional ``group``).
+
+Groups: in run mode each val_calib image's group comes from ``splits.json`` (``data.group_by``: a group column, file
+names, near-duplicate clusters); in scores mode from the CSV's ``group`` column. Where a group holds more than one
+image, the guarantee is certified over groups (``calibration/groups.py``) and the params say so (``unit``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class ScoreTable:
     ids: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     source: str = ""
+    groups: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.p.size)
@@ -54,6 +59,7 @@ class ScoreTable:
             [self.ids[i] for i in pick] if self.ids else [],
             [self.paths[i] for i in pick] if self.paths else [],
             self.source,
+            [self.groups[i] for i in pick] if self.groups else [],
         )
 
 
@@ -100,7 +106,8 @@ def _parse_label(text: str, line: int, path: Path) -> int:
 
 
 def read_scores_csv(path: str | Path) -> ScoreTable:
-    """Read a scores CSV (``p_roadwork``, ``gate``, ``label``; ``id``/``path`` kept when present; others ignored).
+    """Read a scores CSV (``p_roadwork``, ``gate``, ``label``; ``id``/``path``/``group`` kept when present; others
+    ignored).
 
     Raises:
         UsageError: Missing file or column, or a bad row (the message names the row's line number).
@@ -117,7 +124,7 @@ def read_scores_csv(path: str | Path) -> ScoreTable:
         if missing:
             raise UsageError(f"Scores file {path} lacks column(s) {', '.join(missing)}; needs p_roadwork,gate,label.")
         reader.fieldnames = columns
-        p, gate, label, ids, paths = [], [], [], [], []
+        p, gate, label, ids, paths, groups = [], [], [], [], [], []
         for line, row in enumerate(reader, start=2):  # line 1 is the header
             if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
                 raise UsageError(f"{path}, row {line}: wrong number of fields.")
@@ -126,11 +133,12 @@ def read_scores_csv(path: str | Path) -> ScoreTable:
             label.append(_parse_label(row["label"], line, path))
             ids.append(row.get("id") or "")
             paths.append(row.get("path") or "")
+            groups.append((row.get("group") or "").strip())
     if not p:
         raise UsageError(f"Scores file {path} has no rows.")
     return ScoreTable(
         np.asarray(p), np.asarray(gate), np.asarray(label, dtype=int),
-        ids if any(ids) else [], paths if any(paths) else [], str(path),
+        ids if any(ids) else [], paths if any(paths) else [], str(path), groups if any(groups) else [],
     )  # fmt: skip
 
 
@@ -182,11 +190,22 @@ def calibrate_run(run: RunDir | str | Path, settings: CalibrationSettings) -> Ca
     }
     source = {"mode": "run", "select": str(select_path), "calib": str(calib_path), "n_select": len(select),
               "fingerprints": fingerprints}  # fmt: skip
-    outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source)
+    outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source, groups=_split_groups(run, calib))
     estimator.save(run.scrc_params, run.scaling)
     provenance.record(run, CALIBRATE, [select_path, calib_path])
     result = CalibrationResult(outcome, estimator.scaling, estimator.params, run.scrc_params, run.scaling)
     return _finish(result, settings)
+
+
+def _split_groups(run: RunDir, table: ScoreTable) -> list[str] | None:
+    """The group of every row of a run's scores (from splits.json), or None when no row has one."""
+    if not table.ids or not run.splits.exists():
+        return None
+    from roadwork_cli.data.splits import Splits  # data is below calibration; imported here to keep start-up light
+
+    samples = Splits.load(run.splits).samples
+    groups = [(samples[i].group or "") if i in samples else "" for i in table.ids]
+    return groups if any(groups) else None
 
 
 def load_run_calibration(run: RunDir) -> SelectiveConformal:
@@ -202,11 +221,22 @@ def load_run_calibration(run: RunDir) -> SelectiveConformal:
     return SelectiveConformal.load(run.scaling if run.scaling.exists() else None, params_path)
 
 
-def split_rows(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split of row indices into (select, calib); independent of the scores themselves."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_select = int(round(fraction * n))
-    return np.sort(order[:n_select]), np.sort(order[n_select:])
+def split_rows(
+    n: int, fraction: float, seed: int = 0, groups: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of row indices into (select, calib); independent of the scores themselves.
+
+    With ``groups`` whole groups go one way (a row without a group is its own), so select and calib share no clip.
+    """
+    if not groups:
+        order = np.random.default_rng(seed).permutation(n)
+        n_select = int(round(fraction * n))
+        return np.sort(order[:n_select]), np.sort(order[n_select:])
+    keys = np.array([g if g else f"\0{i}" for i, g in enumerate(groups)], dtype=object)
+    unique, index = np.unique(keys, return_inverse=True)
+    chosen = np.random.default_rng(seed).permutation(unique.size)[: int(round(fraction * unique.size))]
+    select = np.isin(index, chosen)
+    return np.flatnonzero(select), np.flatnonzero(~select)
 
 
 def calibrate_scores(scores_csv: str | Path, out: str | Path, settings: CalibrationSettings) -> CalibrationResult:
@@ -220,7 +250,7 @@ def calibrate_scores(scores_csv: str | Path, out: str | Path, settings: Calibrat
     select = None
     calib = table
     if settings.scores_select_fraction > 0:
-        select_index, calib_index = split_rows(len(table), settings.scores_select_fraction)
+        select_index, calib_index = split_rows(len(table), settings.scores_select_fraction, groups=table.groups or None)
         if select_index.size == 0 or calib_index.size == 0:
             raise UsageError(f"{scores_csv} has too few rows to hold out {settings.scores_select_fraction:g} of them.")
         select, calib = table.subset(select_index), table.subset(calib_index)
@@ -231,7 +261,7 @@ def calibrate_scores(scores_csv: str | Path, out: str | Path, settings: Calibrat
         estimator.fit(select.p, select.gate, select.label, n_calib=len(calib))
     source = {"mode": "scores", "scores": str(scores_csv), "n_select": 0 if select is None else len(select),
               "select_fraction": settings.scores_select_fraction}  # fmt: skip
-    outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source)
+    outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source, groups=calib.groups or None)
     out = Path(out)
     estimator.save(out)
     return _finish(CalibrationResult(outcome, estimator.scaling, estimator.params, out), settings)

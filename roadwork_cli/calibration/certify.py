@@ -19,7 +19,12 @@ coverage >= xi:
    tau = 0), and ``attainable`` reports the best certifiable FNR bound at coverage xi and the largest certified
    coverage at FNR alpha.
 
-A certifier is called as ``certifier(rule_cls, p, g, y, grid, targets)`` with the rule class it certifies
+Groups (``calibration/groups.py``): where val_calib images come in groups of more than one image (clips,
+near-duplicates), ``scan_and_pick`` certifies over groups instead: the risk p-values are group-level Hoeffding-Bentkus
+ones (Bonferroni over the grid and fixed sequence along tau as above), and coverage is tested per pair with the same
+kind of p-value in a fixed sequence the rule names (``group_coverage_ok``). CRC and prediction sets refuse groups.
+
+A certifier is called as ``certifier(rule_cls, p, g, y, grid, targets, groups)`` with the rule class it certifies
 (``rules.py``); it only uses the class's documented hooks (``pair_table``, ``from_grid_and_tau``, ...), so this module
 does not import the rules.
 
@@ -33,8 +38,18 @@ from typing import Any
 import numpy as np
 
 from roadwork_cli.calibration.grids import tau_candidates
+from roadwork_cli.calibration.groups import (
+    GroupIndex,
+    coverage_lower_bound,
+    coverage_pvalues,
+    fixed_sequence_prefix,
+    groups_entered,
+    risk_pvalues,
+    risk_upper_bound,
+)
 from roadwork_cli.calibration.stats import binomial_pvalue, clopper_pearson_upper
 from roadwork_cli.calibration.targets import CalibrationOutcome, Targets
+from roadwork_cli.errors import UsageError
 from roadwork_cli.metrics import selective as sm
 
 
@@ -109,7 +124,51 @@ def _operating_point(table: dict[str, np.ndarray], j: int, n: int, slack: float,
     }
 
 
-def scan_and_pick(rule_cls: type, p, g, y, grid, targets: Targets) -> CalibrationOutcome:
+def _grouped(groups: GroupIndex | None, n: int) -> GroupIndex | None:
+    """The groups when they make a difference (some group holds more than one image), else None."""
+    if groups is None or groups.singletons:
+        return None
+    if groups.index.size != n:
+        raise ValueError("groups must name the group of every calibration sample")
+    return groups
+
+
+def _refuse_groups(groups: GroupIndex | None, n: int, method: str) -> None:
+    if _grouped(groups, n) is not None:
+        raise UsageError(
+            f"calibration.method={method} assumes independent images, but val_calib holds groups of up to "
+            f"{groups.largest} images (clips or near-duplicates). Use calibration.method=scrc, which certifies over "
+            "groups, or set data.group_by: none if the images really are independent."
+        )
+
+
+class _GroupTests:
+    """Group-level counterparts of the image-level tests inside ``scan_and_pick`` (module doc)."""
+
+    def __init__(self, rule_cls: type, p, g, y, grid: np.ndarray, all_taus: np.ndarray, groups: GroupIndex, targets):
+        self.rule_cls, self.p, self.g, self.y, self.groups, self.targets = rule_cls, p, g, y, groups, targets
+        tables = [rule_cls.pair_table(p, g, y, float(value), all_taus) for value in grid]
+        pvalues = [coverage_pvalues(t["n_exit"], p.size, groups.count, groups.largest, targets.xi) for _, t in tables]
+        self.coverage_ok = rule_cls.group_coverage_ok(pvalues, targets.delta1)
+
+    def positive_groups(self, value: float, taus: np.ndarray) -> np.ndarray:
+        return groups_entered(self.rule_cls.positive_entry(self.p, self.g, self.y, value), self.groups, taus)
+
+    def risk_pvalues(self, value: float, taus: np.ndarray, table: dict[str, np.ndarray]) -> np.ndarray:
+        g_pos = self.positive_groups(value, taus)
+        return risk_pvalues(table["k"], table["m"], g_pos, self.groups.largest, self.targets.alpha)
+
+    def fnr_upper(self, value: float, tau: float, misses: int, exited_positives: int, level: float) -> float:
+        g_pos = int(self.positive_groups(value, np.array([tau]))[0])
+        return risk_upper_bound(misses, exited_positives, g_pos, self.groups.largest, level)
+
+    def coverage_lower(self, exits: int, level: float) -> float:
+        return coverage_lower_bound(exits, self.p.size, self.groups.count, self.groups.largest, level)
+
+
+def scan_and_pick(
+    rule_cls: type, p, g, y, grid, targets: Targets, groups: GroupIndex | None = None
+) -> CalibrationOutcome:
     """SCRC-I for a rule with one grid threshold and tau (gate, band): test every pair, pick one (module doc)."""
     p, g, y = _check_inputs(p, g, y)
     grid = np.unique(np.asarray(grid, dtype=float))
@@ -119,6 +178,8 @@ def scan_and_pick(rule_cls: type, p, g, y, grid, targets: Targets) -> Calibratio
     level = targets.delta2 / grid.size  # Bonferroni over the grid
     slack = rule_cls.coverage_slack(n, targets.delta1, grid.size)
     all_taus = tau_candidates(p)
+    grouped = _grouped(groups, n)
+    tests = _GroupTests(rule_cls, p, g, y, grid, all_taus, grouped, targets) if grouped is not None else None
 
     records: list[dict[str, Any]] = []
     best_key: tuple[float, float, float] | None = None
@@ -129,11 +190,15 @@ def scan_and_pick(rule_cls: type, p, g, y, grid, targets: Targets) -> Calibratio
     max_cov_lower_at_alpha: float | None = None
     certified_total = 0
 
-    for value in grid:
+    for i, value in enumerate(grid):
         taus, table = rule_cls.pair_table(p, g, y, float(value), all_taus)
         cov = table["n_exit"] / n  # (T,)
-        coverage_ok = cov >= targets.xi + slack
-        n_cert = _certified_prefix(table["k"], table["m"], targets.alpha, level)
+        if tests is None:
+            coverage_ok = cov >= targets.xi + slack
+            n_cert = _certified_prefix(table["k"], table["m"], targets.alpha, level)
+        else:
+            coverage_ok = tests.coverage_ok[i]
+            n_cert = fixed_sequence_prefix(tests.risk_pvalues(float(value), taus, table), level)
         records.append(
             {
                 rule_cls.grid_name: float(value),
@@ -150,13 +215,22 @@ def scan_and_pick(rule_cls: type, p, g, y, grid, targets: Targets) -> Calibratio
             # Smallest FNR bound certifiable at coverage xi: the smallest tau reaching it has the fewest misses.
             j = int(np.argmax(coverage_ok))
             if table["m"][j] > 0:
-                bound = float(clopper_pearson_upper(table["k"][j], table["m"][j], level))
+                bound = (
+                    float(clopper_pearson_upper(table["k"][j], table["m"][j], level))
+                    if tests is None
+                    else tests.fnr_upper(float(value), float(taus[j]), int(table["k"][j]), int(table["m"][j]), level)
+                )
                 best_fnr_upper_at_xi = bound if best_fnr_upper_at_xi is None else min(best_fnr_upper_at_xi, bound)
         if n_cert == 0:
             continue
         values = _objective_values(table, targets.objective, n)[:n_cert]
         cov_cert = cov[:n_cert]
-        max_cov_lower_at_alpha = max(max_cov_lower_at_alpha or 0.0, max(float(cov_cert.max()) - slack, 0.0))
+        widest_lower = (
+            max(float(cov_cert.max()) - slack, 0.0)
+            if tests is None
+            else tests.coverage_lower(int(round(float(cov_cert.max()) * n)), targets.delta1)
+        )
+        max_cov_lower_at_alpha = max(max_cov_lower_at_alpha or 0.0, widest_lower)
         # Fallback: the certified pair with the largest coverage, then the best objective (first among ties).
         widest = np.flatnonzero(cov_cert == cov_cert.max())
         widest = widest[values[widest] == values[widest].max()]
@@ -181,6 +255,12 @@ def scan_and_pick(rule_cls: type, p, g, y, grid, targets: Targets) -> Calibratio
         _, table = rule_cls.pair_table(p, g, y, value, np.array([0.0]))
         chosen = (value, 0.0, table, 0)
     value, tau, table, j = chosen
+    point = _operating_point(table, j, n, slack, level)
+    unit: dict[str, Any] = {}
+    if tests is not None:
+        point["fnr_upper_pointwise"] = tests.fnr_upper(value, tau, point["misses"], point["exited_positives"], level)
+        point["coverage_lower"] = tests.coverage_lower(int(table["n_exit"][j]), targets.delta1)
+        unit = {"unit": "groups", "n_groups": grouped.count, "largest_group": grouped.largest}
     note = rule_cls.note
     if not feasible:
         note = " ".join(s for s in (_infeasible_note(targets, best_fnr_upper_at_xi, max_cov_lower_at_alpha,
@@ -197,7 +277,8 @@ def scan_and_pick(rule_cls: type, p, g, y, grid, targets: Targets) -> Calibratio
         delta1=targets.delta1,
         delta2=targets.delta2,
         grid=[float(v) for v in grid],
-        **_operating_point(table, j, n, slack, level),
+        **point,
+        **unit,
         certified_pairs=certified_total,
         attainable={
             "best_fnr_upper_at_coverage": best_fnr_upper_at_xi,
@@ -222,13 +303,14 @@ def crc_threshold(p_pos, alpha: float, candidates=None) -> float:
     return float(taus[ok].max()) if ok.any() else 0.0
 
 
-def crc_gate(rule_cls: type, p, g, y, grid, targets: Targets) -> CalibrationOutcome:
+def crc_gate(rule_cls: type, p, g, y, grid, targets: Targets, groups: GroupIndex | None = None) -> CalibrationOutcome:
     """Plain CRC: lambda = the largest grid value whose empirical exit rate is >= xi; tau by ``crc_threshold``.
 
     The FNR bound holds in expectation over the calibration draw (not with probability 1 - delta), and coverage is
     only matched empirically.
     """
     p, g, y = _check_inputs(p, g, y)
+    _refuse_groups(groups, p.size, "crc")
     grid = np.sort(np.asarray(grid, dtype=float))
     rates = np.array([np.mean(g >= lam) for lam in grid])
     ok = rates >= targets.xi
@@ -251,13 +333,16 @@ def crc_gate(rule_cls: type, p, g, y, grid, targets: Targets) -> CalibrationOutc
     )
 
 
-def conformal_sets(rule_cls: type, p, g, y, grid, targets: Targets) -> CalibrationOutcome:
+def conformal_sets(
+    rule_cls: type, p, g, y, grid, targets: Targets, groups: GroupIndex | None = None
+) -> CalibrationOutcome:
     """Class-conditional (Mondrian) conformal sets: each class is left out of its true set w.p. <= alpha.
 
     Thresholds come from ``crc_threshold`` per class (the roadwork class on p, the other on 1 - p), so in
     expectation at most alpha of all positives (hence of the roadwork images that exit) miss their class.
     """
     p, g, y = _check_inputs(p, g, y)
+    _refuse_groups(groups, p.size, "sets")
     rule = rule_cls(t_roadwork=crc_threshold(p[y == 1], targets.alpha),
                     t_no_roadwork=crc_threshold(1.0 - p[y == 0], targets.alpha))  # fmt: skip
     decisions = rule.decide(p, g)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from roadwork_cli.calibration.groups import GroupIndex
 from roadwork_cli.calibration.rules import Rule, rule_for, rule_from_params
 from roadwork_cli.calibration.scaling import Scaler, create_scaler, fit_gate_scaler, scaler_from_dict, softmax_response
 from roadwork_cli.calibration.targets import CalibrationOutcome, Targets, create_method
@@ -166,7 +167,9 @@ class SelectiveConformal:
         )  # fmt: skip
         return self
 
-    def conformalize(self, p_calib, gate_calib, y_calib, data: dict[str, Any] | None = None) -> CalibrationOutcome:
+    def conformalize(
+        self, p_calib, gate_calib, y_calib, data: dict[str, Any] | None = None, groups=None
+    ) -> CalibrationOutcome:
         """Certify the rule's thresholds on val_calib (raw scores) and build the scrc_params dict.
 
         Args:
@@ -174,12 +177,15 @@ class SelectiveConformal:
             gate_calib: Raw gate scores on val_calib, shape (n,).
             y_calib: Labels on val_calib, shape (n,).
             data: What the scores were (paths, counts, fingerprints), recorded as the params' ``data`` block.
+            groups: Group label of every val_calib sample (clip id, near-duplicate cluster; None or "" alone), or
+                None. Where a group holds more than one image the guarantee counts groups as the independent draws.
         """
         settings = self._settings()
         if self.grid_ is None:
             self.fit(n_calib=len(np.asarray(y_calib)))
         p, g = self.calibrate(p_calib, gate_calib)
-        self.outcome_ = self.rule_cls.certify(settings.method, p, g, y_calib, self.grid_, self.targets)
+        index = None if groups is None else GroupIndex.from_labels(groups)
+        self.outcome_ = self.rule_cls.certify(settings.method, p, g, y_calib, self.grid_, self.targets, index)
         self.params = self._params_dict(self.outcome_, data or {})
         self.decision_rule = self.outcome_.rule
         return self.outcome_
@@ -210,6 +216,10 @@ class SelectiveConformal:
             },
             "n": outcome.n,
             "n_pos": outcome.n_pos,
+            # The unit of independence the guarantee counts: images, or groups (clips, near-duplicate clusters).
+            "unit": outcome.unit,
+            "n_groups": outcome.n_groups,
+            "largest_group": outcome.largest_group,
             # Only "FNR <= alpha" is certified; the CP bound at the chosen tau is pointwise (tau was picked on data).
             "certified": {
                 "targets": outcome.certified,

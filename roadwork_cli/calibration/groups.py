@@ -28,11 +28,13 @@ import numpy as np
 
 __all__ = [
     "GroupIndex",
+    "coverage_lower_bound",
     "coverage_pvalues",
     "fixed_sequence_prefix",
     "groups_entered",
     "hoeffding_bentkus_pvalue",
     "risk_pvalues",
+    "risk_upper_bound",
 ]
 
 
@@ -131,3 +133,41 @@ def fixed_sequence_prefix(pvalues, level: float) -> int:
     """How many leading hypotheses a fixed sequence rejects at ``level`` (it stops at the first p-value above)."""
     rejected = np.asarray(pvalues) <= level
     return int(np.argmin(rejected)) if not rejected.all() else int(rejected.size)
+
+
+def _invert(pvalue_at, level: float, rejects_low: bool) -> float:
+    """The boundary rate in [0, 1] where ``pvalue_at(rate) <= level`` starts to hold (bisection to 1e-6).
+
+    ``rejects_low``: the hypothesis is rejected for rates below the boundary (coverage); else above it (risk).
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        rejected = pvalue_at(mid) <= level
+        if rejected == rejects_low:
+            lo = mid
+        else:
+            hi = mid
+    return hi if not rejects_low else lo
+
+
+def risk_upper_bound(misses: int, exited_positives: int, positive_groups: int, largest: int, level: float) -> float:
+    """Pointwise upper confidence bound on the frame-level FNR on exits: the smallest alpha rejected at ``level``."""
+    if positive_groups <= 0:
+        return 1.0
+    return _invert(
+        lambda a: float(risk_pvalues(misses, exited_positives, positive_groups, largest, min(max(a, 1e-12), 1.0))),
+        level,
+        rejects_low=False,
+    )
+
+
+def coverage_lower_bound(exits: int, frames: int, groups: int, largest: int, level: float) -> float:
+    """Pointwise lower confidence bound on the frame-level exit rate: the largest xi rejected at ``level``."""
+    if groups <= 0:
+        return 0.0
+    return _invert(
+        lambda x: float(coverage_pvalues(np.array([exits]), frames, groups, largest, min(max(x, 1e-12), 1 - 1e-12))[0]),
+        level,
+        rejects_low=True,
+    )

@@ -29,6 +29,7 @@ from roadwork_cli.calibration.grids import (
     fixed_gate_grid,
     gate_grid_from_scores,
 )
+from roadwork_cli.calibration.groups import GroupIndex, fixed_sequence_prefix
 from roadwork_cli.calibration.stats import dkw_slack
 from roadwork_cli.calibration.targets import CalibrationOutcome, Targets, create_method
 from roadwork_cli.errors import UsageError
@@ -77,10 +78,13 @@ class Rule:
             )
 
     @classmethod
-    def certify(cls, method: str, p, g, y, grid, targets: Targets) -> CalibrationOutcome:
-        """Choose thresholds on val_calib with ``method`` (one of ``cls.certifiers``)."""
+    def certify(
+        cls, method: str, p, g, y, grid, targets: Targets, groups: GroupIndex | None = None
+    ) -> CalibrationOutcome:
+        """Choose thresholds on val_calib with ``method`` (one of ``cls.certifiers``); ``groups``: which images belong
+        together (clips, near-duplicates), so that the guarantee counts groups, not images, as independent draws."""
         cls.check_method(method)
-        return cls.certifiers[method](cls, p, g, y, grid, targets)
+        return cls.certifiers[method](cls, p, g, y, grid, targets, groups)
 
     @classmethod
     def make_grid(cls, p_select, g_select, y_select, grid_size: int, xi_reach: float, alpha: float,
@@ -112,6 +116,17 @@ class ScanRule(Rule):
 
     @classmethod
     def from_grid_and_tau(cls, value: float, tau: float) -> ScanRule:
+        raise NotImplementedError
+
+    @classmethod
+    def positive_entry(cls, p, g, y, value: float) -> np.ndarray:
+        """(n,) the tau above which each image is an exited positive at this grid value (-inf: always; inf: never)."""
+        raise NotImplementedError
+
+    @classmethod
+    def group_coverage_ok(cls, pvalues: list[np.ndarray], delta1: float) -> list[np.ndarray]:
+        """Per grid value, (T,) whether the group-level coverage test passes: ``pvalues`` of H0 "exit rate < xi" per
+        pair, tested in a fixed sequence that follows the exit rate downwards."""
         raise NotImplementedError
 
 
@@ -165,6 +180,16 @@ class GateRule(ScanRule):
     @classmethod
     def coverage_slack(cls, n: int, delta1: float, grid_size: int) -> float:
         return dkw_slack(n, delta1)  # the exit rate's DKW bound is uniform over lambda already
+
+    @classmethod
+    def positive_entry(cls, p, g, y, value: float) -> np.ndarray:
+        return np.where((np.asarray(g) >= value) & (np.asarray(y) == 1), -np.inf, np.inf)
+
+    @classmethod
+    def group_coverage_ok(cls, pvalues: list[np.ndarray], delta1: float) -> list[np.ndarray]:
+        # The exit rate does not depend on tau and falls as lambda rises: one fixed sequence up the sorted grid.
+        passed = fixed_sequence_prefix(np.array([pv[0] for pv in pvalues]), delta1)
+        return [np.full(pv.shape, i < passed) for i, pv in enumerate(pvalues)]
 
 
 @dataclass(frozen=True)
@@ -222,6 +247,24 @@ class BandRule(ScanRule):
     @classmethod
     def coverage_slack(cls, n: int, delta1: float, grid_size: int) -> float:
         return dkw_slack(n, delta1 / grid_size)  # uniform in tau per b, Bonferroni over the b grid
+
+    @classmethod
+    def positive_entry(cls, p, g, y, value: float) -> np.ndarray:
+        p, y = np.asarray(p, dtype=float), np.asarray(y)
+        # A positive at or above b always exits (as roadwork); one below b exits (as a miss) once tau passes its p.
+        return np.where(y == 1, np.where(p >= value, -np.inf, p), np.inf)
+
+    @classmethod
+    def group_coverage_ok(cls, pvalues: list[np.ndarray], delta1: float) -> list[np.ndarray]:
+        # Per b the band [tau, b) narrows as tau rises, so the exit rate grows with tau: a fixed sequence down from
+        # tau = b, at delta1 / |B| (Bonferroni over the b grid).
+        out = []
+        for pv in pvalues:
+            passed = fixed_sequence_prefix(pv[::-1], delta1 / len(pvalues))
+            ok = np.zeros(pv.shape, dtype=bool)
+            ok[pv.size - passed :] = True
+            out.append(ok)
+        return out
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,9 @@ class CalibrationOutcome:
     attainable: dict[str, float | None] = field(default_factory=dict)
     per_grid: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
+    unit: str = "images"  # what the guarantee counts as independent draws: "images" or "groups"
+    n_groups: int | None = None  # with unit "groups": how many groups val_calib holds
+    largest_group: int | None = None  # ... and the images in the largest one
 
     @property
     def thresholds(self) -> dict[str, Any]:
