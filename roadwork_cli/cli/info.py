@@ -72,6 +72,9 @@ def bundle_info(path: Path, device: str = "auto", precision: str = "auto") -> di
             "certified_bounds": params.get("certified"),
             "calibration_images": params.get("n"),
             "calibration_positives": params.get("n_pos"),
+            "unit": params.get("unit") or "images",
+            "calibration_groups": params.get("n_groups"),
+            "largest_group": params.get("largest_group"),
         },
         "data": {
             "images": len(samples),

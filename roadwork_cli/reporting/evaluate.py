@@ -125,6 +125,9 @@ def compute_report(table: ScoreTable, rule: SelectiveConformal) -> dict[str, Any
             "delta": (delta),
             "xi": (xi),
             "certified": rule.certified,
+            # What the certificate counted as independent draws: images, or groups (clips, near-duplicates).
+            "unit": params.get("unit") or "images",
+            "n_groups": params.get("n_groups"),
             "satisfied": satisfied,
             "fnr_satisfied": fnr_ok,
             "fnr_testable": bool(m),

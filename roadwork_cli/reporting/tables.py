@@ -75,6 +75,13 @@ def _percent(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f} %" if whole else "–"
 
 
+def certified_over(record: dict[str, Any]) -> str:
+    """" over N groups" when a certificate (params or a report's guarantee block) counted groups, else ""."""
+    if record.get("unit") == "groups" and record.get("n_groups"):
+        return f" over {record['n_groups']} groups"
+    return ""
+
+
 def guarantee_statement(params: dict[str, Any]) -> str | None:
     """What a calibration (``scrc_params.json``) promises, in one line: the certified targets, or no guarantee and
     what stage 1 then does; None when the file records no outcome (no ``feasible`` key)."""
@@ -85,8 +92,8 @@ def guarantee_statement(params: dict[str, Any]) -> str | None:
     if is_certified(params):
         targets = params.get("targets") or {}
         return (
-            f"certified: FNR on exits <= {targets.get('alpha')} and coverage >= {targets.get('xi')} with probability "
-            f">= {1 - float(targets.get('delta') or 0):.4g}"
+            f"certified{certified_over(params)}: FNR on exits <= {targets.get('alpha')} and coverage >= "
+            f"{targets.get('xi')} with probability >= {1 - float(targets.get('delta') or 0):.4g}"
         )
     if defers_everything(params):
         return f"{NO_GUARANTEE}: every image is deferred (infeasible calibration)"
@@ -99,11 +106,12 @@ def guarantee_verdict(guarantee: dict[str, Any]) -> str:
     """The guarantee in words: no guarantee unless certified, then whether this data's rates meet the targets."""
     if not guarantee.get("certified"):
         return NO_GUARANTEE
+    over = certified_over(guarantee)
     if guarantee.get("satisfied") is None:  # no roadwork image exits: FNR on exits is undefined
-        return f"certified; {UNTESTABLE} (no roadwork image among the exits)"
+        return f"certified{over}; {UNTESTABLE} (no roadwork image among the exits)"
     if guarantee.get("satisfied"):
-        return "certified; satisfied on this data"
-    return "certified, but NOT satisfied on this data"
+        return f"certified{over}; satisfied on this data"
+    return f"certified{over}, but NOT satisfied on this data"
 
 
 def rule_in_words(thresholds: dict[str, Any], selection_score: str | None = None) -> str:

@@ -113,3 +113,57 @@ def test_groups_are_recorded_and_crc_and_sets_refuse_them():
         rule_class("gate").certify("crc", p, g, y, grid, TARGETS, groups)
     with pytest.raises(UsageError, match="method=sets"):
         rule_class("sets").certify("sets", p, g, y, grid, TARGETS, groups)
+
+
+def test_scores_mode_reads_a_group_column_and_reports_say_over_n_groups(tmp_path):
+    import csv
+
+    from roadwork_cli.calibration.api import calibrate_scores
+    from roadwork_cli.config import CalibrationSettings
+    from roadwork_cli.reporting.tables import guarantee_statement, guarantee_verdict
+
+    rng = np.random.default_rng(3)
+    p, g, y, clip = clips(rng, 400, 5)
+    scores = tmp_path / "scores.csv"
+    with open(scores, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["p_roadwork", "gate", "label", "group"])
+        writer.writerows(zip(p, p, y, [f"clip{c}" for c in clip], strict=True))
+    settings = CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.2, gate_score="softmax_response")
+    result = calibrate_scores(scores, tmp_path / "params.json", settings)
+    assert (result.params["unit"], result.params["n_groups"], result.params["largest_group"]) == ("groups", 400, 5)
+    assert "certified over 400 groups" in guarantee_statement(result.params)
+    assert guarantee_verdict({"certified": True, "satisfied": True, "unit": "groups", "n_groups": 400}) == (
+        "certified over 400 groups; satisfied on this data"
+    )
+
+
+def test_run_mode_takes_the_groups_of_splits_json(tmp_path):
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from split_helpers import write_splits
+
+    from roadwork_cli.calibration.api import calibrate_run
+    from roadwork_cli.config import CalibrationSettings
+    from roadwork_cli.io.run import RunDir
+
+    rng = np.random.default_rng(4)
+    run = RunDir(tmp_path / "run").ensure()
+    samples, splits = {}, {}
+    for split, n_clips in (("val_select", 300), ("val_calib", 400)):
+        p, g, y, clip = clips(rng, n_clips, 5)
+        ids = [f"{split}-{i}" for i in range(p.size)]
+        splits[split] = ids
+        samples.update({i: {"path": None, "label": int(label), "source": "x", "group": f"{split}-clip{c}"}
+                        for i, label, c in zip(ids, y, clip, strict=True)})  # fmt: skip
+        run.scores.mkdir(parents=True, exist_ok=True)
+        with open(run.score_file(split), "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "label", "p_roadwork", "gate"])
+            writer.writerows(zip(ids, y, p, p, strict=True))
+    write_splits(run, {"train": [], "test": [], **splits}, samples)
+    result = calibrate_run(run, CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.2, allow_infeasible=True))
+    assert (result.params["unit"], result.params["n_groups"], result.params["largest_group"]) == ("groups", 400, 5)
