@@ -13,8 +13,8 @@ import math
 import numpy as np
 import pytest
 
-from roadwork_cli.calibration.groups import GroupIndex
 from roadwork_cli.calibration.grids import band_grid_from_scores, gate_grid_from_scores
+from roadwork_cli.calibration.groups import GroupIndex
 from roadwork_cli.calibration.rules import rule_class
 from roadwork_cli.calibration.targets import Targets
 
