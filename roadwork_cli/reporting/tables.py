@@ -76,7 +76,7 @@ def _percent(part: int, whole: int) -> str:
 
 
 def certified_over(record: dict[str, Any]) -> str:
-    """" over N groups" when a certificate (params or a report's guarantee block) counted groups, else ""."""
+    """The words " over N groups" when a certificate (params or a report's guarantee block) counted groups, else ""."""
     if record.get("unit") == "groups" and record.get("n_groups"):
         return f" over {record['n_groups']} groups"
     return ""
