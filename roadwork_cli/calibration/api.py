@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,8 @@ def calibrate_run(run: RunDir | str | Path, settings: CalibrationSettings) -> Ca
     source = {"mode": "run", "select": str(select_path), "calib": str(calib_path), "n_select": len(select),
               "fingerprints": fingerprints}  # fmt: skip
     outcome = estimator.conformalize(calib.p, calib.gate, calib.label, data=source, groups=_split_groups(run, calib))
+    if outcome.unit == "images":
+        _warn_of_near_duplicates(run)
     estimator.save(run.scrc_params, run.scaling)
     provenance.record(run, CALIBRATE, [select_path, calib_path])
     result = CalibrationResult(outcome, estimator.scaling, estimator.params, run.scrc_params, run.scaling)
@@ -206,6 +209,23 @@ def _split_groups(run: RunDir, table: ScoreTable) -> list[str] | None:
     samples = Splits.load(run.splits).samples
     groups = [(samples[i].group or "") if i in samples else "" for i in table.ids]
     return groups if any(groups) else None
+
+
+def _warn_of_near_duplicates(run: RunDir) -> None:
+    """Warn when val_calib holds near-duplicate clusters that this image-level certificate counts as independent."""
+    if not run.splits.exists():
+        return
+    from roadwork_cli.data.splits import Splits
+
+    clusters = Splits.load(run.splits).near_duplicate_clusters("val_calib")
+    if clusters:
+        images = sum(len(ids) for ids in clusters.values())
+        warnings.warn(
+            f"val_calib holds {len(clusters)} near-duplicate clusters ({images} images) that this calibration counts "
+            "as independent images, which overstates the certificate. Set data.group_by: near_duplicates (or auto "
+            "without a group column), re-run split and the stages after it, and calibrate certifies over groups.",
+            stacklevel=2,
+        )
 
 
 def load_run_calibration(run: RunDir) -> SelectiveConformal:

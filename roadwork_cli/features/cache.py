@@ -50,12 +50,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from roadwork_cli.config import Settings
 from roadwork_cli.errors import UsageError
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
 from roadwork_cli.io.records import CurrentFeatures, read_current, write_current
 from roadwork_cli.io.run import RunDir
 
-if TYPE_CHECKING:  # the caller passes the torchrun context in; this layer never imports training
+if TYPE_CHECKING:  # types only: the backbone module (timm) and the process group are imported where they run
+    from roadwork_cli.model.backbones import Backbone
     from roadwork_cli.runtime.distributed import Distributed
 
 __all__ = [
@@ -457,9 +459,9 @@ class CacheSummary:
 
 def cache_features(
     run: RunDir,
-    settings: Any,
+    settings: Settings,
     progress: bool = False,
-    backbone: Any = None,
+    backbone: Backbone | None = None,
     on_shard: Callable[[int], None] | None = None,
     dist: Distributed | None = None,
     on_batch: Callable[[int], None] | None = None,

@@ -27,11 +27,12 @@ the gate learns how sure the cls output is of the true label, which is what sele
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from roadwork_cli.config import LossWeights, Settings
 from roadwork_cli.model.head import HeadOutput
 from roadwork_cli.training.conftr import conformal_training_loss
 
@@ -58,7 +59,7 @@ class ConformalTarget:
     score: Literal["gate", "softmax_response"] = "gate"
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ConformalTarget:
+    def from_settings(cls, settings: Settings) -> ConformalTarget:
         """From the resolved :class:`~roadwork_cli.config.Settings` (train and calibration sections)."""
         return cls(
             alpha=settings.calibration.fnr,
@@ -71,7 +72,7 @@ class ConformalTarget:
 def selective_loss(
     output: HeadOutput,
     labels: torch.Tensor,
-    weights: Any,
+    weights: LossWeights,
     target_coverage: float,
     conformal: ConformalTarget | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -167,3 +167,37 @@ def test_run_mode_takes_the_groups_of_splits_json(tmp_path):
     write_splits(run, {"train": [], "test": [], **splits}, samples)
     result = calibrate_run(run, CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.2, allow_infeasible=True))
     assert (result.params["unit"], result.params["n_groups"], result.params["largest_group"]) == ("groups", 400, 5)
+
+
+def test_an_image_level_calibration_warns_of_near_duplicates_in_val_calib(tmp_path):
+    import csv
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from split_helpers import write_splits
+
+    from roadwork_cli.calibration.api import calibrate_run
+    from roadwork_cli.config import CalibrationSettings
+    from roadwork_cli.io.run import RunDir
+
+    rng = np.random.default_rng(5)
+    run = RunDir(tmp_path / "run").ensure()
+    samples, splits = {}, {}
+    for split in ("val_select", "val_calib"):
+        p, g, y, _ = clips(rng, 600, 1)
+        ids = [f"{split}-{i}" for i in range(p.size)]
+        splits[split] = ids
+        # Two val_calib images are near-duplicates of each other, but grouping was off (no group key).
+        samples.update({i: {"path": None, "label": int(label), "source": "x", "group": None,
+                            "near_duplicate": "c1" if i in ("val_calib-0", "val_calib-1") else None}
+                        for i, label in zip(ids, y, strict=True)})  # fmt: skip
+        run.scores.mkdir(parents=True, exist_ok=True)
+        with open(run.score_file(split), "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "label", "p_roadwork", "gate"])
+            writer.writerows(zip(ids, y, p, p, strict=True))
+    write_splits(run, {"train": [], "test": [], **splits}, samples)
+    with pytest.warns(UserWarning, match="1 near-duplicate clusters \\(2 images\\)"):
+        result = calibrate_run(run, CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.2, allow_infeasible=True))
+    assert result.params["unit"] == "images"
