@@ -138,7 +138,11 @@ def test_scores_mode_reads_a_group_column_and_reports_say_over_n_groups(tmp_path
     )
 
 
-def test_run_mode_takes_the_groups_of_splits_json(tmp_path):
+def scored_run(root, rng, clip_size: int, n_clips: dict[str, int], sample_keys):
+    """A run with splits.json and raw score files for val_select and val_calib drawn from ``clips``.
+
+    ``sample_keys(split, sample_id, clip)`` gives each sample's extra splits.json keys (group, near_duplicate).
+    """
     import csv
     import sys
     from pathlib import Path
@@ -146,58 +150,48 @@ def test_run_mode_takes_the_groups_of_splits_json(tmp_path):
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from split_helpers import write_splits
 
-    from roadwork_cli.calibration.api import calibrate_run
-    from roadwork_cli.config import CalibrationSettings
     from roadwork_cli.io.run import RunDir
 
-    rng = np.random.default_rng(4)
-    run = RunDir(tmp_path / "run").ensure()
+    run = RunDir(root).ensure()
+    run.scores.mkdir(parents=True, exist_ok=True)
     samples, splits = {}, {}
-    for split, n_clips in (("val_select", 300), ("val_calib", 400)):
-        p, g, y, clip = clips(rng, n_clips, 5)
+    for split, count in n_clips.items():
+        p, _, y, clip = clips(rng, count, clip_size)
         ids = [f"{split}-{i}" for i in range(p.size)]
         splits[split] = ids
-        samples.update({i: {"path": None, "label": int(label), "source": "x", "group": f"{split}-clip{c}"}
-                        for i, label, c in zip(ids, y, clip, strict=True)})  # fmt: skip
-        run.scores.mkdir(parents=True, exist_ok=True)
+        for sid, label, c in zip(ids, y, clip, strict=True):
+            samples[sid] = {"path": None, "label": int(label), "source": "x", **sample_keys(split, sid, c)}
         with open(run.score_file(split), "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["id", "label", "p_roadwork", "gate"])
             writer.writerows(zip(ids, y, p, p, strict=True))
     write_splits(run, {"train": [], "test": [], **splits}, samples)
-    result = calibrate_run(run, CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.2, allow_infeasible=True))
+    return run
+
+
+SETTINGS = {"fnr": 0.05, "coverage": 0.7, "delta": 0.2, "allow_infeasible": True}
+
+
+def test_run_mode_takes_the_groups_of_splits_json(tmp_path):
+    from roadwork_cli.calibration.api import calibrate_run
+    from roadwork_cli.config import CalibrationSettings
+
+    run = scored_run(tmp_path / "run", np.random.default_rng(4), 5, {"val_select": 300, "val_calib": 400},
+                     lambda split, sid, clip: {"group": f"{split}-clip{clip}"})  # fmt: skip
+    result = calibrate_run(run, CalibrationSettings(**SETTINGS))
     assert (result.params["unit"], result.params["n_groups"], result.params["largest_group"]) == ("groups", 400, 5)
 
 
 def test_an_image_level_calibration_warns_of_near_duplicates_in_val_calib(tmp_path):
-    import csv
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from split_helpers import write_splits
-
     from roadwork_cli.calibration.api import calibrate_run
     from roadwork_cli.config import CalibrationSettings
-    from roadwork_cli.io.run import RunDir
 
-    rng = np.random.default_rng(5)
-    run = RunDir(tmp_path / "run").ensure()
-    samples, splits = {}, {}
-    for split in ("val_select", "val_calib"):
-        p, g, y, _ = clips(rng, 600, 1)
-        ids = [f"{split}-{i}" for i in range(p.size)]
-        splits[split] = ids
-        # Two val_calib images are near-duplicates of each other, but grouping was off (no group key).
-        samples.update({i: {"path": None, "label": int(label), "source": "x", "group": None,
-                            "near_duplicate": "c1" if i in ("val_calib-0", "val_calib-1") else None}
-                        for i, label in zip(ids, y, strict=True)})  # fmt: skip
-        run.scores.mkdir(parents=True, exist_ok=True)
-        with open(run.score_file(split), "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["id", "label", "p_roadwork", "gate"])
-            writer.writerows(zip(ids, y, p, p, strict=True))
-    write_splits(run, {"train": [], "test": [], **splits}, samples)
+    # Two val_calib images are near-duplicates of each other, but grouping was off (no group key).
+    pair = ("val_calib-0", "val_calib-1")
+    def keys(split, sid, clip):
+        return {"group": None, "near_duplicate": "c1" if sid in pair else None}
+
+    run = scored_run(tmp_path / "run", np.random.default_rng(5), 1, {"val_select": 600, "val_calib": 600}, keys)
     with pytest.warns(UserWarning, match="1 near-duplicate clusters \\(2 images\\)"):
-        result = calibrate_run(run, CalibrationSettings(fnr=0.05, coverage=0.7, delta=0.2, allow_infeasible=True))
+        result = calibrate_run(run, CalibrationSettings(**SETTINGS))
     assert result.params["unit"] == "images"
