@@ -188,6 +188,7 @@ def test_an_image_level_calibration_warns_of_near_duplicates_in_val_calib(tmp_pa
 
     # Two val_calib images are near-duplicates of each other, but grouping was off (no group key).
     pair = ("val_calib-0", "val_calib-1")
+
     def keys(split, sid, clip):
         return {"group": None, "near_duplicate": "c1" if sid in pair else None}
 
