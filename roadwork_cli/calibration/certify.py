@@ -147,8 +147,10 @@ class _GroupTests:
 
     def __init__(self, rule_cls: type, p, g, y, grid: np.ndarray, all_taus: np.ndarray, groups: GroupIndex, targets):
         self.rule_cls, self.p, self.g, self.y, self.groups, self.targets = rule_cls, p, g, y, groups, targets
-        tables = [rule_cls.pair_table(p, g, y, float(value), all_taus) for value in grid]
-        pvalues = [coverage_pvalues(t["n_exit"], p.size, groups.count, groups.largest, targets.xi) for _, t in tables]
+        self.tables = [rule_cls.pair_table(p, g, y, float(value), all_taus) for value in grid]  # reused by the scan
+        pvalues = [
+            coverage_pvalues(t["n_exit"], p.size, groups.count, groups.largest, targets.xi) for _, t in self.tables
+        ]
         self.coverage_ok = rule_cls.group_coverage_ok(pvalues, targets.delta1)
 
     def positive_groups(self, value: float, taus: np.ndarray) -> np.ndarray:
@@ -191,7 +193,7 @@ def scan_and_pick(
     certified_total = 0
 
     for i, value in enumerate(grid):
-        taus, table = rule_cls.pair_table(p, g, y, float(value), all_taus)
+        taus, table = rule_cls.pair_table(p, g, y, float(value), all_taus) if tests is None else tests.tables[i]
         cov = table["n_exit"] / n  # (T,)
         if tests is None:
             coverage_ok = cov >= targets.xi + slack
