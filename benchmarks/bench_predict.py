@@ -50,10 +50,11 @@ def make_run(root: Path, backbone_name: str, random_weights: bool = False):
     from safetensors.torch import save_file
 
     from roadwork_cli.io.atomic import atomic_write_json
-    from roadwork_cli.io.records import BestRecord, write_best_record
+    from roadwork_cli.io.records import BestRecord
     from roadwork_cli.io.run import RunDir
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.model.head import SelectiveHead
+    from roadwork_cli.training.artifacts import write_best
 
     run = RunDir(root).ensure()
     weights = None
@@ -65,13 +66,11 @@ def make_run(root: Path, backbone_name: str, random_weights: bool = False):
     backbone = create_backbone(backbone_name, weights=weights)
     torch.manual_seed(0)
     head = SelectiveHead(backbone.feature_dim, hidden=256, dropout=0.0)
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.best_weights))
     record = BestRecord(
         head=head.config, backbone=backbone.spec, fingerprint=backbone.fingerprint, epoch=1, select_metric="mcc",
         metric=None, val_select={}, ema=False,
     )  # fmt: skip
-    write_best_record(run, record)
+    write_best(run, head, record)
     atomic_write_json(run.scrc_params, {"method": "scrc", "thresholds": {"lambda": 0.3, "tau": 0.5}})
     return run
 

@@ -12,24 +12,22 @@ from roadwork_cli.io.run import RunDir
 
 def make_run(root, lam: float = 0.2, tau: float = 0.5) -> RunDir:
     import torch
-    from safetensors.torch import save_file
 
     from roadwork_cli.io.atomic import atomic_write_json
-    from roadwork_cli.io.records import BestRecord, write_best_record
+    from roadwork_cli.io.records import BestRecord
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.model.head import SelectiveHead
+    from roadwork_cli.training.artifacts import write_best
 
     run = RunDir(root).ensure()
     backbone = create_backbone("tiny_vit")
     torch.manual_seed(2)
     head = SelectiveHead(backbone.feature_dim, hidden=0, dropout=0.0)
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run.best_weights))
     record = BestRecord(
         head=head.config, backbone=backbone.spec, fingerprint=backbone.fingerprint, epoch=1, select_metric="mcc",
         metric=None, val_select={}, ema=False,
     )  # fmt: skip
-    write_best_record(run, record)
+    write_best(run, head, record)
     params = {"method": "scrc", "thresholds": {"lambda": lam, "tau": tau}}
     atomic_write_json(run.scrc_params, params)
     return run
