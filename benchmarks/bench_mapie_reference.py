@@ -7,7 +7,9 @@ same outer grid (lambda for gate, b for band, built from val_select exactly as o
 common tau grid (MAPIE needs a finite one; ours scans every tau between calibration scores). Reported per method:
 the violation rate of "FNR on exits <= alpha and coverage >= xi" on the population, how often a pair was certified,
 how many pairs of the common grid were certified, and the population accuracy on exits, coverage and FNR at the
-chosen pair. The adapters live in ``tests/calibration/mapie_reference.py`` (shared with the regression test).
+chosen pair, and, per-draw paired with ours, the difference in accuracy on exits. For the gate rule a row
+``ours_iut_sketch`` measures what MAPIE's coverage construction would give our certificate (``iut_gate``: not in
+the product). The adapters live in ``tests/calibration/mapie_reference.py`` (shared with the regression test).
 
 Needs ``mapie`` (the ``dev`` extra). One core, about 0.5 s per gate draw and 0.1 s per band draw.
 
@@ -47,7 +49,7 @@ def run(settings: list[str], rules: list[str], trials: int, seed: int) -> list[d
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # MAPIE warns when every pair (or none) is valid
-                draws = compare(setting, trials, seed, population)
+                draws = compare(setting, trials, seed, population, iut=True)
             seconds = time.perf_counter() - start
             for method in draws.rates:
                 row = {"setting": name, **asdict(setting), "method": method, "seconds": seconds,

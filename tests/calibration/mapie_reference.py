@@ -29,7 +29,7 @@ import numpy as np
 from score_helpers import scrc_band, scrc_gate
 from test_guarantee import draw
 
-from roadwork_cli.calibration.grids import band_grid_from_scores, gate_grid_from_scores
+from roadwork_cli.calibration.grids import band_grid_from_scores, gate_grid_from_scores, tau_candidates
 from roadwork_cli.calibration.stats import dkw_slack
 
 MAPIE_VARIANTS = ("holm", "split_fixed_sequence")
@@ -91,6 +91,40 @@ def mapie_controller(rule: str, pairs: np.ndarray, alpha: float, delta: float, x
         list_predict_params=pairs,
         fwer_method="bonferroni_holm" if fwer == "holm" else "split_fixed_sequence",
     )
+
+
+# ------------------------------------------------------------------------------------ a sketch, not the product
+def iut_gate(p, g, y, lambdas: np.ndarray, taus: np.ndarray, alpha: float, delta: float, xi: float):
+    """What MAPIE's coverage construction would give our gate certificate (measured only; not in the product).
+
+    Per pair the p-value of H0 "FNR > alpha or coverage < xi" is max(exact binomial FNR p-value, exact binomial
+    coverage p-value P(Bin(n, xi) >= exits)); at each lambda a fixed sequence up tau (the union null is upward closed
+    in tau: coverage does not depend on it, FNR grows with it), Bonferroni over lambda at delta / |G|: no delta split,
+    no DKW. Returns ((lambda, tau) of the most accurate certified pair or None, certified pairs on ``taus``).
+    """
+    from scipy.special import bdtr
+
+    from roadwork_cli.calibration.certify import exit_pair_table
+    from roadwork_cli.calibration.groups import fixed_sequence_prefix
+    from roadwork_cli.calibration.stats import binomial_pvalue
+
+    level, n, best, count = delta / len(lambdas), p.size, None, 0
+    for lam in lambdas:
+        exits = g >= lam
+        n_exit = int(exits.sum())
+        p_cov = 1.0 - bdtr(n_exit - 1, n, xi) if n_exit > 0 else 1.0
+        candidates = np.union1d(tau_candidates(p), taus)
+        table = exit_pair_table(p, y, exits, candidates)
+        pvalues = np.maximum(binomial_pvalue(table["k"], table["m"], alpha), p_cov)
+        certified = fixed_sequence_prefix(pvalues, level)
+        if certified == 0:
+            continue
+        count += int(np.sum(taus <= candidates[certified - 1]))
+        accuracy = (table["tp"][:certified] + table["tn"][:certified]) / max(n_exit, 1)
+        j = int(np.argmax(accuracy))
+        if best is None or accuracy[j] > best[0]:
+            best = (float(accuracy[j]), (float(lam), float(candidates[j])))
+    return (None if best is None else best[1]), count
 
 
 # ------------------------------------------------------------------------------------------------- population
@@ -227,10 +261,10 @@ class Draws:
 
 
 def compare(setting: Setting, trials: int, seed: int, population: Population, variants=MAPIE_VARIANTS,
-            draws_per_grid: int = 20) -> Draws:  # fmt: skip
+            draws_per_grid: int = 20, iut: bool = False) -> Draws:  # fmt: skip
     """``trials`` calibration draws; on each, ours and every MAPIE variant choose a pair on the same data. A fresh
     val_select (hence fresh grids and a freshly learned MAPIE sequence) every ``draws_per_grid`` draws, so that the
-    figures average over grids too."""
+    figures average over grids too. ``iut``: also run ``iut_gate`` (gate rule only)."""
     rng = np.random.default_rng(seed)
     draws = Draws()
     for trial in range(trials):
@@ -251,6 +285,9 @@ def compare(setting: Setting, trials: int, seed: int, population: Population, va
             pair = (outcome.rule.tau, outcome.rule.b)
         rates = population.rates(setting.rule, pair) if outcome.feasible else None
         draws.add("ours", rates, ours_on_grid(setting.rule, outcome, grids.taus))
+        if iut and setting.rule == "gate":
+            pair, count = iut_gate(p, g, y, grids.outer, grids.taus, setting.alpha, setting.delta, setting.xi)
+            draws.add("ours_iut_sketch", None if pair is None else population.gate(*pair), count)
         X = np.column_stack([p, g])
         for name, controller in controllers.items():
             controller.calibrate(X, y)
