@@ -54,6 +54,23 @@ def test_mapie_binary_hoeffding_bentkus_pvalue_is_our_exact_binomial() -> None:
         assert np.all(generic >= ours * (1 - 1e-9))
 
 
+def test_group_level_pvalue_is_mapie_generic_hoeffding_bentkus() -> None:
+    """Our group certificate's p-value (losses in [0, 1], not 0/1) is MAPIE's non-binary Hoeffding-Bentkus one."""
+    from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
+
+    from roadwork_cli.calibration.groups import hoeffding_bentkus_pvalue
+
+    rng = np.random.default_rng(3)
+    n = rng.integers(1, 400, size=5000).astype(float)
+    total = rng.random(5000) * n * 0.2  # mean losses in [0, 0.2], around the rates below
+    for rate in (0.02, 0.05, 0.2):
+        ours = hoeffding_bentkus_pvalue(total, n, rate)
+        theirs = np.minimum(compute_hoeffding_bentkus_p_value(total / n, n, rate, binary=False)[:, 0], 1.0)
+        exact = np.ceil(n * (total / n)) == np.ceil(total)  # MAPIE's float ratio rebuilds the same ceiling
+        np.testing.assert_allclose(ours[exact], theirs[exact], rtol=1e-9)
+        assert np.all(ours <= theirs * (1 + 1e-9))
+
+
 def _risk_step(trials: int, seed: int, population: Population | None = None):
     """Per draw: how many taus ours and MAPIE's ``fixed_sequence`` certify at one lambda (everything exits, no coverage
     target: only our risk step at delta2 is left), and the population FNR at the tau each picks (max accuracy)."""
