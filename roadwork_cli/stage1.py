@@ -575,10 +575,12 @@ class VerifiedBundle:
 
     @classmethod
     def read(cls, path: str | Path) -> VerifiedBundle:
-        """Verify ``path`` (checksums, versions, safe member names) and parse its records."""
+        """Verify ``path`` (a bundle.tar, or an HF export folder) and parse its records."""
         from roadwork_cli.io.bundle import read_bundle
+        from roadwork_cli.io.hf_folder import read_hf_folder
 
-        contents = read_bundle(path)
+        # A folder from `roadwork export --format hf` carries the same members, checked against roadwork_meta.json.
+        contents = read_hf_folder(path) if Path(path).is_dir() else read_bundle(path)
         for name in (MODEL_JSON, HEAD_WEIGHTS, SCRC_PARAMS_JSON):
             if name not in contents.members:
                 raise BundleError(f"Bundle {path} has no {name!r}; re-export it with `roadwork export`.")

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     # middle: the stages
     "stage1": 2,
     "export": 2,
+    "hf_export": 2,
     "scoring": 2,
     "robustness": 2,
     "serving": 2,
@@ -52,6 +53,7 @@ LAYERS: dict[str, int] = {
 SAME_LAYER_EDGES: set[tuple[str, str]] = {
     ("stage1", "calibration"),  # the model applies the calibrated exit rule
     ("export", "stage1"),  # export builds the model once to check that its parts fit
+    ("hf_export", "stage1"),  # the HF export folds the model's head and scaling and checks p against it
     ("scoring", "stage1"),  # scoring a source runs the model
     ("training", "features"),  # train_cached trains on the feature cache
     ("reporting", "calibration"),  # reports apply and describe the calibrated rule

@@ -24,7 +24,12 @@ from roadwork_cli.cli.common import (
 @handle_errors
 def command(
     run: RunOption = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Bundle path (default DIR/bundle.tar).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Bundle path (default DIR/bundle.tar); with --format hf the folder (default DIR/hf)."
+        ),
+    ] = None,
     allow_uncertified: Annotated[
         bool | None,
         typer.Option(
@@ -53,11 +58,27 @@ def command(
             "model_card.json, README, and the remap of p placed on val_select's challenge levels.",
         ),
     ] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="bundle: bundle.tar. hf: a folder (--out, default DIR/hf) that transformers loads as it is "
+            "(TimmWrapper layout: pipeline('image-classification') scores the calibrated p as label Roadwork), with "
+            "roadwork_meta.json (thresholds, certificate, checksums) so `roadwork predict --bundle FOLDER` decides as "
+            "the bundle does. Needs a timm backbone and a linear cls logit (head.cls: linear).",
+        ),
+    ] = "bundle",
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels", help="--format hf: names of class 0 and class 1, comma-separated (default None,Roadwork)."
+        ),
+    ] = None,
     json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Pack model, calibration and provenance into bundle.tar."""
+    """Pack model, calibration and provenance into bundle.tar (or, with --format hf, a transformers folder)."""
     from roadwork_cli.cli.common import resolve_settings
     from roadwork_cli.io.run import RunDir
 
@@ -68,8 +89,19 @@ def command(
         overrides.setdefault("export", {})["allow_uncertified"] = True
     if onnx is not None:
         overrides.setdefault("export", {})["onnx"] = onnx
+    if export_format not in ("bundle", "hf"):
+        from roadwork_cli.errors import UsageError
+
+        raise UsageError(f"--format must be bundle or hf (got {export_format!r}).")
+    if export_format == "hf":
+        overrides.pop("export", None)  # --out names the folder here, not export.out's bundle path
+        if allow_uncertified:
+            overrides["export"] = {"allow_uncertified": True}
     settings = resolve_settings(config, overrides)
     run_dir = RunDir(require_run(settings))
+    if export_format == "hf":
+        _export_hf(run_dir, out, settings, labels, json_output)
+        return
 
     from roadwork_cli.export import UncertifiedExportWarning, export_bundle  # heavy (torch) import inside
     from roadwork_cli.io.bundle import verify_bundle
@@ -91,6 +123,22 @@ def command(
         console.print(natix_line(miner), soft_wrap=True)
     if json_output:
         print_json({"bundle": path} | manifest.to_dict() | ({"natix": miner} if miner else {}))
+
+
+def _export_hf(run_dir, out: Path | None, settings, labels: str | None, json_output: bool) -> None:
+    from roadwork_cli.hf_export import export_hf, parse_labels  # heavy (torch, transformers) import inside
+
+    summary = export_hf(run_dir, out, settings, labels=parse_labels(labels))
+    check = summary["verification"]
+    console.print(
+        f"hf folder: {summary['out']} ({summary['architecture']}, labels {', '.join(summary['labels'])}); "
+        f"transformers' p({summary['labels'][1]}) checked against roadwork's on {check['samples']} inputs: max abs "
+        f"diff {check['max_abs_diff']:.2g} (tolerance {check['tolerance']:g}). Decisions (defer) need "
+        f"roadwork_meta.json's thresholds: roadwork predict IMAGE --bundle {summary['out']}",
+        soft_wrap=True,
+    )
+    if json_output:
+        print_json(summary)
 
 
 def natix_line(miner: dict) -> str:
