@@ -51,8 +51,10 @@ __all__ = ["HF_LABELS", "HF_TOLERANCE", "HfExportRefused", "HfPlan", "export_hf"
 HF_LABELS = ("None", "Roadwork")
 """Default label names of class 0 and class 1 (class 1's probability is p(roadwork))."""
 
-HF_TOLERANCE = 1e-5
-"""Largest max abs difference of p(roadwork) between transformers and roadwork on the export's sample inputs."""
+HF_TOLERANCE = 1e-4
+"""Largest max abs difference of p(roadwork) between transformers and roadwork on the export's sample inputs (float32
+rounding through the whole network, as for the ONNX graph: ``export.ONNX_TOLERANCE``; measured 2.6e-6 with
+efficientnet_lite0)."""
 
 HF_SAMPLES = 6
 """Seeded random inputs the folder is verified on."""
@@ -402,6 +404,9 @@ def export_hf(
 
     tmp = _new_folder(out)
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar is noise on the CLI's stderr
         wrapper.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "preprocessor_config.json").write_text(
             json.dumps(
@@ -414,6 +419,10 @@ def export_hf(
             )
             + "\n"
         )
+        # save_pretrained may leave 0600 files; give them the mode a plain open() gets under the umask, as ours have.
+        mode = (tmp / "preprocessor_config.json").stat().st_mode & 0o777
+        for path in tmp.iterdir():
+            path.chmod(mode)
         (tmp / ROADWORK_DIR).mkdir()
         for name, data in roadwork_files.items():
             (tmp / ROADWORK_DIR / name).write_bytes(data)

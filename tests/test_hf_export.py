@@ -21,7 +21,8 @@ from roadwork_cli.stage1 import load_bundle
 
 pytest.importorskip("transformers")
 
-# hf_export.HF_TOLERANCE: float32 logits and softmax against predict's float32 sigmoid and float64 scaling.
+# float32 logits and softmax against predict's float32 sigmoid and float64 scaling: what these small nets reach (the
+# export itself allows hf_export.HF_TOLERANCE = 1e-4, float32 rounding through deep networks).
 TOLERANCE = 1e-5
 
 
@@ -128,6 +129,8 @@ def test_tiny_timm_round_trip_transformers_pipeline_and_predict(tiny, tmp_path):
         p.name for p in folder.iterdir()
     }
     assert not list(folder.glob("*.bin")) and not list(tmp_path.glob(".hf.*"))  # safetensors only, no temp left
+    modes = {path.name: path.stat().st_mode & 0o777 for path in folder.rglob("*") if path.is_file()}
+    assert len(set(modes.values())) == 1, modes  # transformers' files get the umask's mode, as roadwork's do
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "vit_tiny_patch16_224" and config["label_names"] == ["None", "Roadwork"]
     model = AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
@@ -202,6 +205,18 @@ def test_export_refuses_what_it_cannot_export_exactly(tmp_path, hf_dinov3_dir):
     model = Stage1Model(backbone, head, rule=None, device="cpu")
     with pytest.raises(HfExportRefused, match=r"transformers model.*dinov3_vits16.*Alternatives"):
         plan_hf_export(model)
+
+
+def test_timm_dinov3_round_trip(tmp_path):
+    """A DINOv3 from timm (Eva with RoPE and register tokens, CLS pooling) exports too; p equals predict's."""
+    run = make_linear_run(tmp_path / "run", "tiny_dinov3", {"method": "none", "params": {}})
+    images = write_pngs(tmp_path / "images", [(80, 64), (64, 100), (70, 70)])
+    folder = export_hf(run, tmp_path / "hf", labels=("clear", "works"))["out"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch16_dinov3" and config["label_names"] == ["clear", "works"]
+    expected = load_bundle(folder, device="cpu", runtime="torch").predict_proba(images)
+    got = pipeline_p(folder, images, label="works")
+    assert np.max(np.abs(got - expected)) <= TOLERANCE, (got, expected)
 
 
 @pytest.mark.slow

@@ -100,7 +100,9 @@ def command(
         list[str],
         typer.Argument(help="Image files, folders, globs, .csv/.jsonl manifests, .parquet files, or - for stdin."),
     ],
-    bundle: Annotated[Path, typer.Option("--bundle", help="bundle.tar from `roadwork export`.")],
+    bundle: Annotated[
+        Path, typer.Option("--bundle", help="bundle.tar from `roadwork export`, or its --format hf folder.")
+    ],
     format: Annotated[
         str | None,
         typer.Option(
