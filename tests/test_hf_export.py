@@ -185,6 +185,20 @@ def test_tampered_folder_is_refused(tiny, tmp_path):
     with pytest.raises(BundleError, match="missing"):
         load_bundle(folder, device="cpu")
 
+    # Exporting again replaces an earlier export whole; the thresholds are checksummed like the weights.
+    folder = export_hf(run, tmp_path / "hf")["out"]
+    assert load_bundle(folder, device="cpu", runtime="torch").predict_proba(images[:1]).shape == (1,)
+    params = folder / "roadwork" / "scrc_params.json"
+    params.write_text(params.read_text().replace('"tau": 0.5', '"tau": 0.9'))
+    with pytest.raises(BundleError, match="scrc_params.json does not match its sha256"):
+        load_bundle(folder, device="cpu")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not a `roadwork export --format hf` folder"):
+        export_hf(run, other)
+    assert (other / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".other.*"))
+
 
 def test_export_refuses_what_it_cannot_export_exactly(tmp_path, hf_dinov3_dir):
     """A shared-MLP cls logit and an `hf:` transformers DINOv3 backbone: exit 2, reason and alternatives, no folder."""
