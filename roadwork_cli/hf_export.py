@@ -506,6 +506,17 @@ def _version(module: str) -> str:
         return ""
 
 
+def _band_note(thresholds: dict[str, Any]) -> list[str]:
+    """The band rule decides on p alone, so a pipeline user can apply it from the thresholds."""
+    return [
+        "",
+        "This run's rule is the band rule, which decides on p alone: "
+        f"`no_roadwork` if p < tau = {thresholds['tau']:.6g}, `roadwork` if p >= b = {thresholds['b']:.6g}, "
+        "`defer` in between. Applied to the pipeline's score it gives stage 1's decisions, except for a p within the "
+        "export's tolerance of a threshold.",
+    ]
+
+
 def model_card(meta: dict[str, Any], run_name: str) -> str:
     """README.md of the folder: usage, what p is, what is certified and under which assumptions."""
     cert = meta["certificate"]
@@ -547,6 +558,7 @@ def model_card(meta: dict[str, Any], run_name: str) -> str:
         f"`{meta.get('gate_score')}`). The guarantee is about those decisions, not about p alone. Run them with "
         "`roadwork predict IMAGE --bundle THIS_FOLDER`, which verifies every file's sha256 against "
         "`roadwork_meta.json` and uses the head and calibration in `roadwork/`.",
+        *(_band_note(thresholds) if thresholds.get("rule") == "band" else []),
         "",
         "## What is certified",
         "",

@@ -17,7 +17,7 @@ from roadwork_cli.cli.app import app
 from roadwork_cli.errors import BundleError, UsageError
 from roadwork_cli.hf_export import HfExportRefused, export_hf, fold_scaling, parse_labels
 from roadwork_cli.io.hf_folder import HF_META
-from roadwork_cli.stage1 import load_bundle
+from roadwork_cli.stage1 import Stage1Model, load_bundle
 
 pytest.importorskip("transformers")
 
@@ -26,7 +26,7 @@ pytest.importorskip("transformers")
 TOLERANCE = 1e-5
 
 
-def make_linear_run(root: Path, backbone_name: str, scaling: dict, tau: float = 0.5, lam: float = 0.2):
+def make_linear_run(root: Path, backbone_name: str, scaling: dict, thresholds: dict | None = None):
     """A calibrated run whose head has a linear cls logit (head.cls: linear, as train.cls_fit: logistic_cv writes)."""
     from split_helpers import write_splits
 
@@ -51,9 +51,9 @@ def make_linear_run(root: Path, backbone_name: str, scaling: dict, tau: float = 
     document = {"cls": scaling, "gate": {"method": "platt", "params": {"a": 1.2, "b": -0.1}}, "gate_score": "gate"}
     atomic_write_json(run.scaling, document)
     params = {
-        "method": "scrc", "thresholds": {"lambda": lam, "tau": tau}, "scaling": document, "feasible": True,
-        "targets": {"alpha": 0.02, "delta": 0.1}, "certified": {"fnr_at_most": 0.02, "coverage_lower": 0.8},
-        "unit": "images", "n": 500, "n_pos": 250,
+        "method": "scrc", "thresholds": thresholds or {"lambda": 0.2, "tau": 0.5}, "scaling": document,
+        "feasible": True, "targets": {"alpha": 0.02, "delta": 0.1},
+        "certified": {"fnr_at_most": 0.02, "coverage_lower": 0.8}, "unit": "images", "n": 500, "n_pos": 250,
     }  # fmt: skip
     atomic_write_json(run.scrc_params, params)
     write_splits(run, {}, {})
@@ -142,14 +142,13 @@ def test_tiny_timm_round_trip_transformers_pipeline_and_predict(tiny, tmp_path):
     assert np.max(np.abs(got - expected)) <= TOLERANCE, (got, expected)
     assert np.ptp(expected) > 0.05  # a spread of p, so equality is not a coincidence of constant outputs
     # The same p as the run itself (the folder's head, rule and backbone are the run's).
-    from roadwork_cli.stage1 import Stage1Model
-
     np.testing.assert_allclose(Stage1Model.from_run(run, device="cpu").predict_proba(images), expected, atol=1e-12)
     meta = json.loads((folder / HF_META).read_text())
     assert meta["verification"]["max_abs_diff"] <= TOLERANCE and meta["thresholds"]["tau"] == 0.5
     assert meta["certificate"]["certified"]["fnr_at_most"] == 0.02 and meta["bundle"]["fingerprint"]
     card = (folder / "README.md").read_text()
     assert "defer" in card and "roadwork_meta.json" in card and "exchangeable" in card
+    assert "band rule" not in card  # a gate rule: its decisions need the gate, which only roadwork computes
 
 
 def test_predict_on_the_folder_gives_the_tar_bundles_records(tiny, tmp_path):
@@ -212,7 +211,6 @@ def test_export_refuses_what_it_cannot_export_exactly(tmp_path, hf_dinov3_dir):
     from roadwork_cli.hf_export import plan_hf_export
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.model.head import SelectiveHead
-    from roadwork_cli.stage1 import Stage1Model
 
     backbone = create_backbone(f"hf:{hf_dinov3_dir}")
     head = SelectiveHead(backbone.feature_dim, hidden=0, cls="linear")
@@ -222,15 +220,25 @@ def test_export_refuses_what_it_cannot_export_exactly(tmp_path, hf_dinov3_dir):
 
 
 def test_timm_dinov3_round_trip(tmp_path):
-    """A DINOv3 from timm (Eva with RoPE and register tokens, CLS pooling) exports too; p equals predict's."""
-    run = make_linear_run(tmp_path / "run", "tiny_dinov3", {"method": "none", "params": {}})
-    images = write_pngs(tmp_path / "images", [(80, 64), (64, 100), (70, 70)])
+    """A DINOv3 from timm (Eva with RoPE and register tokens, CLS pooling) exports too; p equals predict's, and under
+    the band rule the card's thresholds applied to the pipeline's p give predict's decisions."""
+    images = write_pngs(tmp_path / "images", [(80, 64), (64, 100), (70, 70), (120, 90), (66, 99), (90, 90)])
+    probe = make_linear_run(tmp_path / "probe", "tiny_dinov3", {"method": "none", "params": {}})
+    p = np.sort(Stage1Model.from_run(probe, device="cpu", calibrated=False).predict_proba(images))
+    band = {"rule": "band", "tau": float(p[1:3].mean()), "b": float(p[3:5].mean()), "lambda": None, "sets": None}
+    run = make_linear_run(tmp_path / "run", "tiny_dinov3", {"method": "none", "params": {}}, thresholds=band)
     folder = export_hf(run, tmp_path / "hf", labels=("clear", "works"))["out"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "vit_small_patch16_dinov3" and config["label_names"] == ["clear", "works"]
-    expected = load_bundle(folder, device="cpu", runtime="torch").predict_proba(images)
+    predictions = load_bundle(folder, device="cpu", runtime="torch").predict(images)
     got = pipeline_p(folder, images, label="works")
-    assert np.max(np.abs(got - expected)) <= TOLERANCE, (got, expected)
+    assert np.max(np.abs(got - [r.p_roadwork for r in predictions])) <= TOLERANCE
+    meta = json.loads((folder / HF_META).read_text())
+    tau, b = meta["thresholds"]["tau"], meta["thresholds"]["b"]
+    from_pipeline = np.where(got < tau, "no_roadwork", np.where(got >= b, "roadwork", "defer"))
+    assert list(from_pipeline) == [r.decision for r in predictions]
+    assert set(from_pipeline) == {"no_roadwork", "defer", "roadwork"}  # thresholds set between the scores
+    assert "band rule, which decides on p alone" in (folder / "README.md").read_text()
 
 
 @pytest.mark.slow
