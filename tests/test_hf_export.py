@@ -164,6 +164,9 @@ def test_predict_on_the_folder_gives_the_tar_bundles_records(tiny, tmp_path):
     from_hf = jsonl_records(runner.invoke(app, [*args, "--bundle", str(tmp_path / "hf")]).stdout)
     assert len(from_hf) == len(images) and from_hf == from_tar
     assert {r["decision"] for r in from_hf} <= {"roadwork", "no_roadwork", "defer"}
+    info = runner.invoke(app, ["info", str(tmp_path / "hf"), "--json"])  # what serve checks before it binds too
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout)["calibration"]["thresholds"] == {"lambda": 0.2, "tau": 0.5}
     only = runner.invoke(app, ["predict", *map(str, images), "--bundle", str(tmp_path / "hf"), "--probability-only"])
     printed = np.array([float(line) for line in only.stdout.split()])
     got = pipeline_p(tmp_path / "hf", images)

@@ -14,16 +14,18 @@ def bundle_info(path: Path, device: str = "auto", precision: str = "auto") -> di
     """Model, thresholds, certification, targets, data counts, versions and runtime of a bundle (checksums verified).
 
     Args:
-        path: bundle.tar from ``roadwork export``.
+        path: bundle.tar from ``roadwork export``, or its ``--format hf`` folder.
         device: ``runtime.device`` that ``predict`` would run with (it decides between ONNX and PyTorch).
         precision: ``runtime.precision`` that ``predict`` would run with.
     """
     from roadwork_cli.calibration.estimator import is_certified
     from roadwork_cli.io.bundle import read_bundle
+    from roadwork_cli.io.hf_folder import read_hf_folder
     from roadwork_cli.reporting.tables import guarantee_statement
     from roadwork_cli.stage1 import ONNX_GRAPH, choose_runtime
 
-    contents = read_bundle(path)  # verifies every member's checksum before anything is shown
+    # Either verifies every member's (or file's) checksum before anything is shown; a folder is an HF export.
+    contents = read_hf_folder(path) if Path(path).is_dir() else read_bundle(path)
     manifest = contents.manifest
     model = contents.json("model.json") if "model.json" in contents.members else {}
     params = contents.json("scrc_params.json") if "scrc_params.json" in contents.members else {}
@@ -90,7 +92,7 @@ def bundle_info(path: Path, device: str = "auto", precision: str = "auto") -> di
 
 @handle_errors
 def command(
-    bundle: Annotated[Path, typer.Argument(help="bundle.tar from `roadwork export`.")],
+    bundle: Annotated[Path, typer.Argument(help="bundle.tar from `roadwork export`, or its --format hf folder.")],
     json_output: JsonOption = False,
     config: ConfigOption = None,
     debug: DebugOption = False,
