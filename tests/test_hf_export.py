@@ -210,6 +210,9 @@ def test_export_refuses_what_it_cannot_export_exactly(tmp_path, hf_dinov3_dir):
     )
     assert result.exit_code == 2 and "not linear" in result.output and "logistic_cv" in result.output
     assert "Alternatives" in result.output and not (tmp_path / "out").exists()
+    for flags in (["--format", "onnx"], ["--format", "hf", "--natix", str(tmp_path / "miner")]):
+        wrong = CliRunner().invoke(app, ["export", "--run", str(shared.root), *flags])
+        assert wrong.exit_code == 2 and ("bundle or hf" in wrong.output or "separately" in wrong.output)
 
     from roadwork_cli.hf_export import plan_hf_export
     from roadwork_cli.model.backbones import create_backbone

@@ -89,10 +89,7 @@ def command(
         overrides.setdefault("export", {})["allow_uncertified"] = True
     if onnx is not None:
         overrides.setdefault("export", {})["onnx"] = onnx
-    if export_format not in ("bundle", "hf"):
-        from roadwork_cli.errors import UsageError
-
-        raise UsageError(f"--format must be bundle or hf (got {export_format!r}).")
+    _check_format(export_format, natix)
     if export_format == "hf":
         overrides.pop("export", None)  # --out names the folder here, not export.out's bundle path
         if allow_uncertified:
@@ -123,6 +120,15 @@ def command(
         console.print(natix_line(miner), soft_wrap=True)
     if json_output:
         print_json({"bundle": path} | manifest.to_dict() | ({"natix": miner} if miner else {}))
+
+
+def _check_format(export_format: str, natix: Path | None) -> None:
+    from roadwork_cli.errors import UsageError
+
+    if export_format not in ("bundle", "hf"):
+        raise UsageError(f"--format must be bundle or hf (got {export_format!r}).")
+    if export_format == "hf" and natix is not None:
+        raise UsageError("--natix ships a bundle.tar; run `roadwork export --natix DIR` and `--format hf` separately.")
 
 
 def _export_hf(run_dir, out: Path | None, settings, labels: str | None, json_output: bool) -> None:
