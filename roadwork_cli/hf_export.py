@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,11 +217,11 @@ def plan_hf_export(model: Stage1Model) -> HfPlan:
             "Retrain with train.cls_fit: logistic_cv (the default of train_cached), whose cls logit is a logistic "
             "regression on the features (head.cls: linear). ",
         )
-    a, c = fold_scaling(model.rule.cls_scaler.to_dict() if model.rule is not None else None)
+    scaling = model.rule.cls_scaler.to_dict() if model.rule is not None else {"method": "none", "params": {}}
+    a, c = fold_scaling(scaling)
     weight = head.cls_linear.weight.detach().double().cpu().numpy()[0]  # (D,)
     bias = float(head.cls_linear.bias.detach().double().cpu().numpy()[0])
-    scaling = {**(model.rule.cls_scaler.to_dict() if model.rule is not None else {"method": "none", "params": {}})}
-    return HfPlan(architecture, args, a * weight, a * bias + c, scaling | {"a": a, "c": c})
+    return HfPlan(architecture, args, a * weight, a * bias + c, {**scaling, "a": a, "c": c})
 
 
 def _build_classifier(model: Stage1Model, plan: HfPlan) -> tuple[Any, list[str]]:
@@ -363,6 +364,12 @@ def export_hf(
         raise UsageError(
             "This run's calibration did not certify its targets (feasible: false), so its export carries no "
             "guarantee. Re-calibrate, or export anyway with --allow-uncertified (export.allow_uncertified: true)."
+        )
+    if params.get("feasible", True) is False:
+        warnings.warn(
+            "Exporting an uncertified calibration (feasible: false): the folder's decisions carry no guarantee.",
+            UserWarning,
+            stacklevel=2,
         )
     plan = plan_hf_export(model)
     network, classifier_keys = _build_classifier(model, plan)
@@ -562,6 +569,11 @@ def model_card(meta: dict[str, Any], run_name: str) -> str:
         "",
         "## What is certified",
         "",
+        *(
+            ["**Nothing: this calibration did not certify its targets (feasible: false); exported anyway.**", ""]
+            if cert.get("feasible") is False
+            else []
+        ),
         f"- Calibration method: {cert.get('method')}; feasible: {cert.get('feasible')}; unit: {cert.get('unit')}; "
         f"n = {cert.get('n')} ({cert.get('n_pos')} positives).",
         f"- Targets: {json.dumps(targets, sort_keys=True)}.",

@@ -260,3 +260,17 @@ def test_efficientnet_lite0_round_trip(tmp_path):
     expected = load_bundle(folder, device="cpu", runtime="torch").predict_proba(images)
     got = pipeline_p(folder, images)
     assert np.max(np.abs(got - expected)) <= TOLERANCE, (got, expected)
+
+
+def test_uncertified_calibration_is_refused_unless_allowed_and_then_said(tmp_path):
+    from roadwork_cli.config import Settings
+    from roadwork_cli.io.atomic import atomic_write_json, read_json
+
+    run = make_linear_run(tmp_path / "run", "tiny_vit", {"method": "none", "params": {}})
+    atomic_write_json(run.scrc_params, read_json(run.scrc_params) | {"feasible": False})
+    with pytest.raises(UsageError, match="did not certify.*--allow-uncertified"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.warns(UserWarning, match="uncertified"):
+        folder = export_hf(run, tmp_path / "hf", Settings(export={"allow_uncertified": True}))["out"]
+    assert "Nothing: this calibration did not certify" in (folder / "README.md").read_text()
