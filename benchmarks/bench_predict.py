@@ -10,9 +10,9 @@ Measured in one process, on the same backbone and batch size:
 The goal is predict / bare >= 0.85.
 
 ``--onnx-out FILE`` (``make bench`` writes ``runs/bench/onnx.json``, which ``write_results.py`` renders) instead
-compares the two runtimes of one bundle exported with ``--onnx``: ``roadwork predict`` start-up on one image (fresh
-subprocess, best of 3; goal <= 1.5 s for ONNX) and images/s of ``predict`` on 640x480 JPEGs and of the bare
-backbone + head forward, eager PyTorch vs onnxruntime in alternating rounds (goal: ONNX >= eager).
+compares the two runtimes of one bundle exported with ``model.onnx`` (the default): ``roadwork predict`` start-up on
+one image (fresh subprocess, best of 3; goal <= 1.5 s for ONNX) and images/s of ``predict`` on 640x480 JPEGs and of
+the bare backbone + head forward, eager PyTorch vs onnxruntime in alternating rounds (goal: ONNX >= eager).
 
 Usage:
     python benchmarks/bench_predict.py [--images 256] [--batch-size 32] [--workers 2] [--backbone efficientnet_lite0]
@@ -122,15 +122,15 @@ def bare_onnx(model, batch_size: int, batches: int) -> float:
 
 
 def onnx_vs_eager(work: Path, images: int, batch_size: int, workers: int, rounds: int, backbone: str) -> dict:
-    """Start-up and images/s of one ``--onnx`` bundle run by onnxruntime and by eager PyTorch (module docstring)."""
+    """Start-up and images/s of one ONNX bundle run by onnxruntime and by eager PyTorch (module docstring)."""
     from roadwork_cli.config import Settings
     from roadwork_cli.export import export_bundle
     from roadwork_cli.stage1 import load_bundle
 
     run = make_run(work / "run", backbone)
     bundles = {
-        "torch": export_bundle(run, work / "torch.tar", Settings()),
-        "onnx": export_bundle(run, work / "onnx.tar", Settings(export={"onnx": True})),
+        "torch": export_bundle(run, work / "torch.tar", Settings(export={"onnx": False})),
+        "onnx": export_bundle(run, work / "onnx.tar", Settings()),  # the default writes model.onnx
     }
     paths = make_jpegs(work / "images", images)
     times = {name: startup_times(bundle, paths[0]) for name, bundle in bundles.items()}
@@ -275,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
             "640x480": decode_ms(model, paths[:16]),
             "1280x720": decode_ms(model, hd),
         }
-        bundle = export_bundle(run)
+        from roadwork_cli.config import Settings
+
+        bundle = export_bundle(run, settings=Settings(export={"onnx": False}))  # the eager path's start-up
         startup = startup_seconds(bundle, paths[0])
         results = {
             "backbone": args.backbone,

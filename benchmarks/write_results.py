@@ -180,7 +180,7 @@ def startup(work: Path) -> float:
 
     run = make_run(work / "startup", "efficientnet_lite0")
     # The random head is not certified; start-up cost does not depend on that.
-    settings = load_settings(None, {"export": {"allow_uncertified": True}}, environ={})
+    settings = load_settings(None, {"export": {"allow_uncertified": True, "onnx": False}}, environ={})  # torch path
     bundle = export_bundle(run, work / "startup.tar", settings)
     image = make_jpegs(work / "one", 1)[0]
     return startup_seconds(bundle, image, repeats=3)

@@ -441,9 +441,11 @@ class ExportSettings(_Section):
         "otherwise, and warned about when allowed: such a bundle carries no guarantee.",
     )
     onnx: bool = Field(
-        False,
+        True,
         description="Also write model.onnx (backbone + head in one graph, verified against PyTorch at export), which "
-        "predict runs with onnxruntime, without importing torch, when the 'onnx' extra is installed.",
+        "predict, serve and load_bundle run with onnxruntime, without importing torch. A backbone whose graph cannot "
+        "be exported or does not verify is left out with a warning (the reason goes into the manifest), and the "
+        "bundle then runs with PyTorch.",
     )
 
 
@@ -454,6 +456,12 @@ class PredictSettings(_Section):
     workers: int = _workers_field()
     format: Literal["auto", "table", "jsonl", "csv"] = Field(
         "auto", description="Output format; auto = table on a terminal, jsonl otherwise."
+    )
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="What computes the scores in predict, serve and the NATIX detector: auto = the bundle's model.onnx "
+        "with onnxruntime when it has one and runs on the CPU in fp32 (`roadwork info BUNDLE` says which and why), "
+        "else PyTorch; onnx or torch force one.",
     )
 
 

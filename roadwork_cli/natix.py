@@ -282,12 +282,19 @@ class NatixPredictor:
         self.remap = remap
 
     @classmethod
-    def from_files(cls, bundle: str | Path, remap_json: str | Path, device: str = "auto") -> NatixPredictor:
-        """Load and verify ``bundle`` (ONNX when it has a graph and the device is the CPU) and read the remap."""
+    def from_files(
+        cls, bundle: str | Path, remap_json: str | Path, device: str = "auto", runtime: str = "auto"
+    ) -> NatixPredictor:
+        """Load and verify ``bundle`` and read the remap.
+
+        ``runtime`` as in ``load_bundle``: ``auto`` runs the bundle's ``model.onnx`` in onnxruntime (no torch) when it
+        has one and the device is the CPU; ``onnx`` or ``torch`` forces one.
+        """
         from roadwork_cli.stage1 import load_bundle
 
         device = "auto" if str(device) in ("cpu", "auto") else str(device)
-        return cls(load_bundle(bundle, device=device), NatixRemap.from_dict(read_json(Path(remap_json))))
+        model = load_bundle(bundle, device=device, runtime=runtime)
+        return cls(model, NatixRemap.from_dict(read_json(Path(remap_json))))
 
     def __call__(self, image: Any) -> float:
         """The remapped calibrated p of ``image`` (a PIL image, as the miner decodes the validator's JPEG)."""
@@ -308,8 +315,8 @@ class NatixPredictor:
 # ----------------------------------------------------------------------------------------------- the miner's files
 DETECTOR_MODULE = '''"""NATIX StreetVision detector over a roadwork stage-1 bundle (`roadwork export --natix`).
 
-Registered as {registry!r}; the subnet's own ROADWORK detector is left as it is. Needs `pip install roadwork-cli`
-(with the `onnx` extra for a bundle with model.onnx) in the miner's environment.
+Registered as {registry!r}; the subnet's own ROADWORK detector is left as it is. Needs `pip install roadwork-cli` in
+the miner's environment (enough for a bundle with model.onnx; `roadwork-cli[train]` adds PyTorch for one without).
 """
 
 from pathlib import Path
@@ -341,7 +348,10 @@ class RoadworkStage1Detector(FeatureDetector):
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         resolve = lambda value: Path(value) if Path(value).is_absolute() else config_path.parent / value  # noqa: E731
         self.predictor = NatixPredictor.from_files(
-            resolve(config["bundle"]), resolve(config["remap"]), device=getattr(self, "device", "cpu")
+            resolve(config["bundle"]),
+            resolve(config["remap"]),
+            device=getattr(self, "device", "cpu"),
+            runtime=config.get("runtime", "auto"),
         )
 
     def __call__(self, image) -> float:
@@ -352,6 +362,8 @@ DETECTOR_CONFIG = """# roadwork stage-1 detector for NATIX StreetVision (written
 # Paths are relative to this file unless absolute.
 bundle: {bundle}
 remap: {remap}
+# auto: the bundle's model.onnx in onnxruntime (no torch) when it has one; onnx or torch forces one.
+runtime: auto
 """
 
 
@@ -437,7 +449,8 @@ would defer lands on the side its p is on; an unreadable image answers {FALLBACK
 
 ## Steps
 
-1. In the miner's environment: `pip install roadwork-cli` (add `[onnx]` so the bundle runs in onnxruntime).
+1. In the miner's environment: `pip install roadwork-cli` (inference only: onnxruntime, no torch, enough for this
+   bundle when it holds model.onnx; `pip install 'roadwork-cli[train]'` adds PyTorch for one without).
 2. Copy `base_miner/detectors/{MODULE_NAME}.py` into the subnet checkout's detectors package (next to
    `roadwork_detector.py`, which stays as it is), and `base_miner/detectors/configs/{CONFIG_NAME}` into its
    `configs/` folder. Keep `{BUNDLE_NAME}` and `{REMAP_NAME}` where the config's relative paths find them, or edit

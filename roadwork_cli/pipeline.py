@@ -157,7 +157,12 @@ def run_demo(
         # A few of each class, in a fixed order, so the printed examples are the same on every run.
         picked = [s for s in test if s.label == 1][: N_PREDICT_EXAMPLES // 2]
         picked += [s for s in test if s.label == 0][: N_PREDICT_EXAMPLES - len(picked)]
-        model = load_bundle(summary.bundle, device=settings.runtime.device, precision=settings.runtime.precision)
+        model = load_bundle(
+            summary.bundle,
+            device=settings.runtime.device,
+            precision=settings.runtime.precision,
+            runtime=settings.predict.runtime,
+        )
         predictions = model.predict([s.path for s in picked], batch_size=settings.predict.batch_size)
         return list(zip(predictions, [s.label for s in picked], strict=True))
 

@@ -260,6 +260,7 @@ class BundleAPI(ls.LitAPI):
             precision=runtime.precision,
             jpeg_draft=self.settings.data.jpeg_draft,
             threads=runtime.threads,
+            runtime=self.settings.predict.runtime,
         )
         if self.model.runtime == "torch" and runtime.threads:
             import torch

@@ -5,7 +5,7 @@
 re-computed and checked against the one recorded at training time, so a head never silently runs on features it was
 not trained on.
 
-A bundle exported with ``--onnx`` also runs as an ``OnnxStage1Model``: the same graph in onnxruntime, fed by the
+A bundle exported with ONNX (the default) also runs as an ``OnnxStage1Model``: the same graph in onnxruntime, fed by the
 torch-free half of the decode path (:mod:`roadwork_cli.data.pixels`), so ``load_bundle`` and ``predict`` start
 without importing torch. Both classes share :class:`ScoringModel`: the recipe, the calibrated rule and the prediction
 API (``predict`` / ``iter_predict`` / ``predict_proba`` / ``raw_scores``) on top of their own ``iter_raw_scores``.
@@ -538,7 +538,9 @@ class OnnxStage1Model(ScoringModel):
         from roadwork_cli.model.onnx_graph import OnnxGraph
 
         if ONNX_GRAPH not in bundle.contents.members:
-            raise UsageError(f"Bundle {bundle.path} has no {ONNX_GRAPH}; re-export it with `roadwork export --onnx`.")
+            skipped = onnx_skipped(bundle.record)
+            why = f" (export left it out: {skipped})" if skipped else "; re-export it with `roadwork export`"
+            raise UsageError(f"Bundle {bundle.path} has no {ONNX_GRAPH}{why}. Run it with --runtime torch.")
         graph = OnnxGraph(bundle.contents.members[ONNX_GRAPH], threads=threads)
         model = cls(graph, bundle.rule, bundle.record, jpeg_draft=jpeg_draft)
         model.info["manifest"] = bundle.contents.manifest.to_dict()
@@ -629,7 +631,9 @@ def load_bundle(
     bundle = VerifiedBundle.read(path)
     if runtime == "auto":
         has_graph = ONNX_GRAPH in bundle.contents.members
-        runtime, _ = choose_runtime(has_graph, bundle.recorded_precision, device, precision, backbone_weights)
+        runtime, _ = choose_runtime(
+            has_graph, bundle.recorded_precision, device, precision, backbone_weights, onnx_skipped(bundle.record)
+        )
     if runtime == "onnx":
         return OnnxStage1Model.from_verified(bundle, jpeg_draft=jpeg_draft, threads=threads)
     return Stage1Model.from_verified(
@@ -643,6 +647,7 @@ def choose_runtime(
     device: str = "auto",
     precision: str = "auto",
     backbone_weights: str | Path | None = None,
+    skipped: str | None = None,
 ) -> tuple[str, str]:
     """The runtime ``load_bundle(runtime="auto")`` picks, and why in a few words (``roadwork info`` shows both).
 
@@ -652,12 +657,13 @@ def choose_runtime(
         device: ``runtime.device``; the graph runs on the CPU only.
         precision: ``runtime.precision``; the graph runs in fp32 only.
         backbone_weights: Local weights given for a bundle exported without them (PyTorch only).
+        skipped: Why export left the graph out (:func:`onnx_skipped`), for a bundle without one.
 
     Returns:
         ``("onnx" | "torch", reason)``.
     """
     if not has_graph:
-        return "torch", "no model.onnx in the bundle"
+        return "torch", f"export left model.onnx out: {skipped}" if skipped else "no model.onnx in the bundle"
     if device not in ("auto", "cpu"):
         return "torch", f"runtime.device is {device}; the ONNX graph runs on the CPU"
     if not (precision == "fp32" or (precision == "auto" and recorded_precision in (None, "fp32"))):
@@ -668,8 +674,14 @@ def choose_runtime(
     from roadwork_cli.model.onnx_graph import onnxruntime_available
 
     if not onnxruntime_available():
-        return "torch", "onnxruntime is not installed: pip install 'roadwork-cli[onnx]'"
+        return "torch", "onnxruntime is not installed: pip install onnxruntime"
     return "onnx", "model.onnx with onnxruntime, without torch"
+
+
+def onnx_skipped(record: dict[str, Any]) -> str | None:
+    """Why ``roadwork export`` wrote a bundle without ``model.onnx`` (its model.json ``onnx.skipped``), else None."""
+    onnx = record.get("onnx")
+    return str(onnx["skipped"]) if isinstance(onnx, dict) and onnx.get("skipped") else None
 
 
 def _warn_override(what: str, recorded: Any, used: Any) -> None:

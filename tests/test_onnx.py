@@ -20,7 +20,7 @@ from split_helpers import write_splits
 from roadwork_cli.data.pixels import DecodeRecipe, eval_pixels, iter_pixel_batches, normalize_pixels
 from roadwork_cli.data.preprocessing import Preprocessing
 from roadwork_cli.data.transforms import eval_transform, normalize_batch
-from roadwork_cli.errors import BundleError, RoadworkError, UsageError
+from roadwork_cli.errors import BundleError, UsageError
 
 pytest.importorskip("onnxruntime")
 
@@ -57,8 +57,8 @@ def onnx_run(tmp_path_factory):
         for n, (image_id, path) in enumerate(zip(ids, photos, strict=True))
     }
     write_splits(run, {"test": ids}, samples)
-    onnx_bundle = export_bundle(run, root / "onnx.tar", Settings(export={"onnx": True}))
-    torch_bundle = export_bundle(run, root / "torch.tar", Settings())
+    onnx_bundle = export_bundle(run, root / "onnx.tar", Settings())  # the default writes model.onnx
+    torch_bundle = export_bundle(run, root / "torch.tar", Settings(export={"onnx": False}))
     return run, onnx_bundle, torch_bundle, photos
 
 
@@ -136,14 +136,14 @@ def test_export_writes_a_verified_graph_and_records_the_check(onnx_run):
     assert "model.onnx" not in plain.members and "onnx" not in plain.json("model.json")
 
 
-def test_the_cli_flag_exports_the_graph_and_reports_its_check(tmp_path):
+def test_the_default_export_writes_the_graph_and_reports_its_check(tmp_path):
     from typer.testing import CliRunner
 
     from roadwork_cli.cli.app import app
     from roadwork_cli.io.bundle import read_bundle
 
     run = make_tiny_run(tmp_path / "run")
-    result = CliRunner().invoke(app, ["export", "--run", str(run.root), "--onnx", "--out", str(tmp_path / "b.tar")])
+    result = CliRunner().invoke(app, ["export", "--run", str(run.root), "--out", str(tmp_path / "b.tar")])
     assert result.exit_code == 0, result.output
     assert "model.onnx: verified against PyTorch on 4 inputs" in " ".join(result.output.split())
     assert "model.onnx" in read_bundle(tmp_path / "b.tar").members
@@ -160,32 +160,61 @@ def test_export_verifies_on_random_inputs_without_a_test_split(tmp_path):
     assert check["test_split_images"] == 0 and check["seeded_random_inputs"] == check["samples"] == 4
 
 
-def test_a_graph_that_does_not_reproduce_pytorch_is_an_export_error(tmp_path, monkeypatch):
+def test_a_graph_that_does_not_reproduce_pytorch_is_left_out_and_the_bundle_runs_with_torch(tmp_path, monkeypatch):
+    """The default export does not fail on a graph that does not verify: the bundle records why it has none."""
+    from roadwork_cli.cli.info import bundle_info
     from roadwork_cli.config import Settings
-    from roadwork_cli.export import export_bundle
+    from roadwork_cli.export import OnnxSkippedWarning, export_bundle
+    from roadwork_cli.io.bundle import read_bundle
     from roadwork_cli.model import onnx_graph
+    from roadwork_cli.stage1 import Stage1Model, load_bundle
 
     run = make_tiny_run(tmp_path / "run")
     original = onnx_graph.OnnxGraph.__call__
     monkeypatch.setattr(onnx_graph.OnnxGraph, "__call__", lambda self, b: tuple(x + 1e-3 for x in original(self, b)))
-    with pytest.raises(RoadworkError, match="does not reproduce PyTorch") as caught:
-        export_bundle(run, tmp_path / "b.tar", Settings(export={"onnx": True}))
-    assert caught.value.exit_code == 1 and not (tmp_path / "b.tar").exists()
+    with pytest.warns(OnnxSkippedWarning, match="without model.onnx.*does not reproduce PyTorch"):
+        bundle = export_bundle(run, tmp_path / "b.tar", Settings())
+    contents = read_bundle(bundle)
+    record = contents.manifest.extras["onnx"]
+    assert "model.onnx" not in contents.members and record["member"] is None
+    assert "differ by up to 0.001 (tolerance 0.0001)" in record["skipped"]
+    assert contents.json("model.json")["onnx"] == record
+    assert "onnxruntime" not in contents.manifest.versions  # no graph: its runtime is not part of the bundle
+    monkeypatch.undo()
+    assert isinstance(load_bundle(bundle), Stage1Model)
+    chosen = bundle_info(bundle)["predict_runtime"]
+    assert chosen["runtime"] == "torch" and chosen["reason"] == f"export left model.onnx out: {record['skipped']}"
+    with pytest.raises(UsageError, match="export left it out.*does not reproduce"):
+        load_bundle(bundle, runtime="onnx")
 
 
-def test_a_backbone_the_exporter_cannot_express_gives_a_clear_error(tmp_path, monkeypatch):
-    from roadwork_cli.config import Settings
-    from roadwork_cli.export import export_bundle
+def test_a_backbone_the_exporter_cannot_express_is_warned_about_and_predict_uses_torch(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from roadwork_cli.cli.app import app
+    from roadwork_cli.io.bundle import read_bundle
 
     run = make_tiny_run(tmp_path / "run")
+    image = write_photos(tmp_path / "photos", [(80, 60)])[0]
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported")
 
     monkeypatch.setattr(torch.onnx, "export", refuse)
-    with pytest.raises(RoadworkError, match=r"'tiny_vit' cannot be exported to ONNX.*aten::fancy.*without --onnx"):
-        export_bundle(run, tmp_path / "b.tar", Settings(export={"onnx": True}))
-    assert export_bundle(run, tmp_path / "b.tar", Settings()).is_file()  # without --onnx it still works
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "--run", str(run.root)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "warning: The bundle is written without model.onnx, so predict and serve run it with PyTorch" in said
+    assert "'tiny_vit' cannot be exported to ONNX" in said and "aten::fancy" in said
+    assert "model.onnx: verified" not in said
+    assert "aten::fancy" in read_bundle(run.bundle).manifest.extras["onnx"]["skipped"]
+    monkeypatch.undo()
+    predicted = runner.invoke(app, ["predict", str(image), "--bundle", str(run.bundle), "--format", "jsonl"])
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.stdout.splitlines()[0])["error"] is None
+    forced = runner.invoke(app, ["predict", str(image), "--bundle", str(run.bundle), "--runtime", "onnx"])
+    assert forced.exit_code == 2 and "export left it out" in forced.output
 
 
 @pytest.mark.slow
@@ -226,31 +255,48 @@ def test_onnx_predictions_equal_pytorch_ones_on_the_same_bundle(onnx_run, tmp_pa
     assert np.isnan(proba[5]) and np.allclose(proba[good], [theirs[i].p_roadwork for i in good], atol=1e-4)
 
 
+BLOCK_TORCH = """
+import sys
+class BlockTorch:  # what an install without torch does on `import torch`
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, BlockTorch())
+"""
+
+
 def test_predict_with_the_onnx_bundle_never_imports_torch(onnx_run, tmp_path):
-    """Library and CLI (with --threads), in a fresh interpreter: one image predicted, torch not in sys.modules."""
+    """Library and CLI (with --threads) on a default export, in a fresh interpreter where `import torch` fails."""
     _, bundle, _, photos = onnx_run
-    script = f"""
-import json, sys
+    script = (
+        BLOCK_TORCH
+        + f"""
+import json
 from roadwork_cli import load_bundle
 model = load_bundle({str(bundle)!r})
 prediction = model.predict([{str(photos[0])!r}])[0]
 from roadwork_cli.cli.app import main
-sys.argv = ["roadwork", "predict", {str(photos[1])!r}, "--bundle", {str(bundle)!r}, "--format", "jsonl",
-            "--threads", "1"]
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code
-print(json.dumps({{"runtime": model.runtime, "p": prediction.p_roadwork, "code": code,
+codes = []
+for runtime in ([], ["--runtime", "onnx"], ["--runtime", "torch"]):
+    sys.argv = ["roadwork", "predict", {str(photos[1])!r}, "--bundle", {str(bundle)!r}, "--format", "jsonl",
+                "--threads", "1", *runtime]
+    try:
+        main()
+    except SystemExit as exit:
+        codes.append(exit.code)
+print(json.dumps({{"runtime": model.runtime, "p": prediction.p_roadwork, "codes": codes,
                   "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}}))
 """
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    record, summary = lines[0], lines[-1]
-    assert record["path"] == str(photos[1]) and record["error"] is None
-    assert summary["runtime"] == "onnx" and 0.0 <= summary["p"] <= 1.0 and summary["code"] in (0, None)
-    assert summary["torch"] == []
+    first, second, summary = lines[0], lines[1], lines[-1]
+    assert first["path"] == second["path"] == str(photos[1]) and first["error"] is None and first == second
+    assert summary["runtime"] == "onnx" and 0.0 <= summary["p"] <= 1.0 and summary["torch"] == []
+    # --runtime torch needs PyTorch: without it, one line naming the extra and exit 2 (no traceback)
+    assert summary["codes"][:2] in ([0, 0], [None, None]) and summary["codes"][2] == 2
+    assert "pip install 'roadwork-cli[train]'" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
 
 
 def _rewrite(bundle: Path, out: Path, change) -> Path:
@@ -297,7 +343,7 @@ def test_runtime_choice_follows_precision_device_and_availability(onnx_run, tmp_
     assert isinstance(load_bundle(bundle, device="cpu"), OnnxStage1Model)
     assert isinstance(load_bundle(bundle, precision="fp32"), OnnxStage1Model)
     assert isinstance(load_bundle(torch_bundle), Stage1Model)  # no graph in it
-    with pytest.raises(UsageError, match="--onnx"):
+    with pytest.raises(UsageError, match="--runtime torch"):
         load_bundle(torch_bundle, runtime="onnx")
     with pytest.raises(UsageError, match="runtime"):
         load_bundle(bundle, runtime="tensorrt")

@@ -104,8 +104,11 @@ def test_bundle_reproduces_the_run(model, tmp_path):
     assert path == run.bundle
     paths = [jpeg(tmp_path / f"{i}.jpg", colour=(10 + 50 * i, 200, 30)) for i in range(3)]
     from_run = Stage1Model.from_run(run, device="cpu").predict(paths)
-    from_bundle = load_bundle(path, device="cpu").predict(paths)
+    from_bundle = load_bundle(path, device="cpu", runtime="torch").predict(paths)
     assert [p.to_dict() for p in from_run] == [p.to_dict() for p in from_bundle]
+    from_graph = load_bundle(path, device="cpu").predict(paths)  # the default export's model.onnx
+    assert [p.decision for p in from_graph] == [p.decision for p in from_run]
+    assert max(abs(a.p_roadwork - b.p_roadwork) for a, b in zip(from_graph, from_run, strict=True)) <= 1e-4
 
 
 def test_run_without_calibration(tmp_path):

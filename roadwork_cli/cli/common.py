@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from roadwork_cli.errors import RoadworkError
+from roadwork_cli.errors import RoadworkError, missing_extra
 
 console = Console(stderr=True, highlight=False)
 """Progress, tables and messages go to stderr so that stdout stays machine-readable (predict --format jsonl)."""
@@ -54,6 +54,16 @@ DeviceOption = Annotated[
 ]
 ThreadsOption = Annotated[
     int | None, typer.Option("--threads", min=1, help="torch intra-op CPU threads (runtime.threads).")
+]
+RuntimeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--runtime",
+        help="What computes the scores: onnx (the bundle's model.onnx in onnxruntime, no torch) or torch; by default "
+        "ONNX when the bundle has a graph and runs on the CPU in fp32, else PyTorch (predict.runtime).",
+        show_default=setting_default("predict.runtime", "auto"),
+        autocompletion=lambda incomplete: [r for r in ("auto", "onnx", "torch") if r.startswith(incomplete)],
+    ),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -147,6 +157,11 @@ def handle_errors(func: F) -> F:
             raise fail(str(exc), exc.exit_code, debug) from None
         except KeyboardInterrupt:
             raise fail("interrupted; re-run the same command to resume.", 130, debug) from None
+        except ModuleNotFoundError as exc:
+            missing = missing_extra(exc)  # the inference-only install: name the extra, exit 2, no traceback
+            if missing is None:
+                raise fail(f"{type(exc).__name__}: {exc} (re-run with --debug for the traceback)", 1, debug) from None
+            raise fail(str(missing), missing.exit_code, debug) from None
         except Exception as exc:  # noqa: BLE001 - the CLI boundary: one paragraph, no traceback unless --debug
             name = type(exc).__name__
             raise fail(f"{name}: {exc} (re-run with --debug for the traceback)", 1, debug) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -112,6 +113,7 @@ def _render_stage(stage: Any) -> None:
         table = report_table(result, title=f"evaluate on test ({stage.seconds:.1f} s)")
     elif name == "export":
         table = _pairs(title, [("bundle", str(result)), ("size", f"{result.stat().st_size:,} bytes")])
+        table.add_row("model.onnx", _onnx_cell(result))
     else:
         table = Table(title=f"predict from the bundle on held-out test images ({stage.seconds:.1f} s)")
         for column in ("image", "truth", "decision", "p_roadwork", "gate"):
@@ -125,6 +127,21 @@ def _render_stage(stage: Any) -> None:
                 "-" if prediction.gate is None else f"{prediction.gate:.3f}",
             )
     console.print(table)
+
+
+def _onnx_cell(bundle: Path) -> str:
+    """Whether the bundle holds model.onnx, and how it was verified or why it was left out."""
+    from rich.markup import escape
+
+    from roadwork_cli.io.bundle import verify_bundle
+
+    record = verify_bundle(bundle).extras.get("onnx") or {}
+    if record.get("member"):
+        check = record.get("verification") or {}
+        return f"verified against PyTorch (max abs diff {check.get('max_abs_diff', float('nan')):.2g}); predict runs it"
+    if record.get("skipped"):
+        return escape(f"left out: {record['skipped']}; predict runs PyTorch")
+    return "not written (export.onnx is off); predict runs PyTorch"
 
 
 def _pairs(title: str, rows: list[tuple[str, str]]):

@@ -42,12 +42,12 @@ def command(
         bool | None,
         typer.Option(
             "--onnx/--no-onnx",
-            help="Also write model.onnx (backbone + head in one graph), checked against PyTorch before packing: export "
-            "fails when their raw scores differ by more than 1e-4. Needs onnxruntime (pip install "
-            "'roadwork-cli\\[onnx]'). predict then runs the graph with onnxruntime, without torch, on the CPU "
-            "(`roadwork info BUNDLE` says which runtime predict will use, and why). --no-onnx overrides a settings "
-            "file's export.onnx: true.",
-            show_default=setting_default("export.onnx", "false"),
+            help="Write model.onnx (backbone + head in one graph) into the bundle, checked against PyTorch before "
+            "packing; predict, serve and the NATIX detector then run it with onnxruntime, without torch, on the CPU "
+            "(`roadwork info BUNDLE` says which runtime predict will use, and why). A graph that cannot be exported "
+            "or whose raw scores differ from PyTorch's by more than 1e-4 is left out with a warning, and the reason "
+            "goes into the manifest. --no-onnx leaves it out.",
+            show_default=setting_default("export.onnx", "true"),
         ),
     ] = None,
     natix: Annotated[
@@ -100,11 +100,12 @@ def command(
         _export_hf(run_dir, out, settings, labels, json_output)
         return
 
-    from roadwork_cli.export import UncertifiedExportWarning, export_bundle  # heavy (torch) import inside
+    from roadwork_cli.export import OnnxSkippedWarning, UncertifiedExportWarning, export_bundle  # torch inside
     from roadwork_cli.io.bundle import verify_bundle
 
     with warnings.catch_warnings():  # rendered as one line by common.render_warning
         warnings.simplefilter("always", UncertifiedExportWarning)  # every export says it, not only a process's first
+        warnings.simplefilter("always", OnnxSkippedWarning)
         path = export_bundle(run_dir, settings.export.out, settings)
     manifest = verify_bundle(path)
     console.print(bundle_table(path, manifest))
@@ -184,8 +185,8 @@ def bundle_table(path: Path, manifest):
 
 
 def onnx_line(record: dict | None) -> str | None:
-    """How the bundle's ONNX graph was verified at export, in one line (None when it has none)."""
-    if not record:
+    """How the bundle's ONNX graph was verified at export, in one line (None without one; a skip was warned about)."""
+    if not record or not record.get("member"):
         return None
     check = record.get("verification") or {}
     return (

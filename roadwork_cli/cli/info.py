@@ -10,19 +10,21 @@ import typer
 from roadwork_cli.cli.common import ConfigOption, DebugOption, JsonOption, console, handle_errors, print_json
 
 
-def bundle_info(path: Path, device: str = "auto", precision: str = "auto") -> dict[str, Any]:
+def bundle_info(path: Path, device: str = "auto", precision: str = "auto", runtime: str = "auto") -> dict[str, Any]:
     """Model, thresholds, certification, targets, data counts, versions and runtime of a bundle (checksums verified).
 
     Args:
         path: bundle.tar from ``roadwork export``, or its ``--format hf`` folder.
         device: ``runtime.device`` that ``predict`` would run with (it decides between ONNX and PyTorch).
         precision: ``runtime.precision`` that ``predict`` would run with.
+        runtime: ``predict.runtime`` (``--runtime``): ``auto`` chooses as ``load_bundle`` does; ``onnx`` or
+            ``torch`` is what runs.
     """
     from roadwork_cli.calibration.estimator import is_certified
     from roadwork_cli.io.bundle import read_bundle
     from roadwork_cli.io.hf_folder import read_hf_folder
     from roadwork_cli.reporting.tables import guarantee_statement
-    from roadwork_cli.stage1 import ONNX_GRAPH, choose_runtime
+    from roadwork_cli.stage1 import ONNX_GRAPH, choose_runtime, onnx_skipped
 
     # Either verifies every member's (or file's) checksum before anything is shown; a folder is an HF export.
     contents = read_hf_folder(path) if Path(path).is_dir() else read_bundle(path)
@@ -38,7 +40,10 @@ def bundle_info(path: Path, device: str = "auto", precision: str = "auto") -> di
         labels["roadwork" if sample.get("label") == 1 else "no_roadwork"] += 1
     recorded_precision = (model.get("recipe") or {}).get("compute_precision")
     has_graph = ONNX_GRAPH in contents.members
-    runtime, reason = choose_runtime(has_graph, recorded_precision, device, precision)
+    if runtime == "auto":
+        runtime, reason = choose_runtime(has_graph, recorded_precision, device, precision, None, onnx_skipped(model))
+    else:
+        reason = f"asked for (predict.runtime / --runtime {runtime})"
     onnx = (model.get("onnx") or manifest.extras.get("onnx") or {}) if has_graph else {}
     check = onnx.get("verification") or {}
     return {
@@ -99,13 +104,13 @@ def command(
 ) -> None:
     """Show what a bundle holds: model, thresholds, certification, targets, data counts, versions, predict's runtime.
 
-    The settings (``--config``, ``ROADWORK_*``) matter for the runtime: ``runtime.device`` and ``runtime.precision``
-    decide, as in ``predict``, whether the bundle's ONNX graph or PyTorch runs it.
+    The settings (``--config``, ``ROADWORK_*``) matter for the runtime: ``predict.runtime``, ``runtime.device`` and
+    ``runtime.precision`` decide, as in ``predict``, whether the bundle's ONNX graph or PyTorch runs it.
     """
     from roadwork_cli.cli.common import resolve_settings
 
     settings = resolve_settings(config, {"runtime": {"debug": debug or None}}, write_to_run=False)
-    info = bundle_info(bundle, device=settings.runtime.device, precision=settings.runtime.precision)
+    info = bundle_info(bundle, settings.runtime.device, settings.runtime.precision, settings.predict.runtime)
     if json_output:
         print_json(info)
         return

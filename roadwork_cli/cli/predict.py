@@ -21,6 +21,7 @@ from roadwork_cli.cli.common import (
     ConfigOption,
     DebugOption,
     DeviceOption,
+    RuntimeOption,
     ThreadsOption,
     apply_threads,
     check_device,
@@ -124,13 +125,17 @@ def command(
     ] = False,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    runtime: RuntimeOption = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Run stage 1 on images and write one record per input, as each batch finishes."""
     from roadwork_cli.cli.common import resolve_settings
 
-    overrides = {"runtime": runtime_overrides(device=device, threads=threads), "predict": {"format": format}}
+    overrides = {
+        "runtime": runtime_overrides(device=device, threads=threads),
+        "predict": {"format": format, "runtime": runtime},
+    }
     settings = resolve_settings(config, overrides, write_to_run=False)  # flags not given (None) are skipped
     fmt = (
         "probability" if probability_only else choose_format(format, settings.predict.format, out, sys.stdout.isatty())
@@ -148,6 +153,7 @@ def command(
         precision=settings.runtime.precision,
         jpeg_draft=settings.data.jpeg_draft,  # None: decode as calibration did (the bundle's recipe)
         threads=settings.runtime.threads,  # onnxruntime's; an ONNX bundle must not import torch to set them
+        runtime=settings.predict.runtime,
     )
     if getattr(model, "runtime", "torch") == "torch":
         apply_threads(settings)

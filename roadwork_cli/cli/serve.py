@@ -12,6 +12,7 @@ from roadwork_cli.cli.common import (
     ConfigOption,
     DebugOption,
     DeviceOption,
+    RuntimeOption,
     ThreadsOption,
     console,
     handle_errors,
@@ -45,6 +46,7 @@ def command(
     quiet: Annotated[bool | None, typer.Option("--quiet", help="No log line per request.", show_default=False)] = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    runtime: RuntimeOption = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -62,9 +64,14 @@ def command(
         "request_timeout_s": request_timeout,
         "quiet": quiet or None,
     }
-    overrides = {"runtime": runtime_overrides(device=device, threads=threads), "serve": serve}
+    overrides = {
+        "runtime": runtime_overrides(device=device, threads=threads),
+        "serve": serve,
+        "predict": {"runtime": runtime},
+    }
     settings = resolve_settings(config, overrides, write_to_run=False)  # flags not given (None) are skipped
-    info = bundle_info(bundle)  # verifies every member before anything binds: a bad bundle exits 2 here
+    # verifies every member before anything binds: a bad bundle exits 2 here
+    info = bundle_info(bundle, settings.runtime.device, settings.runtime.precision, settings.predict.runtime)
 
     from roadwork_cli.serving import Server, configure_log  # LitServe, FastAPI; no torch (workers load the model)
 

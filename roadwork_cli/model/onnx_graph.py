@@ -43,7 +43,7 @@ OPSET = 17
 
 
 def onnxruntime_available() -> bool:
-    """Whether the optional ``onnxruntime`` package (extra ``roadwork-cli[onnx]``) can be imported."""
+    """Whether ``onnxruntime`` (a core dependency; a hand-made environment may lack it) can be imported."""
     return importlib.util.find_spec("onnxruntime") is not None
 
 
@@ -56,8 +56,8 @@ def create_session(data: bytes, threads: int | None = None):
     """
     if not onnxruntime_available():
         raise UsageError(
-            "This needs onnxruntime, which is not installed: pip install 'roadwork-cli[onnx]' (or run the "
-            "bundle with PyTorch)."
+            "This needs onnxruntime, which is not installed: pip install onnxruntime (or run the bundle with "
+            "--runtime torch)."
         )
     import onnxruntime as ort
 
@@ -124,7 +124,7 @@ def export_scores_graph(backbone: torch.nn.Module, head: torch.nn.Module, image_
 
     Raises:
         RoadworkError: The backbone uses an operation the exporter cannot express; the message names the backbone
-            and says that an export without ``--onnx`` still works.
+            (``roadwork export`` then writes the bundle without a graph).
     """
     name = getattr(backbone, "name", type(backbone).__name__)
     return export_graph(scores_module(backbone, head), image_size, OUTPUT_NAMES, name, opset)
@@ -168,7 +168,6 @@ def export_graph(
             )
     except Exception as exc:  # noqa: BLE001 - any exporter failure gets one clear message
         raise RoadworkError(
-            f"Backbone {name!r} cannot be exported to ONNX (opset {opset}): {type(exc).__name__}: {exc}. "
-            "Export without --onnx still works; predict then runs the bundle with PyTorch."
+            f"Backbone {name!r} cannot be exported to ONNX (opset {opset}): {type(exc).__name__}: {exc}."
         ) from exc
     return buffer.getvalue()

@@ -109,7 +109,7 @@ def bundles(tmp_path_factory):
         }
         splits = {"train": ["a" * 64, "b" * 64], "val_select": [], "val_calib": ["c" * 64], "test": []}
         write_splits(run, splits, samples)
-        result = runner.invoke(app, ["export", "--run", str(run.root), "--allow-uncertified"])
+        result = runner.invoke(app, ["export", "--run", str(run.root), "--allow-uncertified", "--no-onnx"])
         assert result.exit_code == 0, result.output
         made[feasible] = run.bundle
     return made
@@ -234,9 +234,10 @@ def test_backbone_and_onnx_help_say_where_to_look_and_what_happens():
     backbone = _help_text(["cache-features"])
     assert "`roadwork backbones` lists them" in backbone or "roadwork backbones lists them" in backbone
     onnx = _help_text(["export"])
-    # The extra's name used to vanish as rich markup ("when roadwork-cli is installed").
-    assert "pip install 'roadwork-cli[onnx]'" in onnx and "export.onnx = false" in onnx
+    assert "--no-onnx leaves it out" in onnx and "export.onnx = true" in onnx
     assert "roadwork info BUNDLE" in onnx
+    runtime = _help_text(["predict"])
+    assert "--runtime" in runtime and "predict.runtime = auto" in runtime
 
 
 def test_completion_offers_mode_format_backbone_and_device_values():
@@ -270,7 +271,7 @@ def test_shell_completion_through_clicks_protocol(words, expected):
 def onnx_bundle(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     run = make_tiny_run(tmp_path_factory.mktemp("info_onnx") / "run")
-    result = runner.invoke(app, ["export", "--run", str(run.root), "--onnx"])
+    result = runner.invoke(app, ["export", "--run", str(run.root)])  # with model.onnx by default
     assert result.exit_code == 0, result.output
     return run.bundle
 
@@ -331,7 +332,7 @@ def test_bracketed_text_in_errors_and_info_is_printed_not_taken_as_markup(onnx_b
 
     monkeypatch.setattr(onnx_graph, "onnxruntime_available", lambda: False)
     table = " ".join(runner.invoke(app, ["info", str(onnx_bundle)], env={"COLUMNS": "200"}).output.split())
-    assert "torch (onnxruntime is not installed: pip install 'roadwork-cli[onnx]'" in table
+    assert "torch (onnxruntime is not installed: pip install onnxruntime;" in table
 
     from roadwork_cli.cli import info as info_module
     from roadwork_cli.errors import UsageError

@@ -174,11 +174,12 @@ def test_embedded_backbone_weights_and_fingerprint_check(tmp_path):
     )
     assert result.exit_code == 0, result.output
     with pytest.raises(BundleError, match="fingerprint"):
-        load_bundle(tmp_path / "c.tar")
+        load_bundle(tmp_path / "c.tar", runtime="torch")
     assert load_bundle(tmp_path / "c.tar", backbone_weights=weights).info["backbone"]["weights_member"] is None
+    assert load_bundle(tmp_path / "c.tar").runtime == "onnx"  # model.onnx carries the weights it was exported with
 
     weights.unlink()  # the bundle with embedded weights must not need the original file
-    model = load_bundle(tmp_path / "b.tar")
+    model = load_bundle(tmp_path / "b.tar", runtime="torch")
     assert model.info["backbone"]["weights_member"] == "backbone.safetensors"
     assert torch.equal(model.backbone.model.state_dict()["cls_token"], state["cls_token"])
 
