@@ -73,3 +73,13 @@ def missing_extra(exc: BaseException) -> UsageError | None:
         f"This needs {module}, which this installation of roadwork leaves out (the inference-only install runs "
         f"bundles with model.onnx): pip install '{extra}'."
     )
+
+
+def require_module(module: str) -> None:
+    """Raise :func:`missing_extra`'s usage error now when ``module`` is not installed (before any work starts)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise missing_extra(ModuleNotFoundError(f"No module named {module!r}", name=module)) or UsageError(
+            f"This needs {module}, which is not installed."
+        )

@@ -32,7 +32,7 @@ import numpy as np
 
 from roadwork_cli.data.images import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS
 from roadwork_cli.data.pixels import DecodeRecipe, iter_pixel_batches, normalize_pixels, recipe_record
-from roadwork_cli.errors import BundleError, UsageError
+from roadwork_cli.errors import BundleError, UsageError, require_module
 from roadwork_cli.io.atomic import read_json
 from roadwork_cli.io.progress import progress_bar
 from roadwork_cli.io.records import read_best_record, read_current
@@ -636,6 +636,7 @@ def load_bundle(
         )
     if runtime == "onnx":
         return OnnxStage1Model.from_verified(bundle, jpeg_draft=jpeg_draft, threads=threads)
+    require_module("torch")  # the inference-only install: say which extra runs this bundle
     return Stage1Model.from_verified(
         bundle, device=device, backbone_weights=backbone_weights, precision=precision, jpeg_draft=jpeg_draft
     )

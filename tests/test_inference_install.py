@@ -97,6 +97,7 @@ def core_env(tmp_path_factory):
     from roadwork_cli.export import export_bundle
 
     bundle = export_bundle(run, root / "bundle.tar", Settings())  # the default: with model.onnx
+    export_bundle(run, root / "torch.tar", Settings(export={"onnx": False}))
     image = write_images(root / "images", 1)[0]
     return python, env, bundle, image
 
@@ -148,6 +149,8 @@ def test_commands_that_need_pytorch_name_the_extra_in_the_core_install(core_env,
     _, _, bundle, image = core_env
     for args in (
         ["predict", str(image), "--bundle", str(bundle), "--runtime", "torch"],
+        ["predict", str(image), "--bundle", str(bundle.with_name("torch.tar"))],  # no model.onnx
+        ["serve", "--bundle", str(bundle.with_name("torch.tar")), "--port", str(_free_port())],
         ["train", "--run", str(tmp_path / "run")],
         ["cache-features", "--run", str(tmp_path / "run")],
     ):

@@ -72,6 +72,10 @@ def command(
     settings = resolve_settings(config, overrides, write_to_run=False)  # flags not given (None) are skipped
     # verifies every member before anything binds: a bad bundle exits 2 here
     info = bundle_info(bundle, settings.runtime.device, settings.runtime.precision, settings.predict.runtime)
+    if info["predict_runtime"]["runtime"] == "torch":  # refused here, not in a worker after the port is bound
+        from roadwork_cli.errors import require_module
+
+        require_module("torch")
 
     from roadwork_cli.serving import Server, configure_log  # LitServe, FastAPI; no torch (workers load the model)
 
