@@ -138,10 +138,10 @@ def _onnx_cell(bundle: Path) -> str:
     record = verify_bundle(bundle).extras.get("onnx") or {}
     if record.get("member"):
         check = record.get("verification") or {}
-        return f"verified against PyTorch (max abs diff {check.get('max_abs_diff', float('nan')):.2g}); predict runs it"
+        return f"verified against PyTorch (max abs diff {check.get('max_abs_diff', float('nan')):.2g})"
     if record.get("skipped"):
-        return escape(f"left out: {record['skipped']}; predict runs PyTorch")
-    return "not written (export.onnx is off); predict runs PyTorch"
+        return escape(f"left out, predict runs PyTorch: {record['skipped']}")
+    return "not written (export.onnx: false)"
 
 
 def _pairs(title: str, rows: list[tuple[str, str]]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,12 @@ def test_tiny_demo_runs_end_to_end_and_reruns(tiny_demo, monkeypatch):
     report = json.loads((run / "eval" / "report.json").read_text())
     assert {"coverage", "fnr_on_exits", "guarantee"} <= set(report)
     assert "predict from the bundle" in output and "bundle.tar" in output
+    with tarfile.open(run / "bundle.tar") as tar:  # the demo's bundle runs without torch
+        assert "model.onnx" in tar.getnames()
+    assert re.search(
+        r"model\.onnx\s+verified against PyTorch \(max abs diff [0-9.e+-]+\)",
+        _BOX_DRAWING.sub(" ", _ANSI.sub("", output)),
+    )
     splits = json.loads((run / "splits.json").read_text())
     assert len(splits["samples"]) == 2 * TINY_PER_CLASS
 
