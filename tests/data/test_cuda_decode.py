@@ -189,3 +189,30 @@ def test_nvjpeg_batches_match_pil_within_tolerance(inputs, draft):
     loader = create_loader(dataset, batch_size=5, workers=2)
     assert isinstance(loader, GpuDecodeLoader)
     assert_close_to_pil(dataset, loader.batches, torch.device("cuda"))
+
+
+def test_a_model_calibrated_on_gpu_decoded_pixels_decodes_with_pil_on_the_cpu_and_says_so():
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import SelectiveHead
+    from roadwork_cli.stage1 import Stage1Model
+
+    backbone = create_backbone("tiny_vit")
+    head = SelectiveHead(backbone.feature_dim, hidden=8)
+    recorded = {"recipe": {"decode": {"jpeg_draft": True, "decoder": "cuda"}}}
+    with pytest.warns(UserWarning, match="JPEG decoder: calibration used 'cuda'"):
+        model = Stage1Model(backbone, head, None, info=recorded, device="cpu")
+    assert model.recipe.decoder == "pil" and "decoder" not in model.recipe_record()["decode"]
+    plain = Stage1Model(backbone, head, None, info={"recipe": {"decode": {"jpeg_draft": True}}}, device="cpu")
+    assert plain.recipe.decoder == "pil"
+
+
+@needs_cuda
+def test_a_cuda_model_follows_the_recorded_gpu_decoder():
+    from roadwork_cli.model.backbones import create_backbone
+    from roadwork_cli.model.head import SelectiveHead
+    from roadwork_cli.stage1 import Stage1Model
+
+    backbone = create_backbone("tiny_vit")
+    recorded = {"recipe": {"decode": {"jpeg_draft": True, "decoder": "cuda"}}}
+    model = Stage1Model(backbone, SelectiveHead(backbone.feature_dim, hidden=8), None, info=recorded, device="cuda")
+    assert model.recipe.decoder == "cuda" and isinstance(model.loader([b""]), GpuDecodeLoader)
