@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from roadwork_cli.config import Settings, resolve_batch_size
-from roadwork_cli.data.decode import DecodeRecipe, recipe_record, to_model_input
+from roadwork_cli.data.decode import DecodeRecipe, check_decoder, recipe_record, to_model_input
 from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import SplitTable, read_split_table
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
@@ -69,6 +69,7 @@ from roadwork_cli.training.live_step import (
     compile_training_forward,
     eager,
     live_loader,
+    scoring_recipe,
     train_live_epoch,
 )
 from roadwork_cli.training.optim import create_ema, create_scheduler
@@ -91,6 +92,7 @@ def _setup(
     """Adapted backbone (``backbone`` or a new one), head (from ``warm_head`` if given), optimiser and the rest."""
     ts = settings.train
     dtype = compute_dtype(device, settings.runtime.precision)
+    check_decoder(settings.data.decoder, device)
     if dtype == torch.float16 and ts.optimizer != "adamw":
         raise UsageError(
             f"train.optimizer {ts.optimizer} with runtime.precision fp16 is not supported: the gradient scaler cannot "
@@ -273,7 +275,7 @@ def _signature(settings: Settings, setup: LiveSetup, table: SplitTable, warm: Pa
         mode="train",
         model=settings.model.model_dump(mode="json", exclude={"weights", "backbone", "compile", "compile_backbone"}),
         augmentation=setup.augmentation.fingerprint,
-        recipe=recipe_record(setup.recipe, precision_tag(setup.dtype)),
+        recipe=recipe_record(scoring_recipe(setup), precision_tag(setup.dtype)),
         warm_start=hashlib.sha256(warm.read_bytes()).hexdigest() if warm is not None else None,
     )
 
@@ -335,7 +337,7 @@ def train_live(
         "backbone": {"spec": model.backbone.spec, "fingerprint": setup.base_fingerprint},
         "fingerprint": setup.base_fingerprint,
         "mode": "train",
-        "recipe": recipe_record(setup.recipe, precision_tag(setup.dtype)),
+        "recipe": recipe_record(scoring_recipe(setup), precision_tag(setup.dtype)),
         "warm_start": warm is not None,
     }
     loop = EpochLoop(

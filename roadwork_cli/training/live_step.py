@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "compile_training_forward",
     "eager",
     "live_loader",
+    "scoring_recipe",
     "train_live_epoch",
 ]
 
@@ -145,6 +146,12 @@ class LiveSetup:
         return bool(self.settings.features.channels_last)
 
 
+def scoring_recipe(setup: LiveSetup) -> DecodeRecipe:
+    """The recipe of clean scoring (val_select each epoch, the score files): ``data.decoder``'s, which best.json
+    records so that predict decodes the same way. Augmented training draws are PIL images, so they stay on PIL."""
+    return replace(setup.recipe, decoder=setup.settings.data.decoder)
+
+
 # ------------------------------------------------------------------------------------------------------ one epoch
 
 
@@ -155,7 +162,10 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
 
 
 def live_loader(setup: LiveSetup, paths: list[str], seeds: list[int | None] | None, batches: list[list[int]]):
-    dataset = ImageDataset(paths, setup.recipe, seeds=seeds, augment=setup.augmentation)
+    """Training batches (``seeds``: augmented draws) decode in DataLoader workers with PIL; clean scoring batches
+    (``seeds`` None) follow ``data.decoder`` (:func:`scoring_recipe`)."""
+    recipe = setup.recipe if seeds is not None else scoring_recipe(setup)
+    dataset = ImageDataset(paths, recipe, seeds=seeds, augment=setup.augmentation)
     workers = setup.settings.features.workers
     return create_loader(dataset, batch_sampler=batches, workers=workers, pin_memory=setup.device.type == "cuda")
 

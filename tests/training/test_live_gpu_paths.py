@@ -64,3 +64,30 @@ def test_normalize_batch_builds_its_statistics_once_per_device_and_still_normali
         normalize_batch(pixels, Preprocessing(4, mean=(0.1, 0.2, 0.3)))
     again = normalize_batch(pixels, Preprocessing(4, mean=(0.1, 0.2, 0.3)))
     assert again.shape == (2, 3, 4, 4) and torch.equal(normalize_batch(pixels, prep), first)
+
+
+def test_training_with_the_cuda_decoder_is_refused_without_cuda(tmp_path, image_table):  # noqa: F811
+    import pytest
+
+    from roadwork_cli.errors import UsageError
+    from roadwork_cli.training.api import train
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    run = make_run(tmp_path / "run", image_table)
+    settings = live_settings(run, "doran")
+    settings = settings.model_copy(update={"data": settings.data.model_copy(update={"decoder": "cuda"})})
+    with pytest.raises(UsageError, match="data.decoder cuda"):
+        train(run, settings)
+    assert not run.metrics.exists()
+
+
+def test_scoring_follows_the_decoder_setting_and_training_draws_stay_on_pil(tmp_path, image_table):  # noqa: F811
+    from roadwork_cli.training.live_step import scoring_recipe
+
+    run = make_run(tmp_path / "run", image_table)
+    _, _, setup = _setup(run)
+    assert setup.recipe.decoder == "pil" and scoring_recipe(setup) == setup.recipe  # the default: nothing changes
+    cuda = setup.settings.model_copy(update={"data": setup.settings.data.model_copy(update={"decoder": "cuda"})})
+    setup.settings = cuda
+    assert scoring_recipe(setup).decoder == "cuda" and setup.recipe.decoder == "pil"
