@@ -7,7 +7,8 @@ On a GPU host (no downloads; a ViT-S/16 DINOv3-shaped backbone with random weigh
   adapters, F-SAM, EMA, bf16 autocast; the epoch function the CLI runs) against a bare forward + backward of the same
   adapted model on a fixed on-device batch with plain AdamW (no data loading), in images/s; ``ratio`` is live / bare
   (goal >= 0.6, issue 22). ``ratio_vs_bare_two_pass`` compares with a bare step that also runs F-SAM's second pass,
-  i.e. the same arithmetic: what is left is what the host costs.
+  i.e. the same arithmetic: what is left is what the host costs. ``compiled``: the loop again with
+  ``model.compile_backbone`` (skip with ``--no-compile``).
 * ``profile``: ``torch.profiler`` over a few live steps: the host ops with the most self CPU time (and GPU time where
   there is a GPU), to name what keeps the loop host-bound.
 * ``decode``: ``data.decoder: cuda`` (nvjpeg batches) against the PIL path on 4032x3024 phone-sized JPEGs and smaller
@@ -17,7 +18,7 @@ On a GPU host (no downloads; a ViT-S/16 DINOv3-shaped backbone with random weigh
 * ``bf16``: decisions (cls at 0.5 and acceptance at the fp32 gate's 80 % quantile) of the trained model under bf16
   autocast against fp32 on held-out images: agreement rate and the largest probability change.
 
-``--dry-run`` runs every section on the CPU with a tiny DINOv3-shaped backbone and a few small images, in seconds,
+``--dry-run`` runs every section on the CPU with a tiny DINOv3-shaped backbone and a few small images (about a minute),
 and writes the same keys (tests/test_gpu_check.py runs it). A section that fails records ``{"error": ...}`` and the
 others still run; the exit status is 1 then.
 
@@ -70,16 +71,18 @@ class Plan:
     profile_steps: int
     large_images: int
     large_size: tuple[int, int]
+    predict_batch: int
     ddp_steps: int
+    compile: bool
 
     @classmethod
     def for_args(cls, args: argparse.Namespace) -> Plan:
         cores = os.cpu_count() or 2
         if args.dry_run:
-            return cls("cpu", "tiny_dinov3", 64, 32, 16, 8, 2, 0, 3, 2, 2, (403, 302), 3)
+            return cls("cpu", "tiny_dinov3", 64, 32, 16, 8, 2, 0, 3, 2, 2, (403, 302), 2, 3, False)
         return cls(
             args.device, f"timm:{BACKBONE}", 224, args.images, max(128, args.images // 8), args.batch_size,
-            args.epochs, min(args.workers, cores), 30, 6, 64, (4032, 3024), 20,
+            args.epochs, min(args.workers, cores), 30, 6, 128, (4032, 3024), 32, 20, not args.no_compile,
         )  # fmt: skip
 
 
@@ -91,10 +94,17 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------------------ train run
 
 
-def _settings(plan: Plan, run_root: Path, weights: Path | None, optimizer: str = "fsam", ema: float = 0.999):
+def _settings(
+    plan: Plan,
+    run_root: Path,
+    weights: Path | None,
+    optimizer: str = "fsam",
+    ema: float = 0.999,
+    compiled: bool = False,
+):
     from roadwork_cli.config import load_settings
 
-    model: dict[str, Any] = {"backbone": plan.backbone, "image_size": plan.image_size}
+    model: dict[str, Any] = {"backbone": plan.backbone, "image_size": plan.image_size, "compile_backbone": compiled}
     model["peft"] = {"method": "doran", "rank": 16}
     if weights is not None:
         model["weights"] = str(weights)
@@ -150,11 +160,11 @@ def prepare(plan: Plan, root: Path) -> Prepared:
     return Prepared(plan, root, weights, run, LiveImages(read_split_table(run), {}))
 
 
-def _setup(prepared: Prepared, optimizer: str = "fsam", ema: float = 0.999):
+def _setup(prepared: Prepared, optimizer: str = "fsam", ema: float = 0.999, compiled: bool = False):
     from roadwork_cli.training import finetune
 
     plan = prepared.plan
-    settings = _settings(plan, prepared.run.root, prepared.weights, optimizer, ema)
+    settings = _settings(plan, prepared.run.root, prepared.weights, optimizer, ema, compiled)
     n_train = len(prepared.images.ids("train"))
     return finetune._setup(settings, torch.device(plan.device), n_train, None)
 
@@ -223,6 +233,18 @@ def section_train(prepared: Prepared, state: dict[str, Any]) -> dict[str, Any]:
         peak = round(torch.cuda.max_memory_allocated(setup.device) / 2**30, 2)
     else:
         peak = None
+    compiled: dict[str, Any] = {"skipped": "dry run: compiling takes minutes on a CPU"}
+    if plan.compile:  # model.compile_backbone: the same loop with the backbone's training forward compiled
+        try:
+            compiled_seconds = _live_epochs(_setup(prepared, compiled=True), prepared.images, plan.epochs)
+            rate = n_train / float(np.mean(compiled_seconds[1:] or compiled_seconds))
+            compiled = {
+                "epoch_seconds": [round(s, 3) for s in compiled_seconds],  # the first includes compiling
+                "live_images_per_s": round(rate, 2),
+                "ratio": round(rate / bare, 4),
+            }
+        except Exception as exc:  # noqa: BLE001 - a compile failure is a finding, not the end of the check
+            compiled = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     return {
         "backbone": f"{plan.backbone} (random weights, {plan.image_size} px)",
         "adapters": "doran",
@@ -240,6 +262,7 @@ def section_train(prepared: Prepared, state: dict[str, Any]) -> dict[str, Any]:
         "goal": TRAIN_GOAL,
         "meets_goal": bool(live / bare >= TRAIN_GOAL),
         "peak_gpu_memory_gib": peak,
+        "compiled": compiled,
     }
 
 
@@ -358,7 +381,7 @@ def section_decode(prepared: Prepared, state: dict[str, Any]) -> dict[str, Any]:
 
     # Predict loop on the large JPEGs: decode path -> model input -> forward, per decoder, against the bare forward.
     dtype = compute_dtype(device, "bf16" if device.type == "cuda" else "fp32")
-    batch = plan.batch_size
+    batch = plan.predict_batch
 
     def forward(x: torch.Tensor) -> None:
         with torch.inference_mode(), autocast(device, dtype):
@@ -517,12 +540,15 @@ def run_check(plan: Plan, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu.json"))
-    parser.add_argument("--dry-run", action="store_true", help="every section on the CPU at tiny sizes (seconds)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every section on the CPU at tiny sizes (about a minute)"
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=1024, help="training images")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="live epochs (the first is warm-up)")
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--no-compile", action="store_true", help="skip the model.compile_backbone measurement")
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS)
     )

@@ -222,13 +222,14 @@ def check_decoder(decoder: str, device: torch.device | str | None = None) -> Non
 def jpeg_orientation(data: bytes, recipe: DecodeRecipe) -> int | None:
     """EXIF orientation (1-8) of a plain RGB / greyscale JPEG within the recipe's limits, or None: not for nvjpeg.
 
-    Reads the header only. Anything else (PNG, CMYK, too many pixels, not an image) goes through the PIL path, which
-    decodes it or names why it cannot.
+    Reads the header only. Anything else (PNG, CMYK, too many pixels, no end-of-image marker, not an image) goes
+    through the PIL path, which decodes it or names why it cannot: a decoder that filled a truncated file in would
+    turn a rejected input into pixels.
     """
     from PIL import Image
 
-    if not data.startswith(b"\xff\xd8"):
-        return None
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None  # not a JPEG, or one without its end marker: PIL decides whether it is truncated
     try:
         image = Image.open(io.BytesIO(data), formats=("JPEG",))
         width, height = image.size
@@ -351,7 +352,7 @@ class GpuDecodeLoader:
                 data = bytes(item)
                 if len(data) > recipe.max_file_bytes:
                     return None
-            elif isinstance(item, str | os.PathLike) and not str(item).startswith(("parquet:", "hf:")):
+            elif isinstance(item, str | os.PathLike):  # a file or a parquet row locator
                 data = read_bytes(os.fspath(item), recipe.max_file_bytes)
             else:
                 return None

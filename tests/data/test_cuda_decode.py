@@ -132,6 +132,7 @@ def test_jpeg_orientation_reads_the_header_and_refuses_what_nvjpeg_should_not_de
     recipe = DecodeRecipe(Preprocessing(64))
     assert [jpeg_orientation(inputs[k], recipe) for k in range(len(SHAPES))] == [o for _, _, o in SHAPES]
     assert jpeg_orientation(inputs[-2], recipe) is None  # PNG
+    assert jpeg_orientation(inputs[-1], recipe) is None  # truncated: PIL rejects it, whatever nvjpeg would do
     assert jpeg_orientation(jpeg(scene(64, 64, 0).convert("CMYK")), recipe) is None
     small = DecodeRecipe(Preprocessing(64), max_pixels=640 * 480 - 1)
     assert jpeg_orientation(inputs[0], small) is None  # over the pixel limit: the PIL path rejects it
@@ -216,3 +217,15 @@ def test_a_cuda_model_follows_the_recorded_gpu_decoder():
     recorded = {"recipe": {"decode": {"jpeg_draft": True, "decoder": "cuda"}}}
     model = Stage1Model(backbone, SelectiveHead(backbone.feature_dim, hidden=8), None, info=recorded, device="cuda")
     assert model.recipe.decoder == "cuda" and isinstance(model.loader([b""]), GpuDecodeLoader)
+
+
+def test_files_are_read_by_the_loader_and_a_missing_one_is_one_failure(inputs, tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(inputs[0])
+    recipe = DecodeRecipe(Preprocessing(64), decoder="cuda")
+    dataset = ImageDataset([str(path), inputs[0], str(tmp_path / "missing.jpg")], recipe)
+    loader = GpuDecodeLoader(dataset, [[0, 1, 2]], workers=1, device=torch.device("cpu"))
+    assert loader._read(0) == loader._read(1) == (inputs[0], 1)
+    indices, pixels, failed = next(iter(loader))
+    assert indices == [0, 1] and torch.equal(pixels[0], pixels[1])
+    assert failed == [(2, dataset[2][2])] and "not found" in failed[0][1]
