@@ -128,6 +128,13 @@ class DataSettings(_Section):
         50_000_000, gt=0, description="Decompression-bomb limit: images with more pixels are rejected unread."
     )
     max_file_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Files larger than this many bytes are rejected.")
+    decoder: Literal["pil", "cuda"] = Field(
+        "pil",
+        description="JPEG decoder of cache-features and train's scoring: 'pil' (DataLoader workers, the reference "
+        "pixels) or 'cuda' (batches of JPEG bytes decoded on the GPU with nvjpeg and resized there; equal to pil "
+        "within data.decode.CUDA_DECODE_TOLERANCE, tested on CUDA hosts). Features cached with cuda live in a "
+        "'-cudadecode' folder of their own, never mixed with pil ones. cuda without a CUDA GPU is an error (exit 2).",
+    )
     jpeg_draft: bool | None = Field(
         None,
         description="Decode large JPEGs at 1/2, 1/4 or 1/8 size straight from the DCT when that still covers the "
@@ -236,6 +243,14 @@ class ModelSettings(_Section):
         "output, and its targets are errors the head did not fit).",
     )
     compile: bool = Field(False, description="Wrap the head with torch.compile (falls back cleanly when unavailable).")
+    compile_backbone: bool = Field(
+        False,
+        description="train --mode train: torch.compile the backbone's training forward (adapters included; "
+        "checkpointed chunks and DDP work with it). For GPU hosts, where the eager forward's many small kernels "
+        "leave the GPU idle; the first steps pay for compiling. Off by default: compiled kernels round "
+        "differently, so results are not bit-identical to the eager loop's. Scoring, EMA and the merged "
+        "checkpoints stay eager.",
+    )
     peft: PeftSettings = Field(default_factory=PeftSettings, description="Backbone adapters.")
 
 

@@ -129,6 +129,7 @@ class ScoringModel:
         self.jpeg_draft = jpeg_draft
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
+        self.decoder = "pil"  # the GPU decoder only where the recipe recorded it and a CUDA model runs (see below)
 
     @property
     def recorded_recipe(self) -> dict[str, Any]:
@@ -139,7 +140,16 @@ class ScoringModel:
     @property
     def recipe(self) -> DecodeRecipe:
         """How this model decodes and preprocesses inputs (limits as currently set)."""
-        return DecodeRecipe(self.preprocessing, self.jpeg_draft, self.max_pixels, self.max_file_bytes)
+        return DecodeRecipe(self.preprocessing, self.jpeg_draft, self.max_pixels, self.max_file_bytes, self.decoder)
+
+    def _follow_recorded_decoder(self, on_gpu: bool) -> None:
+        """``data.decoder: cuda`` scores were calibrated on GPU-decoded pixels: decode so where a GPU runs the model,
+        else with PIL (equal within ``CUDA_DECODE_TOLERANCE``), warning that the pixels are not the recorded ones."""
+        recorded = (self.recorded_recipe.get("decode") or {}).get("decoder", "pil")
+        if recorded == "cuda" and on_gpu:
+            self.decoder = "cuda"
+        elif recorded != "pil":
+            _warn_override("JPEG decoder", recorded, "pil")
 
     @property
     def precision(self) -> str:
@@ -317,6 +327,7 @@ class Stage1Model(ScoringModel):
             precision = str(recorded_precision)
         self.compute_dtype = compute_dtype(self.device, precision)
         self._check_precision()
+        self._follow_recorded_decoder(self.device.type == "cuda" and torch.cuda.is_available())
         self.backbone = backbone.eval().to(self.device)
         self.head = head.eval().to(self.device)
         self.channels_last = channels_last
@@ -520,6 +531,7 @@ class OnnxStage1Model(ScoringModel):
         if not isinstance(prep, dict):
             raise BundleError("model.json records no preprocessing; re-export the bundle with `roadwork export`.")
         super().__init__(rule, info, Preprocessing.from_dict(prep), jpeg_draft, max_pixels, max_file_bytes)
+        self._follow_recorded_decoder(on_gpu=False)  # the ONNX path decodes with PIL
         self.graph = graph
         self._check_precision()
 

@@ -84,12 +84,15 @@ class DecodeRecipe:
         jpeg_draft: Decode large JPEGs at reduced size from the DCT (see :func:`decode_jpeg_draft`).
         max_pixels: Decompression-bomb limit; larger images are rejected unread.
         max_file_bytes: Larger files are rejected unread.
+        decoder: ``pil`` (DataLoader workers; the reference pixels) or ``cuda`` (JPEG batches decoded on the GPU,
+            equal to ``pil`` within :data:`roadwork_cli.data.decode.CUDA_DECODE_TOLERANCE`).
     """
 
     preprocessing: Preprocessing
     jpeg_draft: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    decoder: str = "pil"
 
     @property
     def draft_side(self) -> int | None:
@@ -98,9 +101,16 @@ class DecodeRecipe:
 
 
 def recipe_record(recipe: DecodeRecipe, compute_precision: str) -> dict[str, Any]:
-    """JSON form of a recipe and the forward's precision, as ``meta.json`` and ``model.json`` store it."""
+    """JSON form of a recipe and the forward's precision, as ``meta.json`` and ``model.json`` store it.
+
+    The decoder is named only when it is not the default ``pil``, so records (and the training signatures built on
+    them) of the PIL path stay what they were.
+    """
+    decode: dict[str, Any] = {"jpeg_draft": recipe.jpeg_draft, "draft_side": recipe.draft_side}
+    if recipe.decoder != "pil":
+        decode["decoder"] = recipe.decoder
     return {
-        "decode": {"jpeg_draft": recipe.jpeg_draft, "draft_side": recipe.draft_side},
+        "decode": decode,
         "preprocessing": recipe.preprocessing.to_dict(),
         "pixels": "uint8 eval transform, normalised per batch",
         "compute_precision": compute_precision,

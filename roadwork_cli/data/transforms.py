@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -121,14 +122,24 @@ def train_transform(preprocessing: Preprocessing, output: Output = "float") -> A
     return create_augmentation("moderate", preprocessing, output=output)
 
 
+@functools.lru_cache(maxsize=16)
+def _scaled_statistics(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, 3, 1, 1)`` mean and std times 255 on ``device``, made once: building them from Python lists on a GPU is
+    a blocking host-to-device copy, which waited for every queued kernel once per batch. Read-only."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    return mean_t, std_t
+
+
 def normalize_batch(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
     """``(B, H, W, 3)`` uint8 -> normalised ``(B, 3, H, W)`` float32 in channels-last memory layout.
 
     Equals stacking ``eval_transform(p)`` outputs up to float rounding; the permute is free because channels-last
     *is* the HWC layout.
     """
-    mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
+    mean, std = _scaled_statistics(tuple(preprocessing.mean), tuple(preprocessing.std), pixels.device)
     images = pixels.permute(0, 3, 1, 2).float()  # (B, 3, H, W), strides of channels-last
     return images.sub_(mean).div_(std)
 

@@ -66,6 +66,7 @@ __all__ = [
     "FeatureStore",
     "SplitTable",
     "cache_features",
+    "decoder_suffix",
     "load_cached",
     "read_split_table",
 ]
@@ -226,6 +227,21 @@ class CachedFeatures:
                 if view <= views:
                     table[i, view] = row
         return table
+
+
+def decoder_suffix(decoder: str, device: Any = None) -> str:
+    """The cache-folder suffix of ``data.decoder`` (``""`` for pil, ``"-cudadecode"`` for cuda), checked to run here.
+
+    GPU-decoded pixels equal the PIL path's only within a tolerance, so their features never share a folder (or a
+    fingerprint) with PIL-decoded ones.
+
+    Raises:
+        UsageError: ``cuda`` on a machine without CUDA (or with a non-CUDA ``runtime.device``), or an unknown decoder.
+    """
+    from roadwork_cli.data.decode import check_decoder
+
+    check_decoder(decoder, device)
+    return "" if decoder == "pil" else f"-{decoder}decode"
 
 
 def _resolve_fingerprint(run: RunDir, fingerprint: str | None) -> str:
@@ -513,9 +529,11 @@ def cache_features(
         jpeg_draft=settings.data.jpeg_draft is not False,
         max_pixels=settings.data.max_image_pixels,
         max_file_bytes=settings.data.max_file_bytes,
+        decoder=settings.data.decoder,
     )
     if not recipe.jpeg_draft:  # full decoding gives other pixels for large JPEGs: a folder of its own
         fingerprint += "-fulldecode"
+    fingerprint += decoder_suffix(recipe.decoder, device)  # GPU-decoded pixels: a folder of their own too
     folder = run.features / fingerprint
     store = FeatureStore(folder)
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from roadwork_cli.config import Settings, resolve_batch_size
-from roadwork_cli.data.decode import DecodeRecipe, recipe_record, to_model_input
+from roadwork_cli.data.decode import DecodeRecipe, check_decoder, recipe_record, to_model_input
 from roadwork_cli.errors import UsageError
 from roadwork_cli.features.cache import SplitTable, read_split_table
 from roadwork_cli.io.atomic import atomic_path, atomic_write_json, read_json
@@ -62,7 +62,16 @@ from roadwork_cli.training.artifacts import (
     write_best,
 )
 from roadwork_cli.training.epochs import EpochLoop, run_epochs, write_split_scores
-from roadwork_cli.training.live_step import LiveImages, LiveModel, LiveSetup, live_loader, train_live_epoch
+from roadwork_cli.training.live_step import (
+    LiveImages,
+    LiveModel,
+    LiveSetup,
+    compile_training_forward,
+    eager,
+    live_loader,
+    scoring_recipe,
+    train_live_epoch,
+)
 from roadwork_cli.training.optim import create_ema, create_scheduler
 from roadwork_cli.training.param_groups import create_finetune_optimizer
 
@@ -83,6 +92,7 @@ def _setup(
     """Adapted backbone (``backbone`` or a new one), head (from ``warm_head`` if given), optimiser and the rest."""
     ts = settings.train
     dtype = compute_dtype(device, settings.runtime.precision)
+    check_decoder(settings.data.decoder, device)
     if dtype == torch.float16 and ts.optimizer != "adamw":
         raise UsageError(
             f"train.optimizer {ts.optimizer} with runtime.precision fp16 is not supported: the gradient scaler cannot "
@@ -110,7 +120,9 @@ def _setup(
     steps_per_epoch = math.ceil(math.ceil(n_train / batch_size) / accumulate)
     optimizer = create_finetune_optimizer(head, backbone if adapting else None, ts)
     scheduler = create_scheduler(optimizer, ts, steps_per_epoch)
-    ema = create_ema(model, ts.ema_decay)
+    ema = create_ema(model, ts.ema_decay)  # an eager copy: validation and the best checkpoint never compile
+    if settings.model.compile_backbone and adapting:
+        compile_training_forward(model.backbone)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None
     from roadwork_cli.data.transforms import augmentation_from_settings
 
@@ -189,7 +201,7 @@ def _score(
             continue
         x = to_model_input(pixels, model.backbone.preprocessing, setup.device, setup.channels_last)
         with autocast(setup.device, setup.dtype):
-            features = model.backbone(x).float()  # (B, D)
+            features = eager(model.backbone)(x).float()  # (B, D)
         outputs.append(HeadOutput(*(t.float() for t in model.head(features))))  # 3 x (B,)
         kept += [ids[i] for i in indices]
     if outputs:
@@ -216,7 +228,7 @@ def _adapter_record(setup: LiveSetup) -> dict[str, Any]:
 
 def _merged_backbone(model: LiveModel) -> Backbone:
     """A CPU copy of ``model``'s backbone with the adapters folded into plain weights."""
-    backbone = copy.deepcopy(model.backbone).cpu().to(memory_format=torch.contiguous_format)
+    backbone = copy.deepcopy(eager(model.backbone)).cpu().to(memory_format=torch.contiguous_format)
     return merge_adapters(backbone)
 
 
@@ -261,9 +273,9 @@ def _signature(settings: Settings, setup: LiveSetup, table: SplitTable, warm: Pa
         setup.base_fingerprint,
         splits,
         mode="train",
-        model=settings.model.model_dump(mode="json", exclude={"weights", "backbone", "compile"}),
+        model=settings.model.model_dump(mode="json", exclude={"weights", "backbone", "compile", "compile_backbone"}),
         augmentation=setup.augmentation.fingerprint,
-        recipe=recipe_record(setup.recipe, precision_tag(setup.dtype)),
+        recipe=recipe_record(scoring_recipe(setup), precision_tag(setup.dtype)),
         warm_start=hashlib.sha256(warm.read_bytes()).hexdigest() if warm is not None else None,
     )
 
@@ -325,7 +337,7 @@ def train_live(
         "backbone": {"spec": model.backbone.spec, "fingerprint": setup.base_fingerprint},
         "fingerprint": setup.base_fingerprint,
         "mode": "train",
-        "recipe": recipe_record(setup.recipe, precision_tag(setup.dtype)),
+        "recipe": recipe_record(scoring_recipe(setup), precision_tag(setup.dtype)),
         "warm_start": warm is not None,
     }
     loop = EpochLoop(

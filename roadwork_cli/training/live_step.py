@@ -10,8 +10,9 @@ perturbed point; fp16 adds a gradient scaler on CUDA.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,7 +27,17 @@ from roadwork_cli.runtime.device import autocast
 from roadwork_cli.runtime.distributed import Distributed
 from roadwork_cli.training.losses import LOSS_PARTS, selective_loss
 
-__all__ = ["LiveImages", "LiveModel", "LiveSetup", "live_loader", "train_live_epoch"]
+__all__ = [
+    "LOSS_LOG_STEPS",
+    "LiveImages",
+    "LiveModel",
+    "LiveSetup",
+    "compile_training_forward",
+    "eager",
+    "live_loader",
+    "scoring_recipe",
+    "train_live_epoch",
+]
 
 
 class LiveModel(nn.Module):
@@ -61,6 +72,25 @@ class LiveModel(nn.Module):
         else:
             features = self.backbone(images).float()  # (B, D)
         return self.head(features)  # 3 x (B,)
+
+
+def compile_training_forward(backbone: nn.Module) -> None:
+    """``model.compile_backbone``: route ``backbone``'s calls through ``torch.compile`` in place.
+
+    ``nn.Module.compile`` keeps the parameters and state-dict keys, so checkpoints, EMA and the merged backbone are
+    those of the eager module (see :func:`eager`). The graph is captured at the first training step: a failure to
+    compile surfaces there, as torch's error.
+    """
+    backbone.compile(dynamic=False)
+
+
+def eager(module: nn.Module) -> nn.Module:
+    """``module`` itself, or a shallow copy without the compiled call of :func:`compile_training_forward`."""
+    if getattr(module, "_compiled_call_impl", None) is None:
+        return module
+    plain = copy.copy(module)  # shares parameters and children; only the instance's call route differs
+    plain.__dict__ = dict(module.__dict__, _compiled_call_impl=None)
+    return plain
 
 
 @dataclass
@@ -116,6 +146,12 @@ class LiveSetup:
         return bool(self.settings.features.channels_last)
 
 
+def scoring_recipe(setup: LiveSetup) -> DecodeRecipe:
+    """The recipe of clean scoring (val_select each epoch, the score files): ``data.decoder``'s, which best.json
+    records so that predict decodes the same way. Augmented training draws are PIL images, so they stay on PIL."""
+    return replace(setup.recipe, decoder=setup.settings.data.decoder)
+
+
 # ------------------------------------------------------------------------------------------------------ one epoch
 
 
@@ -126,7 +162,10 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
 
 
 def live_loader(setup: LiveSetup, paths: list[str], seeds: list[int | None] | None, batches: list[list[int]]):
-    dataset = ImageDataset(paths, setup.recipe, seeds=seeds, augment=setup.augmentation)
+    """Training batches (``seeds``: augmented draws) decode in DataLoader workers with PIL; clean scoring batches
+    (``seeds`` None) follow ``data.decoder`` (:func:`scoring_recipe`)."""
+    recipe = setup.recipe if seeds is not None else scoring_recipe(setup)
+    dataset = ImageDataset(paths, recipe, seeds=seeds, augment=setup.augmentation)
     workers = setup.settings.features.workers
     return create_loader(dataset, batch_sampler=batches, workers=workers, pin_memory=setup.device.type == "cuda")
 
@@ -170,12 +209,13 @@ def _backward(setup: LiveSetup, group: list[_Part]) -> torch.Tensor:
     whole batch (batch statistics such as the mean gate included); DDP averages the gradients once per group.
 
     Returns:
-        The per-part loss sums ``(len(LOSS_PARTS),)`` over the group's images.
+        The per-part loss sums ``(len(LOSS_PARTS),)`` over the group's images, on ``setup.device``: reading them on
+        the host would wait for the GPU to finish the step, so they are read once per epoch (and per log interval).
     """
     ts, dist = setup.settings.train, setup.dist
     model = dist.wrap(setup.model)
     total = sum(part.total for part in group)
-    sums = torch.zeros(len(LOSS_PARTS))
+    sums = torch.zeros(len(LOSS_PARTS), device=setup.device)
     for k, part in enumerate(group):
         own = part.counts[dist.rank]
         last = k == len(group) - 1
@@ -183,11 +223,11 @@ def _backward(setup: LiveSetup, group: list[_Part]) -> torch.Tensor:
             with autocast(setup.device, setup.dtype):
                 output = model(_padded_input(setup, part))  # 3 x (rows,)
             output = dist.gather(HeadOutput(*(t.float()[:own] for t in output)), part.counts)  # 3 x (total,)
-            labels = dist.gather(part.labels.to(setup.device), part.counts)  # (total,)
+            labels = dist.gather(part.labels.to(setup.device, non_blocking=True), part.counts)  # (total,)
             loss, parts = selective_loss(output, labels, ts.loss, ts.target_coverage)
             loss = loss * (part.total / total)
             (setup.scaler.scale(loss) if setup.scaler is not None else loss).backward()
-        sums += torch.stack([parts[p].detach().float().cpu() for p in LOSS_PARTS]) * part.total
+        sums += torch.stack([parts[p].detach().float() for p in LOSS_PARTS]) * part.total
     return sums
 
 
@@ -237,7 +277,7 @@ def train_live_epoch(
     seeds: list[int | None] = [augment_seed(i, view, epoch) for i in train_ids]
     batches = _batches(len(train_ids), setup.batch_size, ts.seed, epoch)
     labels_all = images.labels(train_ids)
-    sums, used, group = torch.zeros(len(LOSS_PARTS)), 0, []
+    sums, used, group = torch.zeros(len(LOSS_PARTS), device=setup.device), 0, []
     step = epoch * setup.steps_per_epoch
     parts = [batch[dist.part(len(batch))] for batch in batches]  # what this rank decodes (all, in one process)
     loader = live_loader(setup, images.paths(train_ids), seeds, parts)
@@ -252,7 +292,19 @@ def train_live_epoch(
             step += 1
             used += sum(part.total for part in group)
             group = []
-            advance(0, description=f"train epoch {epoch + 1}/{ts.epochs} loss {float(sums[0]) / max(used, 1):.4f}")
+            if _show_loss(setup.device, step - epoch * setup.steps_per_epoch, b == len(batches) - 1):
+                loss = float(sums[0]) / max(used, 1)  # a host sync on a GPU: only every LOSS_LOG_STEPS steps
+                advance(0, description=f"train epoch {epoch + 1}/{ts.epochs} loss {loss:.4f}")
         advance(len(batch))
     images.share_failures(dist)
-    return sums, used
+    return sums.cpu(), used  # the epoch's one wait for the device
+
+
+LOSS_LOG_STEPS = 25
+"""On an accelerator the running loss in the progress label is read every this many optimiser steps (and at the
+epoch's end): reading it waits for the device to finish every queued step, which keeps the host from preparing the
+next batches meanwhile. On the CPU reading it costs nothing and it is shown after every step."""
+
+
+def _show_loss(device: torch.device, steps_done: int, last: bool) -> bool:
+    return device.type == "cpu" or last or steps_done % LOSS_LOG_STEPS == 0
