@@ -240,7 +240,8 @@ class ModelSettings(_Section):
         description="shared: the gate is an output of the shared head layer, trained with the other losses. crossfit: "
         "the gate is its own layer on the detached hidden features and cls logit, fit after training on the "
         "out-of-fold correctness of train.gate_folds heads trained on folds of train (no gate loss reaches the cls "
-        "output, and its targets are errors the head did not fit).",
+        "output, and its targets are errors the head did not fit). Under train.cls_fit=logistic_cv either gate is "
+        "fit after training on the out-of-fold errors of the logistic regression on train, the cls it is paired with.",
     )
     compile: bool = Field(False, description="Wrap the head with torch.compile (falls back cleanly when unavailable).")
     compile_backbone: bool = Field(
@@ -322,14 +323,16 @@ class TrainSettings(_Section):
     refit: bool = Field(
         False,
         description="After selecting the best epoch on val_select, retrain on train + val_select for that many "
-        "epochs and keep that head (val_calib is never used).",
+        "epochs and keep that head (val_calib is never used). scores/val_select.csv still comes from the head fit on "
+        "train alone, so calibration fits its scaling on held-out scores.",
     )
     cls_fit: Literal["logistic_cv", "sgd"] = Field(
         "logistic_cv",
         description="How the head's cls (roadwork) logit is fit in train_cached / train_crc. logistic_cv: an L2 "
         "logistic regression on the standardised features, solved exactly, its strength chosen by 5-fold "
-        "cross-validation on train + val_select and refit there (never val_calib); gate and aux stay those of the "
-        "trained head. sgd: the cls output of the trained head (the loss terms fn_weight etc. shape it).",
+        "cross-validation on train + val_select and refit there (never val_calib); val_select is scored by the same "
+        "fit on train alone; aux stays the trained head's, the gate is refit on the regression's out-of-fold errors. "
+        "sgd: the cls output of the trained head (the loss terms fn_weight etc. shape it).",
     )
     ema_decay: float = Field(0.99, ge=0, lt=1, description="Decay of the weight EMA; 0 disables EMA.")
     target_coverage: float = Field(0.8, gt=0, le=1, description="Coverage the SelectiveNet gate is trained towards.")
@@ -383,7 +386,8 @@ class TrainSettings(_Section):
     warm_start: bool = Field(
         True,
         description="train mode: start the head from the run's finished train_cached head when it was trained on "
-        "the same backbone (same fingerprint); False starts from a fresh head.",
+        "the same backbone (same fingerprint) and not refit on val_select (train.refit); False starts from a fresh "
+        "head.",
     )
     grad_clip: float | None = Field(
         None,

@@ -10,12 +10,16 @@ tensor, so an epoch is a gather plus a few hundred small matmuls.
 
 The epochs run in the skeleton both loops share (:mod:`roadwork_cli.training.epochs`: selection on val_select,
 ``checkpoints/best.*``, ``last.pt`` and resume, ``scores/<split>.csv``). What is particular to this loop comes after
-the epochs: the optional refit on train + val_select, the cross-fitted gate, and the cross-validated logistic
-regression that gives the head's cls output (``train.cls_fit``).
+the epochs: the optional refit on train + val_select, the cross-validated logistic regression that gives the head's
+cls output (``train.cls_fit``), and the gate fit on the out-of-fold errors of the cls it is paired with. They build
+two heads (:func:`_selection_and_final`): one fit on train alone, which scores val_select (the scores calibration
+fits its scaling and score choice on are all held out), and the final one (``best.*``), which scores val_calib and
+test.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -44,7 +48,7 @@ from roadwork_cli.training.artifacts import (
     write_best,
 )
 from roadwork_cli.training.epochs import EpochLoop, run_epochs, write_split_scores
-from roadwork_cli.training.logistic import fit_logistic_cv
+from roadwork_cli.training.logistic import LogisticFit, fit_logistic_cv
 from roadwork_cli.training.losses import LOSS_PARTS, ConformalTarget, selective_loss
 from roadwork_cli.training.optim import create_ema, create_optimizer, create_scheduler
 
@@ -60,6 +64,7 @@ class _Data:
     train_rows: torch.Tensor  # (N, V) row numbers, valid views packed first
     train_counts: torch.Tensor  # (N,) number of valid views
     train_labels: torch.Tensor  # (N,)
+    train_clean: torch.Tensor  # (N,) row of each training image's clean view (view 0)
     split_ids: dict[str, list[str]]
     split_rows: dict[str, torch.Tensor]
     split_labels: dict[str, torch.Tensor]
@@ -110,6 +115,7 @@ def _prepare(cached: CachedFeatures, table: SplitTable, device: torch.device, ru
         train_rows=torch.from_numpy(packed).to(device),
         train_counts=torch.from_numpy(counts).to(device),
         train_labels=torch.tensor([table.labels[i] for i in train_ids], dtype=torch.float32, device=device),
+        train_clean=torch.tensor([cached.rows[i][0] for i in train_ids], dtype=torch.long, device=device),
         split_ids=split_ids,
         split_rows=split_rows,
         split_labels=split_labels,
@@ -195,6 +201,7 @@ def _with_val_select(data: _Data) -> _Data:
         train_rows=torch.cat([data.train_rows, extra]),
         train_counts=torch.cat([data.train_counts, torch.ones_like(rows)]),
         train_labels=torch.cat([data.train_labels, data.split_labels["val_select"]]),
+        train_clean=torch.cat([data.train_clean, rows]),
         split_ids=data.split_ids,
         split_rows=data.split_rows,
         split_labels=data.split_labels,
@@ -224,7 +231,7 @@ def _out_of_fold_logits(
             continue
         part = replace(
             data, train_rows=data.train_rows[keep], train_counts=data.train_counts[keep],
-            train_labels=data.train_labels[keep],
+            train_labels=data.train_labels[keep], train_clean=data.train_clean[keep],
         )  # fmt: skip
         fit = _new_fit(settings, part, in_dim, device)
         for epoch in range(epochs):
@@ -241,6 +248,35 @@ hundred weights: on demo-like data (efficientnet_lite0, 2000 training images) 0.
 1e-2 and 1e-3."""
 
 
+def _gate_targets(oof_logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``(N,)`` 1 where the stage-1 decision on the out-of-fold logit is right at the operating threshold.
+
+    SCRC-I sets tau so that at most ``alpha`` of exited roadwork falls below it, so on the out-of-fold logits tau is
+    their ``alpha``-quantile among roadwork images. (At ``logit >= 0`` instead, the errors are those of a threshold
+    the rule never uses.)
+    """
+    positives = oof_logits[labels == 1]
+    tau = torch.quantile(positives, alpha) if positives.numel() else oof_logits.new_zeros(())
+    return ((oof_logits >= tau).float() == labels.float()).float()
+
+
+def _fit_gate_layer(layer: torch.nn.Linear, inputs: torch.Tensor, correct: torch.Tensor, seed: int) -> float:
+    """Re-initialise ``layer`` (1 output) from ``seed`` and fit it by L-BFGS to ``correct``; returns the final loss."""
+    torch.manual_seed(seed)
+    layer.reset_parameters()
+    inputs = inputs.detach()
+    optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        gate = layer(inputs)[:, 0]  # (N,)
+        loss = F.binary_cross_entropy_with_logits(gate, correct) + GATE_L2 * layer.weight.square().sum()
+        loss.backward()
+        return loss
+
+    return float(optimizer.step(closure).detach())
+
+
 def fit_crossfit_gate(
     head: SelectiveHead,
     features: torch.Tensor,
@@ -249,18 +285,18 @@ def fit_crossfit_gate(
     alpha: float,
     seed: int,
 ) -> float:
-    """Fit the ``gate="crossfit"`` head's ``gate_out`` on out-of-fold correctness; returns the final loss.
+    """Fit the head's gate on out-of-fold correctness of the cls it is paired with; returns the final loss.
 
-    The target is whether the stage-1 decision would be right at its operating threshold: SCRC-I sets tau so that
-    at most ``alpha`` of exited roadwork falls below it, so on the out-of-fold logits tau is their ``alpha``-quantile
-    among roadwork images, and the target is ``(logit >= tau) == label``. (At ``logit >= 0`` instead, the errors are
-    those of a threshold the rule never uses.)
+    ``gate="crossfit"``: ``gate_out`` on the hidden features, the cls logit and its magnitude. ``gate="shared"``
+    (under ``train.cls_fit=logistic_cv``, whose cls replaced the one the shared gate was trained beside): the gate
+    row of the shared output layer, on the hidden features. The target is whether the stage-1 decision would be right
+    at its operating threshold (:func:`_gate_targets`).
 
     Args:
-        head: The trained head (only ``gate_out`` changes; it is re-initialised from ``seed`` first, so a re-run gives
-            the same weights).
-        features: ``(N, D)`` training features.
-        oof_logits: ``(N,)`` cls logits of heads that did not see the image: the gate's logit input and its target.
+        head: The trained head (only the gate's layer changes; it is re-initialised from ``seed`` first, so a re-run
+            gives the same weights).
+        features: ``(N, D)`` features of the images the out-of-fold logits belong to.
+        oof_logits: ``(N,)`` cls logits of models that did not see the image: the gate's logit input and its target.
         labels: ``(N,)`` 0/1.
         alpha: Target false-negative rate among exits (``calibration.fnr``).
         seed: Seed of the re-initialisation.
@@ -268,64 +304,129 @@ def fit_crossfit_gate(
     head.eval()
     with torch.no_grad():
         hidden = head.hidden_features(features)  # (N, W)
-    positives = oof_logits[labels == 1]
-    tau = torch.quantile(positives, alpha) if positives.numel() else oof_logits.new_zeros(())
-    correct = ((oof_logits >= tau).float() == labels.float()).float()  # (N,)
-    torch.manual_seed(seed)
-    head.gate_out.reset_parameters()
-    optimizer = torch.optim.LBFGS(head.gate_out.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        gate = head.crossfit_gate(hidden, oof_logits)  # (N,)
-        loss = F.binary_cross_entropy_with_logits(gate, correct) + GATE_L2 * head.gate_out.weight.square().sum()
-        loss.backward()
-        return loss
-
-    return float(optimizer.step(closure).detach())
+    correct = _gate_targets(oof_logits, labels, alpha)  # (N,)
+    if head.gate == "crossfit":
+        z = oof_logits.detach()[:, None]  # (N, 1): the inputs of head.crossfit_gate
+        return _fit_gate_layer(head.gate_out, torch.cat([hidden, z, z.abs()], dim=1), correct, seed)
+    row = torch.nn.Linear(hidden.shape[1], 1).to(hidden.device)
+    loss = _fit_gate_layer(row, hidden, correct, seed)
+    with torch.no_grad():
+        head.out.weight[1].copy_(row.weight[0])
+        head.out.bias[1].copy_(row.bias[0])
+    return loss
 
 
-def _fit_logistic_cls(
-    run: RunDir,
-    settings: Settings,
-    data: _Data,
-    cached: CachedFeatures,
-    table: SplitTable,
-    device: torch.device,
-    dist: Distributed,
-) -> torch.Tensor:
-    """``train.cls_fit=logistic_cv``: give the best head a cls logit that is an exact, cross-validated L2 logistic
-    regression on the clean features of train + val_select (never val_calib); returns val_select's out-of-fold logits.
-
-    The fit set is the linear probe's, so the head ranks at least as well as that probe. Calibration fits its scaling
-    on val_select, which the refit has seen; the out-of-fold logits (each from the fold model that did not see the
-    image, at the chosen C) are what ``scores/val_select.csv`` holds instead, so the scaling is fit on held-out scores.
-    A ``gate="crossfit"`` head's gate is refit on the same out-of-fold logits (the cls it ranks changed).
-    """
-    ts = settings.train
-    train_ids = [i for i in table.ids("train") if 0 in cached.rows.get(i, {})]  # the order of data.train_labels
-    rows = torch.cat([torch.tensor([cached.rows[i][0] for i in train_ids], dtype=torch.long, device=device),
-                      data.split_rows["val_select"]])  # fmt: skip
-    labels = torch.cat([data.train_labels, data.split_labels["val_select"]])  # (N,)
-    features = data.features[rows]  # (N, D)
-    fit = fit_logistic_cv(features, labels, folds=5, seed=ts.seed)
-    head, record = read_best_before_replacing(run, dist)
+def _with_logistic_cls(head: SelectiveHead, fit: LogisticFit) -> SelectiveHead:
+    """A copy of ``head`` whose cls logit is the logistic regression ``fit`` (``cls="linear"``); the rest unchanged."""
     linear = SelectiveHead.from_config(dict(head.config, cls="linear"))
     linear.load_state_dict(head.state_dict(), strict=False)  # cls_linear is new (or replaced just below)
     with torch.no_grad():
         linear.cls_linear.weight.copy_(fit.weight[None, :].float())
         linear.cls_linear.bias.fill_(fit.bias)
-    linear = linear.to(device)
-    if linear.gate == "crossfit":
-        oof = fit.oof_logits.to(device)
-        fit_crossfit_gate(linear, features, oof, labels, settings.calibration.fnr, ts.seed)
-        record = replace(record, gate=f"crossfit on the out-of-fold logits of the {fit.folds}-fold logistic regression")
-    cls_fit = {
-        "method": "logistic_cv", "solver": "lbfgs (float64, full batch)", "C": fit.c, "folds": fit.folds,
-        "fit_on": "train+val_select", "cv_log_loss": {f"{c:.4g}": v for c, v in fit.cv_log_loss.items()},
-    }  # fmt: skip
-    write_best(run, linear.eval(), replace(record, head=linear.config, cls_fit=cls_fit))
-    return fit.oof_logits[len(train_ids) :].to(device)
+    return linear
+
+
+@dataclass
+class _GateFit:
+    """What a gate is fit on: features of the train images and the out-of-fold cls logits whose errors it ranks."""
+
+    features: torch.Tensor  # (N, D)
+    oof_logits: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    how: str
+    """``best.json``'s ``gate``."""
+
+
+def _assemble(
+    trunk: SelectiveHead, cls: LogisticFit | None, gate: _GateFit | None, settings: Settings, device: torch.device
+) -> SelectiveHead:
+    """A copy of ``trunk`` with the logistic cls ``cls`` (if any) and its gate refit on ``gate`` (if any)."""
+    head = _with_logistic_cls(trunk, cls) if cls is not None else copy.deepcopy(trunk)
+    head = head.to(device)
+    if gate is not None:
+        fit_crossfit_gate(
+            head, gate.features, gate.oof_logits, gate.labels, settings.calibration.fnr, settings.train.seed
+        )
+    return head.eval()
+
+
+def _selected_head(
+    run: RunDir, settings: Settings, data: _Data, in_dim: int, device: torch.device, dist: Distributed, epochs: int
+) -> SelectiveHead:
+    """The head of the selected epoch (fit on train only), as the epochs left it in ``best.*``.
+
+    A re-run after the refit replaced ``best.*`` (SIGKILL before the scores were written) trains it again: the same
+    seeded recipe for the selected number of epochs, so the same weights. Whatever else an earlier run's stages put
+    in ``best.*`` (a logistic cls, a refit gate) is replaced again below from the same seeds.
+    """
+    head, record = read_best_before_replacing(run, dist)
+    if record.refit:
+        fit = _new_fit(settings, data, in_dim, device)
+        for epoch in range(epochs):
+            _train_epoch(fit, data, settings.train, epoch)
+        head = fit.ema.module if fit.ema is not None else fit.head
+    return head.to(device).eval()
+
+
+def _selection_and_final(
+    run: RunDir, settings: Settings, data: _Data, in_dim: int, device: torch.device, dist: Distributed, epochs: int
+) -> tuple[SelectiveHead, SelectiveHead, dict[str, Any]]:
+    """The two heads after the epochs: the one that scores val_select and the final one (``best.*``).
+
+    The selection head is the whole pipeline fit on train alone: the selected epoch's head, the logistic cls fit on
+    train (``train.cls_fit=logistic_cv``), its gate fit on train's out-of-fold errors. No part of it saw a val_select
+    image, so the scaling, the threshold grid and ``gate_score: auto`` that calibration fits on its val_select scores
+    are fit on held-out scores. The final head is the same pipeline where the settings add val_select to a fit (the
+    refit's trunk, the logistic cls); its gate is fit on the same out-of-fold errors of train, on its own trunk. It
+    scores val_calib and test, which no fit saw.
+
+    Returns:
+        ``(selection head, final head, best.json fields: refit / gate / cls_fit)``.
+    """
+    ts = settings.train
+    has_select = bool(data.split_ids["val_select"])
+    selected = _selected_head(run, settings, data, in_dim, device, dist, epochs)
+    train_x = data.features[data.train_clean]  # (N, D)
+    cls_select = cls_final = gate = None
+    fields: dict[str, Any] = {}
+    if ts.cls_fit == "logistic_cv":
+        cls_select = fit_logistic_cv(train_x, data.train_labels, folds=5, seed=ts.seed)
+        cls_final = cls_select
+        if has_select:
+            rows = data.split_rows["val_select"]
+            features = torch.cat([train_x, data.features[rows]])
+            labels = torch.cat([data.train_labels, data.split_labels["val_select"]])
+            cls_final = fit_logistic_cv(features, labels, folds=5, seed=ts.seed)
+        kind = "crossfit" if selected.gate == "crossfit" else "shared gate output refit"
+        how = f"{kind} on the out-of-fold logits of the {cls_select.folds}-fold logistic regression on train"
+        gate = _GateFit(train_x, cls_select.oof_logits.to(device), data.train_labels, how)
+        fields["cls_fit"] = {
+            "method": "logistic_cv", "solver": "lbfgs (float64, full batch)", "C": cls_final.c,
+            "folds": cls_final.folds, "fit_on": "train+val_select" if has_select else "train",
+            "cv_log_loss": {f"{c:.4g}": v for c, v in cls_final.cv_log_loss.items()},
+            "val_select_scores": {"fit_on": "train", "C": cls_select.c},
+        }  # fmt: skip
+    elif selected.gate == "crossfit":
+        # The SGD cls's gate: on the out-of-fold logits of heads trained like it on folds of train.
+        rows, oof = _out_of_fold_logits(settings, data, in_dim, device, epochs)
+        gate = _GateFit(data.features[rows], oof, data.train_labels, f"crossfit over {ts.gate_folds} folds")
+    if gate is not None:
+        fields["gate"] = gate.how
+    select_head = _assemble(selected, cls_select, gate, settings, device)
+    trunk = selected
+    if ts.refit and has_select:
+        # Deterministic from the seed, so a re-run after SIGKILL (or after the end) writes the same weights.
+        refit = _new_fit(settings, _with_val_select(data), in_dim, device)
+        for epoch in range(epochs):
+            _train_epoch(refit, refit.data, ts, epoch)
+        trunk = (refit.ema.module if refit.ema is not None else refit.head).eval()
+        fields["refit"] = True
+    final = (
+        select_head
+        if trunk is selected and cls_final is cls_select
+        else _assemble(trunk, cls_final, gate, settings, device)
+    )
+    return select_head, final, fields
 
 
 # ------------------------------------------------------------------------------------------------------------ train
@@ -394,38 +495,24 @@ def train_cached(
     epochs = run_epochs(loop, progress, on_epoch_end)
     best = epochs.best
 
-    if ts.refit and data.split_ids["val_select"] and best.epoch > 0:
-        # Deterministic from the seed, so a re-run after SIGKILL (or after the end) writes the same weights.
-        refit = _new_fit(settings, _with_val_select(data), cached.feature_dim, device)
-        for epoch in range(best.epoch):
-            _train_epoch(refit, refit.data, ts, epoch)
-        # metric and val_select are those of the selected epoch, before the refit saw val_select
-        record = best.record(ts.select_metric, ema is not None, refit=True, **facts)
-        write_best(run, (refit.ema.module if refit.ema is not None else refit.head).eval(), record)
-    if head.gate == "crossfit" and best.epoch > 0 and ts.cls_fit == "sgd":
-        # The SGD cls's gate: on the out-of-fold logits of heads trained like it (logistic_cv fits the gate on the
-        # logistic regression's own out-of-fold logits below). Deterministic from the seed like the refit, so a
-        # re-run after SIGKILL ends with the same gate.
-        gate_data = _with_val_select(data) if ts.refit and data.split_ids["val_select"] else data
-        rows, oof = _out_of_fold_logits(settings, gate_data, cached.feature_dim, device, best.epoch)
-        best_head, record = read_best_before_replacing(run, fit.dist)
-        best_head = best_head.to(device)
-        fit_crossfit_gate(
-            best_head, gate_data.features[rows], oof, gate_data.train_labels, settings.calibration.fnr, ts.seed
+    select_head = None
+    if best.epoch > 0:
+        select_head, final, fields = _selection_and_final(
+            run, settings, data, cached.feature_dim, device, fit.dist, best.epoch
         )
-        write_best(run, best_head.eval(), replace(record, gate=f"crossfit over {ts.gate_folds} folds"))
-    oof_select = None
-    if ts.cls_fit == "logistic_cv" and best.epoch > 0:
-        oof_select = _fit_logistic_cls(run, settings, data, cached, table, device, fit.dist)
+        if fields:  # something replaced the selected epoch's head; its metric and val_select are still those
+            write_best(
+                run, final, best.record(ts.select_metric, ema is not None, **{**facts, "head": final.config}, **fields)
+            )
     fit.dist.barrier()  # rank 0 has written best.safetensors before any rank reads it
     best_head, written = load_best_head(run)
     best_head = best_head.to(device)
 
     def score(split: str) -> tuple[list[str], torch.Tensor, HeadOutput]:
+        # val_select: the pipeline fit on train alone (no fit saw these images); val_calib, test: the final head.
+        model = select_head if split == "val_select" and select_head is not None else best_head
         with torch.inference_mode():
-            output = best_head(data.features[data.split_rows[split]])
-        if split == "val_select" and oof_select is not None:
-            output = output._replace(cls=oof_select.to(output.cls.dtype))  # held-out scores for the scaling
+            output = model(data.features[data.split_rows[split]])
         return data.split_ids[split], data.split_labels[split], output
 
     scores = write_split_scores(run, fit.dist, score, [run.splits, run.current_features])
@@ -435,8 +522,14 @@ def train_cached(
         cls_fit = written.cls_fit
         notes.append(
             f"cls: L2 logistic regression, C {cls_fit['C']:.3g} chosen by {cls_fit['folds']}-fold cross-validation on "
-            "train + val_select and refit there (train.cls_fit); the val_select metrics are the trained head's at "
-            "its selected epoch, and scores/val_select.csv holds out-of-fold cls scores."
+            f"{cls_fit['fit_on'].replace('+', ' + ')} and refit there (train.cls_fit); the val_select metrics are the "
+            "trained head's at its selected epoch."
+        )
+    if written.cls_fit is not None or written.refit:
+        notes.append(
+            "scores/val_select.csv holds the scores of the same pipeline fit on train alone (no model that scored a "
+            "val_select image saw it), so calibration's scaling and score choice are fit on held-out scores; "
+            "val_calib and test are scored by the final head."
         )
     if data.failed:
         notes.append(

@@ -143,7 +143,8 @@ def _setup(
 
 
 def _warm_start(run: RunDir, settings: Settings, base_fingerprint: str, feature_dim: int) -> Path | None:
-    """The head to start from: a finished train_cached head on this backbone, kept in ``warm_start.*``.
+    """The head to start from: a finished train_cached head on this backbone (not refit on val_select), kept in
+    ``warm_start.*``.
 
     Reduced-precision caches carry a ``-bf16`` / ``-fp16`` / ``-fulldecode`` suffix on the backbone fingerprint; the
     head fits those features all the same.
@@ -161,7 +162,9 @@ def _warm_start(run: RunDir, settings: Settings, base_fingerprint: str, feature_
             bool(head.get("standardize", False)),
             head.get("gate", "shared"),
         ) == (feature_dim, settings.model.head_hidden, settings.model.head_standardize, settings.model.head_gate)
-        if best.mode != "train" and fingerprint == base_fingerprint and same_head:
+        # A refit head was trained on val_select, whose scores the live loop writes for calibration: not a start.
+        # (Without the refit, only cls_linear saw val_select, and it is not loaded.)
+        if best.mode != "train" and fingerprint == base_fingerprint and same_head and not best.refit:
             data = run.best_weights.read_bytes()
             if not kept.exists() or kept.read_bytes() != data:
                 run.checkpoints.mkdir(parents=True, exist_ok=True)
