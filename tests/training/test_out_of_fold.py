@@ -91,3 +91,17 @@ def test_the_shared_gate_is_refit_on_the_errors_of_the_logistic_cls(tmp_path):
             assert not torch.equal(best[key][1], selected[key][1])  # the gate row refit
         else:
             assert torch.equal(best[key], selected[key])
+
+
+def test_a_rerun_after_the_refit_rebuilds_the_selection_head_exactly(tmp_path):
+    """After the refit replaced ``best.*``, the selected epoch's head is no longer on disk; a re-run (as after SIGKILL
+    once the epochs are done) trains it again from the seed: the same val_select scores and the same final head."""
+    run = make_cached_run(tmp_path / "run", counts=(80, 30, 10, 10), seed=5, signal=1.0)
+    settings = train_settings(run, epochs=3, min_steps_per_epoch=4, cls_fit="sgd", refit=True)
+    train(run, settings)
+    assert read_json(run.checkpoints / "best.json")["refit"] is True
+    first = {split: run.score_file(split).read_bytes() for split in ("val_select", "val_calib", "test")}
+    weights = run.checkpoints.joinpath("best.safetensors").read_bytes()
+    assert train(run, settings).resumed_from == 3
+    assert {split: run.score_file(split).read_bytes() for split in first} == first
+    assert run.checkpoints.joinpath("best.safetensors").read_bytes() == weights
