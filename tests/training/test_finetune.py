@@ -214,6 +214,12 @@ def test_warm_start_from_a_train_cached_head_on_the_same_backbone(tmp_path, imag
     (third.checkpoints / "best.safetensors").write_bytes(cached_bytes)
     (third.checkpoints / "best.json").write_text(json.dumps(dict(cached_info, head=dict(head.config, gate="crossfit"))))
     assert finetune._warm_start(third, live_settings(third), backbone.fingerprint, backbone.feature_dim) is None
+    # A head refit on train + val_select saw the images whose scores the live loop writes for calibration: no start.
+    fourth = make_run(tmp_path / "fourth", image_table)
+    fourth.checkpoints.mkdir(parents=True)
+    (fourth.checkpoints / "best.safetensors").write_bytes(cached_bytes)
+    (fourth.checkpoints / "best.json").write_text(json.dumps(dict(cached_info, refit=True)))
+    assert finetune._warm_start(fourth, live_settings(fourth), backbone.fingerprint, backbone.feature_dim) is None
 
 
 def test_fp16_with_sharpness_aware_optimisers_is_a_settings_error(tmp_path, image_table):
