@@ -11,7 +11,7 @@ features, and fits:
   train + val_select, fit on train + val_select.
 
 Both are calibrated the same way: Platt scaling fit on val_select (what ``calibration.scaling: platt`` does), on
-out-of-fold scores, since both final fits saw val_select. Reported
+the scores of the same recipe fit on train alone, since both final fits saw val_select. Reported
 per cell as mean +- standard deviation over seeds: test AUROC, MCC at calibrated p >= 0.5 and AURC (softmax response
 as the selection score; lower is better). The last column says whether the cell passes (head AUROC >= probe AUROC -
 0.002 and head MCC >= probe MCC, averaged over seeds).
@@ -149,13 +149,12 @@ def probe_cell(features: np.ndarray, rows: dict[str, np.ndarray], labels: dict[s
     The folds are those the head's ``train.cls_fit=logistic_cv`` draws (``stratified_folds`` with the default
     ``train.seed``), a paired design: with independently drawn folds the two differ by fold noise alone (the C picked
     and the Platt fit), which on 5 seeds is as large as the margins compared. Both are solved to tight tolerance.
-    Platt is fit on val_select's out-of-fold probabilities at the chosen C, not on those of the final fit, which saw
-    val_select: the same held-out treatment the head's ``scores/val_select.csv`` gets.
+    Platt is fit on val_select's probabilities from the same recipe fit on train alone (C by 5-fold CV on train), not
+    on those of the final fit, which saw val_select: the held-out treatment the head's ``scores/val_select.csv`` gets.
     """
     import torch
-    from scipy.special import expit
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import PredefinedSplit, cross_val_predict
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import PredefinedSplit
     from sklearn.preprocessing import StandardScaler
 
     from roadwork_cli.calibration.scaling import create_scaler
@@ -168,9 +167,12 @@ def probe_cell(features: np.ndarray, rows: dict[str, np.ndarray], labels: dict[s
     z_fit = scaler.transform(x_fit)
     solver = {"max_iter": 10_000, "tol": 1e-8}
     probe = LogisticRegressionCV(Cs=list(C_GRID), cv=folds, scoring="neg_log_loss", **solver).fit(z_fit, y_fit)
-    held_out = LogisticRegression(C=float(probe.C_[0]), **solver)
-    oof = cross_val_predict(held_out, z_fit, y_fit, cv=folds, method="decision_function")
-    p_select = expit(oof[len(rows["train"]) :])
+    x_train, y_train = features[rows["train"]].astype(np.float64), labels["train"]
+    train_scaler = StandardScaler().fit(x_train)
+    train_folds = PredefinedSplit(stratified_folds(torch.from_numpy(y_train), 5, seed=0).numpy())
+    on_train = LogisticRegressionCV(Cs=list(C_GRID), cv=train_folds, scoring="neg_log_loss", **solver)
+    on_train.fit(train_scaler.transform(x_train), y_train)
+    p_select = on_train.predict_proba(train_scaler.transform(features[rows["val_select"]].astype(np.float64)))[:, 1]
     p_test = probe.predict_proba(scaler.transform(features[rows["test"]].astype(np.float64)))[:, 1]
     scaler = create_scaler("platt").fit(p_select, labels["val_select"])
     return _selective_metrics(labels["test"], p_test, scaler.transform(p_test))

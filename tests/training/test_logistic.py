@@ -67,7 +67,7 @@ def test_val_select_scores_are_held_out(tmp_path):
             return np.array([float(r["p_roadwork"]) for r in csv.DictReader(handle)])
 
     assert np.allclose(written("test"), own["test"], atol=1e-6)  # test: the refit head's own scores
-    # val_select: out-of-fold scores of models that did not see the image, not the refit's in-sample ones.
+    # val_select: scored by the same pipeline fit on train alone, not by the final fit, which saw these images.
     assert np.abs(written("val_select") - own["val_select"]).max() > 1e-3
 
 
