@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from score_helpers import scrc_band, scrc_gate
+from score_helpers import band_counts, scrc_band, scrc_gate
 from test_guarantee import draw
 
 from roadwork_cli.calibration.grids import band_grid_from_scores, gate_grid_from_scores, tau_candidates
@@ -145,10 +145,7 @@ class Population:
 
     def band(self, tau: float, b: float) -> tuple[float, float, float]:
         """(FNR on exits, coverage, accuracy on exits) of: no_roadwork iff p < tau, roadwork iff p >= b."""
-        misses = np.searchsorted(self.pos, tau, side="left")
-        tp = self.pos.size - np.searchsorted(self.pos, b, side="left")
-        tn = np.searchsorted(self.neg, tau, side="left")
-        fp = self.neg.size - np.searchsorted(self.neg, b, side="left")
+        misses, tp, tn, fp = band_counts(self.pos, self.neg, tau, b)
         exits = misses + tp + tn + fp
         return misses / max(misses + tp, 1), exits / self.n, (tp + tn) / max(exits, 1)
 

@@ -13,6 +13,16 @@ from scipy.stats import binom
 from roadwork_cli.io.run import RunDir
 
 
+def band_counts(pos: np.ndarray, neg: np.ndarray, tau: float, b: float) -> tuple[int, int, int, int]:
+    """(misses, true positives, true negatives, false positives) of the band rule (no_roadwork iff p < tau, roadwork
+    iff p >= b) over sorted p of the positives and of the negatives."""
+    misses = int(np.searchsorted(pos, tau, side="left"))
+    tp = int(pos.size - np.searchsorted(pos, b, side="left"))
+    tn = int(np.searchsorted(neg, tau, side="left"))
+    fp = int(neg.size - np.searchsorted(neg, b, side="left"))
+    return misses, tp, tn, fp
+
+
 def write_scores(path: Path, n: int, seed: int, temperature: float = 2.0) -> Path:
     """Scores of a synthetic, miscalibrated model (logits scaled by `temperature`)."""
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from score_helpers import scrc_band, simulate
+from score_helpers import band_counts, scrc_band, simulate
 
 from roadwork_cli.calibration.grids import band_grid_from_scores
 from roadwork_cli.calibration.stats import dkw_slack
@@ -35,10 +35,7 @@ class Population:
 
     def rates(self, b: float, tau: float) -> tuple[float, float, float]:
         """(FNR among exits, coverage, accuracy among exits) of: no_roadwork iff p < tau, roadwork iff p >= b."""
-        misses = np.searchsorted(self.pos, tau, side="left")
-        tp = self.pos.size - np.searchsorted(self.pos, b, side="left")
-        tn = np.searchsorted(self.neg, tau, side="left")
-        fp = self.neg.size - np.searchsorted(self.neg, b, side="left")
+        misses, tp, tn, fp = band_counts(self.pos, self.neg, tau, b)
         n_exit = misses + tp + tn + fp
         fnr = misses / (misses + tp) if misses + tp else 0.0
         return float(fnr), n_exit / self.n, (tp + tn) / n_exit if n_exit else float("nan")
