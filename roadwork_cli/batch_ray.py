@@ -325,6 +325,11 @@ def _run_pool(
     owns = not ray.is_initialized()
     if owns:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    # Ray Data's per-run INFO/WARNING lines (plans, "progress bars disabled", timings) would bury predict's own
+    # summary; its errors still show.
+    data_logger = logging.getLogger("ray.data")
+    data_level = data_logger.level
+    data_logger.setLevel(logging.ERROR)
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
@@ -349,6 +354,7 @@ def _run_pool(
         for row in dataset.iter_rows():
             yield int(row["index"]), row
     finally:
+        data_logger.setLevel(data_level)
         if owns:
             ray.shutdown()
 

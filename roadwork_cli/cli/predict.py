@@ -288,7 +288,9 @@ def _predict_with_ray(
     if result.resumed:
         console.print(f"resumed: {result.resumed} records kept from the earlier run", soft_wrap=True)
     actors = f"{result.actors} Ray actor" + ("s" if result.actors != 1 else "")
-    note = f"{result.scored} scored by {actors}; Ray start and bundle loading included"
+    note = (
+        f"{result.scored} scored by {actors}; Ray start and bundle loading included" if result.scored else "none left"
+    )
     _summary(records, result.scored, result.seconds, 0.0, result.skipped, result.rule, fmt != "table", note)
     failed = [r for r in records if r["error"] is not None]
     for r in failed[:10]:
