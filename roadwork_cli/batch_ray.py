@@ -175,7 +175,8 @@ def score_with_ray(
         address: Ray cluster to join (``auto``, ``ray://HEAD:10001``); None starts a local Ray on this machine (or
             uses the one already initialised in this process).
         actors: Actor pool size; None = the cluster's CPUs divided by ``threads``.
-        threads: Intra-op threads (and CPUs reserved) per actor; None = 1.
+        threads: Intra-op threads per actor, and the CPUs Ray reserves for it; None = 1 (so that the actors on a
+            node do not oversubscribe its cores, as onnxruntime's default of all cores per actor would).
         batch_size: Images per forward pass inside an actor (None: the model's default, as in ``predict``).
         workers: Decoding threads inside an actor (``predict.workers``).
         rows_per_call: Inputs handed to an actor per call.
@@ -235,7 +236,7 @@ def score_with_ray(
     try:
         if todo:
             scorer = dict(
-                bundle=str(bundle), runtime=runtime, device=device, threads=threads, batch_size=batch_size,
+                bundle=str(bundle), runtime=runtime, device=device, threads=threads or 1, batch_size=batch_size,
                 workers=workers, jpeg_draft=jpeg_draft, limits=limits,
             )  # fmt: skip
             for event in _run_pool(ray, todo, address, actors, threads, rows_per_call, progress, scorer):

@@ -190,3 +190,19 @@ def test_without_ray_the_engine_is_one_clear_line_and_exit_2(monkeypatch, bundle
     assert "pip install 'roadwork-cli[ray]'" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_written_outputs_read_back_as_the_same_records(tmp_path, suffix):
+    """--resume reads an earlier output in its own format; None, floats and text survive the round trip."""
+    from roadwork_cli.batch_ray import output_format, read_records, write_records
+
+    records = [
+        {"path": "a, b.jpg", "p_roadwork": 0.123456, "gate": 0.9, "decision": "defer", "error": None},
+        {"path": "c.parquet#row=2", "p_roadwork": None, "gate": None, "decision": None, "error": "zero bytes"},
+    ]
+    out = tmp_path / f"scores{suffix}"
+    fmt = output_format(out)
+    assert fmt == suffix[1:]
+    write_records(records, out, fmt)
+    assert read_records(out, fmt) == records
