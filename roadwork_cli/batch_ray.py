@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roadwork_cli.errors import UsageError
+from roadwork_cli.errors import RoadworkError, UsageError
 from roadwork_cli.io.atomic import atomic_path
 from roadwork_cli.io.inputs import FIELDS, RecordWriter, expand_inputs, round_score
 
@@ -255,6 +255,13 @@ def score_with_ray(
                 if handle is not None:
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                     handle.flush()
+    except Exception as exc:  # Ray itself failed (a node lost, the cluster gone): say what is kept and how to go on
+        if journal is None or not fresh:
+            raise
+        raise RoadworkError(
+            f"Ray scoring stopped after {len(fresh)} of {len(todo)} inputs ({type(exc).__name__}: {exc}); their "
+            f"records are kept in {journal}: run the same command with --resume to score the rest."
+        ) from exc
     finally:
         if handle is not None:
             handle.close()
@@ -267,9 +274,9 @@ def score_with_ray(
         if plan[i] is not None:
             records.append(plan[i])
         elif error is not None:
-            records.append({"path": shown, "p_roadwork": None, "gate": None, "decision": None, "error": error})
-        else:
-            records.append(fresh[i])
+            records.append({**_empty(shown), "error": error})
+        else:  # Ray returns one row per input; a missing one would still be reported, never silently dropped
+            records.append(fresh.get(i) or {**_empty(shown), "error": "no result came back from the Ray actor pool"})
     leftover = _leftover(earlier, plan, expanded)
     records.extend(leftover)
     if out is not None:
@@ -277,6 +284,10 @@ def score_with_ray(
         journal.unlink(missing_ok=True)
     resumed = sum(r is not None for r in plan) + len(leftover)
     return RayScoring(records, skipped, len(fresh), resumed, seconds, pool, out, rule)
+
+
+def _empty(path: str) -> dict[str, Any]:
+    return {"path": path, "p_roadwork": None, "gate": None, "decision": None, "error": None}
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -206,3 +206,39 @@ def test_written_outputs_read_back_as_the_same_records(tmp_path, suffix):
     assert fmt == suffix[1:]
     write_records(records, out, fmt)
     assert read_records(out, fmt) == records
+
+
+def test_a_run_that_ray_stops_keeps_its_records_and_resumes_with_the_rest(monkeypatch, bundle, tmp_path):
+    """Ray failing mid-run (simulated pool, no Ray needed): the records done stay in the journal, the error says
+    --resume, and the resumed run scores only the other inputs and writes all of them in input order."""
+    from roadwork_cli import batch_ray
+    from roadwork_cli.errors import RoadworkError
+
+    images = write_images(tmp_path / "imgs", n=4)
+    seen: list[list[int]] = []
+
+    def pool(fail_after):
+        def run(ray, todo, *args):
+            seen.append([index for index, _ in todo])
+            yield 1
+            for n, (index, _) in enumerate(todo):
+                if n == fail_after:
+                    raise RuntimeError("node lost")
+                yield index, {"p_roadwork": 0.1 * index, "gate": 0.5, "decision": "no_roadwork", "error": None}
+
+        return run
+
+    monkeypatch.setattr(batch_ray, "import_ray", lambda: None)
+    monkeypatch.setattr(batch_ray, "_run_pool", pool(fail_after=2))
+    out = tmp_path / "scores.jsonl"
+    with pytest.raises(RoadworkError, match="after 2 of 4 inputs.*--resume"):
+        batch_ray.score_with_ray([str(tmp_path / "imgs")], bundle, out)
+    assert not out.exists()
+    assert len(batch_ray.read_journal(tmp_path / "scores.jsonl.partial.jsonl")) == 2
+
+    monkeypatch.setattr(batch_ray, "_run_pool", pool(fail_after=None))
+    result = batch_ray.score_with_ray([str(tmp_path / "imgs")], bundle, out, resume=True)
+    assert seen[-1] == [2, 3]  # only the inputs without a record
+    assert (result.scored, result.resumed) == (2, 2)
+    assert [r["path"] for r in jsonl_records(out.read_text())] == [str(p) for p in images]
+    assert [r["p_roadwork"] for r in jsonl_records(out.read_text())] == pytest.approx([0.0, 0.1, 0.2, 0.3])
