@@ -104,6 +104,7 @@ class BundleScorer:
         bundle: str,
         runtime: str = "auto",
         device: str = "auto",
+        precision: str = "auto",
         threads: int | None = None,
         batch_size: int | None = None,
         workers: int = 0,
@@ -112,7 +113,9 @@ class BundleScorer:
     ):
         from roadwork_cli.stage1 import load_bundle
 
-        self.model = load_bundle(bundle, device=device, runtime=runtime, jpeg_draft=jpeg_draft, threads=threads)
+        self.model = load_bundle(
+            bundle, device=device, precision=precision, runtime=runtime, jpeg_draft=jpeg_draft, threads=threads
+        )
         if self.model.runtime == "torch" and threads:
             import torch
 
@@ -157,6 +160,7 @@ def score_with_ray(
     rows_per_call: int = DEFAULT_ROWS_PER_CALL,
     runtime: str = "auto",
     device: str = "auto",
+    precision: str = "auto",
     jpeg_draft: bool | None = None,
     limits: tuple[int, int] | None = None,
     resume: bool = False,
@@ -182,6 +186,7 @@ def score_with_ray(
         rows_per_call: Inputs handed to an actor per call.
         runtime: ``auto`` (ONNX when the bundle has it), ``onnx`` or ``torch``.
         device: ``runtime.device`` for each actor.
+        precision: ``runtime.precision`` for each actor (as in ``load_bundle``).
         jpeg_draft: As in ``load_bundle`` (None: the bundle's recipe).
         limits: ``(max_pixels, max_file_bytes)`` for inputs (None: the model's defaults).
         resume: Keep the records of an earlier run over ``out`` (its output and/or journal) and score only the rest.
@@ -236,8 +241,8 @@ def score_with_ray(
     try:
         if todo:
             scorer = dict(
-                bundle=str(bundle), runtime=runtime, device=device, threads=threads or 1, batch_size=batch_size,
-                workers=workers, jpeg_draft=jpeg_draft, limits=limits,
+                bundle=str(bundle), runtime=runtime, device=device, precision=precision, threads=threads or 1,
+                batch_size=batch_size, workers=workers, jpeg_draft=jpeg_draft, limits=limits,
             )  # fmt: skip
             for event in _run_pool(ray, todo, address, actors, threads, rows_per_call, progress, scorer):
                 if isinstance(event, int):  # the pool's size, announced first

@@ -271,6 +271,8 @@ def _predict_with_ray(
         batch_size=settings.predict.batch_size,
         workers=settings.predict.workers,
         device=settings.runtime.device,
+        runtime=settings.predict.runtime,
+        precision=settings.runtime.precision,
         jpeg_draft=settings.data.jpeg_draft,
         limits=(settings.data.max_image_pixels, settings.data.max_file_bytes),
         progress=console.is_terminal,
