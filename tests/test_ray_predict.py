@@ -19,17 +19,26 @@ from typer.testing import CliRunner
 from roadwork_cli.cli.app import app
 
 pytestmark = pytest.mark.slow
-needs_ray = pytest.mark.skipif(
-    importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'roadwork-cli[ray]')"
-)
+
+
+def _ray_importable() -> bool:
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+RAY = _ray_importable()
+needs_ray = pytest.mark.skipif(not RAY, reason="Ray Data is not installed (pip install 'roadwork-cli[ray]')")
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module (the library uses the one already initialised)."""
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip("Ray is not installed (pip install 'roadwork-cli[ray]')")
+    if not RAY:
+        pytest.skip("Ray Data is not installed (pip install 'roadwork-cli[ray]')")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
