@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "robustness": 2,
     "serving": 2,
     "natix": 2,
+    "batch_ray": 2,
     "features": 2,
     "training": 2,
     "calibration": 2,
@@ -60,6 +61,7 @@ SAME_LAYER_EDGES: set[tuple[str, str]] = {
     ("reporting", "scoring"),  # evaluate --source scores the source first
     ("serving", "stage1"),  # serve's workers load the bundle as predict does
     ("natix", "stage1"),  # the miner's detector loads the bundle as predict does
+    ("batch_ray", "stage1"),  # each Ray actor loads the bundle as predict does
     ("natix", "robustness"),  # ... its remap is placed on val_select's NATIX challenge levels
     ("natix", "calibration"),  # ... calibrated with the run's rule
     ("natix", "export"),  # ... and export --natix writes the bundle it ships

@@ -123,6 +123,24 @@ def command(
             help="Print only calibrated p_roadwork per input (for NATIX validators; not stage 1's decision).",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine", help="local: this process; ray: a Ray Data actor pool (pip install 'roadwork-cli[ray]')."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Ray cluster to join (auto, ray://HEAD:10001); default: a local Ray."),
+    ] = None,
+    ray_actors: Annotated[
+        int | None,
+        typer.Option("--ray-actors", min=1, help="Actors, one loaded bundle each (default: CPUs / --threads)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="--engine ray: keep OUT's records and score only the other inputs.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="--engine ray: replace an existing OUT.")] = False,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     runtime: RuntimeOption = None,
@@ -141,6 +159,18 @@ def command(
         "probability" if probability_only else choose_format(format, settings.predict.format, out, sys.stdout.isatty())
     )
     check_device(settings)
+    if engine not in ("local", "ray"):
+        from roadwork_cli.errors import UsageError
+
+        raise UsageError(f"--engine must be local or ray (got {engine!r}).")
+    if engine == "ray":
+        ray_options = dict(address=ray_address, actors=ray_actors, resume=resume, overwrite=overwrite)
+        _predict_with_ray(inputs, bundle, out, format, fmt, settings, ray_options, debug)
+        return
+    if ray_address or ray_actors or resume or overwrite:
+        from roadwork_cli.errors import UsageError
+
+        raise UsageError("--ray-address, --ray-actors, --resume and --overwrite go with --engine ray.")
     skipped: list[str] = []
     expanded = expand_inputs(inputs, skipped=skipped)
 
@@ -219,6 +249,63 @@ def command(
         raise typer.Exit(1)
 
 
+def _predict_with_ray(
+    inputs: list[str],
+    bundle: Path,
+    out: Path | None,
+    requested: str | None,
+    fmt: str,
+    settings: Any,
+    options: dict[str, Any],
+    debug: bool,
+) -> None:
+    """``--engine ray``: :func:`roadwork_cli.batch_ray.score_with_ray`, then the summary plain ``predict`` prints."""
+    from roadwork_cli.batch_ray import score_with_ray
+
+    result = score_with_ray(
+        inputs,
+        bundle,
+        out,
+        fmt=None if out is None or requested in (None, "auto") else requested,
+        threads=settings.runtime.threads,
+        batch_size=settings.predict.batch_size,
+        workers=settings.predict.workers,
+        device=settings.runtime.device,
+        runtime=settings.predict.runtime,
+        precision=settings.runtime.precision,
+        jpeg_draft=settings.data.jpeg_draft,
+        limits=(settings.data.max_image_pixels, settings.data.max_file_bytes),
+        progress=console.is_terminal,
+        **options,
+    )
+    records = result.records
+    if out is not None:
+        console.print(f"wrote {out}")
+    elif fmt == "table":
+        _render_table(records, result.rule, None)
+    else:
+        writer = RecordWriter(fmt)
+        for record in records:
+            writer.write(record)
+    if result.resumed:
+        console.print(f"resumed: {result.resumed} records kept from the earlier run", soft_wrap=True)
+    actors = f"{result.actors} Ray actor" + ("s" if result.actors != 1 else "")
+    note = (
+        f"{result.scored} scored by {actors}; Ray start and bundle loading included" if result.scored else "none left"
+    )
+    _summary(records, result.scored, result.seconds, 0.0, result.skipped, result.rule, fmt != "table", note)
+    failed = [r for r in records if r["error"] is not None]
+    for r in failed[:10]:
+        console.print(f"[red]failed[/] {r['path']}: {r['error']}", soft_wrap=True)
+    if len(failed) > 10:
+        console.print(f"[red]... and {len(failed) - 10} more failed inputs[/]")
+    if debug or settings.runtime.debug:
+        for path in result.skipped:
+            console.print(f"[dim]skipped (not an image file)[/] {path}", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe again."""
     import os
@@ -275,6 +362,7 @@ def _summary(
     skipped: list[str],
     rule: Any,
     band_line: bool = True,
+    load_note: str | None = None,
 ) -> None:
     counts = Counter(r["decision"] or "error" for r in records)
     parts = [f"{name}: {counts.get(name, 0)}" for name in ("roadwork", "no_roadwork", "defer", "error")]
@@ -283,7 +371,7 @@ def _summary(
             f"skipped non-image files: {len(skipped)}" + ("" if len(skipped) > 3 else f" ({', '.join(skipped)})")
         )
     rate = n_images / seconds if seconds > 0 else float("nan")
-    timing = f"{rate:,.1f} img/s (bundle loaded in {load_seconds:.1f} s)"
+    timing = f"{rate:,.1f} img/s ({load_note or f'bundle loaded in {load_seconds:.1f} s'})"
     console.print(f"{len(records)} inputs | " + " | ".join(parts) + " | " + timing, soft_wrap=True)
     line = guarantee_line(rule)
     if line:
