@@ -1,21 +1,28 @@
-"""train_cached vs train_crc (cached), and the gate head vs the softmax response, on demo-like data.
+"""train_cached vs train_crc (cached) on demo data and on a harder setting, 3+ seeds, at the certified point.
 
-The demo's data is ``synthetic:5000`` split 0.4 / 0.1 / 0.3 / 0.2 (train / val_select / val_calib / test) and cached
-with ``efficientnet_lite0``. To keep CPU modest this reuses the feature pool of ``benchmarks/head_vs_probe.py``
-(``synthetic:7000``, the same generator and backbone; built there with ``--pool-only`` if missing): per seed, 5000
-pool images are drawn and split with the demo's fractions, and the seed is also the training seed. Each variant is
-trained with the demo's settings (``pipeline.DEMO_DEFAULTS``) plus its own overrides, calibrated with SCRC-I (the
-demo's targets FNR <= 2 %, coverage >= 80 %, delta 0.1; ``--rules`` picks the stage-1 rules, infeasible calibrations
-are reported, not raised) and scored on test with the same report code as ``roadwork evaluate``.
+Data: a pool of demo images with cached ``efficientnet_lite0`` features, built once with the CLI and reused
+(default ``runs/demo5k``: ``roadwork split --source synthetic:5000 --fractions 0.4,0.1,0.3,0.2 --run runs/demo5k``
+then ``roadwork cache-features --run runs/demo5k``). Per seed, up to 5000 pool images with cached features are drawn
+and split with the demo's fractions (0.4 / 0.1 / 0.3 / 0.2); the seed is also the training seed.
 
-Reported per variant and rule, mean +- sd over seeds, on test: AURC of the rule's selection score, AURC of the
-calibrated gate head and of the softmax response max(p, 1-p) (risk = error of the exit decision), the selection score
-``gate_score: auto`` chose on val_select, accuracy on exits, coverage and FNR on exits at the certified thresholds,
-and how many seeds certified.
+Settings (``--settings``):
+
+* ``demo``: the pool's features as they are;
+* ``hard``: a harder problem from the same images: the first ``HARD_DIMS`` feature dimensions only, plus Gaussian
+  noise of ``HARD_NOISE`` times each dimension's spread (overlapping classes; written once as its own pool).
+
+Each variant is trained with the demo's settings (``pipeline.DEMO_DEFAULTS``) plus its own overrides, calibrated
+with SCRC-I (the demo's targets FNR <= 2 %, coverage >= 80 %, delta 0.1; ``--rules`` picks the stage-1 rules,
+infeasible calibrations are reported, not raised) and scored on test with the same report code as
+``roadwork evaluate``.
+
+Reported per setting, variant and rule, mean +- sd over seeds, on test: AURC of the rule's selection score, AURC of
+the calibrated gate head and of the softmax response max(p, 1-p) (risk = error of the exit decision), accuracy on
+exits, coverage and FNR on exits at the certified thresholds, and how many seeds certified.
 
 Usage:
-    python benchmarks/bench_train_crc.py                                   # cached vs crc, 3 seeds, both rules
-    python benchmarks/bench_train_crc.py --variants cached crc --seeds 5 --rules band
+    python benchmarks/bench_train_crc.py --out benchmarks/results/train_crc.json       # demo + hard, 3 seeds
+    python benchmarks/bench_train_crc.py --variants cached crc crc_sr --seeds 5 --rules gate --settings hard
 """
 
 from __future__ import annotations
@@ -31,8 +38,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from head_vs_probe import POOL, _load_pool, _run_with_splits  # noqa: E402
+from head_vs_probe import _load_pool, _run_with_splits  # noqa: E402
 
+POOL = Path("runs/demo5k")
+HARD_DIMS = 64
+HARD_NOISE = 0.5
+SETTINGS = ("demo", "hard")
 DEMO_IMAGES = 5000
 DEMO_FRACTIONS = (0.4, 0.1, 0.3, 0.2)
 VARIANTS: dict[str, dict] = {
@@ -50,18 +61,48 @@ METRICS = ("aurc", "aurc_gate", "aurc_softmax_response", "accuracy_on_exits", "c
 
 
 def demo_splits(table, ids: set[str], seed: int) -> dict[str, list[str]]:
-    """``DEMO_IMAGES`` pool images drawn with ``seed`` and split with the demo's fractions."""
+    """Up to ``DEMO_IMAGES`` pool images drawn with ``seed`` and split with the demo's fractions."""
     rng = np.random.default_rng([seed, DEMO_IMAGES])
     pool = sorted(ids)
-    drawn = [pool[k] for k in rng.permutation(len(pool))[:DEMO_IMAGES]]
-    bounds = np.cumsum([round(f * DEMO_IMAGES) for f in DEMO_FRACTIONS])
+    n = min(DEMO_IMAGES, len(pool))
+    drawn = [pool[k] for k in rng.permutation(len(pool))[:n]]
+    bounds = np.cumsum([round(f * n) for f in DEMO_FRACTIONS])
+    bounds[-1] = n
     names = ("train", "val_select", "val_calib", "test")
     starts = (0, *bounds[:-1])
     return {name: drawn[a:b] for name, a, b in zip(names, starts, bounds, strict=True)}
 
 
-def run_variant(work: Path, seed: int, name: str, rules: list[str]) -> list[dict]:
-    """Train variant ``name`` on seed ``seed``'s demo split, calibrate per rule, report on test."""
+def hard_pool(pool: Path, work: Path) -> Path:
+    """The ``hard`` setting's pool (written once): the pool's images, ``HARD_DIMS`` noisy feature dimensions."""
+    import torch
+
+    from roadwork_cli.features.cache import load_cached, write_feature_cache
+    from roadwork_cli.io.atomic import read_json
+    from roadwork_cli.io.records import CurrentFeatures, write_current
+    from roadwork_cli.io.run import RunDir
+
+    target = work / f"hard_pool_d{HARD_DIMS}_n{HARD_NOISE:g}"
+    if (target / "features").exists():
+        return target
+    source = RunDir(pool)
+    fingerprint = next(source.features.glob("*/meta.json")).parent.name
+    cached = load_cached(source, fingerprint)
+    keys = [(i, 0) for i, views in sorted(cached.rows.items()) if 0 in views]
+    base = cached.features[[cached.rows[i][0] for i, _ in keys]][:, :HARD_DIMS]
+    noise = torch.randn(base.shape, generator=torch.Generator().manual_seed(HARD_DIMS)) * base.std(dim=0)
+    meta = read_json(source.feature_meta(fingerprint))
+    meta["feature_dim"] = HARD_DIMS
+    meta.setdefault("backbone", {})["feature_dim"] = HARD_DIMS
+    run = RunDir(target).ensure()
+    shutil.copy(source.splits, run.splits)
+    write_feature_cache(run.feature_cache(fingerprint), meta, keys, base + HARD_NOISE * noise)
+    write_current(run, CurrentFeatures(fingerprint=fingerprint, backbone="efficientnet_lite0"))
+    return target
+
+
+def run_variant(work: Path, pool: Path, setting: str, seed: int, name: str, rules: list[str]) -> list[dict]:
+    """Train variant ``name`` on seed ``seed``'s demo split of ``pool``, calibrate per rule, report on test."""
     from roadwork_cli.calibration.api import calibrate_run, read_scores_csv
     from roadwork_cli.calibration.estimator import SelectiveConformal
     from roadwork_cli.config import deep_merge, load_settings
@@ -70,10 +111,10 @@ def run_variant(work: Path, seed: int, name: str, rules: list[str]) -> list[dict
     from roadwork_cli.reporting.evaluate import compute_report
     from roadwork_cli.training.api import train
 
-    loaded = _load_pool(POOL)
+    loaded = _load_pool(pool)
     splits = demo_splits(loaded["table"], loaded["ids"], seed)
-    cell = work / f"s{seed}_{name}"
-    run = _run_with_splits(cell, POOL, loaded["fingerprint"], loaded["table"], splits)
+    cell = work / f"{setting}_s{seed}_{name}"
+    run = _run_with_splits(cell, pool, loaded["fingerprint"], loaded["table"], splits)
     flags = deep_merge(deep_merge({}, DEMO_DEFAULTS), VARIANTS[name])
     flags = deep_merge(flags, {"runtime": {"run": str(run.root), "device": "cpu"}, "train": {"seed": seed}})
     settings = load_settings(None, flags, environ={})
@@ -90,7 +131,8 @@ def run_variant(work: Path, seed: int, name: str, rules: list[str]) -> list[dict
             calibrated = error.result
         estimator = SelectiveConformal.load(run.scaling, run.scrc_params)
         report = compute_report(read_scores_csv(run.scores / "test.csv"), estimator)
-        row = {"variant": name, "seed": seed, "rule": rule, "certified": bool(calibrated.feasible)}
+        row = {"setting": setting, "variant": name, "seed": seed, "rule": rule, "certified": bool(calibrated.feasible)}
+        row["images"] = sum(len(v) for v in splits.values())
         row.update({m: report.get(m) for m in METRICS})
         row["gate_score"] = calibrated.scaling.get("gate_score")
         row["auto_at_tau"] = _choose_at_tau(run, settings.calibration.fnr)
@@ -125,11 +167,13 @@ def summarise(results: list[dict]) -> str:
         v = np.array([np.nan if x is None else x for x in values], dtype=float)
         return f"{np.nanmean(v):.4f} ± {np.nanstd(v, ddof=1) if v.size > 1 else 0.0:.4f}"
 
-    header = ["variant", "rule", "seeds", "certified", *METRICS, "auto picks gate", "auto@tau picks gate", "train s"]
+    header = ["setting", "variant", "rule", "seeds", "certified", *METRICS, "auto picks gate", "auto@tau picks gate"]
+    header.append("train s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for variant, rule in dict.fromkeys((r["variant"], r["rule"]) for r in results):
-        group = [r for r in results if (r["variant"], r["rule"]) == (variant, rule)]
-        cells = [variant, rule, str(len(group)), str(sum(r["certified"] for r in group))]
+    key = lambda r: (r.get("setting", "demo"), r["variant"], r["rule"])  # noqa: E731
+    for cell in dict.fromkeys(key(r) for r in results):
+        group = [r for r in results if key(r) == cell]
+        cells = [*cell, str(len(group)), str(sum(r["certified"] for r in group))]
         cells += [stat([r[m] for r in group]) for m in METRICS]
         cells += [
             str(sum(r["gate_score"] == "gate" for r in group)),
@@ -144,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["cached", "crc"], choices=sorted(VARIANTS))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--pool", type=Path, default=POOL, help="A run with splits.json and cached features.")
     parser.add_argument("--rules", nargs="+", default=["gate", "band"], choices=["gate", "band"])
     parser.add_argument("--work", type=Path, default=Path("runs/bench_train_crc"))
     parser.add_argument("--out", type=Path, default=None, help="Also write the per-seed rows as JSON here.")
@@ -155,14 +201,18 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    if not (POOL / "features").exists():
-        raise SystemExit(f"No feature pool at {POOL}; run `python benchmarks/head_vs_probe.py --pool-only` first.")
+    if not (args.pool / "features").exists():
+        raise SystemExit(f"No feature pool at {args.pool}; build it with `roadwork split` + `cache-features`.")
     started = time.perf_counter()
+    pools = {"demo": args.pool}
+    if "hard" in args.settings:
+        pools["hard"] = hard_pool(args.pool, args.work)
     results = [
         r
+        for setting in args.settings
         for seed in range(args.seeds)
         for name in args.variants
-        for r in run_variant(args.work, seed, name, args.rules)
+        for r in run_variant(args.work, pools[setting], setting, seed, name, args.rules)
     ]
     table = summarise(results)
     print(table)

@@ -303,8 +303,9 @@ class LossWeights(_Section):
     conformal: float = Field(
         1.0,
         ge=0,
-        description="train_crc only: weight of the conformal-training term (smoothed defer rate + smoothed error on "
-        "exits under thresholds fitted on the other half of each batch for calibration.fnr / calibration.coverage).",
+        description="train_crc only: weight of the conformal-training term (smoothed error on exits + FNR-on-exits "
+        "excess over calibration.fnr + shortfall below calibration.coverage of the coverage affordable at that FNR, "
+        "under thresholds fitted on the other half of each batch).",
     )
 
 
@@ -348,7 +349,8 @@ class TrainSettings(_Section):
     )
     crc_score: Literal["gate", "softmax_response"] = Field(
         "gate",
-        description="train_crc: the selection score the simulated rule exits on (the gate head, or max(p, 1-p)); "
+        description="train_crc: the selection score the simulated rule exits on (the gate head, or max(p, 1-p) of "
+        "the Platt-scaled p, as calibration ranks it); "
         "match calibration.gate_score.",
     )
     select_metric: Literal["mcc", "accuracy", "auroc", "aurc"] = Field(

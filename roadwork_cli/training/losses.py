@@ -12,8 +12,8 @@ With per-sample cross-entropy ``l_i`` of the cls output, gate ``g_i = sigmoid(ga
                   true label (ConfidNet's "true class probability" target)
 
 * ``conformal`` = the conformal-training term of ``train_crc`` (:mod:`roadwork_cli.training.conftr`): smoothed
-                  defer rate + smoothed error on exits under thresholds fitted on the other half of the batch; 0 in
-                  the other modes
+                  error on exits + FNR-on-exits excess over alpha + shortfall below xi of the coverage affordable at
+                  FNR alpha, under thresholds fitted on the other half of the batch; 0 in the other modes
 
 ``total = w_cls cls + w_sel selective + w_cov coverage + w_aux aux + w_fn fn + w_gate gate + w_conformal conformal``
 with weights from :class:`~roadwork_cli.config.LossWeights`.
