@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import make_cached_run, train_settings
 
+from roadwork_cli.calibration.scaling import PlattScaler, softmax_response
 from roadwork_cli.io.run import RunDir
 from roadwork_cli.model.head import HeadOutput, SelectiveHead
 from roadwork_cli.training.api import train
-from roadwork_cli.calibration.scaling import PlattScaler, softmax_response
 from roadwork_cli.training.conftr import (
     attainable_threshold,
     conformal_training_loss,
