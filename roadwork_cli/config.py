@@ -281,8 +281,8 @@ def _streams_field() -> Any:
     return Field(
         "auto",
         description="CPU streams, each decoding a batch and then running its forward on its own cores (runtime.threads "
-        "intra-op threads each; unset: cores / streams); auto = cores / 2 (one stream on 2 cores). Results do not "
-        "depend on it at equal threads per stream.",
+        "intra-op threads each; unset: cores / streams); auto = cores / 2 (one stream on 2 cores; one per core for "
+        "an ONNX bundle). Results do not depend on it at equal threads per stream.",
     )
 
 

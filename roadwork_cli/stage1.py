@@ -111,6 +111,9 @@ class ScoringModel:
     runtime = "none"
     """``torch`` or ``onnx``: what computes the scores."""
 
+    threads_per_stream = 2
+    """Intra-op threads of each CPU stream under ``streams: auto`` without ``threads`` (runtime/streams.py)."""
+
     def __init__(
         self,
         rule: Any,
@@ -214,7 +217,7 @@ class ScoringModel:
     ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
         from roadwork_cli.runtime.streams import local_pool, ordered_map, resolve_streams
 
-        plan = resolve_streams(streams, self.threads)
+        plan = resolve_streams(streams, self.threads, per_stream=self.threads_per_stream)
         n = len(images)
         chunks = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
 
@@ -582,6 +585,7 @@ class OnnxStage1Model(ScoringModel):
     """
 
     runtime = "onnx"
+    threads_per_stream = 1  # a one-thread session has no intra-op pool spinning beside the stream's decode
 
     def __init__(
         self,

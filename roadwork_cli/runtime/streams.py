@@ -65,21 +65,28 @@ class StreamPlan:
         torch.set_num_threads(self.threads)
 
 
-def resolve_streams(setting: int | str | None, threads: int | None = None, cores: int | None = None) -> StreamPlan:
+def resolve_streams(
+    setting: int | str | None,
+    threads: int | None = None,
+    cores: int | None = None,
+    per_stream: int = THREADS_PER_STREAM,
+) -> StreamPlan:
     """The stream plan of a ``streams`` setting and ``runtime.threads``.
 
     Args:
         setting: A count >= 1, or ``auto`` / ``None``: ``cores // threads`` streams where ``threads`` is given, else
-            ``cores // THREADS_PER_STREAM`` (at least one).
+            ``cores // per_stream`` (at least one).
         threads: Intra-op threads per stream (``runtime.threads``); ``None``: the cores shared out over the streams.
         cores: Cores available (default :func:`cpu_cores`).
+        per_stream: Threads per stream that ``auto`` aims at without ``threads``: :data:`THREADS_PER_STREAM` for
+            PyTorch; 1 for onnxruntime, whose session of one thread has no pool spinning beside the decode.
 
     Raises:
         ValueError: ``setting`` is neither ``auto`` nor a positive count.
     """
     cores = cores or cpu_cores()
     if setting in (None, "auto"):
-        streams = max(1, cores // (threads or THREADS_PER_STREAM))
+        streams = max(1, cores // (threads or per_stream))
     else:
         streams = int(setting)
         if streams < 1:

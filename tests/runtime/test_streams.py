@@ -80,3 +80,9 @@ def test_an_error_surfaces_at_its_item_and_leaving_early_stops_the_queue():
     assert next(stream) == 0
     stream.close()
     assert len(started) <= 5  # at most 2 x streams were ever queued, plus the one taken
+
+
+def test_auto_aims_at_one_thread_per_stream_where_the_runtime_asks_for_it():
+    assert resolve_streams("auto", None, 2, per_stream=1) == StreamPlan(2, 1)
+    assert resolve_streams("auto", None, 16, per_stream=1) == StreamPlan(16, 1)
+    assert resolve_streams("auto", 2, 16, per_stream=1) == StreamPlan(8, 2)  # runtime.threads wins
