@@ -50,12 +50,11 @@ def bare_one_thread(name: str, model, batch_size: int) -> float:
 
     if name == "onnx":
         return bare_onnx(model, batch_size, 6)  # its session was opened with one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return bare_forward(model, batch_size, 6)
-    finally:
-        torch.set_num_threads(before)
+    from concurrent.futures import ThreadPoolExecutor
+
+    # On a thread of its own, as a stream runs it (write_results.on_fresh_thread says why).
+    with ThreadPoolExecutor(max_workers=1, initializer=lambda: torch.set_num_threads(1)) as pool:
+        return pool.submit(bare_forward, model, batch_size, 6).result()
 
 
 def run(rounds: int, batch_size: int, cores: int | None = None) -> dict:
