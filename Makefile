@@ -38,6 +38,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_forward.py --out runs/bench/forward.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_precision.py --out runs/bench/precision.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_predict.py --onnx-out runs/bench/onnx.json
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_streams.py --out runs/bench/streams.json
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/write_results.py --bench-dir runs/bench --out benchmarks/RESULTS.md
 
 clean:

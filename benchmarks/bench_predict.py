@@ -97,11 +97,15 @@ def bare_forward(model, batch_size: int, batches: int) -> float:
     return batch_size * batches / (time.perf_counter() - started)
 
 
-def predict_path(model, paths: list[Path], batch_size: int, workers: int, jpeg_draft: bool) -> float:
+def predict_path(
+    model, paths: list[Path], batch_size: int, workers: int, jpeg_draft: bool, streams: int | str | None = None
+) -> float:
+    """img/s of ``model.predict`` over ``paths`` (``streams``: CPU streams; None: decode workers beside one forward)."""
     model.jpeg_draft = jpeg_draft
-    model.predict(paths[: batch_size * 2], batch_size=batch_size, workers=workers)  # warm-up (worker start, caches)
+    # warm-up (worker start, caches, the streams' sessions)
+    model.predict(paths[: batch_size * 2], batch_size=batch_size, workers=workers, streams=streams)
     started = time.perf_counter()
-    predictions = model.predict(paths, batch_size=batch_size, workers=workers)
+    predictions = model.predict(paths, batch_size=batch_size, workers=workers, streams=streams)
     seconds = time.perf_counter() - started
     assert all(p.error is None for p in predictions)
     return len(paths) / seconds

@@ -273,7 +273,31 @@ def _batch_size_field(per: str, gpu: int) -> Any:
 
 def _workers_field() -> Any:
     """The ``workers`` setting of a stage that decodes images."""
-    return Field(2, ge=0, description="DataLoader worker processes for decoding.")
+    return Field(2, ge=0, description="DataLoader worker processes for decoding (GPU; CPU runs use streams).")
+
+
+def _streams_field() -> Any:
+    """The ``streams`` setting of a stage that decodes images and runs the forward on the CPU."""
+    return Field(
+        "auto",
+        description="CPU streams, each decoding a batch and then running its forward on its own cores (runtime.threads "
+        "intra-op threads each; unset: cores / streams); auto = cores / 2 (one stream on 2 cores; one per core for "
+        "an ONNX bundle). Results do not depend on it at equal threads per stream.",
+    )
+
+
+def streams_value(value: int | str) -> int | str:
+    """A ``streams`` setting as ``"auto"`` or a count >= 1 (``"4"`` from the environment becomes 4).
+
+    Raises:
+        ValueError: Anything else.
+    """
+    text = "" if isinstance(value, bool) else str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError("streams must be 'auto' or a count >= 1")
 
 
 class FeatureSettings(_Section):
@@ -281,6 +305,9 @@ class FeatureSettings(_Section):
 
     batch_size: int | None = _batch_size_field("backbone forward", gpu=64)
     workers: int = _workers_field()
+    streams: int | str = _streams_field()
+
+    _streams_valid = field_validator("streams", mode="before")(classmethod(lambda cls, value: streams_value(value)))
     views: int = Field(0, ge=0, description="Extra augmented views cached per training image (0 = only the clean one).")
     shard_size: int = Field(2048, gt=0, description="Feature rows per safetensors shard (also the resume granularity).")
     channels_last: bool = Field(True, description="Use channels-last memory format for the backbone forward.")
@@ -475,6 +502,9 @@ class PredictSettings(_Section):
 
     batch_size: int | None = _batch_size_field("forward pass", gpu=32)
     workers: int = _workers_field()
+    streams: int | str = _streams_field()
+
+    _streams_valid = field_validator("streams", mode="before")(classmethod(lambda cls, value: streams_value(value)))
     format: Literal["auto", "table", "jsonl", "csv"] = Field(
         "auto", description="Output format; auto = table on a terminal, jsonl otherwise."
     )

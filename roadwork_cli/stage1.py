@@ -20,8 +20,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -109,6 +111,9 @@ class ScoringModel:
     runtime = "none"
     """``torch`` or ``onnx``: what computes the scores."""
 
+    threads_per_stream = 2
+    """Intra-op threads of each CPU stream under ``streams: auto`` without ``threads`` (runtime/streams.py)."""
+
     def __init__(
         self,
         rule: Any,
@@ -130,6 +135,8 @@ class ScoringModel:
         self.max_pixels = max_pixels
         self.max_file_bytes = max_file_bytes
         self.decoder = "pil"  # the GPU decoder only where the recipe recorded it and a CUDA model runs (see below)
+        self.threads: int | None = None
+        """Intra-op threads per stream when ``streams`` is given (``runtime.threads``); None: cores / streams."""
 
     @property
     def recorded_recipe(self) -> dict[str, Any]:
@@ -179,21 +186,62 @@ class ScoringModel:
         return "cpu"
 
     def iter_raw_scores(
-        self, images: Sequence[Any], batch_size: int | None = None, workers: int = 0
+        self,
+        images: Sequence[Any],
+        batch_size: int | None = None,
+        workers: int = 0,
+        streams: int | str | None = None,
     ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
         """Raw scores batch by batch, in input order: ``(indices, p_raw, g_raw, failed)`` per batch.
 
         ``indices`` are the positions of the inputs scored in this batch (``p_raw``/``g_raw`` shape (B,)), and
         ``failed`` pairs each unreadable input's position with its reason. Every position of one batch is lower than
         every position of the next, so consumers can emit results as each batch finishes. ``batch_size`` None means
-        :attr:`default_batch_size`.
+        :attr:`default_batch_size`. ``streams`` (a count or ``auto``; CPU only) runs batches on CPU streams
+        (:mod:`roadwork_cli.runtime.streams`), each decoding its batch and then running the forward on its own
+        cores; ``workers`` is then unused. None keeps decode workers beside one forward.
         """
-        for indices, batch, failed in self.model_inputs(images, batch_size or self.default_batch_size, workers):
+        batch_size = batch_size or self.default_batch_size
+        if streams is not None and self.device_type == "cpu":
+            yield from self._stream_scores(images, batch_size, streams)
+            return
+        for indices, batch, failed in self.model_inputs(images, batch_size, workers):
             if batch is None:
                 yield indices, np.zeros(0), np.zeros(0), failed
                 continue
             p, g = self.score_batch(batch)
             yield indices, p, g, failed
+
+    def _stream_scores(
+        self, images: Sequence[Any], batch_size: int, streams: int | str
+    ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]]:
+        from roadwork_cli.runtime.streams import local_pool, ordered_map, resolve_streams
+
+        plan = resolve_streams(streams, self.threads, per_stream=self.threads_per_stream)
+        n = len(images)
+        chunks = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+
+        def run(chunk: list[int]) -> tuple[list[int], np.ndarray, np.ndarray, list[tuple[int, str]]]:
+            # Decode phase on this stream's threads, then its forward on the same cores: never both at once.
+            indices, batch, failed = self.decode_chunk(images, chunk, local_pool())
+            if batch is None:
+                return indices, np.zeros(0), np.zeros(0), failed
+            p, g = self.score_batch(batch)
+            return indices, p, g, failed
+
+        with self.stream_context(plan) as init:
+            yield from ordered_map(run, chunks, plan.streams, init=init, decode_threads=plan.threads)
+
+    def decode_chunk(self, images: Sequence[Any], chunk: list[int], pool: Any = None) -> tuple:
+        """The runtime's input for the inputs at positions ``chunk``: ``(indices, batch | None, failed)``.
+
+        ``pool`` (a ``concurrent.futures`` executor, or None for this thread) decodes the inputs.
+        """
+        raise NotImplementedError
+
+    def stream_context(self, plan: Any) -> Any:
+        """A context manager giving the per-stream thread initialiser of ``plan`` (and undoing its effects)."""
+        raise NotImplementedError
 
     def model_inputs(self, images: Sequence[Any], batch_size: int = 32, workers: int = 0) -> Iterator[tuple]:
         """The runtime's inputs batch by batch: ``(indices, batch | None, [(index, reason)])``."""
@@ -209,6 +257,7 @@ class ScoringModel:
         batch_size: int | None = None,
         workers: int = 0,
         progress: bool = False,
+        streams: int | str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """Raw p_roadwork and gate per input (NaN where an input failed) and the failure reasons."""
         n = len(images)
@@ -216,7 +265,7 @@ class ScoringModel:
         g_raw = np.full(n, np.nan)
         errors: list[str | None] = [None] * n
         with progress_bar("scoring", total=n, unit="img", enabled=progress) as advance:
-            for indices, p, g, failed in self.iter_raw_scores(images, batch_size, workers):
+            for indices, p, g, failed in self.iter_raw_scores(images, batch_size, workers, streams):
                 for index, reason in failed:
                     errors[index] = reason
                 p_raw[indices] = p
@@ -230,6 +279,7 @@ class ScoringModel:
         batch_size: int | None = None,
         workers: int = 0,
         progress: bool = False,
+        streams: int | str | None = None,
     ) -> Iterator[Prediction]:
         """One ``Prediction`` per input, in input order, yielded as each batch finishes.
 
@@ -242,13 +292,14 @@ class ScoringModel:
             batch_size: Images per forward pass (None: :attr:`default_batch_size`).
             workers: Decoding workers (DataLoader processes with PyTorch, threads with ONNX; 0 = in this thread).
             progress: Show a progress bar on stderr.
+            streams: CPU streams (a count or ``auto``), see :meth:`iter_raw_scores`; None: decode workers.
         """
         if isinstance(images, str | os.PathLike):
             images = [images]
         if self.rule is None:
             raise UsageError("This model has no calibration; run `roadwork calibrate` before predicting decisions.")
         with progress_bar("predicting", total=len(images), unit="img", enabled=progress) as advance:
-            for indices, p_raw, g_raw, failed in self.iter_raw_scores(images, batch_size, workers):
+            for indices, p_raw, g_raw, failed in self.iter_raw_scores(images, batch_size, workers, streams):
                 done: dict[int, Prediction] = {
                     index: Prediction(_describe(images[index], index), None, None, None, reason)
                     for index, reason in failed
@@ -269,9 +320,10 @@ class ScoringModel:
         batch_size: int | None = None,
         workers: int = 0,
         progress: bool = False,
+        streams: int | str | None = None,
     ) -> list[Prediction]:
         """All of :meth:`iter_predict` as a list (same arguments)."""
-        return list(self.iter_predict(images, batch_size, workers, progress))
+        return list(self.iter_predict(images, batch_size, workers, progress, streams))
 
     def predict_proba(self, images: Sequence[Any], batch_size: int | None = None, workers: int = 0) -> np.ndarray:
         """Calibrated P(roadwork) per input, shape (N,); NaN where an input could not be read."""
@@ -482,6 +534,25 @@ class Stage1Model(ScoringModel):
         """Decoded ``(B, H, W, 3)`` uint8 pixels batch by batch (DataLoader workers when ``workers`` > 0)."""
         yield from self.loader(images, batch_size, workers)
 
+    def decode_chunk(self, images: Sequence[Any], chunk: list[int], pool: Any = None) -> tuple:
+        """``(indices, (B, H, W, 3) uint8 pixels | None, failed)`` of the inputs at ``chunk`` (the loader's items)."""
+        from roadwork_cli.data.decode import ImageDataset, collate
+
+        dataset = ImageDataset(images, self.recipe)
+        items = pool.map(dataset.__getitem__, chunk) if pool is not None else map(dataset.__getitem__, chunk)
+        return collate(list(items))
+
+    @contextlib.contextmanager
+    def stream_context(self, plan: Any) -> Iterator[Any]:
+        """Each stream's forward on ``plan.threads`` intra-op threads; this thread's count is restored after."""
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            yield plan.init_torch
+        finally:
+            torch.set_num_threads(before)
+
     def score_batch(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The PyTorch forward of one pixel batch (see :meth:`forward_raw`)."""
         return self.forward_raw(batch)
@@ -514,6 +585,7 @@ class OnnxStage1Model(ScoringModel):
     """
 
     runtime = "onnx"
+    threads_per_stream = 1  # a one-thread session has no intra-op pool spinning beside the stream's decode
 
     def __init__(
         self,
@@ -533,6 +605,10 @@ class OnnxStage1Model(ScoringModel):
         super().__init__(rule, info, Preprocessing.from_dict(prep), jpeg_draft, max_pixels, max_file_bytes)
         self._follow_recorded_decoder(on_gpu=False)  # the ONNX path decodes with PIL
         self.graph = graph
+        self.graph_data: bytes | None = None
+        """The serialised graph, from which each CPU stream opens a session of its own (None: they share one)."""
+        self._sessions: dict[int, Any] = {}  # intra-op threads -> spare sessions of finished streams
+        self._stream = threading.local()
         self._check_precision()
 
     @classmethod
@@ -555,6 +631,8 @@ class OnnxStage1Model(ScoringModel):
             raise UsageError(f"Bundle {bundle.path} has no {ONNX_GRAPH}{why}. Run it with --runtime torch.")
         graph = OnnxGraph(bundle.contents.members[ONNX_GRAPH], threads=threads)
         model = cls(graph, bundle.rule, bundle.record, jpeg_draft=jpeg_draft)
+        model.graph_data = bundle.contents.members[ONNX_GRAPH]
+        model.threads = threads
         model.info["manifest"] = bundle.contents.manifest.to_dict()
         return model
 
@@ -566,9 +644,49 @@ class OnnxStage1Model(ScoringModel):
             yield indices, None if pixels is None else normalize_pixels(pixels, self.preprocessing), failed
 
     def score_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The ONNX graph on one normalised ``(B, 3, S, S)`` batch."""
-        p, g = self.graph(batch)  # (B,), (B,)
+        """The ONNX graph on one normalised ``(B, 3, S, S)`` batch (this stream's session when streams run)."""
+        graph = getattr(self._stream, "graph", None) or self.graph
+        p, g = graph(batch)  # (B,), (B,)
         return p.astype(np.float64), g.astype(np.float64)
+
+    def decode_chunk(self, images: Sequence[Any], chunk: list[int], pool: Any = None) -> tuple:
+        """``(indices, normalised (B, 3, S, S) float32 | None, failed)`` of the inputs at ``chunk``."""
+        from functools import partial
+
+        from roadwork_cli.data.pixels import read_pixels, stack_pixels
+
+        read = partial(read_pixels, recipe=self.recipe)
+        items = [images[i] for i in chunk]
+        results = list(pool.map(read, items) if pool is not None else map(read, items))
+        indices, pixels, failed = stack_pixels(chunk, results)
+        return indices, None if pixels is None else normalize_pixels(pixels, self.preprocessing), failed
+
+    @contextlib.contextmanager
+    def stream_context(self, plan: Any) -> Iterator[Any]:
+        """Each stream runs its own session of ``plan.threads`` intra-op threads (kept for the next call)."""
+        import queue
+
+        from roadwork_cli.model.onnx_graph import OnnxGraph
+
+        if self.graph_data is None:  # no bytes to open more sessions from: the streams share the one
+            yield None
+            return
+        spare = self._sessions.setdefault(plan.threads, queue.SimpleQueue())
+        taken: list[OnnxGraph] = []
+
+        def init() -> None:
+            try:
+                graph = spare.get_nowait()
+            except queue.Empty:
+                graph = OnnxGraph(self.graph_data, threads=plan.threads)
+            taken.append(graph)
+            self._stream.graph = graph
+
+        try:
+            yield init
+        finally:
+            for graph in taken:
+                spare.put(graph)
 
 
 @dataclass

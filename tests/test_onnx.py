@@ -349,3 +349,20 @@ def test_runtime_choice_follows_precision_device_and_availability(onnx_run, tmp_
         load_bundle(bundle, runtime="tensorrt")
     monkeypatch.setattr(onnx_graph, "onnxruntime_available", lambda: False)
     assert isinstance(load_bundle(bundle), Stage1Model)  # without the extra: the PyTorch fallback
+
+
+def test_onnx_streams_keep_input_order_and_equal_one_stream(onnx_run, tmp_path):
+    """Each stream runs a session of its own with the same intra-op threads: equal scores, order, bad inputs kept."""
+    from roadwork_cli.stage1 import load_bundle
+
+    _, bundle, _, photos = onnx_run
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    items = [str(photos[0]), str(tmp_path / "broken.jpg"), *map(str, photos[1:]), str(tmp_path / "missing.jpg")]
+    model = load_bundle(bundle, threads=1)
+    one = model.predict(items, batch_size=2, streams=1)
+    two = model.predict(items, batch_size=2, streams=2)
+    again = model.predict(items, batch_size=2, streams=2)  # the sessions of the first call are reused
+    assert [p.to_dict() for p in two] == [p.to_dict() for p in one] == [p.to_dict() for p in again]
+    assert [p.path for p in two] == items
+    assert [i for i, p in enumerate(two) if p.error] == [1, 6]
+    assert model._sessions[1].qsize() == 2  # the two streams' sessions, kept for the next call

@@ -211,3 +211,42 @@ def test_unset_batch_size_is_small_on_the_cpu(model, tmp_path):
     gpu = type(model).__new__(type(model))  # a model on a GPU, as far as the batch size goes
     gpu.device = type(model.device)("cuda")
     assert gpu.default_batch_size == 32
+
+
+def _bad_and_good_inputs(tmp_path):
+    """Nine inputs, three of them unreadable (empty, missing, not an image), spread over several batches."""
+    good = [jpeg(tmp_path / f"g{i}.jpg", size=(70 + 9 * i, 60), colour=(25 * i, 200 - 20 * i, 90)) for i in range(6)]
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "page.jpg"
+    text.write_text("<html>not an image</html>")
+    return [good[0], empty, good[1], good[2], tmp_path / "missing.png", good[3], text, good[4], good[5]]
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_cpu_streams_keep_input_order_and_equal_one_stream(model, tmp_path, streams):
+    items = _bad_and_good_inputs(tmp_path)
+    model.threads = 1  # the same intra-op threads per stream: results must not depend on the stream count
+    try:
+        one = model.predict(items, batch_size=2, streams=1)
+        many = model.predict(items, batch_size=2, streams=streams)
+    finally:
+        model.threads = None
+    assert [p.path for p in many] == [str(i) for i in items]
+    assert [p.to_dict() for p in many] == [p.to_dict() for p in one]
+    bad = [i for i, p in enumerate(many) if p.error]
+    assert bad == [1, 4, 6] and all(many[i].decision is None for i in bad)
+    # ... and they agree with decode workers beside one forward (another thread count: equal up to rounding).
+    legacy = model.predict(items, batch_size=2, workers=2)
+    assert [p.error is None for p in legacy] == [p.error is None for p in many]
+    for a, b in zip(legacy, many, strict=True):
+        assert a.decision == b.decision
+        assert (a.p_roadwork is None and b.p_roadwork is None) or a.p_roadwork == pytest.approx(b.p_roadwork, abs=1e-5)
+
+
+def test_streams_restore_the_callers_torch_threads(model, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    model.predict([jpeg(tmp_path / "a.jpg")] * 3, batch_size=1, streams=2)
+    assert torch.get_num_threads() == before

@@ -43,7 +43,11 @@ def command(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")] = None,
     workers: Annotated[
         int | None,
-        typer.Option("--workers", help="DataLoader workers.", show_default=setting_default("features.workers", "2")),
+        typer.Option(
+            "--workers",
+            help="DataLoader workers beside a GPU forward (on the CPU, features.streams decode and run the forward).",
+            show_default=setting_default("features.workers", "2"),
+        ),
     ] = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,

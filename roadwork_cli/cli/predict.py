@@ -189,6 +189,7 @@ def command(
         apply_threads(settings)
     model.max_pixels = settings.data.max_image_pixels
     model.max_file_bytes = settings.data.max_file_bytes
+    model.threads = settings.runtime.threads  # per CPU stream (predict.streams)
     loaded = time.perf_counter()
     if probability_only:
         console.print(
@@ -203,7 +204,11 @@ def command(
     show_bar = len(good) >= 64 and console.is_terminal  # the model draws it, on stderr
     try:
         predictions = model.iter_predict(
-            good, batch_size=settings.predict.batch_size, workers=settings.predict.workers, progress=show_bar
+            good,
+            batch_size=settings.predict.batch_size,
+            workers=settings.predict.workers,
+            progress=show_bar,
+            streams=settings.predict.streams,
         )
         for record in stream_records(expanded, predictions):
             records.append(record)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,10 @@ __all__ = [
 ]
 
 
+_SEEDED = threading.Lock()
+"""Held while an augmented view is drawn from torch's global generator, so decode threads cannot interleave draws."""
+
+
 class ImageDataset(Dataset):
     """Loads and transforms one input per item; a bad input becomes ``(index, None, reason)``, never an exception.
 
@@ -110,7 +115,7 @@ class ImageDataset(Dataset):
             seed = None if self.seeds is None else self.seeds[index]
             if seed is None:
                 return index, self.clean(image), None  # (H, W, 3) uint8
-            with torch.random.fork_rng(devices=[]):
+            with _SEEDED, torch.random.fork_rng(devices=[]):  # one seeded draw at a time: the generator is global
                 torch.manual_seed(seed)
                 return index, self.augment(image), None
         except Exception as exc:  # noqa: BLE001 - any failure of one input is reported for that input only

@@ -47,6 +47,7 @@ __all__ = [
     "load_input",
     "normalize_pixels",
     "read_pixels",
+    "stack_pixels",
     "reason_kind",
     "recipe_record",
 ]
@@ -234,7 +235,8 @@ def read_pixels(item: Any, recipe: DecodeRecipe) -> tuple[np.ndarray | None, str
         return None, failure_reason(exc)
 
 
-def _stack(indices: Sequence[int], results: Sequence[tuple[np.ndarray | None, str | None]]) -> PixelBatch:
+def stack_pixels(indices: Sequence[int], results: Sequence[tuple[np.ndarray | None, str | None]]) -> PixelBatch:
+    """One batch of :func:`read_pixels` results (``results[k]`` is input ``indices[k]``'s), good and bad apart."""
     good = [(i, x) for i, (x, _) in zip(indices, results, strict=True) if x is not None]
     failed = [(i, str(reason)) for i, (x, reason) in zip(indices, results, strict=True) if x is None]
     pixels = np.stack([x for _, x in good]) if good else None  # (B, S, S, 3)
@@ -252,7 +254,7 @@ def iter_pixel_batches(
     chunks = [list(range(start, min(start + batch_size, len(items)))) for start in range(0, len(items), batch_size)]
     if workers <= 0 or len(chunks) <= 1:
         for chunk in chunks:
-            yield _stack(chunk, [read_pixels(items[i], recipe) for i in chunk])
+            yield stack_pixels(chunk, [read_pixels(items[i], recipe) for i in chunk])
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -270,4 +272,4 @@ def iter_pixel_batches(
         while pending:
             chunk, futures = pending.popleft()
             submit()
-            yield _stack(chunk, [future.result() for future in futures])
+            yield stack_pixels(chunk, [future.result() for future in futures])

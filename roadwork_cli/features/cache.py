@@ -498,17 +498,26 @@ def cache_features(
             writes (same shards, index and bytes). The run directory must be shared by all ranks.
     """
     from roadwork_cli.config import resolve_batch_size
-    from roadwork_cli.data.decode import DecodeRecipe, ImageDataset, create_loader, recipe_record, to_model_input
+    from roadwork_cli.data.decode import (
+        DecodeRecipe,
+        ImageDataset,
+        collate,
+        create_loader,
+        recipe_record,
+        to_model_input,
+    )
     from roadwork_cli.data.transforms import augment_seed, augmentation_from_settings
     from roadwork_cli.io.progress import progress_bar
     from roadwork_cli.io.provenance import record
     from roadwork_cli.model.backbones import create_backbone
     from roadwork_cli.runtime.device import autocast, compute_dtype, precision_tag, resolve_device
+    from roadwork_cli.runtime.streams import local_pool, ordered_map, resolve_streams
 
     started = time.perf_counter()
     table = read_split_table(run)
     if settings.runtime.threads:
         torch.set_num_threads(settings.runtime.threads)
+    threads_before = torch.get_num_threads()  # the streams set their own; this thread's is restored after
     if backbone is None:
         from roadwork_cli.features.current import with_run_backbone
         from roadwork_cli.io.atomic import atomic_write_text
@@ -599,12 +608,35 @@ def cache_features(
             seeds=[None if view == 0 else augment_seed(image_id, view) for image_id, view in todo],
             augment=augmentation,
         )
-        loader = create_loader(
-            dataset,
-            batch_sampler=[batches[j] for j in compute],
-            workers=settings.features.workers,
-            pin_memory=device.type == "cuda",
-        )
+
+        def forward(indices: list[int], batch: torch.Tensor | None, bad: list) -> tuple:
+            """``(indices, (B_ok, D) rows | None, bad)`` of one decoded batch."""
+            if batch is None:
+                return indices, None, bad
+            batch = to_model_input(batch, backbone.preprocessing, device, settings.features.channels_last)
+            with torch.inference_mode(), autocast(device, dtype):
+                return indices, model(batch).float().cpu(), bad  # (B_ok, D)
+
+        def decode_and_forward(j: int) -> tuple:
+            # One stream's batch: decode on its threads, then the forward on the same cores (runtime/streams.py).
+            pool = local_pool()
+            load = dataset.__getitem__
+            items = pool.map(load, batches[j]) if pool is not None else map(load, batches[j])
+            return forward(*collate(list(items)))
+
+        if device.type == "cpu":
+            plan = resolve_streams(settings.features.streams, settings.runtime.threads)
+            computed_batches = ordered_map(
+                decode_and_forward, compute, plan.streams, init=plan.init_torch, decode_threads=plan.threads
+            )
+        else:  # a GPU's forward leaves the cores to decode workers beside it
+            loader = create_loader(
+                dataset,
+                batch_sampler=[batches[j] for j in compute],
+                workers=settings.features.workers,
+                pin_memory=device.type == "cuda",
+            )
+            computed_batches = (forward(*batch) for batch in loader)
         shard_of = {j: batches[j][0] // shard_size for j in mine}
         last_of_shard = {shard: j for j, shard in shard_of.items()}
         records: list[_Record] = []  # this rank's batches of the shard in progress
@@ -615,20 +647,15 @@ def cache_features(
             progress_bar("cache-features", total=total, unit="img", enabled=progress) as advance,
             _sigterm_as_interrupt(),
         ):
-            computed_batches = iter(loader) if compute else iter(())
             try:
                 for j in mine:
                     if j in restored:
                         records.append(restored[j])
                     else:
-                        indices, batch, bad = next(computed_batches)
-                        rows = torch.zeros(0, backbone.feature_dim)
-                        if batch is not None:
-                            batch = to_model_input(
-                                batch, backbone.preprocessing, device, settings.features.channels_last
-                            )
-                            with torch.inference_mode(), autocast(device, dtype):
-                                rows = model(batch).float().cpu()  # (B_ok, D)
+                        indices, rows, bad = next(computed_batches)
+                        if rows is None:
+                            rows = torch.zeros(0, backbone.feature_dim)
+                        else:
                             forward_passes += 1
                         result = ([todo[i] for i in indices], rows, {todo[i][0]: reason for i, reason in bad})
                         records.append(result)
@@ -658,6 +685,9 @@ def cache_features(
                 # A second interrupt here only loses them: the files are written atomically.
                 parts.write_pending(unsaved)
                 raise
+            finally:
+                computed_batches.close()  # streams: drop queued batches, wait for the running ones
+                torch.set_num_threads(threads_before)
     if world_size > 1:
         # Every rank's parts are on disk once all have reported their counts; rank 0 then merges them.
         counts = dist.all_gather_json([computed, forward_passes, taken])

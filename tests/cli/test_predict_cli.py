@@ -48,7 +48,7 @@ class FakeModel:
         self.before_each = before_each
         self.stop_at = stop_at
 
-    def iter_predict(self, images, batch_size=32, workers=0, progress=None):
+    def iter_predict(self, images, batch_size=32, workers=0, progress=None, streams=None):
         for i, item in enumerate(images):
             if i == self.stop_at:
                 raise KeyboardInterrupt

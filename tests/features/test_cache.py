@@ -130,12 +130,28 @@ def test_missing_splits_is_a_usage_error(tmp_path):
         cache_features(run, tiny_settings(run))
 
 
-def test_worker_processes_give_the_same_features(tmp_path):
-    serial_run, parallel_run = make_run(tmp_path / "a"), make_run(tmp_path / "b")
-    cache_features(serial_run, tiny_settings(serial_run, views=1))
-    cache_features(parallel_run, tiny_settings(parallel_run, views=1, workers=2))
-    a, b = load_cached(serial_run), load_cached(parallel_run)
-    assert a.rows == b.rows and torch.equal(a.features, b.features)
+@pytest.mark.parametrize("streams", [2, 3])
+def test_cpu_streams_write_the_one_stream_cache_byte_for_byte(tmp_path, streams):
+    """S streams of one thread each: the same shards, index and failures as one stream, augmented views included."""
+    runs = {s: make_run(tmp_path / str(s), bad=2) for s in (1, streams)}
+    for s, run in runs.items():
+        settings = tiny_settings(run, views=2, streams=s)
+        settings.runtime.threads = 1
+        cache_features(run, settings)
+    folders = {s: next(run.features.glob("*/index.json")).parent for s, run in runs.items()}
+    names = sorted(p.name for p in folders[1].iterdir())
+    assert names == sorted(p.name for p in folders[streams].iterdir())
+    assert any(name.endswith(".safetensors") for name in names) and "failed.json" in names
+    for name in names:
+        assert (folders[1] / name).read_bytes() == (folders[streams] / name).read_bytes(), name
+    assert len(read_json(folders[streams] / "failed.json")) == 2  # one bad file, one failure
+
+
+def test_streams_setting_is_auto_or_a_positive_count(tiny_run):
+    assert tiny_settings(tiny_run).features.streams == "auto"
+    assert tiny_settings(tiny_run, streams=4).features.streams == 4
+    with pytest.raises(UsageError, match="streams"):
+        tiny_settings(tiny_run, streams=0)
 
 
 def test_reduced_precision_features_get_their_own_folder_and_stay_close(tiny_run):
