@@ -355,7 +355,8 @@ def render(
     lines = [
         "# Benchmark results",
         "",
-        "Written by `make bench` (`benchmarks/write_results.py`); do not edit by hand. Backbone "
+        "Written by `make bench` (`benchmarks/write_results.py`), which keeps the sections other benchmarks add after "
+        "its own. Backbone "
         f"`{forward['backbone']}` at {forward['image_size']} px, CPU only.",
         "",
         "## Machine",
@@ -519,6 +520,25 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+def _sections(markdown: str) -> list[tuple[str, str]]:
+    """``(heading, text)`` of each ``## `` section of a Markdown file, the text running up to the next one."""
+    sections: list[tuple[str, str]] = []
+    for part in ("\n" + markdown).split("\n## ")[1:]:
+        sections.append((part.split("\n", 1)[0].strip(), "## " + part.rstrip("\n") + "\n"))
+    return sections
+
+
+def keep_other_sections(table: str, previous: str) -> str:
+    """``table`` followed by the sections of ``previous`` it does not write itself, in their order.
+
+    Other benchmarks (serving, NATIX, MAPIE, Ray, train_crc) add their own sections to RESULTS.md; a new run of this
+    script replaces only the sections it renders, so their figures are never lost to a regeneration.
+    """
+    own = {heading for heading, _ in _sections(table)}
+    kept = [text for heading, text in _sections(previous) if heading not in own]
+    return table.rstrip("\n") + "\n\n" + "\n".join(kept) if kept else table
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench-dir", type=Path, default=Path("runs/bench"), help="Where the benchmarks' JSON is.")
@@ -562,6 +582,8 @@ def main(argv: list[str] | None = None) -> Path:
         measured.get("product"),
         streams,
     )
+    if args.out.exists():
+        table = keep_other_sections(table, args.out.read_text())
     atomic_write_text(args.out, table)
     print(args.out.read_text())
     return args.out
